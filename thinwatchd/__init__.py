@@ -1,0 +1,3 @@
+"""thinwatchd: keep device-mapper thin pools on loopback files alive and growing."""
+
+__version__ = "0.1.0"

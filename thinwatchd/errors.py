@@ -1,0 +1,82 @@
+"""The exception hierarchy: every error thinwatchd raises on purpose derives from ThinwatchError."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+
+__all__ = [
+    "EX_CONFIG",
+    "ConfigError",
+    "KernelError",
+    "PoolMismatchError",
+    "RollbackError",
+    "StatusParseError",
+    "ThinwatchError",
+]
+
+#: sysexits.h EX_CONFIG: the exit code for any configuration error.
+EX_CONFIG = 78
+
+
+class ThinwatchError(Exception):
+    """Root of every error thinwatchd raises deliberately."""
+
+
+class KernelError(ThinwatchError):
+    """A kernel call (ioctl or syscall) failed; names the operation and the device."""
+
+    def __init__(self, op: str, device: str, errno: int, detail: str = "") -> None:
+        self.op = op
+        self.device = device
+        self.errno = errno
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        code = _errno.errorcode.get(self.errno, str(self.errno))
+        text = f"{self.op} on {self.device or '(no device)'} failed: {_os.strerror(self.errno)} ({code})"
+        return f"{text}: {self.detail}" if self.detail else text
+
+
+class ConfigError(ThinwatchError):
+    """The configuration is invalid; names the key path, the bad value and what is allowed."""
+
+    def __init__(self, key_path: str, message: str) -> None:
+        self.key_path = key_path
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.key_path}: {self.message}" if self.key_path else self.message
+
+
+class StatusParseError(ThinwatchError):
+    """A kernel status or table line had a token we do not understand."""
+
+    def __init__(self, field: str, index: int, value: str, line: str = "") -> None:
+        self.field = field
+        self.index = index
+        self.value = value
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f" in {self.line!r}" if self.line else ""
+        return f"cannot parse {self.field} (token {self.index}): {self.value!r}{where}"
+
+
+class PoolMismatchError(ThinwatchError):
+    """An existing pool device does not match its configuration; it is left untouched."""
+
+
+class RollbackError(ThinwatchError):
+    """An operation failed and so did undoing it; keeps both errors."""
+
+    def __init__(self, cause: BaseException, rollback: BaseException) -> None:
+        self.cause = cause
+        self.rollback = rollback
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.cause} (and undoing it failed too: {self.rollback})"

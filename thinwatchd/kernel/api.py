@@ -1,0 +1,131 @@
+"""What the engine needs from the kernel, as Protocols, with the records they return.
+
+Two implementations exist: the real one (``thinwatchd.kernel.dm.DeviceMapper``,
+``thinwatchd.kernel.loop.LoopControl``) and the in-memory fake the engine tests use
+(``tests/engine/fake_kernel.py``). Everything above ``thinwatchd/kernel/`` sees only these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["DeviceMapperApi", "DmDevice", "DmInfo", "LoopControlApi", "LoopDevice", "Target"]
+
+
+@dataclass(frozen=True)
+class DmDevice:
+    """One entry of DM_LIST_DEVICES."""
+
+    name: str
+    dev: int  # new-style dev_t (os.makedev)
+    event_nr: int
+
+
+@dataclass(frozen=True)
+class DmInfo:
+    """The header of a DM_DEV_STATUS answer."""
+
+    name: str
+    uuid: str
+    dev: int
+    event_nr: int
+    open_count: int
+    target_count: int
+    suspended: bool
+    read_only: bool
+    active_present: bool
+    inactive_present: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """One line of a table (params = constructor args) or of a status (params = status text)."""
+
+    start: int  # sectors
+    length: int  # sectors
+    target_type: str
+    params: str
+
+
+class DeviceMapperApi(Protocol):
+    """The device-mapper ioctls thinwatchd uses; names follow the ioctl verbs."""
+
+    def fileno(self) -> int:
+        """Return the control fd; it polls readable when a dm event happened since arm_poll()."""
+
+    def version(self) -> tuple[int, int, int]:
+        """Return the kernel's dm ioctl interface version."""
+
+    def list_devices(self) -> list[DmDevice]:
+        """Return every dm device with its event number (one DM_LIST_DEVICES)."""
+
+    def info(self, name: str) -> DmInfo | None:
+        """Return the device's header (DM_DEV_STATUS), or None if no such device."""
+
+    def create(self, name: str, uuid: str = "") -> DmInfo:
+        """Create a device with no table (DM_DEV_CREATE); it starts suspended."""
+
+    def remove(self, name: str, cookie: int = 0) -> None:
+        """Remove the device (DM_DEV_REMOVE)."""
+
+    def load_table(self, name: str, targets: Sequence[Target]) -> None:
+        """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed."""
+
+    def clear_table(self, name: str) -> None:
+        """Drop the inactive table (DM_TABLE_CLEAR)."""
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        """Suspend the device (DM_DEV_SUSPEND with DM_SUSPEND_FLAG)."""
+
+    def resume(self, name: str, cookie: int = 0) -> bool:
+        """Resume; swaps in the inactive table if there is one. Return UEVENT_GENERATED."""
+
+    def table(self, name: str) -> list[Target]:
+        """Return the ACTIVE table (DM_TABLE_STATUS with DM_STATUS_TABLE_FLAG)."""
+
+    def status(self, name: str, *, noflush: bool = False) -> list[Target]:
+        """Return the ACTIVE table's INFO status lines (DM_TABLE_STATUS)."""
+
+    def wait(self, name: str, event_nr: int) -> int:
+        """Block until the device's event_nr differs from event_nr (DM_DEV_WAIT); return it."""
+
+    def arm_poll(self) -> None:
+        """Re-arm the control fd's readiness (DM_DEV_ARM_POLL)."""
+
+    def message(self, name: str, message: str, sector: int = 0) -> str:
+        """Send a target message (DM_TARGET_MSG); return any reply text."""
+
+
+@dataclass(frozen=True)
+class LoopDevice:
+    """An attached loop device and the file behind it."""
+
+    index: int
+    backing_dev: int  # st_dev of the backing file
+    backing_inode: int  # st_ino of the backing file
+    dev: int  # the loop block device's own dev_t (os.makedev(7, index) normally)
+
+    @property
+    def path(self) -> str:
+        return f"/dev/loop{self.index}"
+
+
+class LoopControlApi(Protocol):
+    """The loop-device ioctls thinwatchd uses."""
+
+    def find(self, path: str) -> LoopDevice | None:
+        """Return the loop device backed by this file (same st_dev and st_ino), if any."""
+
+    def attach(self, path: str, *, direct_io: bool = False) -> LoopDevice:
+        """Attach the file to a free loop device (LOOP_CONFIGURE, or SET_FD + SET_STATUS64)."""
+
+    def set_capacity(self, loop: LoopDevice) -> None:
+        """Make the loop device re-read its backing file's size (LOOP_SET_CAPACITY)."""
+
+    def size(self, loop: LoopDevice) -> int:
+        """Return the loop device's size in bytes (BLKGETSIZE64)."""
+
+    def detach(self, loop: LoopDevice) -> None:
+        """Detach the loop device (LOOP_CLR_FD)."""

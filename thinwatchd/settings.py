@@ -1,0 +1,95 @@
+"""The validated configuration as frozen dataclasses (parsed from YAML by ``config.py``).
+
+Every size is in bytes, every duration in seconds, every percentage a float in [0, 100].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DaemonSettings",
+    "DataGrowth",
+    "MetadataGrowth",
+    "NoSpaceSettings",
+    "PoolSettings",
+    "Settings",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/thinwatchd/config.yaml")
+
+GiB = 1024**3
+MiB = 1024**2
+
+#: The kernel's usable metadata maximum: 255 * (2**14 - 64) * 8 sectors (dm-thin-metadata.h
+#: THIN_METADATA_MAX_SECTORS), just under 15.9 GiB. A bigger metadata device wastes the excess.
+METADATA_MAX_BYTES = 255 * (2**14 - 64) * 8 * 512
+
+
+@dataclass(frozen=True)
+class DataGrowth:
+    """How the data file grows (``pools.<name>.data``)."""
+
+    threshold_percent: float = 80.0  # also act when data usage reaches this
+    step: int = 1 * GiB  # grow by at least this...
+    step_percent: float = 20.0  # ...or this share of the current size, whichever is larger
+    max_size: int | None = None  # never grow the file past this (None: only the filesystem limits)
+    adaptive_low_water: bool = True  # raise the mark from the measured fill rate and growth time
+
+
+@dataclass(frozen=True)
+class MetadataGrowth:
+    """How the metadata file grows (``pools.<name>.metadata``)."""
+
+    threshold_percent: float = 75.0
+    step: int = 256 * MiB
+    step_percent: float = 50.0
+    max_size: int = METADATA_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class NoSpaceSettings:
+    """What happens when a pool cannot grow any more (``pools.<name>.when_full``)."""
+
+    # After this many seconds without room to grow, switch the pool to error_if_no_space so
+    # writers get ENOSPC instead of hanging; None keeps queueing (the kernel default).
+    error_after: float | None = 60.0
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """One pool (``pools.<name>``). Defaults are Docker 0.7's loopback pool."""
+
+    name: str
+    data_file: Path
+    metadata_file: Path
+    data_size: int = 100 * GiB  # initial size of a new data file
+    metadata_size: int = 2 * GiB  # initial size of a new metadata file
+    data_block_size: int = 128  # sectors; 128..2097152, a multiple of 128
+    low_water_mark: int = 32768  # data blocks; the floor of the adaptive mark
+    features: tuple[str, ...] = ("skip_block_zeroing",)
+    preallocate: bool = False  # fallocate new space instead of leaving it sparse
+    reserve: int = 1 * GiB  # keep this much free on the backing filesystem (bytes)
+    reserve_percent: float = 0.0  # ...or this share of it, whichever is larger
+    data: DataGrowth = field(default_factory=DataGrowth)
+    metadata: MetadataGrowth = field(default_factory=MetadataGrowth)
+    when_full: NoSpaceSettings = field(default_factory=NoSpaceSettings)
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    """Daemon-wide settings (``daemon``)."""
+
+    check_interval: float = 10.0  # seconds between safety re-checks of every pool
+    metrics_file: Path | None = None  # Prometheus textfile; None disables
+    log_level: str = "info"  # debug | info | warning | error
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration file."""
+
+    daemon: DaemonSettings
+    pools: tuple[PoolSettings, ...]
