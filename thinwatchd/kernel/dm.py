@@ -1,0 +1,452 @@
+"""DeviceMapper: the device-mapper ioctls on /dev/mapper/control, one method per ioctl verb.
+
+Every call goes through ``DeviceMapper._ioctl``: it packs the header (the command's minimum
+interface version, only the flags the command honours, event_nr only where it is an input),
+grows the buffer while the kernel answers DM_BUFFER_FULL, and turns an errno into a
+KernelError naming the operation and the device.
+
+Buffers are as small as the answer allows, on purpose: CPython's fcntl.ioctl releases the GIL
+only for buffers of at most 1024 bytes, and does not retry EINTR. Header-only commands (resume,
+suspend, create, remove, ...) and DEV_WAIT use a 312-byte buffer, table loads use header +
+payload, readers start at 1024 bytes and double on DM_BUFFER_FULL. EINTR is retried here.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl as _fcntl
+import os as _os
+import time as _time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal
+
+from thinwatchd.errors import KernelError
+from thinwatchd.kernel import dm_abi as _abi
+from thinwatchd.kernel.api import DmDevice, DmInfo, Target
+from thinwatchd.kernel.fs import open_device_node
+from thinwatchd.kernel.udev_sync import Cookie
+
+__all__ = [
+    "CONTROL_PATH",
+    "DeviceMapper",
+    "DmHeader",
+    "IoctlFn",
+    "check_name",
+    "pack_header",
+    "pack_message",
+    "pack_targets",
+    "parse_name_list",
+    "parse_targets",
+    "unpack_header",
+]
+
+#: Signature of fcntl.ioctl as used here: (fd, request, mutable buffer) -> int.
+IoctlFn = Callable[[int, int, bytearray], int]
+
+CONTROL_PATH = "/dev/mapper/control"
+_CONTROL_SYSFS = "/sys/class/misc/device-mapper/dev"
+#: First buffer for commands that return data (see the module docstring).
+_READ_BUFFER = 1024
+#: Give up doubling here; data_size is a u32 and no sane answer is this big.
+_MAX_BUFFER = 1 << 28
+_REMOVE_RETRIES = 5  # EBUSY: udev's blkid may hold a fresh device open for a moment
+_REMOVE_DELAY = 0.2
+_ENCODING = "utf-8"
+
+
+def _encode(text: str) -> bytes:
+    return text.encode(_ENCODING, "surrogateescape")
+
+
+def _cstring(data: bytes | bytearray, offset: int = 0) -> str:
+    end = data.find(b"\0", offset)
+    raw = data[offset:] if end < 0 else data[offset:end]
+    return bytes(raw).decode(_ENCODING, "surrogateescape")
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+@dataclass(frozen=True)
+class DmHeader:
+    """A struct dm_ioctl, as sent or as answered."""
+
+    version: tuple[int, int, int] = (4, 0, 0)
+    data_size: int = _abi.HEADER.size
+    data_start: int = _abi.DATA_START
+    target_count: int = 0
+    open_count: int = 0
+    flags: int = 0
+    event_nr: int = 0
+    dev: int = 0
+    name: str = ""
+    uuid: str = ""
+
+
+def pack_header(h: DmHeader) -> bytes:
+    """Return the 312 bytes of h (name and uuid NUL-padded; padding and data[7] zero)."""
+    return _abi.HEADER.pack(
+        *h.version, h.data_size, h.data_start, h.target_count, h.open_count, h.flags,
+        h.event_nr, 0, h.dev, _encode(h.name), _encode(h.uuid), b"",
+    )  # fmt: skip
+
+
+def unpack_header(buf: bytes | bytearray) -> DmHeader:
+    """Parse the first 312 bytes of buf."""
+    v0, v1, v2, size, start, count, opens, flags, event_nr, _pad, dev, name, uuid, _data = (
+        _abi.HEADER.unpack_from(buf)
+    )
+    return DmHeader(
+        (v0, v1, v2), size, start, count, opens, flags, event_nr, dev, _cstring(name),
+        _cstring(uuid),
+    )  # fmt: skip
+
+
+def check_name(name: str, *, uuid: str = "") -> None:
+    """Raise ValueError unless the kernel would accept name (and uuid) for a device."""
+    raw = _encode(name)
+    if not raw or b"/" in raw or b"\0" in raw or name in ("control", ".", ".."):
+        raise ValueError(f"invalid dm device name {name!r}: empty, '/', NUL, control, . or ..")
+    if len(raw) >= _abi.DM_NAME_LEN:
+        raise ValueError(f"dm device name {name!r} is over {_abi.DM_NAME_LEN - 1} bytes")
+    if len(_encode(uuid)) >= _abi.DM_UUID_LEN or "\0" in uuid:
+        raise ValueError(f"dm uuid {uuid!r} is over {_abi.DM_UUID_LEN - 1} bytes or has NUL")
+
+
+def pack_targets(targets: Sequence[Target]) -> bytes:
+    """Return a DM_TABLE_LOAD payload: specs with ``next`` relative to each spec, 8-aligned."""
+    out = bytearray()
+    for t in targets:
+        ttype, params = _encode(t.target_type), _encode(t.params)
+        if not ttype or len(ttype) >= _abi.DM_MAX_TYPE_NAME or b"\0" in ttype + params:
+            raise ValueError(f"invalid target type or params: {t.target_type!r} {t.params!r}")
+        if t.start < 0 or t.length <= 0:
+            raise ValueError(f"invalid target extent: start {t.start}, length {t.length}")
+        plen = _align8(len(params) + 1)
+        out += _abi.TARGET_SPEC.pack(t.start, t.length, 0, _abi.TARGET_SPEC.size + plen, ttype)
+        out += params.ljust(plen, b"\0")
+    return bytes(out)
+
+
+def parse_targets(data: bytes, count: int) -> list[Target]:
+    """Parse a DM_TABLE_STATUS answer: count specs, ``next`` relative to the data start."""
+    targets, offset = [], 0
+    for _ in range(count):
+        start, length, _status, nxt, ttype = _abi.TARGET_SPEC.unpack_from(data, offset)
+        params = _cstring(data, offset + _abi.TARGET_SPEC.size)
+        targets.append(Target(start, length, _cstring(ttype), params))
+        offset = nxt
+    return targets
+
+
+def parse_name_list(data: bytes) -> list[DmDevice]:
+    """Parse a DM_LIST_DEVICES answer (interface >= 4.37: event_nr after each name)."""
+    devices: list[DmDevice] = []
+    offset = 0
+    if len(data) < _abi.NAME_LIST_HEAD.size:
+        return devices
+    while True:
+        dev, nxt = _abi.NAME_LIST_HEAD.unpack_from(data, offset)
+        if dev == 0 and offset == 0:
+            return devices  # "nl->dev = 0: flags no data"
+        name_at = offset + _abi.NAME_LIST_HEAD.size
+        name = _cstring(data, name_at)
+        event_nr, _flags = _abi.NAME_LIST_TAIL.unpack_from(
+            data, _align8(name_at + len(_encode(name)) + 1)
+        )
+        devices.append(DmDevice(name, dev, event_nr))
+        if nxt == 0:
+            return devices
+        offset += nxt
+
+
+def pack_message(sector: int, message: str) -> bytes:
+    """Return a DM_TARGET_MSG payload: u64 sector, the message, NUL, zero-padded to 8."""
+    raw = _encode(message)
+    if not raw.strip() or b"\0" in raw:
+        raise ValueError(f"invalid target message {message!r}")
+    body = _abi.TARGET_MSG.pack(sector) + raw + b"\0"
+    return body.ljust(_align8(len(body)), b"\0")
+
+
+def _fcntl_ioctl(fd: int, request: int, buf: bytearray) -> int:
+    return int(_fcntl.ioctl(fd, request, buf, True))
+
+
+_OnFull = Literal["grow", "ignore", "raise"]
+_NO_FLAGS = _abi.DmFlag(0)
+
+
+class DeviceMapper:
+    """The device-mapper control device; implements thinwatchd.kernel.api.DeviceMapperApi.
+
+    Use as a context manager or call close(). fileno() is the control fd, selectable: it polls
+    readable once any dm event happened after the last arm_poll(). Devices are named by name;
+    every method raises KernelError(op, name, errno) on failure unless it says otherwise, and
+    ValueError for an argument the kernel would refuse.
+    """
+
+    def __init__(
+        self, fd: int | None = None, *, ioctl: IoctlFn | None = None, path: str = CONTROL_PATH
+    ) -> None:
+        """Open path (creating the node from sysfs if missing), or adopt fd (tests pass one)."""
+        self._owns_fd = fd is None
+        self._fd = (
+            fd
+            if fd is not None
+            else open_device_node(path, _CONTROL_SYSFS, block=False, flags=_os.O_RDWR)
+        )
+        self._ioctl_fn: IoctlFn = ioctl or _fcntl_ioctl
+
+    def fileno(self) -> int:
+        """Return the control fd."""
+        return self._fd
+
+    def close(self) -> None:
+        """Close the control fd if this object opened it."""
+        if self._owns_fd and self._fd >= 0:
+            _os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> DeviceMapper:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _ioctl(
+        self, cmd: _abi.Command, op: str, *, name: str = "", flags: _abi.DmFlag = _NO_FLAGS,
+        event_nr: int = 0, uuid: str = "", target_count: int = 0, payload: bytes = b"",
+        on_full: _OnFull = "grow", detail: str = "",
+    ) -> tuple[DmHeader, bytes]:  # fmt: skip
+        """Run one command; return the answer's header and its data area."""
+        flags &= _abi.VALID_FLAGS[cmd]
+        if cmd not in _abi.EVENT_NR_INPUT:
+            event_nr = 0
+        if cmd in _abi.HEADER_ONLY or cmd == _abi.Command.DEV_WAIT:
+            size = _abi.DATA_START
+        elif on_full == "grow" or cmd == _abi.Command.TARGET_MSG:
+            size = max(_READ_BUFFER, _align8(_abi.DATA_START + len(payload)))
+        else:
+            size = _align8(_abi.DATA_START + len(payload))
+        label = f"{op} (DM_{cmd.name})"
+        while True:
+            hdr = DmHeader(
+                _abi.MIN_VERSION[cmd], size, _abi.DATA_START, target_count, 0, int(flags),
+                event_nr & 0xFFFFFFFF, 0, name, uuid,
+            )  # fmt: skip
+            buf = bytearray(size)
+            buf[: _abi.DATA_START] = pack_header(hdr)
+            buf[_abi.DATA_START : _abi.DATA_START + len(payload)] = payload
+            try:
+                self._ioctl_fn(self._fd, cmd.request, buf)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise KernelError(label, name or uuid, exc.errno or _errno.EIO, detail) from exc
+            out = unpack_header(buf)
+            if out.flags & _abi.DmFlag.BUFFER_FULL and on_full != "ignore":
+                if on_full == "raise" or size >= _MAX_BUFFER:
+                    why = f"answer did not fit in {size} bytes"
+                    raise KernelError(label, name or uuid, _errno.ENOBUFS, why)
+                size *= 2
+                continue
+            end = min(max(out.data_size, out.data_start), size)
+            return out, bytes(buf[out.data_start : end])
+
+    @staticmethod
+    def _info(h: DmHeader) -> DmInfo:
+        f = _abi.DmFlag(h.flags)
+        return DmInfo(
+            h.name, h.uuid, h.dev, h.event_nr, h.open_count, h.target_count,
+            _abi.DmFlag.SUSPEND in f, _abi.DmFlag.READONLY in f,
+            _abi.DmFlag.ACTIVE_PRESENT in f, _abi.DmFlag.INACTIVE_PRESENT in f,
+        )  # fmt: skip
+
+    def version(self) -> tuple[int, int, int]:
+        """Return the kernel's dm ioctl interface version (DM_VERSION)."""
+        return self._ioctl(_abi.Command.VERSION, "version")[0].version
+
+    def target_version(self, target_type: str) -> tuple[int, int, int] | None:
+        """Return a target type's version, loading its module if needed; None if unknown.
+
+        DM_GET_TARGET_VERSION (interface 4.41+); the kernel request_module()s "dm-<type>".
+        """
+        try:
+            _h, data = self._ioctl(
+                _abi.Command.GET_TARGET_VERSION, "target_version", name=target_type
+            )
+        except KernelError as exc:
+            if exc.errno == _errno.EINVAL:
+                return None
+            raise
+        _next, v0, v1, v2 = _abi.TARGET_VERSIONS.unpack_from(data)
+        return v0, v1, v2
+
+    def list_devices(self) -> list[DmDevice]:
+        """Return every dm device with its event_nr, from one DM_LIST_DEVICES (needs 4.37)."""
+        return parse_name_list(self._ioctl(_abi.Command.LIST_DEVICES, "list_devices")[1])
+
+    def info(self, name: str) -> DmInfo | None:
+        """Return the device's header (DM_DEV_STATUS), or None if there is no such device.
+
+        suspended/read_only/target_count describe the ACTIVE table; inactive_present says
+        whether a loaded table waits in the INACTIVE slot.
+        """
+        check_name(name)
+        try:
+            return self._info(self._ioctl(_abi.Command.DEV_STATUS, "info", name=name)[0])
+        except KernelError as exc:
+            if exc.errno == _errno.ENXIO:
+                return None
+            raise
+
+    def create(self, name: str, uuid: str = "") -> DmInfo:
+        """Create a device with no table in either slot (DM_DEV_CREATE); it starts suspended.
+
+        Raise KernelError EBUSY if the name or uuid is taken.
+        """
+        check_name(name, uuid=uuid)
+        return self._info(self._ioctl(_abi.Command.DEV_CREATE, "create", name=name, uuid=uuid)[0])
+
+    def remove(self, name: str, cookie: int = 0) -> None:
+        """Remove the device and both its tables (DM_DEV_REMOVE); emits a 'remove' uevent.
+
+        cookie is a udev cookie (UdevSync.transaction); a Cookie learns whether a uevent was
+        generated. EBUSY (device open) is retried a few times, 0.2 s apart, then raised.
+        ENXIO: no such device.
+        """
+        check_name(name)
+        attempt = 1
+        while True:
+            try:
+                out, _ = self._ioctl(_abi.Command.DEV_REMOVE, "remove", name=name, event_nr=cookie)
+                break
+            except KernelError as exc:
+                if exc.errno != _errno.EBUSY or attempt >= _REMOVE_RETRIES:
+                    raise
+                attempt += 1
+                _time.sleep(_REMOVE_DELAY)
+        if isinstance(cookie, Cookie):
+            cookie.record(bool(out.flags & _abi.DmFlag.UEVENT_GENERATED))
+
+    def load_table(self, name: str, targets: Sequence[Target], *, read_only: bool = False) -> None:
+        """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed.
+
+        The ACTIVE table keeps serving I/O until resume() swaps the slots; a table already in
+        the inactive slot is replaced. Valid flag: READONLY (read_only). The kernel's reason
+        for EINVAL is in its log; the error's detail carries the table.
+        """
+        check_name(name)
+        if not targets:
+            raise ValueError("a table needs at least one target")
+        text = "; ".join(f"{t.start} {t.length} {t.target_type} {t.params}" for t in targets)
+        self._ioctl(
+            _abi.Command.TABLE_LOAD, "load_table", name=name, target_count=len(targets),
+            flags=_abi.DmFlag.READONLY if read_only else _abi.DmFlag(0),
+            payload=pack_targets(targets), on_full="ignore", detail=f"table: {text}",
+        )  # fmt: skip
+
+    def clear_table(self, name: str) -> None:
+        """Drop the table in the INACTIVE slot, if any (DM_TABLE_CLEAR); the ACTIVE one stays."""
+        check_name(name)
+        self._ioctl(_abi.Command.TABLE_CLEAR, "clear_table", name=name)
+
+    def suspend(self, name: str, *, noflush: bool = False, skip_lockfs: bool = False) -> None:
+        """Suspend the device (DM_DEV_SUSPEND with SUSPEND); I/O queues until resume().
+
+        Waits for in-flight I/O unless noflush. Valid flags: NOFLUSH, SKIP_LOCKFS. No uevent.
+        """
+        check_name(name)
+        flags = _abi.DmFlag.SUSPEND
+        flags |= _abi.DmFlag.NOFLUSH if noflush else 0
+        flags |= _abi.DmFlag.SKIP_LOCKFS if skip_lockfs else 0
+        self._ioctl(_abi.Command.DEV_SUSPEND, "suspend", name=name, flags=flags)
+
+    def resume(
+        self, name: str, cookie: int = 0, *, noflush: bool = False, skip_lockfs: bool = False
+    ) -> bool:
+        """Resume; if the INACTIVE slot holds a table, swap it in first. Return UEVENT_GENERATED.
+
+        DM_DEV_SUSPEND without SUSPEND: the kernel suspends (noflush/skip_lockfs apply to that
+        suspend), swaps the INACTIVE table into the ACTIVE slot, resumes and emits a 'change'
+        uevent carrying cookie (RESIZE=1 if the size changed). A Cookie records the result.
+        """
+        check_name(name)
+        flags = _abi.DmFlag(0)
+        flags |= _abi.DmFlag.NOFLUSH if noflush else 0
+        flags |= _abi.DmFlag.SKIP_LOCKFS if skip_lockfs else 0
+        out, _ = self._ioctl(
+            _abi.Command.DEV_SUSPEND, "resume", name=name, flags=flags, event_nr=cookie
+        )
+        generated = bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
+        if isinstance(cookie, Cookie):
+            cookie.record(generated)
+        return generated
+
+    def table(self, name: str, *, inactive: bool = False) -> list[Target]:
+        """Return the ACTIVE table (or the INACTIVE one); DM_TABLE_STATUS with STATUS_TABLE.
+
+        The kernel canonicalises device paths to "major:minor" in the params.
+        """
+        check_name(name)
+        flags = _abi.DmFlag.STATUS_TABLE
+        flags |= _abi.DmFlag.QUERY_INACTIVE_TABLE if inactive else 0
+        out, data = self._ioctl(_abi.Command.TABLE_STATUS, "table", name=name, flags=flags)
+        return parse_targets(data, out.target_count)
+
+    def status(self, name: str, *, noflush: bool = False) -> list[Target]:
+        """Return the ACTIVE table's INFO status lines (DM_TABLE_STATUS).
+
+        Valid flag: NOFLUSH (noflush) — a thin-pool then reports without committing metadata.
+        """
+        check_name(name)
+        flags = _abi.DmFlag.NOFLUSH if noflush else _abi.DmFlag(0)
+        out, data = self._ioctl(_abi.Command.TABLE_STATUS, "status", name=name, flags=flags)
+        return parse_targets(data, out.target_count)
+
+    def deps(self, name: str) -> list[int]:
+        """Return the dev_t of every device the ACTIVE table uses (DM_TABLE_DEPS)."""
+        check_name(name)
+        _h, data = self._ioctl(_abi.Command.TABLE_DEPS, "deps", name=name)
+        if len(data) < _abi.TARGET_DEPS_HEAD.size:
+            return []
+        count, _pad = _abi.TARGET_DEPS_HEAD.unpack_from(data)
+        at, step = _abi.TARGET_DEPS_HEAD.size, _abi.TARGET_DEPS_DEV.size
+        return [_abi.TARGET_DEPS_DEV.unpack_from(data, at + step * i)[0] for i in range(count)]
+
+    def wait(self, name: str, event_nr: int) -> int:
+        """Block until the device's event_nr differs from event_nr (DM_DEV_WAIT); return it.
+
+        Returns at once if it already differs. Blocks with the GIL released (312-byte buffer);
+        signals do not end the wait (EINTR is retried). The status the kernel would append is
+        not asked for (NOFLUSH, no room), so waiting never commits thin-pool metadata.
+        """
+        check_name(name)
+        out, _ = self._ioctl(
+            _abi.Command.DEV_WAIT, "wait", name=name, event_nr=event_nr,
+            flags=_abi.DmFlag.NOFLUSH, on_full="ignore",
+        )  # fmt: skip
+        return out.event_nr
+
+    def arm_poll(self) -> None:
+        """Re-arm the control fd: it polls readable again only after the next dm event."""
+        self._ioctl(_abi.Command.DEV_ARM_POLL, "arm_poll")
+
+    def message(self, name: str, message: str, sector: int = 0) -> str:
+        """Send message to the ACTIVE table's target at sector (DM_TARGET_MSG); return its reply.
+
+        Thin-pool messages (create_thin N, delete N, ...) reply nothing (""). Never retried: a
+        reply over ~700 bytes raises KernelError ENOBUFS although the message was delivered.
+        """
+        check_name(name)
+        out, data = self._ioctl(
+            _abi.Command.TARGET_MSG, "message", name=name,
+            payload=pack_message(sector, message), on_full="raise", detail=message,
+        )  # fmt: skip
+        return _cstring(data) if out.flags & _abi.DmFlag.DATA_OUT else ""

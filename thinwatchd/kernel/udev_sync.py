@@ -1,0 +1,304 @@
+"""Wait for udev to finish with a dm device, the way libdm does (lvm2 libdm/libdm-common.c).
+
+A resume or remove passes a cookie in dm_ioctl.event_nr: ``(UdevFlag bits << 16) | base``. The
+kernel puts it in the uevent as DM_COOKIE; udev's 10-dm.rules decode the flags
+(``dmsetup udevflags``) and 95-dm-notify.rules run ``dmsetup udevcomplete $DM_COOKIE``, which
+decrements the SysV semaphore with key ``0x0D4D0000 | base``. The protocol, as libdm:
+
+1. create the semaphore (0600, IPC_CREAT|IPC_EXCL, random non-zero base) with value 1;
+2. increment it before the ioctl (value 2);
+3. after the ioctl: if it failed or UEVENT_GENERATED did not come back, decrement once more;
+4. decrement (our 1) and wait for zero — here with a timeout;
+5. remove the semaphore, always, whatever happened.
+
+Without udev (/run/udev/control absent) no semaphore is made (base 0: udevcomplete would do
+nothing) and ``ensure_node``/``remove_node`` manage /dev/mapper/<name> themselves. With udev
+but without 95-dm-notify.rules (dmsetup not installed), the transaction instead waits for the
+processed uevent carrying the cookie on a pyudev 'udev' monitor.
+"""
+
+from __future__ import annotations
+
+import contextlib as _contextlib
+import ctypes as _ctypes
+import ctypes.util as _ctypes_util
+import errno as _errno
+import logging as _logging
+import os as _os
+import stat as _stat
+import time as _time
+from collections.abc import Iterator
+from typing import Any
+
+from thinwatchd.errors import KernelError
+from thinwatchd.kernel.dm_abi import COOKIE_MAGIC, UDEV_FLAGS_SHIFT, UdevFlag
+from thinwatchd.kernel.fs import make_node
+
+__all__ = ["POOL_UDEV_FLAGS", "PUBLIC_UDEV_FLAGS", "Cookie", "UdevSync"]
+
+_log = _logging.getLogger(__name__)
+
+#: For a pool: dm rules on (the /dev/mapper link), nothing else probes it (like lvm's -tpool).
+POOL_UDEV_FLAGS = (
+    UdevFlag.PRIMARY_SOURCE
+    | UdevFlag.DISABLE_LIBRARY_FALLBACK
+    | UdevFlag.DISABLE_SUBSYSTEM_RULES
+    | UdevFlag.DISABLE_DISK_RULES
+    | UdevFlag.DISABLE_OTHER_RULES
+)
+#: For a device others consume (a thin volume): every rule runs.
+PUBLIC_UDEV_FLAGS = UdevFlag.PRIMARY_SOURCE | UdevFlag.DISABLE_LIBRARY_FALLBACK
+
+# sys/ipc.h, sys/sem.h (x86-64 glibc; checked with a C program on Debian 12)
+_IPC_CREAT, _IPC_EXCL, _IPC_NOWAIT, _IPC_RMID = 0o1000, 0o2000, 0o4000, 0
+_GETVAL, _SETVAL, _SEM_INFO = 12, 16, 19
+_NOTIFY_RULE = "95-dm-notify.rules"
+_RULE_DIRS = (
+    "/etc/udev/rules.d",
+    "/run/udev/rules.d",
+    "/lib/udev/rules.d",
+    "/usr/lib/udev/rules.d",
+)
+
+
+class _SemBuf(_ctypes.Structure):
+    _fields_ = [
+        ("sem_num", _ctypes.c_ushort),
+        ("sem_op", _ctypes.c_short),
+        ("sem_flg", _ctypes.c_short),
+    ]
+
+
+class _TimeSpec(_ctypes.Structure):
+    _fields_ = [("tv_sec", _ctypes.c_long), ("tv_nsec", _ctypes.c_long)]
+
+
+#: The C boundary as data: name -> (argtypes, restype). semctl is variadic; its 4th argument
+#: (union semun) is passed as a long, which is how x86-64 passes the union.
+_SIGNATURES: dict[str, tuple[list[Any], Any]] = {
+    "semget": ([_ctypes.c_int, _ctypes.c_int, _ctypes.c_int], _ctypes.c_int),
+    "semctl": ([_ctypes.c_int, _ctypes.c_int, _ctypes.c_int, _ctypes.c_long], _ctypes.c_int),
+    "semop": ([_ctypes.c_int, _ctypes.POINTER(_SemBuf), _ctypes.c_size_t], _ctypes.c_int),
+    "semtimedop": (
+        [_ctypes.c_int, _ctypes.POINTER(_SemBuf), _ctypes.c_size_t, _ctypes.POINTER(_TimeSpec)],
+        _ctypes.c_int,
+    ),
+}
+_libc = _ctypes.CDLL(_ctypes_util.find_library("c"), use_errno=True)
+for _name, (_args, _res) in _SIGNATURES.items():
+    getattr(_libc, _name).argtypes, getattr(_libc, _name).restype = _args, _res
+
+
+def _call(name: str, *args: Any) -> int:
+    """Call a libc function; raise OSError from errno when it returns -1."""
+    result = int(getattr(_libc, name)(*args))
+    if result == -1:
+        code = _ctypes.get_errno()
+        raise OSError(code, f"{name}: {_os.strerror(code)}")
+    return result
+
+
+def _semop(semid: int, op: int, flags: int = 0, timeout: float | None = None) -> None:
+    buf = _SemBuf(0, op, flags)
+    if timeout is None:
+        _call("semop", semid, _ctypes.byref(buf), 1)
+    else:
+        ts = _TimeSpec(int(timeout), int((timeout % 1) * 1e9))
+        _call("semtimedop", semid, _ctypes.byref(buf), 1, _ctypes.byref(ts))
+
+
+class Cookie(int):
+    """A udev cookie: pass it as the ``cookie`` argument of resume() or remove(), once.
+
+    DeviceMapper records on it whether the ioctl generated a uevent; another implementation
+    of DeviceMapperApi must call record() itself. Unrecorded means "no uevent".
+    """
+
+    uevent_generated: bool | None
+
+    def __new__(cls, value: int) -> Cookie:
+        self = super().__new__(cls, value)
+        self.uevent_generated = None
+        return self
+
+    def record(self, uevent_generated: bool) -> None:
+        """Note the ioctl's DM_UEVENT_GENERATED_FLAG."""
+        self.uevent_generated = uevent_generated
+
+
+class UdevSync:
+    """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
+
+    def __init__(
+        self, *, dev_dir: str = "/dev", udev_control: str = "/run/udev/control",
+        timeout: float = 30.0, flags: UdevFlag = POOL_UDEV_FLAGS,
+        rule_dirs: tuple[str, ...] = _RULE_DIRS,
+    ) -> None:  # fmt: skip
+        self.dev_dir = dev_dir
+        self.udev_control = udev_control
+        self.timeout = timeout
+        self.flags = flags
+        self.rule_dirs = rule_dirs
+
+    def udev_running(self) -> bool:
+        """Return True when udevd is running (its control socket exists), as libudev checks."""
+        return _os.path.exists(self.udev_control)
+
+    def notify_rules_installed(self) -> bool:
+        """Return True if some rules directory has 95-dm-notify.rules (dmsetup udevcomplete)."""
+        return any(_os.path.exists(_os.path.join(d, _NOTIFY_RULE)) for d in self.rule_dirs)
+
+    @_contextlib.contextmanager
+    def transaction(self, name: str, flags: UdevFlag | None = None) -> Iterator[Cookie]:
+        """Yield a Cookie for ONE resume()/remove() of name; on exit, wait until udev is done.
+
+        When the block succeeded, /dev/mapper/<name> reflects the change on return (if udev
+        runs). The semaphore is removed on every path. Raise KernelError(ETIMEDOUT) if udev did
+        not finish within the timeout (only when the block itself succeeded), or KernelError
+        for a semaphore that cannot be created.
+        """
+        prefix = int(self.flags if flags is None else flags) << UDEV_FLAGS_SHIFT
+        if not self.udev_running():
+            yield Cookie(prefix)
+            return
+        if not self.notify_rules_installed():
+            with self._monitored(name, prefix) as cookie:
+                yield cookie
+            return
+        semid, base = self._create(name)
+        cookie = Cookie(prefix | base)
+        incremented = ok = False
+        try:
+            _semop(semid, +1)
+            incremented = True
+            yield cookie
+            ok = True
+        finally:
+            self._finish(name, cookie, semid, incremented=incremented, raise_timeout=ok)
+
+    def _create(self, name: str) -> tuple[int, int]:
+        for _ in range(256):
+            base = int.from_bytes(_os.urandom(2), "little")
+            if base == 0:
+                continue
+            try:
+                semid = _call(
+                    "semget", (COOKIE_MAGIC << 16) | base, 1, 0o600 | _IPC_CREAT | _IPC_EXCL
+                )
+            except OSError as exc:
+                if exc.errno == _errno.EEXIST:
+                    continue
+                raise KernelError("udev cookie create", name, exc.errno or _errno.EIO) from exc
+            try:
+                _call("semctl", semid, 0, _SETVAL, 1)
+            except OSError as exc:
+                _call("semctl", semid, 0, _IPC_RMID, 0)
+                raise KernelError("udev cookie create", name, exc.errno or _errno.EIO) from exc
+            return semid, base
+        raise KernelError("udev cookie create", name, _errno.EEXIST, "no free cookie")
+
+    def _finish(
+        self, name: str, cookie: Cookie, semid: int, *, incremented: bool, raise_timeout: bool
+    ) -> None:
+        done = False
+        try:
+            if incremented and not cookie.uevent_generated:
+                _semop(semid, -1, _IPC_NOWAIT)  # nobody else will: no uevent (or the ioctl failed)
+            _semop(semid, -1, _IPC_NOWAIT)  # our own initial 1
+            deadline = _time.monotonic() + self.timeout
+            while not done:
+                remaining = deadline - _time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    _semop(semid, 0, 0, remaining)
+                    done = True
+                except OSError as exc:
+                    if exc.errno == _errno.EAGAIN:
+                        break  # timed out
+                    if exc.errno == _errno.EIDRM:
+                        done = True  # removed behind us (dmsetup udevcomplete_all)
+                    elif exc.errno != _errno.EINTR:
+                        raise
+        except OSError as exc:
+            _log.warning("udev cookie %#x for %s: %s", cookie, name, exc)
+            done = True  # the semaphore is in a state we cannot wait on; do not report a timeout
+        finally:
+            try:
+                _call("semctl", semid, 0, _IPC_RMID, 0)
+            except OSError as exc:
+                if exc.errno not in (_errno.EINVAL, _errno.EIDRM):
+                    _log.warning("udev cookie %#x for %s: cannot remove: %s", cookie, name, exc)
+        if not done and raise_timeout:
+            raise KernelError(
+                "udev wait", name, _errno.ETIMEDOUT,
+                f"cookie {int(cookie):#x} not completed by udev in {self.timeout:g}s",
+            )  # fmt: skip
+
+    @_contextlib.contextmanager
+    def _monitored(self, name: str, prefix: int) -> Iterator[Cookie]:
+        """No 95-dm-notify.rules: wait for the processed uevent whose DM_COOKIE is ours."""
+        import pyudev  # only here: the cookie path must not depend on it
+
+        base = int.from_bytes(_os.urandom(2), "little") or 1
+        cookie = Cookie(prefix | base)
+        monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
+        monitor.filter_by("block")
+        monitor.start()
+        ok = False
+        try:
+            yield cookie
+            ok = True
+        finally:
+            if ok and cookie.uevent_generated:
+                deadline = _time.monotonic() + self.timeout
+                while (left := deadline - _time.monotonic()) > 0:
+                    device = monitor.poll(timeout=left)
+                    if device is not None and device.get("DM_COOKIE") == str(int(cookie)):
+                        break
+                else:
+                    raise KernelError("udev wait", name, _errno.ETIMEDOUT, "no processed uevent")
+
+    def node_path(self, name: str) -> str:
+        """Return /dev/mapper/<name>."""
+        return _os.path.join(self.dev_dir, "mapper", name)
+
+    def ensure_node(self, name: str, dev: int) -> bool:
+        """Without udev, make /dev/mapper/<name> a block node for dev; return True if changed.
+
+        With udev running this does nothing (udev owns /dev; the transaction waits for its
+        link). A stale node with another number is replaced atomically. Raise KernelError.
+        """
+        if self.udev_running():
+            return False
+        try:
+            return make_node(self.node_path(name), dev, block=True)
+        except OSError as exc:
+            raise KernelError("mknod", self.node_path(name), exc.errno or _errno.EIO) from exc
+
+    def remove_node(self, name: str) -> bool:
+        """Without udev, remove /dev/mapper/<name> (a node or symlink); return True if removed."""
+        if self.udev_running():
+            return False
+        path = self.node_path(name)
+        try:
+            if not _stat.S_ISBLK(_os.lstat(path).st_mode) and not _os.path.islink(path):
+                return False
+            _os.unlink(path)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise KernelError("unlink", path, exc.errno or _errno.EIO) from exc
+
+    @staticmethod
+    def semaphores_left() -> list[int]:
+        """Return the keys of libdm cookie semaphores that exist now (/proc/sysvipc/sem)."""
+        keys = []
+        with open("/proc/sysvipc/sem", encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                key = int(line.split()[0]) & 0xFFFFFFFF
+                if key >> 16 == COOKIE_MAGIC:
+                    keys.append(key)
+        return keys
