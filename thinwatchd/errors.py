@@ -35,7 +35,8 @@ class KernelError(ThinwatchError):
 
     def __str__(self) -> str:
         code = _errno.errorcode.get(self.errno, str(self.errno))
-        text = f"{self.op} on {self.device or '(no device)'} failed: {_os.strerror(self.errno)} ({code})"
+        device = self.device or "(no device)"
+        text = f"{self.op} on {device} failed: {_os.strerror(self.errno)} ({code})"
         return f"{text}: {self.detail}" if self.detail else text
 
 

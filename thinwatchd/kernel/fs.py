@@ -19,9 +19,11 @@ __all__ = [
     "create_regular_file",
     "filesystem_space",
     "grow_file",
+    "header_is_zero",
     "make_node",
     "open_device_node",
     "open_existing_regular",
+    "regular_file_size",
     "zero_header",
 ]
 
@@ -261,3 +263,23 @@ def make_node(path: str, dev: int, *, block: bool, mode: int = 0o600) -> bool:
         _os.unlink(tmp)
         raise
     return True
+
+
+def regular_file_size(path: str) -> int:
+    """Return the apparent size of a regular file (not following symlinks); raise KernelError."""
+    fd = open_existing_regular(path, _os.O_RDONLY)
+    try:
+        return _os.fstat(fd).st_size
+    finally:
+        _os.close(fd)
+
+
+def header_is_zero(path: str, nbytes: int = 4096) -> bool:
+    """Return True if the file's first nbytes are all zero (a never-activated metadata file)."""
+    fd = open_existing_regular(path, _os.O_RDONLY)
+    try:
+        return not any(_os.pread(fd, nbytes, 0))
+    except OSError as exc:
+        raise KernelError("read header", path, exc.errno or _errno.EIO) from exc
+    finally:
+        _os.close(fd)

@@ -1,0 +1,60 @@
+"""Fixtures for engine tests: the daemon's logic against FakeKernel, with real files in tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.engine.fake_kernel import FakeKernel
+from thinwatchd.kernel.api import DeviceMapperApi
+from thinwatchd.pool import Kernel
+from thinwatchd.settings import PoolSettings
+
+MiB = 1024**2
+
+
+class FakeNodes:
+    """DeviceNodes for the fake: resume, and count how often we waited for udev."""
+
+    def __init__(self) -> None:
+        self.synced: list[str] = []
+
+    def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
+        dm.resume(name)
+        self.synced.append(name)
+
+    def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
+        dm.resume(name)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeKernel]:
+    kernel = FakeKernel()
+    yield kernel
+    kernel.close()
+
+
+@pytest.fixture
+def kernel(fake: FakeKernel) -> Kernel:
+    return Kernel(fake, fake, FakeNodes())
+
+
+@pytest.fixture
+def pool_settings(tmp_path: Path) -> PoolSettings:
+    """A small pool: 64 MiB data, 8 MiB metadata, 64 KiB blocks, mark 16 blocks (1 MiB)."""
+    return PoolSettings(
+        name="pool",
+        data_file=tmp_path / "data",
+        metadata_file=tmp_path / "metadata",
+        data_size=64 * MiB,
+        metadata_size=8 * MiB,
+        low_water_mark=16,
+        reserve=0,
+    )
+
+
+def small(settings: PoolSettings, **changes: object) -> PoolSettings:
+    return replace(settings, **changes)  # type: ignore[arg-type]

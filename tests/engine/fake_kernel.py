@@ -1,0 +1,452 @@
+"""An in-memory kernel for engine tests: dm thin-pools over loop devices over real files.
+
+It models what thinwatchd relies on, as the real kernel does it (each claim is also checked on
+the real kernel by tests/contract/):
+
+- DM_DEV_CREATE makes a suspended device with no table; TABLE_LOAD fills the inactive slot;
+  resume swaps it in. A thin-pool's data size is the table length in whole blocks; a table
+  longer than the data loop is refused at load; a shorter one than the pool is refused at resume.
+- The metadata survives the device (it lives "in the metadata file"): a pool recreated over the
+  same metadata file keeps its sizes and usage; a zeroed header formats a new pool.
+- The data low-water event fires on allocation, once per resume; the metadata one likewise;
+  every mode change fires an event. Events bump the device's event_nr and a global counter;
+  ``fileno()`` polls readable while the global counter is ahead of the last ``arm_poll()``.
+- Out of data space: queue_if_no_space parks writes until the pool grows; error_if_no_space
+  fails them. needs_check makes growth a silent no-op at resume, as the kernel does.
+- Loop devices capture the backing file size at attach and at LOOP_SET_CAPACITY only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from thinwatchd.errors import KernelError
+from thinwatchd.kernel.api import DmDevice, DmInfo, LoopDevice, Target
+
+SECTOR = 512
+META_BLOCK = 4096
+
+
+@dataclass
+class PoolMetadata:
+    """What the kernel keeps in the metadata device's superblock and btrees."""
+
+    data_total: int = 0  # blocks recorded in the superblock (0 = freshly formatted)
+    data_used: int = 0
+    meta_used: int = 6  # a fresh pool's metadata already holds a few blocks
+    transaction_id: int = 0
+    needs_check: bool = False
+    thins: set[int] = field(default_factory=set)
+
+
+@dataclass
+class PoolRuntime:
+    """Per-activation state of a thin-pool target."""
+
+    metadata: PoolMetadata
+    meta_key: tuple[int, int]
+    data_loop: int
+    meta_loop: int
+    block_sectors: int
+    low_water: int
+    error_if_no_space: bool
+    mode: str = "rw"
+    data_lw_fired: bool = False
+    meta_lw_fired: bool = False
+    queued_blocks: int = 0  # writes parked by queue_if_no_space
+    failed_writes: int = 0  # block writes failed with ENOSPC (error_if_no_space)
+
+
+@dataclass
+class FakeDevice:
+    name: str
+    minor: int
+    event_nr: int = 0
+    suspended: bool = True
+    active: list[Target] | None = None
+    inactive: list[Target] | None = None
+    pool: PoolRuntime | None = None
+
+
+@dataclass
+class FakeLoop:
+    index: int
+    path: str
+    st_dev: int
+    st_ino: int
+    capacity: int  # bytes, as of attach / last set_capacity
+
+
+class FakeKernel:
+    """Implements DeviceMapperApi and LoopControlApi in memory (files stay real)."""
+
+    DM_MAJOR = 253
+    LOOP_MAJOR = 7
+
+    def __init__(self) -> None:
+        self.devices: dict[str, FakeDevice] = {}
+        self.loops: dict[int, FakeLoop] = {}
+        self.metadata: dict[tuple[int, int], PoolMetadata] = {}
+        self.global_events = 0
+        self._armed_at = 0
+        self._next_minor = 0
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pipe_full = False
+        self.calls: list[str] = []  # every op, in order, for assertions
+        self.fail_next: dict[str, int] = {}  # op name -> errno to raise once
+        self.kernel_log: list[str] = []
+
+    def close(self) -> None:
+        os.close(self._pipe_r)
+        os.close(self._pipe_w)
+
+    # -- fault injection -------------------------------------------------------------------
+
+    def _enter(self, op: str, device: str) -> None:
+        self.calls.append(f"{op} {device}")
+        err = self.fail_next.pop(op, None)
+        if err is not None:
+            raise KernelError(op, device, err, "injected")
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _event(self, dev: FakeDevice) -> None:
+        dev.event_nr += 1
+        self.global_events += 1
+        if not self._pipe_full:
+            os.write(self._pipe_w, b"!")
+            self._pipe_full = True
+
+    def fileno(self) -> int:
+        return self._pipe_r
+
+    def arm_poll(self) -> None:
+        self._enter("DM_DEV_ARM_POLL", "")
+        self._armed_at = self.global_events
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._pipe_r, 64)
+        self._pipe_full = False
+
+    # -- device-mapper ---------------------------------------------------------------------
+
+    def version(self) -> tuple[int, int, int]:
+        return (4, 47, 0)
+
+    def _get(self, op: str, name: str) -> FakeDevice:
+        self._enter(op, name)
+        dev = self.devices.get(name)
+        if dev is None:
+            raise KernelError(op, name, errno.ENXIO)
+        return dev
+
+    def list_devices(self) -> list[DmDevice]:
+        self._enter("DM_LIST_DEVICES", "")
+        return [
+            DmDevice(d.name, os.makedev(self.DM_MAJOR, d.minor), d.event_nr)
+            for d in self.devices.values()
+        ]
+
+    def info(self, name: str) -> DmInfo | None:
+        self._enter("DM_DEV_STATUS", name)
+        dev = self.devices.get(name)
+        if dev is None:
+            return None
+        return DmInfo(
+            name=name,
+            uuid="",
+            dev=os.makedev(self.DM_MAJOR, dev.minor),
+            event_nr=dev.event_nr,
+            open_count=0,
+            target_count=len(dev.active or []),
+            suspended=dev.suspended,
+            read_only=False,
+            active_present=dev.active is not None,
+            inactive_present=dev.inactive is not None,
+        )
+
+    def create(self, name: str, uuid: str = "") -> DmInfo:
+        self._enter("DM_DEV_CREATE", name)
+        if name in self.devices:
+            raise KernelError("DM_DEV_CREATE", name, errno.EBUSY)
+        self.devices[name] = FakeDevice(name, self._next_minor)
+        self._next_minor += 1
+        self.global_events += 1  # create bumps the global counter (dm_issue_global_event)
+        info = self.info(name)
+        assert info is not None
+        return info
+
+    def remove(self, name: str, cookie: int = 0) -> None:
+        self._get("DM_DEV_REMOVE", name)
+        del self.devices[name]
+        self.global_events += 1
+
+    def load_table(self, name: str, targets: Sequence[Target]) -> None:
+        dev = self._get("DM_TABLE_LOAD", name)
+        for target in targets:
+            if target.target_type == "thin-pool":
+                self._check_pool_table(name, target)
+        dev.inactive = list(targets)
+
+    def clear_table(self, name: str) -> None:
+        self._get("DM_TABLE_CLEAR", name).inactive = None
+
+    def suspend(self, name: str, *, noflush: bool = False) -> None:
+        self._get("DM_DEV_SUSPEND", name).suspended = True
+
+    def resume(self, name: str, cookie: int = 0) -> bool:
+        dev = self._get("DM_DEV_RESUME", name)
+        if dev.inactive is None:
+            if dev.active is None:
+                raise KernelError("DM_DEV_RESUME", name, errno.EINVAL, "no table")
+            dev.suspended = False
+            return False
+        new = dev.inactive
+        dev.suspended = True  # the kernel suspends, swaps and (pre)resumes by itself
+        pool_target = next((t for t in new if t.target_type == "thin-pool"), None)
+        old_size = sum(t.length for t in dev.active or [])
+        if pool_target is not None:
+            # pool_preresume failing leaves the device suspended with the new table swapped in.
+            dev.active, dev.inactive = new, None
+            dev.pool = self._preresume(dev, pool_target)
+        else:
+            dev.active, dev.inactive = new, None
+        dev.suspended = False
+        if dev.pool is not None:
+            dev.pool.data_lw_fired = False
+            dev.pool.meta_lw_fired = False
+            self._update_mode(dev)
+            self._drain_queue(dev)
+        return sum(t.length for t in new) != old_size
+
+    def table(self, name: str) -> list[Target]:
+        dev = self._get("DM_TABLE_STATUS", name)
+        return list(dev.active or [])
+
+    def status(self, name: str, *, noflush: bool = False) -> list[Target]:
+        dev = self._get("DM_TABLE_STATUS", name)
+        out = []
+        for t in dev.active or []:
+            text = self._pool_status(dev) if t.target_type == "thin-pool" else ""
+            out.append(Target(t.start, t.length, t.target_type, text))
+        return out
+
+    def wait(self, name: str, event_nr: int) -> int:
+        return self._get("DM_DEV_WAIT", name).event_nr
+
+    def message(self, name: str, message: str, sector: int = 0) -> str:
+        dev = self._get("DM_TARGET_MSG", name)
+        if dev.pool is None:
+            raise KernelError("DM_TARGET_MSG", name, errno.EINVAL)
+        words = message.split()
+        if words[:1] == ["create_thin"]:
+            dev.pool.metadata.thins.add(int(words[1]))
+            return ""
+        raise KernelError("DM_TARGET_MSG", name, errno.EINVAL, f"unsupported {message!r}")
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def find(self, path: str) -> LoopDevice | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        for lo in self.loops.values():
+            if (lo.st_dev, lo.st_ino) == (st.st_dev, st.st_ino):
+                return self._loop_record(lo)
+        return None
+
+    def attach(self, path: str, *, direct_io: bool = False) -> LoopDevice:
+        self._enter("LOOP_CONFIGURE", path)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        index = max(self.loops, default=-1) + 1
+        self.loops[index] = FakeLoop(index, path, st.st_dev, st.st_ino, st.st_size)
+        return self._loop_record(self.loops[index])
+
+    def set_capacity(self, loop: LoopDevice) -> None:
+        self._enter("LOOP_SET_CAPACITY", loop.path)
+        lo = self.loops[loop.index]
+        lo.capacity = os.stat(lo.path).st_size
+
+    def size(self, loop: LoopDevice) -> int:
+        return self.loops[loop.index].capacity
+
+    def detach(self, loop: LoopDevice) -> None:
+        del self.loops[loop.index]
+
+    def _loop_record(self, lo: FakeLoop) -> LoopDevice:
+        return LoopDevice(lo.index, lo.st_dev, lo.st_ino, os.makedev(self.LOOP_MAJOR, lo.index))
+
+    # -- what a writer does ----------------------------------------------------------------
+
+    def write_blocks(self, name: str, blocks: int) -> int:
+        """Allocate data blocks in pool `name` as a writer would; return blocks written now."""
+        dev = self.devices[name]
+        pool = dev.pool
+        assert pool is not None and not dev.suspended
+        written = 0
+        for _ in range(blocks):
+            if pool.mode in ("ro", "fail"):
+                pool.failed_writes += 1
+                continue
+            if pool.metadata.data_used >= pool.metadata.data_total:
+                if pool.mode != "out_of_data_space":
+                    pool.mode = "out_of_data_space"
+                    self.kernel_log.append(f"{name}: switching pool to out-of-data-space")
+                    self._event(dev)
+                if pool.error_if_no_space:
+                    pool.failed_writes += 1
+                else:
+                    pool.queued_blocks += 1
+                continue
+            self._allocate(dev)
+            written += 1
+        return written
+
+    def _allocate(self, dev: FakeDevice) -> None:
+        pool = dev.pool
+        assert pool is not None
+        md = pool.metadata
+        md.data_used += 1
+        if md.data_used % 64 == 0:
+            md.meta_used += 1  # mappings cost metadata too
+        free = md.data_total - md.data_used
+        if free <= pool.low_water and not pool.data_lw_fired:
+            pool.data_lw_fired = True
+            self.kernel_log.append(f"{dev.name}: reached low water mark for data device")
+            self._event(dev)
+        meta_total = self._meta_total(pool)
+        if meta_total - md.meta_used <= self._meta_threshold(pool) and not pool.meta_lw_fired:
+            pool.meta_lw_fired = True
+            self.kernel_log.append(f"{dev.name}: reached low water mark for metadata device")
+            self._event(dev)
+
+    def _drain_queue(self, dev: FakeDevice) -> None:
+        pool = dev.pool
+        assert pool is not None
+        while pool.queued_blocks and pool.metadata.data_used < pool.metadata.data_total:
+            pool.queued_blocks -= 1
+            self._allocate(dev)
+
+    # -- thin-pool internals ---------------------------------------------------------------
+
+    def _loop_by_dev(self, spec: str, device: str) -> FakeLoop:
+        major, _, minor = spec.partition(":")
+        if not minor.isdigit() or int(major) != self.LOOP_MAJOR or int(minor) not in self.loops:
+            raise KernelError("DM_TABLE_LOAD", device, errno.ENXIO, f"no device {spec}")
+        return self.loops[int(minor)]
+
+    def _parse_pool_params(
+        self, name: str, params: str
+    ) -> tuple[FakeLoop, FakeLoop, int, int, list[str]]:
+        words = params.split()
+        if len(words) < 4:
+            raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "thin-pool: too few args")
+        meta = self._loop_by_dev(words[0], name)
+        data = self._loop_by_dev(words[1], name)
+        block, low_water = int(words[2]), int(words[3])
+        features = words[5 : 5 + int(words[4])] if len(words) > 4 else []
+        return meta, data, block, low_water, features
+
+    def _check_pool_table(self, name: str, target: Target) -> None:
+        meta, data, block, _lw, _features = self._parse_pool_params(name, target.params)
+        if block < 128 or block % 128:
+            raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "invalid block size")
+        if target.start + target.length > data.capacity // SECTOR:
+            raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "device too small")
+        for other in self.devices.values():
+            if other.name != name and other.pool is not None and other.pool.meta_loop == meta.index:
+                raise KernelError("DM_TABLE_LOAD", name, errno.EBUSY, "metadata device in use")
+
+    def _preresume(self, dev: FakeDevice, target: Target) -> PoolRuntime:
+        meta, data, block, low_water, features = self._parse_pool_params(dev.name, target.params)
+        key = (meta.st_dev, meta.st_ino)
+        md = self.metadata.get(key)
+        if md is None or self._header_is_zero(meta.path):
+            md = self.metadata[key] = PoolMetadata()
+            with open(meta.path, "r+b") as f:  # the kernel formats: writes its superblock
+                f.write(b"fake thin-pool superblock")
+        prior = dev.pool
+        if prior is not None and prior.meta_key == key:
+            pool = prior
+            pool.low_water = low_water
+            pool.error_if_no_space = "error_if_no_space" in features
+            pool.data_loop = data.index
+        else:
+            pool = PoolRuntime(
+                md, key, data.index, meta.index, block, low_water, "error_if_no_space" in features
+            )
+            if md.needs_check:
+                pool.mode = "ro"
+        wanted = target.length // block
+        if wanted < md.data_total:
+            raise KernelError(
+                "DM_DEV_RESUME",
+                dev.name,
+                errno.EINVAL,
+                f"pool target ({wanted} blocks) too small: expected {md.data_total}",
+            )
+        if wanted > md.data_total:
+            if md.needs_check and md.data_total:
+                self.kernel_log.append(
+                    f"{dev.name}: unable to grow the data device until repaired."
+                )
+            else:
+                if md.data_total:
+                    self.kernel_log.append(
+                        f"{dev.name}: growing the data device from {md.data_total} to "
+                        f"{wanted} blocks"
+                    )
+                md.data_total = wanted
+        return pool
+
+    @staticmethod
+    def _header_is_zero(path: str) -> bool:
+        with open(path, "rb") as f:
+            return not any(f.read(META_BLOCK))
+
+    def _meta_total(self, pool: PoolRuntime) -> int:
+        return self.loops[pool.meta_loop].capacity // META_BLOCK
+
+    def _meta_threshold(self, pool: PoolRuntime) -> int:
+        return min(1024, self._meta_total(pool) // 4)
+
+    def _update_mode(self, dev: FakeDevice) -> None:
+        pool = dev.pool
+        assert pool is not None
+        if pool.mode == "out_of_data_space" and pool.metadata.data_used < pool.metadata.data_total:
+            pool.mode = "rw"
+            self._event(dev)
+
+    def _pool_status(self, dev: FakeDevice) -> str:
+        pool = dev.pool
+        assert pool is not None
+        if pool.mode == "fail":
+            return "Fail"
+        md = pool.metadata
+        policy = "error_if_no_space" if pool.error_if_no_space else "queue_if_no_space"
+        check = "needs_check" if md.needs_check else "-"
+        return (
+            f"{md.transaction_id} {md.meta_used}/{self._meta_total(pool)} "
+            f"{md.data_used}/{md.data_total} - {pool.mode} discard_passdown {policy} "
+            f"{check} {self._meta_threshold(pool)} "
+        )
+
+    # -- test helpers ----------------------------------------------------------------------
+
+    def set_mode(self, name: str, mode: str) -> None:
+        """Force a pool mode (what a metadata error would do), firing the event."""
+        dev = self.devices[name]
+        assert dev.pool is not None
+        dev.pool.mode = mode
+        self._event(dev)
+
+    def events_pending(self) -> bool:
+        return self.global_events > self._armed_at

@@ -1,0 +1,158 @@
+"""Pool activation against the fake kernel: create, adopt, recreate, refuse, recover."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import pytest
+
+from tests.engine.fake_kernel import FakeKernel
+from thinwatchd.errors import KernelError, PoolMismatchError
+from thinwatchd.pool import Activation, Kernel, PoolSetupError, activate
+from thinwatchd.settings import PoolSettings
+from thinwatchd.status import ThinPoolWorkingStatus
+
+MiB = 1024**2
+
+
+def test_fresh_start_creates_files_loops_and_pool(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    pool = activate(pool_settings, kernel)
+    assert pool.activation is Activation.CREATED
+    assert os.stat(pool_settings.data_file).st_size == 64 * MiB
+    assert os.stat(pool_settings.metadata_file).st_size == 8 * MiB
+    (target,) = fake.table("pool")
+    assert target.length == 64 * MiB // 512
+    assert target.params == f"7:{pool.meta_loop.index} 7:{pool.data_loop.index} 128 16 1 skip_block_zeroing"
+    status = pool.read_status(fake)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    assert status.data_total == 64 * MiB // (128 * 512)
+    assert kernel.nodes.synced == ["pool"]  # type: ignore[attr-defined]
+
+
+def test_restart_adopts_without_touching_the_table(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    first = activate(pool_settings, kernel)
+    fake.write_blocks("pool", 100)
+    fake.calls.clear()
+    again = activate(pool_settings, kernel)
+    assert again.activation is Activation.ADOPTED
+    assert again.data_loop == first.data_loop
+    assert not [c for c in fake.calls if c.startswith(("DM_TABLE_LOAD", "DM_DEV_CREATE", "LOOP_CONFIGURE"))]
+    status = again.read_status(fake)
+    assert isinstance(status, ThinPoolWorkingStatus) and status.data_used == 100
+
+
+def test_reboot_recreates_over_existing_metadata(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    activate(pool_settings, kernel)
+    fake.write_blocks("pool", 100)
+    # "reboot": devices and loops vanish, files and metadata stay
+    fake.devices.clear()
+    fake.loops.clear()
+    checked: list[str] = []
+    pool = activate(pool_settings, kernel, lambda path: checked.append(path))
+    assert pool.activation is Activation.RECREATED
+    assert checked == [pool.meta_loop.path]  # thin_check before activating used metadata
+    status = pool.read_status(fake)
+    assert isinstance(status, ThinPoolWorkingStatus) and status.data_used == 100
+
+
+def test_damaged_metadata_is_not_activated(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    activate(pool_settings, kernel)
+    fake.devices.clear()
+    with pytest.raises(PoolSetupError, match="thin_repair"):
+        activate(pool_settings, kernel, lambda path: "bad superblock")
+    assert "pool" not in fake.devices
+
+
+def test_data_without_metadata_is_refused(kernel: Kernel, pool_settings: PoolSettings) -> None:
+    with open(pool_settings.data_file, "wb") as f:
+        f.write(b"precious")
+    with pytest.raises(PoolSetupError, match="refusing to format new metadata"):
+        activate(pool_settings, kernel)
+    assert not pool_settings.metadata_file.exists()
+
+
+def test_used_metadata_without_data_is_refused(kernel: Kernel, pool_settings: PoolSettings) -> None:
+    with open(pool_settings.metadata_file, "wb") as f:
+        f.write(b"superblock" + bytes(4096))
+    with pytest.raises(PoolSetupError, match="data file .* is missing"):
+        activate(pool_settings, kernel)
+    assert not pool_settings.data_file.exists()
+
+
+def test_interrupted_creation_resumes(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    # crash after the metadata file was made, before the data file
+    with open(pool_settings.metadata_file, "wb") as f:
+        f.truncate(1 * MiB)
+    pool = activate(pool_settings, kernel)
+    assert pool.activation is Activation.CREATED
+    assert os.stat(pool_settings.metadata_file).st_size == 8 * MiB
+
+
+def test_symlinked_data_file_is_refused(tmp_path, kernel: Kernel, pool_settings: PoolSettings) -> None:  # type: ignore[no-untyped-def]
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    os.symlink(target, pool_settings.data_file)
+    with pytest.raises(PoolSetupError, match="data_file: .* is a symlink"):
+        activate(pool_settings, kernel)
+
+
+def test_adopt_refuses_a_pool_on_other_files(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    activate(pool_settings, kernel)
+    other = replace(pool_settings, data_file=tmp_path / "d2", metadata_file=tmp_path / "m2")
+    before = fake.table("pool")
+    with pytest.raises(PoolMismatchError, match="left untouched"):
+        activate(other, kernel)
+    assert fake.table("pool") == before
+    assert not (tmp_path / "d2").exists()
+
+
+def test_adopt_refuses_another_block_size(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    activate(pool_settings, kernel)
+    with pytest.raises(PoolMismatchError, match="data_block_size"):
+        activate(replace(pool_settings, data_block_size=256), kernel)
+
+
+def test_crash_after_file_growth_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    pool = activate(pool_settings, kernel)
+    os.truncate(pool_settings.data_file, 128 * MiB)  # step 1 done, then the daemon died
+    again = activate(pool_settings, kernel)
+    assert fake.size(again.data_loop) == 128 * MiB
+    assert again.length == 128 * MiB // 512
+    status = again.read_status(fake)
+    assert isinstance(status, ThinPoolWorkingStatus) and status.data_total == 2048
+    assert again.recovered and pool.length == 64 * MiB // 512
+
+
+def test_crash_after_set_capacity_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    pool = activate(pool_settings, kernel)
+    os.truncate(pool_settings.data_file, 128 * MiB)
+    fake.set_capacity(pool.data_loop)  # step 2 done too
+    again = activate(pool_settings, kernel)
+    assert again.length == 128 * MiB // 512
+
+
+def test_crash_after_table_load_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    pool = activate(pool_settings, kernel)
+    os.truncate(pool_settings.data_file, 128 * MiB)
+    fake.set_capacity(pool.data_loop)
+    fake.load_table("pool", [pool.target(128 * MiB // 512)])  # step 3: inactive table left behind
+    again = activate(pool_settings, kernel)
+    info = fake.info("pool")
+    assert info is not None and not info.inactive_present and not info.suspended
+    assert again.length == 128 * MiB // 512
+
+
+def test_suspended_pool_is_resumed_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    activate(pool_settings, kernel)
+    fake.suspend("pool")
+    activate(pool_settings, kernel)
+    info = fake.info("pool")
+    assert info is not None and not info.suspended
+
+
+def test_failed_creation_removes_the_device(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+    fake.fail_next["DM_TABLE_LOAD"] = 22
+    with pytest.raises(KernelError, match="DM_TABLE_LOAD on pool"):
+        activate(pool_settings, kernel)
+    assert "pool" not in fake.devices

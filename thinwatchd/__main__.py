@@ -1,0 +1,5 @@
+import sys
+
+from thinwatchd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,315 @@
+"""The daemon: build every pool, then keep them growing until told to stop.
+
+Start-up: load the config, activate each pool (create, adopt or recreate), reconcile it once,
+then report READY=1 — so /dev/mapper/<pool> exists for any unit ordered after us. Then one event
+loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all pools), udev
+events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
+(stop; pools stay up, their consumers depend on them).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from thinwatchd.config import load_settings
+from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
+from thinwatchd.events import EventLoop
+from thinwatchd.extender import Extender, PoolState, pool_fields
+from thinwatchd.logs import MessageId, event
+from thinwatchd.notify import Notifier
+from thinwatchd.pool import Activation, Kernel, MetadataChecker, Pool, activate
+from thinwatchd.settings import PoolSettings, Settings
+from thinwatchd.status import ThinPoolWorkingStatus
+
+__all__ = ["Daemon", "ManagedPool"]
+
+log = logging.getLogger("thinwatchd")
+
+#: Pool settings a reload cannot change on a running pool.
+_FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
+
+
+@dataclass
+class ManagedPool:
+    """A pool the daemon watches, with the extender's memory of it."""
+
+    pool: Pool
+    state: PoolState = field(default_factory=PoolState)
+
+
+class Daemon:
+    """Owns the pools, the event loop and the conversation with systemd."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        kernel: Kernel,
+        *,
+        notifier: Notifier | None = None,
+        loop: EventLoop | None = None,
+        check_metadata: MetadataChecker | None = None,
+        udev_monitor: Any = None,
+        on_status: Callable[[Daemon], None] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.kernel = kernel
+        self.notifier = notifier or Notifier()
+        self.loop = loop or EventLoop()
+        self.check_metadata = check_metadata
+        self.udev_monitor = udev_monitor
+        self.on_status = on_status  # e.g. the metrics writer
+        self.settings: Settings | None = None
+        self.pools: dict[str, ManagedPool] = {}
+        self.config_error: str | None = None
+        self.extender = Extender(kernel, self.loop.time, self._all_files)
+
+    # -- start-up --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the config and bring every pool up; raise on the first that cannot be.
+
+        Raise ConfigError for a bad config, ThinwatchError for a pool that cannot be activated.
+        """
+        self.settings = load_settings(self.config_path)
+        for settings in self.settings.pools:
+            self._activate(settings)
+        self.kernel.dm.arm_poll()
+        self._check_events()
+        for managed in self.pools.values():
+            self._reconcile(managed)
+
+    def _activate(self, settings: PoolSettings) -> ManagedPool:
+        pool = activate(settings, self.kernel, self.check_metadata)
+        managed = ManagedPool(pool)
+        self.pools[settings.name] = managed
+        status = pool.read_status(self.kernel.dm)
+        fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
+        if pool.activation is Activation.CREATED:
+            event(
+                logging.INFO,
+                MessageId.POOL_CREATED,
+                f"pool {pool.name} created on {settings.data_file} and {settings.metadata_file}",
+                fields,
+            )
+        else:
+            how = (
+                "after a restart"
+                if pool.activation is Activation.ADOPTED
+                else "over its existing metadata"
+            )
+            event(logging.INFO, MessageId.POOL_ADOPTED, f"pool {pool.name} adopted {how}", fields)
+        for note in pool.recovered:
+            event(logging.WARNING, MessageId.POOL_RECOVERED, f"pool {pool.name}: {note}", fields)
+        return managed
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Report ready and serve events until SIGTERM/SIGINT."""
+        assert self.settings is not None
+        loop = self.loop
+        loop.add_reader(self.kernel.dm.fileno(), self._check_events)
+        if self.udev_monitor is not None:
+            loop.add_reader(self.udev_monitor.fileno(), self._on_udev)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        self._schedule_check()
+        if self.notifier.watchdog_interval:
+            self._schedule_watchdog()
+        self.notifier.ready(self.status_line())
+        log.info("thinwatchd ready: %s", self.status_line())
+        try:
+            loop.run()
+        finally:
+            loop.close()
+
+    def stop(self) -> None:
+        """Stop serving; the pools stay up."""
+        self.notifier.stopping()
+        log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
+        self.loop.stop()
+
+    def _schedule_check(self) -> None:
+        assert self.settings is not None
+
+        def check() -> None:
+            for managed in list(self.pools.values()):
+                self._reconcile(managed)
+            self._schedule_check()
+
+        self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
+
+    def _schedule_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval is not None
+
+        def pet() -> None:
+            self.notifier.watchdog()
+            self.loop.call_later(interval, pet)
+
+        pet()
+
+    def _check_events(self) -> None:
+        """Re-arm the control fd, then reconcile each pool whose event_nr moved."""
+        dm = self.kernel.dm
+        dm.arm_poll()  # first: an event after this makes the fd readable again
+        seen = {d.name: d.event_nr for d in dm.list_devices()}
+        for name, managed in list(self.pools.items()):
+            event_nr = seen.get(name)
+            if event_nr is None:
+                self._lost(managed)
+            elif event_nr != managed.state.event_nr:
+                managed.state.event_nr = event_nr
+                self._reconcile(managed)
+
+    def _on_udev(self) -> None:
+        """A block device changed: reconcile a pool whose device or loop it is."""
+        assert self.udev_monitor is not None
+        device = self.udev_monitor.poll(timeout=0)
+        if device is None:
+            return
+        dm_name = device.get("DM_NAME")
+        for managed in list(self.pools.values()):
+            pool = managed.pool
+            loops = (pool.data_loop.path, pool.meta_loop.path)
+            if dm_name == pool.name or device.device_node in loops:
+                if device.action == "remove":
+                    self._lost(managed)
+                else:
+                    self._reconcile(managed)
+
+    def _reconcile(self, managed: ManagedPool) -> None:
+        try:
+            self.extender.reconcile(managed.pool, managed.state)
+        except KernelError as exc:
+            if exc.errno == errno.ENXIO:
+                self._lost(managed)
+                return
+            managed.state.failures += 1
+            log.error("pool %s: %s", managed.pool.name, exc)
+        except ThinwatchError as exc:
+            managed.state.failures += 1
+            log.error("pool %s: %s", managed.pool.name, exc)
+        except Exception:  # a bug must not stop the other pools from being watched
+            managed.state.failures += 1
+            log.critical("pool %s: internal error", managed.pool.name, exc_info=True)
+        self._publish()
+
+    def _lost(self, managed: ManagedPool) -> None:
+        """The pool's device vanished behind our back: rebuild it over its metadata."""
+        name = managed.pool.name
+        if self.kernel.dm.info(name) is not None:
+            return
+        log.error("pool %s: its device was removed by someone else; rebuilding it", name)
+        try:
+            self._activate(managed.pool.settings)
+        except ThinwatchError as exc:
+            log.error("pool %s: cannot rebuild: %s", name, exc)
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the config: new policy applies at once, new pools are built; never tear down."""
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_path)
+        except ConfigError as exc:
+            self.config_error = str(exc)
+            event(
+                logging.ERROR,
+                MessageId.CONFIG_REJECTED,
+                f"config {self.config_path} rejected, still running on the previous one: {exc}",
+                {"CONFIG_KEY": exc.key_path},
+            )
+            self.notifier.ready(self.status_line())
+            return
+        self.config_error = None
+        self.settings = self._merge(new)
+        event(
+            logging.INFO,
+            MessageId.CONFIG_RELOADED,
+            f"config {self.config_path} reloaded",
+            {"POOLS": len(new.pools)},
+        )
+        self._schedule_check_after_reload()
+        self.notifier.ready(self.status_line())
+
+    def _merge(self, new: Settings) -> Settings:
+        wanted = {p.name: p for p in new.pools}
+        for name, managed in self.pools.items():
+            if name not in wanted:
+                log.warning(
+                    "pool %s is no longer in the config; it stays active but is not "
+                    "watched after the next restart",
+                    name,
+                )
+                continue
+            old, settings = managed.pool.settings, wanted[name]
+            fixed = [k for k in _FIXED_KEYS if getattr(old, k) != getattr(settings, k)]
+            if fixed:
+                log.error(
+                    "pool %s: pools.%s.%s cannot change on a running pool; keeping %s",
+                    name,
+                    name,
+                    fixed[0],
+                    getattr(old, fixed[0]),
+                )
+                settings = replace(settings, **{k: getattr(old, k) for k in fixed})
+            managed.pool.settings = settings
+        for name, settings in wanted.items():
+            if name not in self.pools:
+                try:
+                    self._activate(settings)
+                except ThinwatchError as exc:
+                    log.error("pool %s: cannot build it: %s", name, exc)
+        return new
+
+    def _schedule_check_after_reload(self) -> None:
+        self._check_timer.cancel()
+        for managed in list(self.pools.values()):
+            self._reconcile(managed)
+        self._schedule_check()
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data'."""
+        worst: tuple[float, str] | None = None
+        for name, managed in self.pools.items():
+            status = managed.state.status
+            if isinstance(status, ThinPoolWorkingStatus) and (
+                worst is None or status.data_percent > worst[0]
+            ):
+                worst = (status.data_percent, name)
+        n = len(self.pools)
+        text = f"{n} pool{'s' if n != 1 else ''}"
+        if worst is not None:
+            text += f", fullest {worst[1]} {worst[0]:.0f}% data"
+        if self.config_error:
+            text += f"; config rejected: {self.config_error}"
+        return text
+
+    def _publish(self) -> None:
+        self.notifier.status(self.status_line())
+        if self.on_status is not None:
+            self.on_status(self)
+
+    def _all_files(self) -> list[str]:
+        return [
+            str(p)
+            for m in self.pools.values()
+            for p in (m.pool.settings.data_file, m.pool.settings.metadata_file)
+        ]
+
+
+def pid_is_systemd_service() -> bool:
+    """Return True when started by systemd (NOTIFY_SOCKET or INVOCATION_ID set)."""
+    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))

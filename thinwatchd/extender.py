@@ -1,0 +1,288 @@
+"""Growth execution: apply the policy's decisions to a pool, and report what happened.
+
+``Extender.reconcile(pool)`` is the one routine every trigger runs (a dm event, a udev event,
+the safety timer): read the status, ask the pure policy (policy.py) what to do, and do it:
+
+    grow the file (fsync) -> LOOP_SET_CAPACITY -> TABLE_LOAD (inactive) -> resume -> status
+
+Each step leaves a state ``pool.activate()`` can finish after a crash: a file larger than its
+loop, a loop larger than the table, or a stale inactive table. The pool is never left suspended
+(Pool.reload restores the last good table when a resume fails). Growth path: no forks, no udev
+wait (the /dev/mapper node exists already), one statvfs and a few stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from thinwatchd.errors import ThinwatchError
+from thinwatchd.kernel.fs import filesystem_space, grow_file
+from thinwatchd.logs import MessageId, event
+from thinwatchd.policy import (
+    BackingFs,
+    Decision,
+    FillHistory,
+    Grow,
+    NoAction,
+    Refuse,
+    decide_data,
+    decide_metadata,
+    describe,
+    no_space_mode,
+)
+from thinwatchd.pool import Kernel, Pool
+from thinwatchd.status import (
+    PoolMode,
+    ThinPoolFailed,
+    ThinPoolStatus,
+    ThinPoolWorkingStatus,
+)
+from thinwatchd.units import META_BLOCK_BYTES
+
+__all__ = ["Extender", "GrowthRecord", "PoolState", "pool_fields"]
+
+log = logging.getLogger("thinwatchd")
+
+#: Growths one reconcile may chain (metadata then data, or a writer outrunning a growth).
+_MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class GrowthRecord:
+    """One completed growth."""
+
+    target: str
+    old_size: int
+    new_size: int
+    seconds: float
+
+
+@dataclass
+class PoolState:
+    """What the extender remembers about one pool between reconciles."""
+
+    history: FillHistory = field(default_factory=FillHistory)
+    refused_since: float | None = None  # data growth refused for lack of room since then
+    refusals: dict[str, str] = field(default_factory=dict)  # target -> reason, to log changes once
+    mode: str | None = None  # last pool mode seen, to log changes once
+    growths: dict[str, int] = field(default_factory=lambda: {"data": 0, "metadata": 0})
+    failures: int = 0
+    last_growth: GrowthRecord | None = None
+    status: ThinPoolStatus | None = None
+    event_nr: int = -1
+
+
+def pool_fields(pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
+    """Return the structured journal fields describing a pool's state."""
+    fields: dict[str, object] = {"POOL": pool.name}
+    if isinstance(status, ThinPoolWorkingStatus):
+        bb = pool.block_bytes
+        fields |= {
+            "DATA_USED_BYTES": status.data_used * bb,
+            "DATA_TOTAL_BYTES": status.data_total * bb,
+            "METADATA_USED_BYTES": status.meta_used * META_BLOCK_BYTES,
+            "METADATA_TOTAL_BYTES": status.meta_total * META_BLOCK_BYTES,
+            "POOL_MODE": status.mode.value,
+        }
+    elif status is not None:
+        fields["POOL_MODE"] = str(status)
+    return fields
+
+
+class Extender:
+    """Keeps pools from running out of space, one reconcile at a time."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        clock: Callable[[], float] = time.monotonic,
+        all_files: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
+        self.kernel = kernel
+        self.clock = clock
+        # Every pool file the daemon manages: their unwritten sparse space counts as promised.
+        self.all_files = all_files
+
+    # -- the reconcile loop ----------------------------------------------------------------
+
+    def reconcile(self, pool: Pool, state: PoolState) -> ThinPoolStatus:
+        """Bring one pool to a state with room to write; return its latest status."""
+        dm = self.kernel.dm
+        status = pool.read_status(dm)
+        started = self.clock()
+        for _ in range(_MAX_ROUNDS):
+            self._note_mode(pool, state, status)
+            if isinstance(status, ThinPoolWorkingStatus):
+                state.history = state.history.record(
+                    self.clock(), status.data_used * pool.block_bytes
+                )
+            decision = self._decide(pool, state, status)
+            if not isinstance(decision, Grow):
+                break
+            grown = self._grow(pool, state, decision, started)
+            if grown is None:
+                break
+            status = grown
+            started = self.clock()
+        self._apply_no_space_policy(pool, state, status)
+        state.status = status
+        return status
+
+    def _decide(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> Decision:
+        """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
+        settings = pool.settings
+        meta = decide_metadata(
+            status, settings, self._backing(str(settings.metadata_file)), state.history
+        )
+        self._note_refusal(pool, state, meta, status)
+        if isinstance(meta, Grow):
+            return meta
+        data = decide_data(status, settings, self._backing(str(settings.data_file)), state.history)
+        self._note_refusal(pool, state, data, status)
+        if isinstance(data, Refuse) and data.is_capacity:
+            if state.refused_since is None:
+                state.refused_since = self.clock()
+        elif not isinstance(data, Refuse):
+            state.refused_since = None
+        return data
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _grow(
+        self, pool: Pool, state: PoolState, decision: Grow, started: float
+    ) -> ThinPoolStatus | None:
+        """Execute one growth; return the status after it, or None if it failed (logged)."""
+        settings, loops = pool.settings, self.kernel.loops
+        data = decision.target == "data"
+        path = str(settings.data_file if data else settings.metadata_file)
+        try:
+            grow_file(path, decision.new_size, preallocate=settings.preallocate)
+            loops.set_capacity(pool.data_loop if data else pool.meta_loop)
+            length = pool.length_for(decision.new_size) if data else pool.length
+            table = pool.table.with_low_water_mark(decision.low_water_mark)
+            pool.reload(self.kernel.dm, self.kernel.nodes, length, table)
+            status = pool.read_status(self.kernel.dm)
+        except ThinwatchError as exc:
+            state.failures += 1
+            event(
+                logging.ERROR,
+                MessageId.GROWTH_FAILED,
+                f"growing {decision.target} of {pool.name} failed: {exc}; the pool is resumed "
+                f"on its previous size and the next check retries",
+                pool_fields(pool, state.status) | {"TARGET": decision.target},
+            )
+            return None
+        seconds = self.clock() - started
+        record = GrowthRecord(decision.target, decision.old_size, decision.new_size, seconds)
+        state.last_growth = record
+        state.growths[decision.target] += 1
+        if data:
+            state.history = state.history.record_growth(seconds)
+        event(
+            logging.INFO,
+            MessageId.DATA_GROWN if data else MessageId.METADATA_GROWN,
+            f"{describe(decision)}; done in {seconds * 1000:.0f} ms",
+            pool_fields(pool, status)
+            | {
+                "TARGET": decision.target,
+                "OLD_SIZE_BYTES": decision.old_size,
+                "NEW_SIZE_BYTES": decision.new_size,
+                "GROWTH_MS": round(seconds * 1000, 1),
+                "LOW_WATER_MARK_BLOCKS": decision.low_water_mark,
+            },
+        )
+        return status
+
+    def _apply_no_space_policy(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        """Switch error_if_no_space on after the grace period without room, and back off."""
+        if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
+            return
+        wanted = no_space_mode(pool.settings, state.refused_since, self.clock())
+        if wanted is pool.table.no_space_policy:
+            return
+        table = pool.table.with_no_space_policy(wanted)
+        try:
+            pool.reload(self.kernel.dm, self.kernel.nodes, pool.length, table)
+        except ThinwatchError as exc:
+            log.error("pool %s: cannot switch to %s: %s", pool.name, wanted.value, exc)
+            return
+        level = logging.ERROR if wanted.value == "error_if_no_space" else logging.INFO
+        why = (
+            "no room to grow; writers now get ENOSPC instead of hanging"
+            if level == logging.ERROR
+            else "room to grow again; writers queue as configured"
+        )
+        event(
+            level,
+            MessageId.POOL_MODE_CHANGED,
+            f"pool {pool.name}: switched to {wanted.value}: {why}",
+            pool_fields(pool, status) | {"NO_SPACE_POLICY": wanted.value},
+        )
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def _note_refusal(
+        self, pool: Pool, state: PoolState, decision: Decision, status: ThinPoolStatus
+    ) -> None:
+        """Log a refusal once when it starts or changes, and once when it ends."""
+        target = decision.target
+        before = state.refusals.get(target)
+        if isinstance(decision, Refuse):
+            key = decision.reason.value
+            if before != key:
+                state.refusals[target] = key
+                event(
+                    logging.ERROR,
+                    MessageId.GROWTH_REFUSED,
+                    describe(decision),
+                    pool_fields(pool, status) | {"TARGET": target, "REASON": key},
+                )
+        elif before is not None and isinstance(decision, (Grow, NoAction)):
+            del state.refusals[target]
+            log.info("pool %s: %s can grow again", pool.name, target)
+
+    def _note_mode(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        mode = (
+            status.mode.value
+            if isinstance(status, ThinPoolWorkingStatus | ThinPoolFailed)
+            else str(status)
+        )
+        if mode == state.mode:
+            return
+        first = state.mode is None
+        state.mode = mode
+        if first and mode == PoolMode.WRITE.value:
+            return
+        level = logging.INFO if mode == PoolMode.WRITE.value else logging.ERROR
+        if mode == PoolMode.FAIL.value:
+            level = logging.CRITICAL
+        event(
+            level,
+            MessageId.POOL_MODE_CHANGED,
+            f"pool {pool.name} is now in mode {mode}",
+            pool_fields(pool, status),
+        )
+
+    # -- the backing filesystem ------------------------------------------------------------
+
+    def _backing(self, path: str) -> BackingFs:
+        """Return the filesystem figures the policy needs for path (statvfs + stats)."""
+        free, total = filesystem_space(path)
+        st = os.stat(path)
+        promised = 0
+        for other in self.all_files():
+            if other == path:
+                continue
+            try:
+                ost = os.stat(other)
+            except OSError:
+                continue
+            if ost.st_dev == st.st_dev:
+                promised += max(0, ost.st_size - ost.st_blocks * 512)
+        return BackingFs(
+            free, total, st.st_size, st.st_blocks * 512, promised, os.path.dirname(path)
+        )
