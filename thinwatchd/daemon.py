@@ -20,7 +20,7 @@ from typing import Any
 
 from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
-from thinwatchd.events import EventLoop
+from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
 from thinwatchd.logs import MessageId, event
 from thinwatchd.notify import Notifier
@@ -68,6 +68,7 @@ class Daemon:
         self.settings: Settings | None = None
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
+        self._check_timer: Timer | None = None
         self.extender = Extender(kernel, self.loop.time, self._all_files)
 
     # -- start-up --------------------------------------------------------------------------
@@ -273,7 +274,8 @@ class Daemon:
         return new
 
     def _schedule_check_after_reload(self) -> None:
-        self._check_timer.cancel()
+        if self._check_timer is not None:
+            self._check_timer.cancel()
         for managed in list(self.pools.values()):
             self._reconcile(managed)
         self._schedule_check()

@@ -32,6 +32,7 @@ from thinwatchd.policy import (
     decide_data,
     decide_metadata,
     describe,
+    low_water_mark,
     no_space_mode,
 )
 from thinwatchd.pool import Kernel, Pool
@@ -129,6 +130,7 @@ class Extender:
             status = grown
             started = self.clock()
         self._apply_no_space_policy(pool, state, status)
+        self._raise_low_water_mark(pool, state, status)
         state.status = status
         return status
 
@@ -196,6 +198,28 @@ class Extender:
             },
         )
         return status
+
+    def _raise_low_water_mark(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        """Reload with a higher mark when the table's would wake us too late.
+
+        The kernel only knows the table's mark; the policy's (threshold, adaptive rate) may be
+        higher, e.g. for a new pool. Growths carry the mark anyway, so this rarely reloads.
+        Never lowered here: an early event costs nothing.
+        """
+        if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
+            return
+        wanted = low_water_mark(status, pool.settings, state.history)
+        current = pool.table.low_water_mark
+        if wanted <= current + current // 4:  # hysteresis: a reload stalls writers briefly
+            return
+        try:
+            pool.reload(
+                self.kernel.dm, self.kernel.nodes, pool.length, pool.table.with_low_water_mark(wanted)
+            )
+        except ThinwatchError as exc:
+            log.error("pool %s: cannot raise the low-water mark to %d: %s", pool.name, wanted, exc)
+            return
+        log.info("pool %s: low-water mark raised to %d blocks", pool.name, wanted)
 
     def _apply_no_space_policy(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
         """Switch error_if_no_space on after the grace period without room, and back off."""

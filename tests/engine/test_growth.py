@@ -1,0 +1,192 @@
+"""Growth against the fake kernel: the daemon's reaction to events, refusals, failures, reload."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.engine.fake_kernel import FakeKernel
+from thinwatchd.daemon import Daemon
+from thinwatchd.events import EventLoop
+from thinwatchd.logs import MessageId
+from thinwatchd.notify import Notifier
+from thinwatchd.pool import Kernel
+from thinwatchd.status import ThinPoolWorkingStatus
+
+MiB = 1024**2
+BLOCK = 64 * 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_config(path: Path, tmp: Path, **overrides: object) -> Path:
+    """Write a one-pool config: a small pool, with overrides of its keys."""
+    pool: dict[str, object] = {
+        "data_file": f"{tmp}/data",
+        "metadata_file": f"{tmp}/metadata",
+        "data_size": "64MiB",
+        "metadata_size": "8MiB",
+        "low_water_mark": 16,
+        "reserve": 0,
+    }
+    pool.update(overrides)
+    path.write_text(yaml.safe_dump({"daemon": {"check_interval": "10s"}, "pools": {"pool": pool}}))
+    return path
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, kernel: Kernel, clock: Clock) -> Daemon:
+    config = write_config(tmp_path / "config.yaml", tmp_path)
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d.start()
+    return d
+
+
+def fill(fake: FakeKernel, daemon: Daemon, clock: Clock, total_blocks: int, chunk: int = 16) -> None:
+    """Write like a steady writer: a chunk, then let the daemon react to any event."""
+    written = 0
+    while written < total_blocks:
+        written += fake.write_blocks("pool", chunk)
+        clock.now += 0.01
+        if fake.events_pending():
+            daemon._check_events()
+
+
+def status(fake: FakeKernel) -> ThinPoolWorkingStatus:
+    st = daemon_pool_status(fake)
+    assert isinstance(st, ThinPoolWorkingStatus)
+    return st
+
+
+def daemon_pool_status(fake: FakeKernel) -> object:
+    from thinwatchd.status import parse_pool_status
+
+    return parse_pool_status(fake.status("pool")[0].params)
+
+
+def test_writer_never_runs_out_of_space(fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path) -> None:
+    fill(fake, daemon, clock, 600 * MiB // BLOCK)
+    st = status(fake)
+    assert not any("out-of-data-space" in line for line in fake.kernel_log)
+    assert st.data_used == 600 * MiB // BLOCK
+    assert os.stat(tmp_path / "data").st_size >= 600 * MiB
+    assert st.data_total * BLOCK == os.stat(tmp_path / "data").st_size  # table length = file size
+    growths = daemon.pools["pool"].state.growths["data"]
+    assert 1 <= growths <= 8  # few, large growths
+
+
+def test_low_water_event_fires_once_per_resume(fake: FakeKernel, daemon: Daemon) -> None:
+    before = fake.devices["pool"].event_nr
+    total = status(fake).data_total
+    fake.write_blocks("pool", total - 10)  # far below the mark: one event only
+    assert fake.devices["pool"].event_nr == before + 1
+
+
+def test_growth_is_logged_with_fields(fake: FakeKernel, daemon: Daemon, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="thinwatchd"):
+        fill(fake, daemon, clock, 60 * MiB // BLOCK)
+    grown = [r for r in caplog.records if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN]
+    assert grown
+    fields = grown[0].journal_fields  # type: ignore[attr-defined]
+    for key in ("POOL", "OLD_SIZE_BYTES", "NEW_SIZE_BYTES", "GROWTH_MS", "DATA_USED_BYTES", "POOL_MODE"):
+        assert key in fields
+    assert int(fields["NEW_SIZE_BYTES"]) > int(fields["OLD_SIZE_BYTES"])
+
+
+def test_cap_refuses_once_and_switches_to_error_after_grace(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", tmp_path, data={"max_size": "64MiB"}, when_full={"error_after": "30s"}
+    )
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    with caplog.at_level(logging.INFO, logger="thinwatchd"):
+        d.start()
+        fill(fake, d, clock, 60 * MiB // BLOCK)
+        for _ in range(3):
+            d._reconcile(d.pools["pool"])
+    refused = [r for r in caplog.records if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.GROWTH_REFUSED]
+    assert len(refused) == 1 and refused[0].levelno == logging.ERROR
+    assert "limit" in refused[0].getMessage()
+    assert status(fake).no_space_policy.value == "queue_if_no_space"
+    clock.now += 31
+    d._reconcile(d.pools["pool"])
+    assert status(fake).no_space_policy.value == "error_if_no_space"
+    assert os.stat(tmp_path / "data").st_size == 64 * MiB  # never past max_size
+
+
+def test_failed_resume_leaves_pool_resumed_on_old_size(fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path) -> None:
+    fake.fail_next["DM_DEV_RESUME"] = 5
+    total = status(fake).data_total
+    fake.write_blocks("pool", total - 8)
+    daemon._check_events()
+    info = fake.info("pool")
+    assert info is not None and not info.suspended and not info.inactive_present
+    assert daemon.pools["pool"].state.failures == 1
+    # the file grew and the loop too; the next check finishes the job
+    daemon._reconcile(daemon.pools["pool"])
+    assert status(fake).data_total > total
+
+
+def test_needs_check_refuses_growth(fake: FakeKernel, daemon: Daemon) -> None:
+    meta = fake.devices["pool"].pool
+    assert meta is not None
+    meta.metadata.needs_check = True
+    total = status(fake).data_total
+    fake.write_blocks("pool", total - 8)
+    daemon._check_events()
+    assert status(fake).data_total == total
+    assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}
+
+
+def test_metadata_grows_when_it_runs_low(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path, metadata_size="2MiB", data_size="4GiB")
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d.start()
+    fill(fake, d, clock, 30000, chunk=64)  # the fake costs 1 metadata block per 64 data blocks
+    assert os.stat(tmp_path / "metadata").st_size > 2 * MiB
+    assert d.pools["pool"].state.growths["metadata"] >= 1
+
+
+def test_reload_applies_new_step_and_survives_a_broken_file(tmp_path: Path, daemon: Daemon, fake: FakeKernel, clock: Clock) -> None:
+    config = daemon.config_path
+    write_config(config, tmp_path, data={"step": "3GiB", "step_percent": "0%"}, low_water_mark=1)
+    daemon.reload()
+    assert daemon.pools["pool"].pool.settings.data.step == 3 * 1024**3
+    config.write_text(config.read_text().replace("3GiB", "3 gigs"))
+    daemon.reload()
+    assert daemon.config_error is not None and "pools.pool.data.step" in daemon.config_error
+    assert "config rejected" in daemon.status_line()
+    fill(fake, daemon, clock, 60 * MiB // BLOCK)
+    assert os.stat(tmp_path / "data").st_size >= 64 * MiB + 3 * 1024**3  # the old (valid) policy
+
+
+def test_pool_removed_behind_our_back_is_rebuilt(fake: FakeKernel, daemon: Daemon) -> None:
+    fake.write_blocks("pool", 10)
+    fake.remove("pool")
+    daemon._check_events()
+    assert "pool" in fake.devices
+    st = status(fake)
+    assert st.data_used == 10  # rebuilt over the same metadata: nothing lost
+
+
+def test_event_loop_wakes_on_the_control_fd(fake: FakeKernel, daemon: Daemon, clock: Clock) -> None:
+    loop = daemon.loop
+    loop.add_reader(fake.fileno(), daemon._check_events)
+    total = status(fake).data_total
+    fake.write_blocks("pool", total - 8)
+    loop.run_once(max_wait=1.0)
+    assert status(fake).data_total > total
