@@ -1,0 +1,162 @@
+"""File operations on the backing files: creation, growth, refusals, accounting."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from thinwatchd.errors import KernelError
+from thinwatchd.kernel import fs
+
+MiB = 1 << 20
+
+
+def test_create_sparse_file(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    fs.create_regular_file(str(path), 64 * MiB, preallocate=False)
+    st = path.lstat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_size == 64 * MiB
+    assert fs.allocated_bytes(str(path)) < MiB  # sparse
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # no temporary left behind
+
+
+def test_create_preallocated_file(tmp_path: Path) -> None:
+    path = tmp_path / "meta"
+    fs.create_regular_file(str(path), 4 * MiB, preallocate=True)
+    assert path.stat().st_size == 4 * MiB
+    assert fs.allocated_bytes(str(path)) >= 4 * MiB
+    assert path.read_bytes()[:4096] == bytes(4096)
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "dangling", "fifo", "dir"])
+def test_create_never_touches_an_existing_name(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "data"
+    target = tmp_path / "elsewhere"
+    if kind == "file":
+        path.write_bytes(b"keep me")
+    elif kind == "symlink":
+        target.write_bytes(b"keep me")
+        path.symlink_to(target)
+    elif kind == "dangling":
+        path.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(KernelError) as info:
+        fs.create_regular_file(str(path), MiB, preallocate=False)
+    assert info.value.errno == errno.EEXIST and str(path) in str(info.value)
+    assert not target.exists() or target.read_bytes() == b"keep me"
+    if kind == "file":
+        assert path.read_bytes() == b"keep me"
+
+
+def test_grow_sparse_and_never_shrink(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    fs.create_regular_file(str(path), 8 * MiB, preallocate=False)
+    assert fs.grow_file(str(path), 16 * MiB, preallocate=False) == 8 * MiB
+    assert path.stat().st_size == 16 * MiB
+    assert fs.grow_file(str(path), 16 * MiB, preallocate=False) == 16 * MiB  # no-op
+    with pytest.raises(KernelError) as info:
+        fs.grow_file(str(path), 8 * MiB, preallocate=False)
+    assert info.value.errno == errno.EINVAL and "shrink" in str(info.value)
+    assert path.stat().st_size == 16 * MiB
+
+
+def test_grow_preallocated_keeps_data(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(b"x" * MiB)
+    fs.grow_file(str(path), 4 * MiB, preallocate=True)
+    assert path.stat().st_size == 4 * MiB
+    assert fs.allocated_bytes(str(path)) >= 4 * MiB
+    with path.open("rb") as f:
+        assert f.read(MiB) == b"x" * MiB and f.read() == bytes(3 * MiB)
+
+
+def test_grow_that_cannot_allocate_leaves_the_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(bytes(MiB))
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fs, "_preallocate", no_space)
+    with pytest.raises(KernelError) as info:
+        fs.grow_file(str(path), 8 * MiB, preallocate=True)
+    assert info.value.errno == errno.ENOSPC
+    assert path.stat().st_size == MiB
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
+def test_grow_and_open_refuse_non_regular_files(tmp_path: Path, kind: str) -> None:
+    real = tmp_path / "real"
+    real.write_bytes(bytes(4096))
+    path = tmp_path / "data"
+    if kind == "symlink":
+        path.symlink_to(real)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    expected = errno.ELOOP if kind == "symlink" else errno.EINVAL
+    with pytest.raises(KernelError) as info:
+        fs.grow_file(str(path), 2 * MiB, preallocate=False)
+    assert info.value.errno == expected
+    with pytest.raises(KernelError) as info:
+        fs.open_existing_regular(str(path))
+    assert info.value.errno == expected
+    assert real.stat().st_size == 4096
+
+
+def test_open_existing_regular(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(b"abc")
+    fd = fs.open_existing_regular(str(path), os.O_RDONLY)
+    try:
+        assert os.read(fd, 3) == b"abc"
+        assert os.get_inheritable(fd) is False
+    finally:
+        os.close(fd)
+    with pytest.raises(KernelError) as info:
+        fs.open_existing_regular(str(tmp_path / "missing"))
+    assert info.value.errno == errno.ENOENT
+
+
+def test_zero_header(tmp_path: Path) -> None:
+    path = tmp_path / "meta"
+    path.write_bytes(b"\xff" * 8192)
+    fs.zero_header(str(path))
+    data = path.read_bytes()
+    assert data[:4096] == bytes(4096) and data[4096:] == b"\xff" * 4096
+    short = tmp_path / "short"
+    short.write_bytes(b"\xff" * 100)
+    with pytest.raises(KernelError):
+        fs.zero_header(str(short))
+    assert short.read_bytes() == b"\xff" * 100
+
+
+def test_filesystem_space(tmp_path: Path) -> None:
+    free, total = fs.filesystem_space(str(tmp_path))
+    st = os.statvfs(tmp_path)
+    assert total == st.f_blocks * st.f_frsize
+    assert 0 <= free <= total
+    with pytest.raises(KernelError):
+        fs.filesystem_space(str(tmp_path / "missing"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")
+def test_make_node_replaces_a_wrong_node(tmp_path: Path) -> None:
+    path = tmp_path / "mapper" / "pool"
+    assert fs.make_node(str(path), os.makedev(253, 4), block=True) is True
+    assert fs.make_node(str(path), os.makedev(253, 4), block=True) is False
+    assert fs.make_node(str(path), os.makedev(253, 5), block=True) is True
+    st = path.lstat()
+    assert stat.S_ISBLK(st.st_mode) and st.st_rdev == os.makedev(253, 5)
+    assert os.listdir(path.parent) == ["pool"]
