@@ -1,0 +1,278 @@
+"""Boot one guest, run one command in it, and collect what it returns."""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from tests.vm import qemu
+from tests.vm.kernel_cache import KernelArtifacts
+from tests.vm.paths import (
+    GUEST_OUT_DIR,
+    GUEST_SCRATCH_DIR,
+    GUEST_SOURCES,
+    REPO_ROOT,
+)
+from tests.vm.streams import Channel
+from tests.vm.systemd_units import BOOT_TARGET, write_units
+
+__all__ = [
+    "EXIT_GUEST_DIED",
+    "EXIT_TIMEOUT",
+    "GuestConfig",
+    "GuestResult",
+    "Mode",
+    "Outcome",
+    "run_guest",
+]
+
+EXIT_TIMEOUT = 124
+"""Exit code of ``run`` when the guest was killed after its timeout."""
+EXIT_GUEST_DIED = 125
+"""Exit code of ``run`` when the guest stopped without the command's exit status (panic...)."""
+
+_STDOUT_PORT = "org.thinwatchd.stdout"
+_STDERR_PORT = "org.thinwatchd.stderr"
+_NINEP = "security_model=none,multidevs=remap"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NOT_FORWARDED = frozenset(
+    {
+        "PWD", "OLDPWD", "SHLVL", "_", "TMPDIR", "TEMP", "TMP", "XDG_RUNTIME_DIR",
+        "DBUS_SESSION_BUS_ADDRESS", "NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM",
+        "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID", "WATCHDOG_USEC",
+        "SSH_AUTH_SOCK", "PYTEST_CURRENT_TEST", "PYTEST_XDIST_WORKER",
+    }
+)  # fmt: skip
+
+
+class Mode(enum.StrEnum):
+    """What runs as the guest's PID 1."""
+
+    PLAIN = "plain"  # busybox; no udev; fastest
+    SYSTEMD = "systemd"  # systemd with systemd-udevd; the payload is a oneshot unit
+
+
+class Outcome(enum.StrEnum):
+    """How the guest ended."""
+
+    COMPLETED = "completed"  # the command ran and its exit status came back
+    TIMED_OUT = "timed out"  # killed after the timeout
+    DIED = "died"  # powered off, panicked or crashed without an exit status
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """How to boot the guest."""
+
+    mode: Mode = Mode.PLAIN
+    timeout: float = 600.0
+    mem_mib: int = 2048
+    scratch: Path | None = None  # a persistent image; default: a temporary one
+    keep_scratch: bool = False
+    scratch_size_gib: int = 8
+    echo_console: bool = False  # copy the serial console to our stderr as it comes
+
+
+@dataclass(frozen=True)
+class GuestResult:
+    """What one boot produced. ``results_dir`` holds console.log, qemu.log and out/."""
+
+    outcome: Outcome
+    exit_code: int
+    elapsed: float
+    results_dir: Path
+    scratch: Path | None
+
+    @property
+    def out_dir(self) -> Path:
+        """The files the guest returned: dmesg.txt, exit-status and what the command wrote."""
+        return self.results_dir / "out"
+
+    @property
+    def console_log(self) -> Path:
+        return self.results_dir / "console.log"
+
+    def console_tail(self, lines: int = 40) -> str:
+        """Return the last lines of the serial console (kernel, init and systemd messages)."""
+        return _tail(self.console_log, lines)
+
+    def dmesg_tail(self, lines: int = 40) -> str:
+        """Return the last lines of the guest's kernel log, or '' if it did not come back."""
+        return _tail(self.out_dir / "dmesg.txt", lines)
+
+    def describe(self) -> str:
+        """Return a one-line summary for humans."""
+        if self.outcome is Outcome.COMPLETED:
+            what = f"command exited {self.exit_code}"
+        else:
+            what = f"guest {self.outcome} without the command's exit status"
+        return f"{what} after {self.elapsed:.1f} s; files in {self.results_dir}"
+
+
+def run_guest(
+    command: Sequence[str],
+    config: GuestConfig,
+    kernel: KernelArtifacts,
+    results_dir: Path,
+    stdout: BinaryIO,
+    stderr: BinaryIO,
+) -> GuestResult:
+    """Boot a guest, run ``command`` in it as root in the checkout, and wait for it.
+
+    The command's stdout and stderr are copied to ``stdout`` and ``stderr`` as they come.
+    ``results_dir`` must not exist yet. qemu is always gone when this returns or raises.
+    Raise FileNotFoundError if qemu is not installed.
+    """
+    binary = qemu.find_qemu()
+    if binary is None:
+        raise FileNotFoundError(f"{qemu.QEMU_BINARY} is not installed")
+    initramfs = kernel.initramfs()
+    share = results_dir / "share"
+    (share / "out").mkdir(parents=True)
+    _write_share(share, command, config.mode, kernel)
+    scratch = config.scratch or results_dir / "scratch.img"
+    _ensure_sparse(scratch, config.scratch_size_gib)
+
+    with (results_dir / "console.log").open("wb") as console_log:
+        console_sinks: list[BinaryIO] = [console_log]
+        if config.echo_console:
+            console_sinks.append(stderr)
+        channels = [
+            Channel("console", console_sinks),
+            Channel("stdout", [stdout]),
+            Channel("stderr", [stderr]),
+        ]
+        argv = _qemu_argv(binary, config, kernel, initramfs, share, scratch, channels)
+        started = time.monotonic()
+        try:
+            process = qemu.start(argv, [c.guest_fd for c in channels], results_dir / "qemu.log")
+        except BaseException:
+            for channel in channels:
+                channel.close()
+            raise
+        for channel in channels:
+            channel.start()
+        try:
+            process.wait(timeout=config.timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            qemu.stop(process)
+            for channel in channels:
+                channel.join(timeout=5.0)
+        elapsed = time.monotonic() - started
+
+    (share / "out").rename(results_dir / "out")
+    shutil.rmtree(share, ignore_errors=True)
+    kept_scratch: Path | None = scratch
+    if config.scratch is None and not config.keep_scratch:
+        scratch.unlink(missing_ok=True)
+        kept_scratch = None
+    outcome, exit_code = _outcome(results_dir / "out" / "exit-status", timed_out)
+    return GuestResult(outcome, exit_code, elapsed, results_dir, kept_scratch)
+
+
+def guest_environment(mode: Mode, host: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Return the environment the command sees: the host's, less session-bound variables."""
+    env = {k: v for k, v in host.items() if _ENV_NAME.match(k) and k not in _ENV_NOT_FORWARDED}
+    env.update(
+        THINWATCHD_IN_VM="1",
+        THINWATCHD_VM_MODE=str(mode),
+        THINWATCHD_SCRATCH=GUEST_SCRATCH_DIR,
+        THINWATCHD_VM_OUT=GUEST_OUT_DIR,
+    )
+    return env
+
+
+def _write_share(share: Path, command: Sequence[str], mode: Mode, kernel: KernelArtifacts) -> None:
+    (share / "boot.env").write_text(
+        f"VMBED_MODE={shlex.quote(str(mode))}\n"
+        f"VMBED_MODULES_DIR={shlex.quote(str(kernel.modules_dir))}\n"
+    )
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(guest_environment(mode).items())]
+    lines.append(f"cd {shlex.quote(str(REPO_ROOT))} || exit 127")
+    lines.append("set -- " + shlex.join(command))
+    (share / "payload.env").write_text("\n".join(lines) + "\n")
+    shutil.copy(GUEST_SOURCES / "run-payload.sh", share / "run-payload.sh")
+    if mode is Mode.SYSTEMD:
+        write_units(share / "systemd")
+
+
+def _ensure_sparse(image: Path, size_gib: int) -> None:
+    if not image.exists():
+        image.parent.mkdir(parents=True, exist_ok=True)
+        with image.open("wb") as handle:
+            handle.truncate(size_gib << 30)
+
+
+def _kernel_cmdline(mode: Mode) -> str:
+    words = ["console=ttyS0", "panic=-1", "loglevel=4", "mitigations=off", "8250.nr_uarts=1"]
+    if mode is Mode.SYSTEMD:
+        words += [f"systemd.unit={BOOT_TARGET}", "systemd.show_status=error"]
+    return " ".join(words)
+
+
+def _qemu_argv(
+    binary: str,
+    config: GuestConfig,
+    kernel: KernelArtifacts,
+    initramfs: Path,
+    share: Path,
+    scratch: Path,
+    channels: Sequence[Channel],
+) -> list[str]:
+    console, out, err = channels
+    return [
+        binary,
+        "-accel", "tcg",
+        "-smp", "2",
+        "-m", str(config.mem_mib),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-nic", "none",
+        "-kernel", str(kernel.vmlinuz),
+        "-initrd", str(initramfs),
+        "-append", _kernel_cmdline(config.mode),
+        "-chardev", console.chardev(),
+        "-serial", f"chardev:{console.name}",
+        "-device", "virtio-serial-pci,id=vser",
+        "-chardev", out.chardev(),
+        "-device", f"virtserialport,bus=vser.0,chardev={out.name},name={_STDOUT_PORT}",
+        "-chardev", err.chardev(),
+        "-device", f"virtserialport,bus=vser.0,chardev={err.name},name={_STDERR_PORT}",
+        "-virtfs", f"local,path=/,mount_tag=hostroot,{_NINEP},readonly=on",
+        "-virtfs", f"local,path={_escape(share)},mount_tag=vmbed,{_NINEP}",
+        "-drive", f"file={_escape(scratch)},format=raw,if=virtio,cache=unsafe,discard=unmap",
+        "-device", "virtio-rng-pci",
+    ]  # fmt: skip
+
+
+def _escape(path: Path) -> str:
+    return str(path.resolve()).replace(",", ",,")
+
+
+def _outcome(status_file: Path, timed_out: bool) -> tuple[Outcome, int]:
+    try:
+        return Outcome.COMPLETED, int(status_file.read_text().strip())
+    except (OSError, ValueError):
+        pass
+    if timed_out:
+        return Outcome.TIMED_OUT, EXIT_TIMEOUT
+    return Outcome.DIED, EXIT_GUEST_DIED
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return "\n".join(text.splitlines()[-lines:])
