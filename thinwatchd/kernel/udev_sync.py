@@ -237,27 +237,28 @@ class UdevSync:
 
     @_contextlib.contextmanager
     def _monitored(self, name: str, prefix: int) -> Iterator[Cookie]:
-        """No 95-dm-notify.rules: wait for the processed uevent whose DM_COOKIE is ours."""
+        """No 95-dm-notify.rules: wait for udev's processed uevent for name with our cookie.
+
+        Base 0, so a notify rule we did not find can never fail on a missing semaphore.
+        """
         import pyudev  # only here: the cookie path must not depend on it
 
-        base = int.from_bytes(_os.urandom(2), "little") or 1
-        cookie = Cookie(prefix | base)
+        cookie = Cookie(prefix)
         monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
         monitor.filter_by("block")
-        monitor.start()
-        ok = False
-        try:
-            yield cookie
-            ok = True
-        finally:
-            if ok and cookie.uevent_generated:
-                deadline = _time.monotonic() + self.timeout
-                while (left := deadline - _time.monotonic()) > 0:
-                    device = monitor.poll(timeout=left)
-                    if device is not None and device.get("DM_COOKIE") == str(int(cookie)):
-                        break
-                else:
-                    raise KernelError("udev wait", name, _errno.ETIMEDOUT, "no processed uevent")
+        monitor.start()  # before the ioctl, so its event cannot be missed; closed by GC
+        yield cookie
+        if cookie.uevent_generated:
+            deadline = _time.monotonic() + self.timeout
+            want = (name, str(int(cookie)))
+            while (left := deadline - _time.monotonic()) > 0:
+                dev = monitor.poll(timeout=left)
+                if (
+                    dev is not None
+                    and (dev.properties.get("DM_NAME"), dev.properties.get("DM_COOKIE")) == want
+                ):
+                    return
+            raise KernelError("udev wait", name, _errno.ETIMEDOUT, "no processed uevent")
 
     def node_path(self, name: str) -> str:
         """Return /dev/mapper/<name>."""
