@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _status(args.config, as_json=args.json)
         return _run(args.config, args.log_target)
     except ConfigError as exc:
-        print(f"thinwatchd: {args.config}: {exc}", file=sys.stderr)
+        print(f"thinwatchd: {exc.located(args.config)}", file=sys.stderr)
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -51,6 +51,10 @@ class ConfigError(ThinwatchError):
     def __str__(self) -> str:
         return f"{self.key_path}: {self.message}" if self.key_path else self.message
 
+    def located(self, source: object) -> str:
+        """Return the message naming source once (file-level messages already name it)."""
+        return f"{source}: {self}" if self.key_path else str(self)
+
 
 class StatusParseError(ThinwatchError):
     """A kernel status or table line had a token we do not understand."""

@@ -208,7 +208,7 @@ class Extender:
         """
         if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
             return
-        wanted = low_water_mark(status, pool.settings, state.history)
+        wanted = low_water_mark(pool.settings, status.data_total, state.history)
         current = pool.table.low_water_mark
         if wanted <= current + current // 4:  # hysteresis: a reload stalls writers briefly
             return

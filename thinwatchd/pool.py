@@ -31,6 +31,7 @@ from thinwatchd.kernel.fs import (
     regular_file_size,
     zero_header,
 )
+from thinwatchd.policy import low_water_mark
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import (
     ThinPoolStatus,
@@ -264,20 +265,17 @@ def activate(
                 f"pool {settings.name}: thin_check found damaged metadata in "
                 f"{settings.metadata_file}; not activating it. Repair it with thin_repair. {report}"
             )
-    table = _wanted_table(settings, meta_loop, data_loop, settings.low_water_mark)
-    pool = Pool(
-        settings,
-        data_loop,
-        meta_loop,
-        table,
-        0,
-        Activation.CREATED if new else Activation.RECREATED,
-    )
+    how = Activation.CREATED if new else Activation.RECREATED
+    placeholder = _wanted_table(settings, meta_loop, data_loop, settings.low_water_mark)
+    pool = Pool(settings, data_loop, meta_loop, placeholder, 0, how)
     length = pool.length_for(loops.size(data_loop))
     if length == 0:
         raise PoolSetupError(
             f"pool {settings.name}: data file {settings.data_file} is smaller than one block"
         )
+    # The policy's mark (threshold included), so the first event comes when the policy wants it.
+    mark = low_water_mark(settings, length // settings.data_block_size)
+    pool.table = placeholder.with_low_water_mark(mark)
     dm.create(settings.name)
     try:
         dm.load_table(settings.name, [pool.target(length)])

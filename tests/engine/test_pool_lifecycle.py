@@ -23,7 +23,8 @@ def test_fresh_start_creates_files_loops_and_pool(fake: FakeKernel, kernel: Kern
     assert os.stat(pool_settings.metadata_file).st_size == 8 * MiB
     (target,) = fake.table("pool")
     assert target.length == 64 * MiB // 512
-    assert target.params == f"7:{pool.meta_loop.index} 7:{pool.data_loop.index} 128 16 1 skip_block_zeroing"
+    # mark: the free blocks at the 80 % threshold (204 of 1024) beat the configured 16
+    assert target.params == f"7:{pool.meta_loop.index} 7:{pool.data_loop.index} 128 204 1 skip_block_zeroing"
     status = pool.read_status(fake)
     assert isinstance(status, ThinPoolWorkingStatus)
     assert status.data_total == 64 * MiB // (128 * 512)

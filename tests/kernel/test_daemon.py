@@ -1,0 +1,253 @@
+"""The real daemon against the real kernel: build, adopt, recreate, fill, grow metadata, run dry.
+
+These run inside the VM test bed (or natively on a host with dm-thin, as root).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.harness import (
+    GiB,
+    MiB,
+    DaemonProcess,
+    KernelLog,
+    create_thin,
+    dd_zero,
+    read_checksum,
+    scratch_dir,
+    teardown,
+    write_config,
+    write_pattern,
+)
+from thinwatchd.kernel.dm import DeviceMapper
+from thinwatchd.kernel.loop import LoopControl
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
+
+pytestmark = pytest.mark.kernel
+
+OUT_OF_SPACE = "switching pool to out-of-data-space"
+
+
+@dataclass
+class Env:
+    """One test's pool, files, daemon and kernel log; everything is torn down afterwards."""
+
+    dm: DeviceMapper
+    directory: Path
+    pool: str
+    klog: KernelLog
+    devices: list[str] = field(default_factory=list)
+    daemons: list[DaemonProcess] = field(default_factory=list)
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def metadata(self) -> Path:
+        return self.directory / "metadata"
+
+    def config(self, **pool: object) -> Path:
+        keys: dict[str, object] = {
+            "data_file": str(self.data), "metadata_file": str(self.metadata),
+        }  # fmt: skip
+        keys.update(pool)
+        return write_config(self.directory / "config.yaml", {self.pool: keys})
+
+    def daemon(self, config: Path) -> DaemonProcess:
+        d = DaemonProcess(config, self.directory / f"daemon{len(self.daemons)}.log")
+        self.daemons.append(d)
+        d.start()
+        return d
+
+    def thin(self, size: int = 8 * GiB, thin_id: int = 0) -> str:
+        name = f"{self.pool}-thin{thin_id}"
+        self.devices.insert(0, name)
+        return create_thin(self.dm, self.pool, name, thin_id, size)
+
+    def status(self) -> ThinPoolWorkingStatus:
+        status = parse_pool_status(self.dm.status(self.pool)[0].params)
+        assert isinstance(status, ThinPoolWorkingStatus)
+        return status
+
+    def logs(self) -> str:
+        return "\n".join(d.log() for d in self.daemons)
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    pool = f"twtest-{uuid.uuid4().hex[:8]}"
+    directory = scratch_dir() / pool
+    directory.mkdir()
+    dm = DeviceMapper()
+    klog = KernelLog()
+    e = Env(dm, directory, pool, klog, devices=[pool])
+    try:
+        yield e
+    finally:
+        for d in e.daemons:
+            d.close()
+        teardown(dm, e.devices, [e.data, e.metadata])
+        klog.close()
+        dm.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_fresh_start_builds_the_configured_pool(env: Env) -> None:
+    env.daemon(env.config(data_size="256MiB", metadata_size="16MiB", low_water_mark=100))
+    assert os.path.exists(f"/dev/mapper/{env.pool}"), "node must exist when READY=1 is sent"
+    (target,) = env.dm.table(env.pool)
+    table = parse_pool_table(target.params)
+    loops = LoopControl()
+    meta_loop, data_loop = loops.find(str(env.metadata)), loops.find(str(env.data))
+    assert meta_loop is not None and data_loop is not None
+    assert table.metadata_dev == f"7:{meta_loop.index}" and table.data_dev == f"7:{data_loop.index}"
+    assert table.data_block_size == 128 and table.features == ("skip_block_zeroing",)
+    assert target.length == 256 * MiB // 512
+    assert env.status().data_total == 256 * MiB // (128 * 512)
+    # the daemon raised the table's mark to its 80 % threshold: 20 % of 4096 blocks
+    assert table.low_water_mark >= 100
+
+
+def test_restart_and_reboot_keep_data(env: Env) -> None:
+    config = env.config(data_size="256MiB", metadata_size="16MiB")
+    first = env.daemon(config)
+    thin = env.thin(size=1 * GiB)
+    checksum = write_pattern(thin, 64 * MiB, b"keep me")
+    assert first.stop() == 0
+    assert env.dm.info(env.pool) is not None, "SIGTERM must leave the pool up"
+
+    second = env.daemon(config)  # restart: adopt
+    assert "adopted after a restart" in second.log()
+    assert read_checksum(thin, 64 * MiB) == checksum
+    second.stop()
+
+    # "reboot": the kernel forgets every device and loop; the files stay
+    teardown(env.dm, env.devices, [env.data, env.metadata])
+    assert env.dm.info(env.pool) is None
+    subprocess.run(["sync"], check=True)
+    third = env.daemon(config)
+    assert "adopted over its existing metadata" in third.log()
+    thin = _reactivate_thin(env, 1 * GiB)
+    assert read_checksum(thin, 64 * MiB) == checksum
+
+
+def _reactivate_thin(env: Env, size: int) -> str:
+    """Activate existing thin volume 0 (no create_thin message: it exists in the metadata)."""
+    from thinwatchd.kernel.api import Target
+    from thinwatchd.kernel.nodes import UdevNodes
+
+    name = f"{env.pool}-thin0"
+    info = env.dm.info(env.pool)
+    assert info is not None
+    env.dm.create(name)
+    dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
+    env.dm.load_table(name, [Target(0, size // 512, "thin", f"{dev} 0")])
+    UdevNodes().resume_synced(env.dm, name)
+    return f"/dev/mapper/{name}"
+
+
+@pytest.mark.parametrize("mib", [600, 4096])
+def test_fill_never_runs_out_of_space(env: Env, mib: int) -> None:
+    env.daemon(env.config(data_size="64MiB", metadata_size="64MiB"))
+    thin = env.thin(size=(mib + 512) * MiB)
+    seconds, code, err = dd_zero(thin, mib)
+    kernel = env.klog.text()
+    assert code == 0, f"dd failed: {err}\n{kernel}"
+    assert OUT_OF_SPACE not in kernel, kernel
+    assert env.data.stat().st_size >= mib * MiB
+    status = env.status()
+    assert status.data_used * 64 * 1024 >= mib * MiB
+    print(f"{mib} MiB in {seconds:.2f} s; data file {env.data.stat().st_size / MiB:.0f} MiB; "
+          f"growths: {env.logs().count('growing data')}")
+
+
+def test_metadata_grows_under_many_small_writes(env: Env) -> None:
+    # 2 MiB of metadata (512 blocks); grow at 50 % so that ~60k mappings are enough here
+    env.daemon(env.config(
+        data_size="8GiB", metadata_size="2MiB", metadata={"threshold": "50%"},
+    ))  # fmt: skip
+    thin = env.thin(size=16 * GiB)
+    before = env.metadata.stat().st_size
+    blocks = 16 * GiB // (64 * 1024)
+
+    def writer(part: int) -> None:
+        # one 4 KiB write into each of many 64 KiB blocks: each costs a mapping, little data
+        buf = mmap.mmap(-1, 4096)
+        buf[:] = b"x" * 4096
+        fd = os.open(thin, os.O_WRONLY | os.O_DIRECT)
+        try:
+            for i in range(part, 70000, 2):
+                os.pwrite(fd, buf, ((i * 7919) % blocks) * 64 * 1024)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=writer, args=(part,)) for part in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(2)
+    status = env.status()
+    why = f"{status}\n{env.logs()}"
+    assert env.metadata.stat().st_size > before, why
+    assert status.meta_total * 4096 == env.metadata.stat().st_size, why
+    assert status.mode.value == "rw", why
+    assert "growing metadata" in env.logs(), why
+
+
+def test_backing_filesystem_too_small(env: Env) -> None:
+    # a small ext4 of its own: 400 MiB, keep 64 MiB free; the writer wants 600 MiB
+    image = env.directory / "small.img"
+    with open(image, "wb") as f:
+        f.truncate(400 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mnt = env.directory / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        _fill_small_fs(env, mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def _fill_small_fs(env: Env, mnt: Path) -> None:
+    config = write_config(env.directory / "config.yaml", {env.pool: {
+        "data_file": str(mnt / "data"), "metadata_file": str(mnt / "metadata"),
+        "data_size": "64MiB", "metadata_size": "8MiB", "low_water_mark": 512,
+        "reserve": "64MiB", "data": {"step": "64MiB", "step_percent": "0%"},
+        "when_full": {"error_after": "2s"},
+    }}, check_interval="1s")  # fmt: skip
+    daemon = env.daemon(config)
+    env.devices.insert(0, f"{env.pool}-thin0")
+    thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
+    seconds, code, err = dd_zero(thin, 600)
+    assert code != 0, "the writer must get an error, not hang, once the pool cannot grow"
+    assert "No space left" in err or "Input/output error" in err, err
+    free = os.statvfs(mnt)
+    assert free.f_bavail * free.f_frsize >= 60 * MiB, "growth must stop at the reserve"
+    log = daemon.log()
+    assert "cannot grow data" in log and "backing filesystem" in log, log
+    assert "error_if_no_space" in log
+    daemon.stop()
+    teardown(env.dm, env.devices, [])
+    env.devices.clear()
+    meta = mnt / "metadata"
+    loops = LoopControl()
+    check = subprocess.run(["thin_check", str(meta)], capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stderr + check.stdout
+    teardown(env.dm, [], [mnt / "data", meta])
+    assert loops.find(str(meta)) is None
