@@ -22,7 +22,9 @@ from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
+from thinwatchd.kernel.fs import filesystem_space
 from thinwatchd.logs import MessageId, event
+from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
 from thinwatchd.pool import Activation, Kernel, MetadataChecker, Pool, activate
 from thinwatchd.settings import PoolSettings, Settings
@@ -69,6 +71,7 @@ class Daemon:
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
+        self._metrics_failed = False
         self.extender = Extender(kernel, self.loop.time, self._all_files)
 
     # -- start-up --------------------------------------------------------------------------
@@ -303,6 +306,34 @@ class Daemon:
         self.notifier.status(self.status_line())
         if self.on_status is not None:
             self.on_status(self)
+        if self.settings is not None and self.settings.daemon.metrics_file is not None:
+            self._write_metrics(self.settings.daemon.metrics_file)
+
+    def metrics(self) -> list[PoolMetrics]:
+        """Return every pool's current figures."""
+        out = []
+        for managed in self.pools.values():
+            pool, state = managed.pool, managed.state
+            try:
+                free: int | None = filesystem_space(str(pool.settings.data_file))[0]
+            except ThinwatchError:
+                free = None
+            out.append(PoolMetrics(
+                pool.name, pool.block_bytes, state.status, state.growths["data"],
+                state.growths["metadata"], state.failures,
+                state.last_growth.seconds if state.last_growth else None, free,
+            ))  # fmt: skip
+        return out
+
+    def _write_metrics(self, path: Path) -> None:
+        try:
+            write_atomically(path, render(self.metrics()))
+        except OSError as exc:
+            if not self._metrics_failed:
+                log.warning("cannot write metrics to %s: %s", path, exc.strerror or exc)
+            self._metrics_failed = True
+        else:
+            self._metrics_failed = False
 
     def _all_files(self) -> list[str]:
         return [

@@ -29,7 +29,9 @@ class Clock:
         return self.now
 
 
-def write_config(path: Path, tmp: Path, **overrides: object) -> Path:
+def write_config(
+    path: Path, tmp: Path, daemon: dict[str, object] | None = None, **overrides: object
+) -> Path:
     """Write a one-pool config: a small pool, with overrides of its keys."""
     pool: dict[str, object] = {
         "data_file": f"{tmp}/data",
@@ -40,7 +42,8 @@ def write_config(path: Path, tmp: Path, **overrides: object) -> Path:
         "reserve": 0,
     }
     pool.update(overrides)
-    path.write_text(yaml.safe_dump({"daemon": {"check_interval": "10s"}, "pools": {"pool": pool}}))
+    daemon_keys: dict[str, object] = {"check_interval": "10s", **(daemon or {})}
+    path.write_text(yaml.safe_dump({"daemon": daemon_keys, "pools": {"pool": pool}}))
     return path
 
 
@@ -190,3 +193,18 @@ def test_event_loop_wakes_on_the_control_fd(fake: FakeKernel, daemon: Daemon, cl
     fake.write_blocks("pool", total - 8)
     loop.run_once(max_wait=1.0)
     assert status(fake).data_total > total
+
+
+def test_metrics_file_agrees_with_the_kernel(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path, daemon={"metrics_file": f"{tmp_path}/m.prom"})
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d.start()
+    fill(fake, d, clock, 60 * MiB // BLOCK)
+    d._reconcile(d.pools["pool"])  # what the safety timer does
+    metrics = (tmp_path / "m.prom").read_text()
+    st = status(fake)
+    assert f'thinwatchd_data_used_bytes{{pool="pool"}} {st.data_used * BLOCK}' in metrics
+    assert f'thinwatchd_data_total_bytes{{pool="pool"}} {st.data_total * BLOCK}' in metrics
+    assert 'thinwatchd_pool_mode{pool="pool",mode="rw"} 1' in metrics
+    assert 'thinwatchd_growths_total{pool="pool",target="data"} 1' in metrics
+    assert metrics.count("# TYPE thinwatchd_pool_mode gauge") == 1

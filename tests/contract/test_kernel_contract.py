@@ -1,0 +1,178 @@
+"""What the engine relies on from the kernel, checked on the fake AND on the real kernel.
+
+Each scenario runs twice: against FakeKernel (fast, everywhere) and against the real dm-thin
+(marked `kernel`: in the VM test bed). If the fake drifts from the kernel, the pair disagrees.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.contract.backends import Backend, backend
+from thinwatchd.errors import KernelError, ThinwatchError
+from thinwatchd.pool import Pool, activate
+from thinwatchd.settings import PoolSettings
+from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
+
+MiB = 1024**2
+BLOCKS = 256  # a 16 MiB pool of 64 KiB blocks
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.kernel)])
+def be(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    with backend(request.param, tmp_path) as b:
+        yield b
+
+
+def make_pool(be: Backend, **changes: object) -> Pool:
+    name = f"contract-{uuid.uuid4().hex[:6]}"
+    settings = PoolSettings(
+        name=name,
+        data_file=be.directory / f"{name}.data",
+        metadata_file=be.directory / f"{name}.meta",
+        data_size=BLOCKS * 64 * 1024,
+        metadata_size=4 * MiB,
+        low_water_mark=16,
+        reserve=0,
+    )
+    settings = replace(settings, **changes)  # type: ignore[arg-type]
+    if hasattr(be, "devices"):
+        be.devices.append(name)
+    pool = activate(settings, be.kernel)
+    # activate() puts in the policy's mark; these scenarios want the configured one exactly
+    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table.with_low_water_mark(16))
+    be.thin(name)
+    return pool
+
+
+def status(be: Backend, pool: Pool) -> ThinPoolWorkingStatus:
+    st = parse_pool_status(be.kernel.dm.status(pool.name)[0].params)
+    assert isinstance(st, ThinPoolWorkingStatus)
+    return st
+
+
+def event_nr(be: Backend, pool: Pool) -> int:
+    return {d.name: d.event_nr for d in be.kernel.dm.list_devices()}[pool.name]
+
+
+def settle(be: Backend, pool: Pool, used: int) -> ThinPoolWorkingStatus:
+    """Wait until the kernel reports used blocks (its status lags the bio by a little)."""
+    deadline = time.monotonic() + 10
+    while True:
+        st = status(be, pool)
+        if st.data_used >= used or time.monotonic() > deadline:
+            return st
+        time.sleep(0.05)
+
+
+def grow(be: Backend, pool: Pool, new_size: int) -> None:
+    os.truncate(pool.settings.data_file, new_size)
+    be.kernel.loops.set_capacity(pool.data_loop)
+    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length_for(new_size), pool.table)
+
+
+def test_table_length_is_the_pool_size(be: Backend) -> None:
+    pool = make_pool(be)
+    assert status(be, pool).data_total == BLOCKS
+    (target,) = be.kernel.dm.table(pool.name)
+    assert target.length == BLOCKS * 128
+
+
+def test_low_water_event_fires_once_per_resume(be: Backend) -> None:
+    pool = make_pool(be)
+    be.kernel.dm.arm_poll()
+    start = event_nr(be, pool)
+    be.write_blocks(pool.name, 0, BLOCKS - 20)  # 20 free: above the mark of 16
+    settle(be, pool, BLOCKS - 20)
+    assert event_nr(be, pool) == start
+    be.write_blocks(pool.name, BLOCKS - 20, 8)  # 12 free: crosses the mark
+    settle(be, pool, BLOCKS - 12)
+    assert event_nr(be, pool) == start + 1
+    assert be.control_readable(5.0)
+    be.kernel.dm.arm_poll()
+    assert not be.control_readable(0.2)
+    be.write_blocks(pool.name, BLOCKS - 12, 4)  # still below: no second event before a resume
+    settle(be, pool, BLOCKS - 8)
+    assert event_nr(be, pool) == start + 1
+    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table)  # resume re-arms it
+    be.write_blocks(pool.name, BLOCKS - 8, 1)
+    settle(be, pool, BLOCKS - 7)
+    assert event_nr(be, pool) == start + 2
+    assert be.control_readable(5.0)
+
+
+def test_growth_steps_raise_the_total(be: Backend) -> None:
+    pool = make_pool(be)
+    grow(be, pool, 2 * BLOCKS * 64 * 1024)
+    assert status(be, pool).data_total == 2 * BLOCKS
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended and not info.inactive_present
+
+
+def test_a_table_longer_than_the_data_device_is_refused_at_load(be: Backend) -> None:
+    pool = make_pool(be)
+    with pytest.raises(KernelError) as caught:
+        be.kernel.dm.load_table(pool.name, [pool.target(pool.length * 2)])
+    assert caught.value.errno == errno.EINVAL
+    assert pool.name in str(caught.value)
+    assert status(be, pool).data_total == BLOCKS
+
+
+def test_a_shrink_is_refused_and_the_pool_stays_resumed(be: Backend) -> None:
+    pool = make_pool(be)
+    be.write_blocks(pool.name, 0, 10)
+    with pytest.raises(ThinwatchError):
+        pool.reload(be.kernel.dm, be.kernel.nodes, pool.length // 2, pool.table)
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended, "a failed resume must not leave it suspended"
+    assert status(be, pool).data_total == BLOCKS
+    assert be.write_blocks(pool.name, 10, 1) == 1
+
+
+def test_metadata_survives_the_device(be: Backend) -> None:
+    pool = make_pool(be)
+    be.write_blocks(pool.name, 0, 50)
+    settle(be, pool, 50)
+    thin = f"{pool.name}-thin"
+    be.kernel.dm.remove(thin)
+    be.kernel.dm.remove(pool.name)
+    if hasattr(be, "devices"):
+        be.devices.remove(thin)
+    again = activate(pool.settings, be.kernel)
+    assert status(be, again).data_used == 50
+
+
+def test_out_of_data_space_queues_then_growth_resumes_writers(be: Backend) -> None:
+    pool = make_pool(be)
+    be.kernel.dm.arm_poll()
+    writer = be.write_blocks_async(pool.name, 0, BLOCKS + 20)  # 20 more than fit
+    deadline = time.monotonic() + 15
+    while status(be, pool).mode is not PoolMode.OUT_OF_DATA_SPACE:
+        assert time.monotonic() < deadline, status(be, pool)
+        time.sleep(0.05)
+    before = event_nr(be, pool)
+    grow(be, pool, 2 * BLOCKS * 64 * 1024)
+    writer.join(15)
+    assert not writer.is_alive()
+    st = settle(be, pool, BLOCKS + 20)
+    assert st.data_used == BLOCKS + 20
+    assert st.mode is PoolMode.WRITE
+    assert event_nr(be, pool) > before  # the mode change back to write is an event too
+
+
+def test_error_if_no_space_fails_writes(be: Backend) -> None:
+    pool = make_pool(be)
+    table = pool.table.with_no_space_policy(pool.table.no_space_policy.ERROR)
+    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, table)
+    written = be.write_blocks(pool.name, 0, BLOCKS + 5)
+    assert written == BLOCKS
+    st = status(be, pool)
+    assert st.mode is PoolMode.OUT_OF_DATA_SPACE and st.no_space_policy.value == "error_if_no_space"

@@ -1,0 +1,145 @@
+"""Prometheus metrics for node_exporter's textfile collector, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.units import META_BLOCK_BYTES
+
+__all__ = ["PoolMetrics", "render", "write_atomically"]
+
+_MODES = tuple(m.value for m in PoolMode)
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """One pool's figures at one moment."""
+
+    name: str
+    block_bytes: int
+    status: ThinPoolStatus | None
+    growths_data: int
+    growths_metadata: int
+    failures: int
+    last_growth_seconds: float | None
+    backing_fs_free_bytes: int | None
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def render(pools: Iterable[PoolMetrics]) -> str:
+    """Return the exposition text for all pools (HELP and TYPE once per metric)."""
+    rows: dict[str, tuple[str, str, list[str]]] = {}
+
+    def add(metric: str, kind: str, help_text: str, pool: str, value: float, **labels: str) -> None:
+        entry = rows.setdefault(metric, (kind, help_text, []))
+        extra = "".join(f',{k}="{_escape(v)}"' for k, v in labels.items())
+        text = str(value) if isinstance(value, int) else repr(float(value))
+        entry[2].append(f'{metric}{{pool="{_escape(pool)}"{extra}}} {text}')
+
+    for p in pools:
+        st = p.status
+        if isinstance(st, ThinPoolWorkingStatus):
+            add(
+                "thinwatchd_data_used_bytes",
+                "gauge",
+                "Pool data in use.",
+                p.name,
+                st.data_used * p.block_bytes,
+            )
+            add(
+                "thinwatchd_data_total_bytes",
+                "gauge",
+                "Pool data size.",
+                p.name,
+                st.data_total * p.block_bytes,
+            )
+            add(
+                "thinwatchd_metadata_used_bytes",
+                "gauge",
+                "Pool metadata in use.",
+                p.name,
+                st.meta_used * META_BLOCK_BYTES,
+            )
+            add(
+                "thinwatchd_metadata_total_bytes",
+                "gauge",
+                "Pool metadata size.",
+                p.name,
+                st.meta_total * META_BLOCK_BYTES,
+            )
+            add(
+                "thinwatchd_needs_check",
+                "gauge",
+                "1 if the pool needs thin_check.",
+                p.name,
+                int(st.needs_check),
+            )
+        mode = st.mode.value if isinstance(st, ThinPoolWorkingStatus) else str(st or "unknown")
+        for m in _MODES:
+            add(
+                "thinwatchd_pool_mode",
+                "gauge",
+                "1 for the pool's current mode.",
+                p.name,
+                int(m == mode),
+                mode=m,
+            )
+        for target, count in (("data", p.growths_data), ("metadata", p.growths_metadata)):
+            add(
+                "thinwatchd_growths_total",
+                "counter",
+                "Completed growths.",
+                p.name,
+                count,
+                target=target,
+            )
+        add(
+            "thinwatchd_growth_failures_total",
+            "counter",
+            "Failed growth attempts.",
+            p.name,
+            p.failures,
+        )
+        if p.last_growth_seconds is not None:
+            add(
+                "thinwatchd_last_growth_seconds",
+                "gauge",
+                "Duration of the last growth.",
+                p.name,
+                p.last_growth_seconds,
+            )
+        if p.backing_fs_free_bytes is not None:
+            add(
+                "thinwatchd_backing_fs_free_bytes",
+                "gauge",
+                "Free bytes on the data file's filesystem.",
+                p.name,
+                p.backing_fs_free_bytes,
+            )
+    lines: list[str] = []
+    for metric, (kind, help_text, samples) in rows.items():
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}", *samples]
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace path with text so that a reader never sees a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
