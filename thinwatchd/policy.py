@@ -1,0 +1,435 @@
+"""Growth policy: pure functions from (status, settings, backing filesystem, history) to decisions.
+
+No I/O and no clocks: the caller passes statvfs/stat figures in BackingFs and timestamps in
+FillHistory. The executor (extender.py) applies a Grow as: grow the file to new_size, set the loop
+capacity, load the same table with the new length and low_water_mark, resume, re-read the status.
+
+Why few, large growths: every resume drains in-flight I/O and stalls a writer for ~90 ms, so a
+growth leaves at least twice the low-water mark free (plus what fills during one growth); the
+kernel then stays quiet for a whole mark's worth of writing before the next event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from fractions import Fraction
+from typing import Literal
+
+from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
+from thinwatchd.status import (
+    NoSpacePolicy,
+    PoolMode,
+    ThinPoolErrored,
+    ThinPoolFailed,
+    ThinPoolStatus,
+    ThinPoolWorkingStatus,
+)
+from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, MetaBlocks, format_bytes
+
+__all__ = [
+    "ADAPTIVE_CAP_BYTES",
+    "ADAPTIVE_MARGIN_BYTES",
+    "ASSUMED_GROWTH_SECONDS",
+    "SAFETY_FACTOR",
+    "BackingFs",
+    "Decision",
+    "FillHistory",
+    "Grow",
+    "NoAction",
+    "RefusalReason",
+    "Refuse",
+    "Target",
+    "decide_data",
+    "decide_metadata",
+    "describe",
+    "low_water_mark",
+    "no_space_mode",
+]
+
+Target = Literal["data", "metadata"]
+
+#: The adaptive mark covers this many growth durations of writing at the measured fill rate.
+SAFETY_FACTOR = 4
+#: ...plus this, for event delivery jitter and rate spikes between samples.
+ADAPTIVE_MARGIN_BYTES = 32 * 1024**2
+#: The adaptive part never exceeds this (the configured mark may): a glitched measurement (one
+#: growth stalled for seconds) must not balloon the next growth. Fixed rather than relative to
+#: the pool so the mark a growth writes into the table is the mark the next check computes.
+ADAPTIVE_CAP_BYTES = 16 * 1024**3
+#: Growth time assumed while none has been measured (the measured floor is ~0.1 s under load).
+ASSUMED_GROWTH_SECONDS = 0.5
+#: calc_metadata_threshold(): min(1024 blocks = 4 MiB, a quarter of the metadata device).
+_KERNEL_META_WATERMARK = 1024
+_HISTORY_WINDOW = 60.0  # seconds of fill samples kept
+_MIN_RATE_SPAN = 0.25  # seconds; shorter spans give noisy rates
+_MAX_SAMPLES = 64
+
+
+@dataclass(frozen=True)
+class BackingFs:
+    """The filesystem under one pool file, and that file (from statvfs and stat)."""
+
+    free_bytes: int  # f_bavail * f_frsize: what an unprivileged write could still get
+    total_bytes: int  # f_blocks * f_frsize
+    file_size: int  # st_size (apparent)
+    file_allocated: int  # st_blocks * 512
+    promised_elsewhere: int = 0  # unwritten bytes of our other sparse files on this filesystem
+    path: str = ""  # mount point or directory, for messages
+
+    def reserve(self, settings: PoolSettings) -> int:
+        """Return the bytes to keep free: max(reserve, reserve_percent of the filesystem)."""
+        share = math.ceil(self.total_bytes * Fraction(settings.reserve_percent) / 100)
+        return max(settings.reserve, share)
+
+    def promised(self) -> int:
+        """Return what sparse files may still claim: apparent minus allocated sizes."""
+        return max(0, self.file_size - self.file_allocated) + self.promised_elsewhere
+
+    def room(self, settings: PoolSettings) -> int:
+        """Return how many bytes the file may still grow by (negative: over-promised already)."""
+        return self.free_bytes - self.reserve(settings) - self.promised()
+
+
+@dataclass(frozen=True)
+class FillHistory:
+    """Recent data usage samples and the last measured growth time, kept by the caller."""
+
+    samples: tuple[
+        tuple[float, int], ...
+    ] = ()  # (monotonic seconds, data used bytes), oldest first
+    growth_seconds: float | None = None  # event-to-resumed time of the last growth
+
+    def record(self, now: float, used_bytes: int) -> FillHistory:
+        """Return this history with a sample added and samples out of the window dropped."""
+        kept = tuple(s for s in self.samples if 0 <= now - s[0] <= _HISTORY_WINDOW)
+        return replace(self, samples=(*kept[-(_MAX_SAMPLES - 1) :], (now, used_bytes)))
+
+    def record_growth(self, seconds: float) -> FillHistory:
+        """Return this history with a measured growth duration."""
+        return replace(self, growth_seconds=seconds)
+
+    def fill_rate(self) -> float | None:
+        """Return the fill rate in bytes/s, None without two samples far enough apart.
+
+        The steepest slope from any kept sample to the newest one: a burst that just started shows
+        at once, and a writer that just paused still counts for the window (conservative).
+        """
+        if len(self.samples) < 2:
+            return None
+        t1, u1 = self.samples[-1]
+        rates = [(u1 - u0) / (t1 - t0) for t0, u0 in self.samples[:-1] if t1 - t0 >= _MIN_RATE_SPAN]
+        return max(0.0, *rates) if rates else None
+
+
+class RefusalReason(StrEnum):
+    """Why a needed growth cannot happen."""
+
+    AT_MAX_SIZE = "at_max_size"
+    BACKING_FS_FULL = "backing_fs_full"
+    NEEDS_CHECK = "needs_check"
+    READ_ONLY = "read_only"
+    FAILED = "failed"
+    ERRORED = "errored"
+
+
+@dataclass(frozen=True)
+class NoAction:
+    """Nothing to do for this target."""
+
+    pool: str
+    target: Target
+    reason: str
+
+
+@dataclass(frozen=True)
+class Grow:
+    """Grow the target's file to new_size bytes and reload with low_water_mark (data blocks)."""
+
+    pool: str
+    target: Target
+    old_size: int
+    new_size: int
+    low_water_mark: int
+    reason: str
+    limited_by: RefusalReason | None = None  # AT_MAX_SIZE or BACKING_FS_FULL: less than wanted
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A growth is needed but must not or cannot happen."""
+
+    pool: str
+    target: Target
+    reason: RefusalReason
+    detail: str
+
+    @property
+    def is_capacity(self) -> bool:
+        """Return whether only space is lacking (what no_space_mode's grace period counts)."""
+        return self.reason in (RefusalReason.AT_MAX_SIZE, RefusalReason.BACKING_FS_FULL)
+
+
+Decision = NoAction | Grow | Refuse
+
+
+def _ceil_to(size: int, unit: int) -> int:
+    return -(-size // unit) * unit
+
+
+def _percent_of(size: int, percent: float) -> int:
+    return math.ceil(size * Fraction(percent) / 100)
+
+
+def _reached(used: int, total: int, percent: float) -> bool:
+    """Return whether used/total >= percent, exactly (floats could disagree with the marks)."""
+    return percent > 0 and used * 100 >= total * Fraction(percent)
+
+
+def _threshold_mark(total: int, percent: float) -> int:
+    """Return the free blocks at which usage reaches percent (0 when the threshold is off)."""
+    if percent <= 0:
+        return 0
+    return max(0, total - math.ceil(total * Fraction(percent) / 100))
+
+
+def _min_total_below(used: int, percent: float) -> int:
+    """Return the fewest blocks in which used blocks stay under percent (0 when off)."""
+    if percent <= 0:
+        return 0
+    return math.floor(used * 100 / Fraction(percent)) + 1
+
+
+def _min_total_clear(used: int, percent: float) -> int:
+    """Return the fewest blocks leaving twice the threshold's share free (0 when off).
+
+    Usage may reach max(2t - 100, t/2) percent: after a growth at least as much writing as the
+    threshold's own margin passes before the next event, so growths stay few and large.
+    """
+    if percent <= 0:
+        return 0
+    t = Fraction(percent)
+    return max(math.ceil(used * 100 / max(2 * t - 100, t / 2)), _min_total_below(used, percent))
+
+
+def _growth_seconds(history: FillHistory) -> float:
+    return history.growth_seconds or ASSUMED_GROWTH_SECONDS
+
+
+def _base_mark(settings: PoolSettings, history: FillHistory) -> int:
+    """Return the configured mark raised by the measured fill rate, in data blocks."""
+    floor = settings.low_water_mark
+    rate = history.fill_rate()
+    if not settings.data.adaptive_low_water or rate is None:
+        return floor
+    bb = settings.data_block_size * SECTOR_BYTES
+    adaptive = math.ceil(
+        (rate * _growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES) / bb
+    )
+    return max(floor, min(adaptive, ADAPTIVE_CAP_BYTES // bb))
+
+
+def low_water_mark(
+    settings: PoolSettings, data_blocks: int, history: FillHistory | None = None
+) -> int:
+    """Return the data low-water mark (blocks) to load for a pool of data_blocks blocks.
+
+    The largest of the configured mark, the adaptive mark and the free blocks left at
+    threshold_percent, so the kernel's one event per resume also fires at the threshold.
+    """
+    return max(
+        _base_mark(settings, history or FillHistory()),
+        _threshold_mark(data_blocks, settings.data.threshold_percent),
+    )
+
+
+def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None:
+    if isinstance(status, ThinPoolFailed):
+        detail = "the pool has failed (status 'Fail'); it needs thin_check and thin_repair"
+        return Refuse(pool, target, RefusalReason.FAILED, detail)
+    if isinstance(status, ThinPoolErrored):
+        detail = "the kernel could not read the pool metadata (status 'Error')"
+        return Refuse(pool, target, RefusalReason.ERRORED, detail)
+    return None
+
+
+def _unfit(
+    status: ThinPoolWorkingStatus, pool: str, target: Target, meta_ok: bool
+) -> Refuse | None:
+    if status.needs_check:
+        detail = "needs_check is set; the kernel will not grow it before thin_check/thin_repair"
+        return Refuse(pool, target, RefusalReason.NEEDS_CHECK, detail)
+    if status.mode is PoolMode.READ_ONLY and not (meta_ok and status.out_of_metadata_space):
+        detail = "the pool is read-only"
+        if status.out_of_metadata_space:
+            detail = "the pool is out of metadata space; the metadata must grow first"
+        return Refuse(pool, target, RefusalReason.READ_ONLY, detail)
+    return None
+
+
+def _fit(
+    settings: PoolSettings,
+    target: Target,
+    fs: BackingFs,
+    current: int,
+    wanted: int,
+    unit: int,
+    cap: int | None,
+) -> tuple[int, RefusalReason | None] | Refuse:
+    """Return (new size, what limited it) or a Refuse: clamp to the cap, then to the filesystem."""
+    name = settings.name
+    new, limited = _ceil_to(wanted, unit), None
+    if cap is not None and new > cap // unit * unit:
+        new, limited = cap // unit * unit, RefusalReason.AT_MAX_SIZE
+        if new <= current:
+            detail = f"{target} is {format_bytes(current)}, at its limit of {format_bytes(cap)}"
+            if target == "metadata" and cap >= METADATA_MAX_BYTES:
+                detail += " (the most the kernel can use)"
+            return Refuse(name, target, RefusalReason.AT_MAX_SIZE, detail)
+    fits = (fs.file_size + fs.room(settings)) // unit * unit
+    if new > fits:
+        new, limited = fits, RefusalReason.BACKING_FS_FULL
+        if new <= current:
+            where = f" {fs.path}" if fs.path else ""
+            detail = (
+                f"backing filesystem{where} has {format_bytes(fs.free_bytes)} free, reserve "
+                f"{format_bytes(fs.reserve(settings))}, {format_bytes(fs.promised())} promised "
+                f"to sparse files: no room for even {format_bytes(unit)} more"
+            )
+            return Refuse(name, target, RefusalReason.BACKING_FS_FULL, detail)
+    return new, limited
+
+
+def decide_data(
+    status: ThinPoolStatus,
+    settings: PoolSettings,
+    fs: BackingFs,
+    history: FillHistory,
+    table_mark: int = 0,
+) -> Decision:
+    """Return what to do about the pool's data file.
+
+    Act when free blocks <= the low-water mark (usage >= threshold_percent included), <= the
+    active table's mark table_mark (the kernel has sent its one event for this resume: doing
+    nothing now would leave the pool without another until the next resume), or the pool is out
+    of data space. Grow by max(step, step_percent), and enough to leave twice the mark free plus
+    one growth's worth of filling; in whole blocks, never past max_size nor the filesystem's
+    room (the unwritten part of sparse files counts as used).
+    """
+    pool = settings.name
+    if (refusal := _blocked(status, pool, "data")) is not None:
+        return refusal
+    assert isinstance(status, ThinPoolWorkingStatus)
+    bb = settings.data_block_size * SECTOR_BYTES
+    used, total, free = status.data_used, status.data_total, status.data_free
+    mark = low_water_mark(settings, total, history)
+    thr = settings.data.threshold_percent
+    if status.mode is PoolMode.OUT_OF_DATA_SPACE:
+        why = "the pool is out of data space"
+    elif _reached(used, total, thr):
+        why = f"data usage {status.data_percent:.1f}% >= {thr:g}%"
+    elif free <= max(mark, table_mark):
+        why = f"{format_bytes(free * bb)} free <= low-water mark "
+        why += format_bytes(max(mark, table_mark) * bb)
+    else:
+        why = f"{format_bytes(free * bb)} free of {format_bytes(total * bb)}"
+        return NoAction(pool, "data", f"{why}, above the mark of {format_bytes(mark * bb)}")
+    if (refusal := _unfit(status, pool, "data", meta_ok=False)) is not None:
+        return refusal
+    base = _base_mark(settings, history)
+    filling = math.ceil((history.fill_rate() or 0.0) * _growth_seconds(history))
+    current = max(total * bb, _ceil_to(fs.file_size, bb))
+    step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
+    wanted = max(
+        current + step,
+        (used + 2 * base) * bb + filling,
+        _min_total_clear(used, thr) * bb + filling,
+    )
+    fitted = _fit(settings, "data", fs, current, wanted, bb, settings.data.max_size)
+    if isinstance(fitted, Refuse):
+        return fitted
+    new, limited = fitted
+    return Grow(
+        pool, "data", current, new, low_water_mark(settings, new // bb, history), why, limited
+    )
+
+
+def decide_metadata(
+    status: ThinPoolStatus, settings: PoolSettings, fs: BackingFs, history: FillHistory
+) -> Decision:
+    """Return what to do about the pool's metadata file.
+
+    Act when free metadata blocks <= the kernel's metadata low watermark or usage >=
+    threshold_percent. Grow by max(step, step_percent), never past MetadataGrowth.max_size nor
+    the kernel's usable maximum; same filesystem rules as data. A read-only pool that is out of
+    metadata space may grow its metadata: that is what brings it back to write mode.
+    """
+    pool = settings.name
+    if (refusal := _blocked(status, pool, "metadata")) is not None:
+        return refusal
+    assert isinstance(status, ThinPoolWorkingStatus)
+    mb = META_BLOCK_BYTES
+    used, total, free = status.meta_used, status.meta_total, status.meta_free
+    watermark = status.metadata_low_watermark
+    if watermark is None:  # not printed by older kernels: compute it as calc_metadata_threshold()
+        watermark = MetaBlocks(min(_KERNEL_META_WATERMARK, total // 4))
+    thr = settings.metadata.threshold_percent
+    if free <= watermark:
+        why = f"{format_bytes(free * mb)} metadata free <= {format_bytes(watermark * mb)}"
+    elif _reached(used, total, thr):
+        why = f"metadata usage {status.meta_percent:.1f}% >= {thr:g}%"
+    else:
+        why = f"{format_bytes(free * mb)} metadata free of {format_bytes(total * mb)}"
+        return NoAction(pool, "metadata", why)
+    if (refusal := _unfit(status, pool, "metadata", meta_ok=True)) is not None:
+        return refusal
+    current = max(total * mb, _ceil_to(fs.file_size, mb))
+    step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
+    wanted = max(
+        current + step,
+        (used + _KERNEL_META_WATERMARK + 1) * mb,  # clear of the next kernel watermark
+        _min_total_below(used, thr) * mb,
+    )
+    cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
+    fitted = _fit(settings, "metadata", fs, current, wanted, mb, cap)
+    if isinstance(fitted, Refuse):
+        return fitted
+    new, limited = fitted
+    # The reload that picks up the new size carries the data mark too.
+    mark = low_water_mark(settings, status.data_total, history)
+    return Grow(pool, "metadata", current, new, mark, why, limited)
+
+
+def no_space_mode(settings: PoolSettings, refused_since: float | None, now: float) -> NoSpacePolicy:
+    """Return the no-space policy the pool's table should have now.
+
+    refused_since is when data growth began to be refused for lack of room (Refuse.is_capacity)
+    with no Grow or NoAction since, or None. After when_full.error_after seconds of that, writers
+    get ENOSPC instead of hanging; once growth is possible again, the configured policy returns.
+    """
+    if "error_if_no_space" in settings.features:
+        return NoSpacePolicy.ERROR
+    after = settings.when_full.error_after
+    if refused_since is None or after is None or now - refused_since < after:
+        return NoSpacePolicy.QUEUE
+    return NoSpacePolicy.ERROR
+
+
+def describe(decision: Decision) -> str:
+    """Return a one-line message about a decision, for the journal."""
+    what = f"{decision.target} of {decision.pool}"
+    if isinstance(decision, NoAction):
+        return f"{what} needs no growth: {decision.reason}"
+    if isinstance(decision, Refuse):
+        return f"cannot grow {what}: {decision.detail}"
+    delta = format_bytes(decision.new_size - decision.old_size)
+    text = (
+        f"growing {what} from {format_bytes(decision.old_size)} to "
+        f"{format_bytes(decision.new_size)} (+{delta}): {decision.reason}"
+    )
+    if decision.limited_by is RefusalReason.AT_MAX_SIZE:
+        text += "; limited by its maximum size"
+    elif decision.limited_by is RefusalReason.BACKING_FS_FULL:
+        text += "; limited by the backing filesystem's free space"
+    return f"{text}; low-water mark {decision.low_water_mark} blocks"
