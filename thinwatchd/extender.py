@@ -143,7 +143,13 @@ class Extender:
         self._note_refusal(pool, state, meta, status)
         if isinstance(meta, Grow):
             return meta
-        data = decide_data(status, settings, self._backing(str(settings.data_file)), state.history)
+        data = decide_data(
+            status,
+            settings,
+            self._backing(str(settings.data_file)),
+            state.history,
+            table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
+        )
         self._note_refusal(pool, state, data, status)
         if isinstance(data, Refuse) and data.is_capacity:
             if state.refused_since is None:
@@ -214,7 +220,10 @@ class Extender:
             return
         try:
             pool.reload(
-                self.kernel.dm, self.kernel.nodes, pool.length, pool.table.with_low_water_mark(wanted)
+                self.kernel.dm,
+                self.kernel.nodes,
+                pool.length,
+                pool.table.with_low_water_mark(wanted),
             )
         except ThinwatchError as exc:
             log.error("pool %s: cannot raise the low-water mark to %d: %s", pool.name, wanted, exc)

@@ -39,6 +39,7 @@ from thinwatchd.status import (
     device_number,
     parse_pool_status,
     parse_pool_table,
+    table_differences,
 )
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
@@ -153,9 +154,19 @@ def ensure_resumed(dm: DeviceMapperApi, nodes: DeviceNodes, pool: Pool) -> None:
         dm.clear_table(pool.name)
     if info.suspended:
         active = dm.table(pool.name)
-        if [t.params for t in active] != [pool.table.params()] or active[0].length != pool.length:
+        if not _is_table(active, pool.length, pool.table):
             dm.load_table(pool.name, [pool.target(pool.length)])
         nodes.resume_nowait(dm, pool.name)
+
+
+def _is_table(active: list[Target], length: int, table: ThinPoolTable) -> bool:
+    """Return whether the active table is exactly (length, table), however the kernel prints it."""
+    if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].length != length:
+        return False
+    try:
+        return not table_differences(parse_pool_table(active[0].params), table)
+    except ThinwatchError:
+        return False
 
 
 # -- building ------------------------------------------------------------------------------

@@ -117,13 +117,24 @@ def test_growth_steps_raise_the_total(be: Backend) -> None:
     assert info is not None and not info.suspended and not info.inactive_present
 
 
-def test_a_table_longer_than_the_data_device_is_refused_at_load(be: Backend) -> None:
+def test_a_table_longer_than_the_data_device_is_refused_at_resume(be: Backend) -> None:
+    # Not at load: the kernel checks device areas when it swaps tables in (dm_swap_table), and
+    # leaves the device suspended on its old table. Pool.reload must resume it.
     pool = make_pool(be)
+    be.kernel.dm.load_table(pool.name, [pool.target(pool.length * 2)])
     with pytest.raises(KernelError) as caught:
-        be.kernel.dm.load_table(pool.name, [pool.target(pool.length * 2)])
+        be.kernel.dm.resume(pool.name)
     assert caught.value.errno == errno.EINVAL
     assert pool.name in str(caught.value)
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and info.suspended and not info.inactive_present
+    be.kernel.dm.resume(pool.name)
     assert status(be, pool).data_total == BLOCKS
+    with pytest.raises(ThinwatchError):
+        pool.reload(be.kernel.dm, be.kernel.nodes, pool.length * 2, pool.table)
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended
+    assert be.write_blocks(pool.name, 0, 1) == 1
 
 
 def test_a_shrink_is_refused_and_the_pool_stays_resumed(be: Backend) -> None:

@@ -209,6 +209,12 @@ class FakeKernel:
         pool_target = next((t for t in new if t.target_type == "thin-pool"), None)
         old_size = sum(t.length for t in dev.active or [])
         if pool_target is not None:
+            # dm_swap_table() checks the device areas (dm_calculate_queue_limits): a table longer
+            # than its data device fails there, leaving the device suspended on the old table.
+            _m, data, *_ = self._parse_pool_params(name, pool_target.params)
+            if pool_target.start + pool_target.length > data.capacity // SECTOR:
+                dev.inactive = None
+                raise KernelError("DM_DEV_RESUME", name, errno.EINVAL, "device too small")
             # pool_preresume failing leaves the device suspended with the new table swapped in.
             dev.active, dev.inactive = new, None
             dev.pool = self._preresume(dev, pool_target)
@@ -359,8 +365,6 @@ class FakeKernel:
         meta, data, block, _lw, _features = self._parse_pool_params(name, target.params)
         if block < 128 or block % 128:
             raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "invalid block size")
-        if target.start + target.length > data.capacity // SECTOR:
-            raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "device too small")
         for other in self.devices.values():
             if other.name != name and other.pool is not None and other.pool.meta_loop == meta.index:
                 raise KernelError("DM_TABLE_LOAD", name, errno.EBUSY, "metadata device in use")
