@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,10 @@ def test_attach_find_grow_detach() -> None:
 
         loops.detach(loop)
         loop_index, loop = loop.index, None
+        # under udev, blkid may still hold the loop open: the kernel then detaches at its close
+        deadline = time.monotonic() + 10
+        while loops.find(str(path)) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert loops.find(str(path)) is None
         assert not Path(f"/sys/block/loop{loop_index}/loop").exists()
     finally:
@@ -62,6 +67,9 @@ def test_direct_io_and_a_stale_loop_is_refused() -> None:
     finally:
         loops.detach(loop)
         path.unlink()
+    deadline = time.monotonic() + 10  # detach is deferred while udev's blkid holds the loop
+    while Path(f"/sys/block/loop{loop.index}/loop").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     with pytest.raises(KernelError) as err:
         loops.size(loop)  # detached: the LoopDevice no longer names that file's loop
     assert err.value.errno == errno.ENXIO

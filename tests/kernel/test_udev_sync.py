@@ -107,6 +107,8 @@ def dm() -> Iterator[DeviceMapper]:
 def test_real_resume_reports_uevent_and_the_protocol_completes(
     dm: DeviceMapper, fake_udev: UdevSync
 ) -> None:
+    if UdevSync().udev_running():
+        pytest.skip("the real udevd would complete the cookie too (see tests/systemd)")
     devices = Devices(dm, UdevSync())
     name = devices.track(unique("cookie"))
     try:

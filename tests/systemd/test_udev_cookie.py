@@ -45,16 +45,15 @@ def udev_db(dev: int) -> dict[str, str]:
 
 
 def udevd_log_since(since: float) -> list[str]:
+    """Return udevd's lines since then that mention cookies, semaphores or udevcomplete."""
     subprocess.run(["journalctl", "--sync"], check=False, capture_output=True)
-    out = subprocess.run(
-        ["journalctl", "-u", "systemd-udevd", "--no-pager", "-o", "cat", f"--since=@{since:.0f}"],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
+    cmd = ["journalctl", "-u", "systemd-udevd", "--no-pager", "-o", "cat", f"--since=@{since:.6f}"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if any(w in line.lower() for w in BAD_LOG)]
 
 
 def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync) -> None:
-    since = time.time() - 1
+    since = time.time()
     devices = Devices(dm, udev)
     name = devices.track(unique("udev"))
     link = Path(udev.node_path(name))
@@ -98,7 +97,7 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
 def test_without_notify_rules_the_monitor_fallback_waits(
     dm: DeviceMapper, udev: UdevSync, tmp_path: Path
 ) -> None:
-    since = time.time() - 1
+    since = time.time()
     fallback = UdevSync(rule_dirs=(str(tmp_path),))  # as if dmsetup were not installed
     assert not fallback.notify_rules_installed()
     devices = Devices(dm, fallback)
@@ -121,7 +120,7 @@ def test_without_notify_rules_the_monitor_fallback_waits(
 
 def test_the_journal_check_sees_a_failed_udevcomplete(dm: DeviceMapper, udev: UdevSync) -> None:
     """Negative control: a cookie without its semaphore makes udevd log the failure."""
-    since = time.time() - 1
+    since = time.time()
     devices = Devices(dm, udev)
     name = devices.track(unique("neg"))
     try:
