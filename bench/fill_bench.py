@@ -138,12 +138,16 @@ def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object
     klog = KernelLog()
     try:
         daemon.start()
-        thin = create_thin(dm, name, f"{name}-thin", 0, 8 * GiB)
+        thin = create_thin(dm, name, f"{name}-thin", 0, (mib + 1024) * MiB)
+        info = dm.info(name)
+        assert info is not None
+        # dm-thin names the pool by its device number in the kernel log: "253:4: reached ..."
+        tag = f"{os.major(info.dev)}:{os.minor(info.dev)}:"
         seconds = dd(thin, mib)
         time.sleep(0.5)
-        records = klog.read()
-        events = [t for t, m in records if LOW_WATER in m and name in m]
-        grown = [t for t, m in records if GROWING in m and name in m]
+        records = [(t, m) for t, m in klog.read() if tag in m]
+        events = [t for t, m in records if LOW_WATER in m]
+        grown = [t for t, m in records if GROWING in m]
         latencies = []
         for t in events:
             later = [g for g in grown if g >= t]
@@ -151,7 +155,7 @@ def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object
                 latencies.append(later[0] - t)
         return {
             "writer_s": seconds,
-            "out_of_space": sum(1 for _, m in records if OUT_OF_SPACE in m and name in m),
+            "out_of_space": sum(1 for _, m in records if OUT_OF_SPACE in m),
             "events": len(events),
             "growths": len(grown),
             "event_to_grown_s": latencies,
