@@ -65,10 +65,14 @@ class DeviceMapperApi(Protocol):
         """Return the device's header (DM_DEV_STATUS), or None if no such device."""
 
     def create(self, name: str, uuid: str = "") -> DmInfo:
-        """Create a device with no table (DM_DEV_CREATE); it starts suspended."""
+        """Create a device with no table (DM_DEV_CREATE); EBUSY if the name or uuid is taken.
+
+        I/O to it fails until a table is loaded and resumed. Note: the real kernel reports a
+        table-less device as NOT suspended (info().suspended is False until a resume).
+        """
 
     def remove(self, name: str, cookie: int = 0) -> None:
-        """Remove the device (DM_DEV_REMOVE)."""
+        """Remove the device and both tables (DM_DEV_REMOVE); cookie as for resume()."""
 
     def load_table(self, name: str, targets: Sequence[Target]) -> None:
         """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed."""
@@ -80,7 +84,11 @@ class DeviceMapperApi(Protocol):
         """Suspend the device (DM_DEV_SUSPEND with DM_SUSPEND_FLAG)."""
 
     def resume(self, name: str, cookie: int = 0) -> bool:
-        """Resume; swaps in the inactive table if there is one. Return UEVENT_GENERATED."""
+        """Resume; swaps in the inactive table if there is one. Return UEVENT_GENERATED.
+
+        cookie goes to the uevent as DM_COOKIE (see udev_sync.UdevSync.transaction); a
+        udev_sync.Cookie passed here must be told the result (Cookie.record).
+        """
 
     def table(self, name: str) -> list[Target]:
         """Return the ACTIVE table (DM_TABLE_STATUS with DM_STATUS_TABLE_FLAG)."""
@@ -128,4 +136,4 @@ class LoopControlApi(Protocol):
         """Return the loop device's size in bytes (BLKGETSIZE64)."""
 
     def detach(self, loop: LoopDevice) -> None:
-        """Detach the loop device (LOOP_CLR_FD)."""
+        """Detach the loop device (LOOP_CLR_FD); deferred by the kernel while it is held open."""
