@@ -175,20 +175,32 @@ class Daemon:
                 self._reconcile(managed)
 
     def _on_udev(self) -> None:
-        """A block device changed: reconcile a pool whose device or loop it is."""
+        """A block device changed behind our back: a pool or one of its loops removed, a loop
+        no longer backed by its file. Growth itself is driven by dm events, not by these."""
         assert self.udev_monitor is not None
         device = self.udev_monitor.poll(timeout=0)
-        if device is None:
+        if device is None or device.action not in ("remove", "change"):
             return
-        dm_name = device.get("DM_NAME")
+        dm_name, node = device.get("DM_NAME"), device.device_node
         for managed in list(self.pools.values()):
             pool = managed.pool
-            loops = (pool.data_loop.path, pool.meta_loop.path)
-            if dm_name == pool.name or device.device_node in loops:
-                if device.action == "remove":
-                    self._lost(managed)
-                else:
-                    self._reconcile(managed)
+            loops = {pool.data_loop.path: pool.settings.data_file,
+                     pool.meta_loop.path: pool.settings.metadata_file}  # fmt: skip
+            if device.action == "remove" and (dm_name == pool.name or node in loops):
+                self._lost(managed)
+            elif device.action == "change" and node in loops:
+                self._check_loop(managed, node, str(loops[node]))
+
+    def _check_loop(self, managed: ManagedPool, node: str, path: str) -> None:
+        try:
+            loop = self.kernel.loops.find(path)
+        except ThinwatchError as exc:
+            log.error("pool %s: cannot check %s: %s", managed.pool.name, node, exc)
+            return
+        if loop is None or loop.path != node:
+            log.error("pool %s: %s no longer backs %s (detached or replaced by someone else); "
+                      "the pool keeps its device open, but growth will fail until restart",
+                      managed.pool.name, node, path)  # fmt: skip
 
     def _reconcile(self, managed: ManagedPool) -> None:
         try:

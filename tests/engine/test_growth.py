@@ -208,3 +208,56 @@ def test_metrics_file_agrees_with_the_kernel(tmp_path: Path, kernel: Kernel, fak
     assert 'thinwatchd_pool_mode{pool="pool",mode="rw"} 1' in metrics
     assert 'thinwatchd_growths_total{pool="pool",target="data"} 1' in metrics
     assert metrics.count("# TYPE thinwatchd_pool_mode gauge") == 1
+
+
+class FakeUdevDevice(dict[str, str]):
+    def __init__(self, action: str, node: str | None = None, **props: str) -> None:
+        super().__init__(props)
+        self.action = action
+        self.device_node = node
+
+
+class FakeMonitor:
+    """A selectable stand-in for pyudev.Monitor (os.pipe behind fileno, like pyudev's tests)."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.queue: list[FakeUdevDevice] = []
+
+    def fileno(self) -> int:
+        return self.r
+
+    def send(self, device: FakeUdevDevice) -> None:
+        self.queue.append(device)
+        os.write(self.w, b"!")
+
+    def poll(self, timeout: float = 0) -> FakeUdevDevice | None:
+        if not self.queue:
+            return None
+        os.read(self.r, 1)
+        return self.queue.pop(0)
+
+
+def test_udev_remove_of_the_pool_rebuilds_it(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+    monitor = FakeMonitor()
+    config = write_config(tmp_path / "c.yaml", tmp_path)
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), udev_monitor=monitor)
+    d.start()
+    d.loop.add_reader(monitor.fileno(), d._on_udev)
+    fake.write_blocks("pool", 7)
+    fake.remove("pool")
+    monitor.send(FakeUdevDevice("remove", "/dev/dm-0", DM_NAME="pool"))
+    d.loop.run_once(max_wait=1)
+    assert status(fake).data_used == 7
+
+
+def test_udev_change_of_our_own_growth_does_no_work(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+    monitor = FakeMonitor()
+    config = write_config(tmp_path / "c.yaml", tmp_path)
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), udev_monitor=monitor)
+    d.start()
+    d.loop.add_reader(monitor.fileno(), d._on_udev)
+    fake.calls.clear()
+    monitor.send(FakeUdevDevice("change", "/dev/dm-0", DM_NAME="pool", RESIZE="1"))
+    d.loop.run_once(max_wait=1)
+    assert fake.calls == []

@@ -1,0 +1,187 @@
+"""thinwatchd as a real systemd service, in the systemd guest: notify, journal, reload, watchdog.
+
+The unit under test is systemd/thinwatchd.service as shipped, plus a drop-in that only points it
+at this checkout's virtualenv and the scratch disk (what an admin's drop-in would do for pool
+files outside /var/lib/thinwatchd).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.kernel.harness import REPO, MiB, create_thin, dd_zero, scratch_dir, teardown
+from thinwatchd.kernel.dm import DeviceMapper
+from thinwatchd.logs import MessageId
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+
+pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
+
+UNIT = "thinwatchd.service"
+CONFIG = Path("/etc/thinwatchd/config.yaml")
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+def journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
+    out = run("journalctl", "-u", UNIT, "-o", "json", "--since", since,
+              f"MESSAGE_ID={message_id.value}", "--no-pager", check=False).stdout  # fmt: skip
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def show(prop: str) -> str:
+    return run("systemctl", "show", "-P", prop, UNIT).stdout.strip()
+
+
+@dataclass
+class Service:
+    pool: str
+    directory: Path
+    dm: DeviceMapper
+    since: str
+
+    def write_config(self, **pool: object) -> None:
+        keys: dict[str, object] = {
+            "data_file": str(self.directory / "data"),
+            "metadata_file": str(self.directory / "metadata"),
+            "data_size": "64MiB", "metadata_size": "16MiB",
+        }  # fmt: skip
+        keys.update(pool)
+        doc = {"daemon": {"check_interval": "2s", "metrics_file": str(self.directory / "m.prom")},
+               "pools": {self.pool: keys}}  # fmt: skip
+        CONFIG.write_text(yaml.safe_dump(doc))
+
+    def status(self) -> ThinPoolWorkingStatus:
+        st = parse_pool_status(self.dm.status(self.pool)[0].params)
+        assert isinstance(st, ThinPoolWorkingStatus)
+        return st
+
+    def logs(self) -> str:
+        return run("journalctl", "-u", UNIT, "--since", self.since, "--no-pager",
+                   check=False).stdout  # fmt: skip
+
+
+@pytest.fixture
+def service() -> Iterator[Service]:
+    pool = f"twsvc-{uuid.uuid4().hex[:6]}"
+    directory = scratch_dir() / pool
+    directory.mkdir()
+    CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "systemd" / UNIT, f"/etc/systemd/system/{UNIT}")
+    dropin = Path(f"/etc/systemd/system/{UNIT}.d")
+    dropin.mkdir(exist_ok=True)
+    (dropin / "test.conf").write_text(
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart={REPO}/.venv/bin/thinwatchd --config {CONFIG} run\n"
+        # the virtualenv's interpreter lives under /root (pyenv) and the checkout may be in /tmp
+        "ProtectHome=read-only\nPrivateTmp=no\n"
+        f"ReadWritePaths={directory}\n"
+        "WatchdogSec=6s\nRestartSec=1s\n"
+    )
+    run("systemctl", "daemon-reload")
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    dm = DeviceMapper()
+    svc = Service(pool, directory, dm, since)
+    try:
+        yield svc
+    finally:
+        run("systemctl", "stop", UNIT, check=False)
+        teardown(dm, [f"{pool}-thin", pool], [directory / "data", directory / "metadata"])
+        dm.close()
+        shutil.rmtree(dropin, ignore_errors=True)
+        Path(f"/etc/systemd/system/{UNIT}").unlink(missing_ok=True)
+        run("systemctl", "daemon-reload", check=False)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_start_returns_after_ready_with_the_node(service: Service) -> None:
+    service.write_config()
+    done = run("systemctl", "start", UNIT, check=False)
+    assert done.returncode == 0, done.stderr + service.logs()
+    # systemctl start of a Type=notify unit returns only after READY=1
+    assert os.path.exists(f"/dev/mapper/{service.pool}"), service.logs()
+    assert show("ActiveState") == "active"
+    assert "1 pool" in show("StatusText")
+    created = journal(MessageId.POOL_CREATED, service.since)
+    assert created and created[0]["POOL"] == service.pool
+
+
+def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> None:
+    service.write_config()
+    run("systemctl", "start", UNIT)
+    thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 2048 * MiB)
+    seconds, code, err = dd_zero(thin, 600)
+    assert code == 0, err
+    grown = journal(MessageId.DATA_GROWN, service.since)
+    assert grown, service.logs()
+    entry = grown[0]
+    for key in ("POOL", "OLD_SIZE_BYTES", "NEW_SIZE_BYTES", "GROWTH_MS", "DATA_USED_BYTES",
+                "DATA_TOTAL_BYTES", "METADATA_USED_BYTES", "METADATA_TOTAL_BYTES", "POOL_MODE"):
+        assert key in entry, entry
+    assert entry["PRIORITY"] == "6" and entry["SYSLOG_IDENTIFIER"] == "thinwatchd"
+    assert int(entry["NEW_SIZE_BYTES"]) > int(entry["OLD_SIZE_BYTES"])
+    time.sleep(3)  # one safety check after the writer: metrics and status are fresh
+    st = service.status()
+    metrics = (service.directory / "m.prom").read_text()
+    assert f'thinwatchd_data_total_bytes{{pool="{service.pool}"}} {st.data_total * 65536}' in metrics
+    assert f'thinwatchd_data_used_bytes{{pool="{service.pool}"}} {st.data_used * 65536}' in metrics
+    report = json.loads(run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG),
+                            "status", "--json").stdout)  # fmt: skip
+    (pool,) = report["pools"]
+    assert pool["data_total"] == st.data_total * 65536 and pool["data_used"] == st.data_used * 65536
+    assert pool["mode"] == "rw"
+
+
+def test_reload_changes_policy_and_survives_a_broken_edit(service: Service) -> None:
+    service.write_config(low_water_mark=64)
+    run("systemctl", "start", UNIT)
+    service.write_config(low_water_mark=64, data={"step": "3GiB", "step_percent": "0%"})
+    run("systemctl", "reload", UNIT)
+    reloaded = journal(MessageId.CONFIG_RELOADED, service.since)
+    assert reloaded, service.logs()
+    thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 4096 * MiB)
+    assert dd_zero(thin, 600)[1] == 0
+    sizes = [int(e["NEW_SIZE_BYTES"]) - int(e["OLD_SIZE_BYTES"])
+             for e in journal(MessageId.DATA_GROWN, service.since)]  # fmt: skip
+    assert sizes and max(sizes) >= 3 * 1024**3, service.logs()
+    CONFIG.write_text(CONFIG.read_text().replace("3GiB", "3 gigs"))
+    run("systemctl", "reload", UNIT)
+    time.sleep(1)
+    assert show("ActiveState") == "active"
+    rejected = journal(MessageId.CONFIG_REJECTED, service.since)
+    assert rejected and "data.step" in rejected[-1]["MESSAGE"], service.logs()
+    assert rejected[-1]["PRIORITY"] == "3"
+    assert "config rejected" in show("StatusText")
+
+
+def test_watchdog_restarts_a_frozen_daemon_which_adopts_the_pool(service: Service) -> None:
+    service.write_config()
+    run("systemctl", "start", UNIT)
+    pid = int(show("MainPID"))
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        new = show("MainPID")
+        if new not in ("0", str(pid)) and show("ActiveState") == "active":
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("not restarted by the watchdog:\n" + service.logs())
+    assert "Watchdog timeout" in service.logs() or "watchdog" in service.logs().lower()
+    adopted = journal(MessageId.POOL_ADOPTED, service.since)
+    assert adopted and adopted[-1]["ACTIVATION"] == "adopted", service.logs()
+    assert len(journal(MessageId.POOL_CREATED, service.since)) == 1
