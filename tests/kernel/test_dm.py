@@ -9,6 +9,8 @@ import errno
 import mmap
 import os
 import select
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -151,6 +153,21 @@ def test_wait_returns_at_once_for_an_old_event_nr(dm: DeviceMapper, devices: Dev
     info = dm.info(name)
     assert info is not None
     assert dm.wait(name, info.event_nr + 1) == info.event_nr
+
+
+def test_wait_blocks_without_holding_the_gil(dm: DeviceMapper, devices: Devices) -> None:
+    name = unique("waitgil")
+    activate(devices, name, [Target(0, 8, "error", "")])
+    info = dm.info(name)
+    assert info is not None
+    woke: list[int] = []
+    waiter = threading.Thread(target=lambda: woke.append(dm.wait(name, info.event_nr)))
+    waiter.start()
+    time.sleep(0.5)  # runs only if the waiting ioctl released the GIL
+    assert waiter.is_alive() and woke == []
+    devices.remove(name)  # removal fires a table event: the waiter wakes
+    waiter.join(10)
+    assert not waiter.is_alive() and len(woke) == 1
 
 
 def test_buffer_full_on_a_real_list_devices(dm: DeviceMapper, devices: Devices) -> None:
