@@ -154,18 +154,23 @@ class UdevSync:
 
         When the block succeeded, /dev/mapper/<name> reflects the change on return (if udev
         runs). The semaphore is removed on every path. Raise KernelError(ETIMEDOUT) if udev did
-        not finish within the timeout (only when the block itself succeeded), or KernelError
-        for a semaphore that cannot be created.
+        not finish within the timeout (only when the block itself succeeded). Without
+        95-dm-notify.rules, or when no semaphore can be made (no SysV IPC, limits), it waits
+        for udev's processed uevent on a pyudev monitor instead.
         """
         prefix = int(self.flags if flags is None else flags) << UDEV_FLAGS_SHIFT
         if not self.udev_running():
             yield Cookie(prefix)
             return
-        if not self.notify_rules_installed():
+        try:
+            semid, base = self._create(name) if self.notify_rules_installed() else (-1, 0)
+        except KernelError as exc:  # no SysV IPC in this kernel, or its limits are reached
+            _log.warning("%s; waiting for udev's event instead", exc)
+            semid = -1
+        if semid < 0:
             with self._monitored(name, prefix) as cookie:
                 yield cookie
             return
-        semid, base = self._create(name)
         cookie = Cookie(prefix | base)
         incremented = ok = False
         try:
