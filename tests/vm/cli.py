@@ -78,9 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     results_dir = new_results_dir(str(args.mode), args.out)
     sys.stdout.flush()
-    result = run_guest(
-        command, config, kernel, results_dir, sys.stdout.buffer, sys.stderr.buffer
-    )
+    result = run_guest(command, config, kernel, results_dir, sys.stdout.buffer, sys.stderr.buffer)
     if result.outcome is not Outcome.COMPLETED:
         _say(f"{result.describe()}\n--- console tail ---\n{result.console_tail()}")
     elif not args.quiet:

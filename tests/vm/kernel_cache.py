@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import lzma
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ __all__ = ["KernelArtifacts", "PrepareError", "find_prepared", "prepare", "resol
 
 META_PACKAGE = "linux-image-amd64"
 VERSION_ENV = "THINWATCHD_VM_KERNEL"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+-\d+-amd64$")
 _DEPENDS_RE = re.compile(r"Depends:\s+linux-image-(\d+\.\d+\.\d+-\d+-amd64)\s*$", re.MULTILINE)
 
@@ -52,6 +54,28 @@ class KernelArtifacts:
     def vmlinuz(self) -> Path:
         return self.root / "vmlinuz"
 
+    def boot_image(self) -> Path:
+        """Return the image to pass to ``qemu -kernel``.
+
+        That is the uncompressed ELF ``vmlinux`` (booted through its PVH entry point, which saves
+        several seconds of xz decompression under TCG) when the kernel supports PVH, extracting
+        it on first use; otherwise the ``vmlinuz`` bzImage.
+        """
+        vmlinux = self.root / "vmlinux"
+        if vmlinux.exists():
+            return vmlinux
+        if "CONFIG_PVH=y" not in (self.root / "config").read_text().splitlines():
+            return self.vmlinuz
+        with _cache_lock():
+            if not vmlinux.exists():
+                elf = extract_vmlinux(self.vmlinuz.read_bytes())
+                if elf is None:
+                    return self.vmlinuz
+                partial = vmlinux.with_suffix(".partial")
+                partial.write_bytes(elf)
+                partial.rename(vmlinux)
+        return vmlinux
+
     @property
     def modules_dir(self) -> Path:
         return self.root / "lib" / "modules" / self.version
@@ -71,10 +95,27 @@ class KernelArtifacts:
                 partial = target.with_suffix(".partial")
                 build_initramfs(self.modules_dir, busybox, partial)
                 partial.rename(target)
-                for stale in self.root.glob("initramfs-*.cpio"):
-                    if stale != target:
-                        stale.unlink()
+                _prune_initramfs(self.root, keep=3)
         return target
+
+
+def extract_vmlinux(bzimage: bytes) -> bytes | None:
+    """Return the ELF kernel inside an xz-compressed bzImage, or None if there is none."""
+    start = bzimage.find(_XZ_MAGIC)
+    if start < 0:
+        return None
+    try:
+        elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(bzimage[start:])
+    except lzma.LZMAError:
+        return None
+    return elf if elf[:4] == b"\x7fELF" else None
+
+
+def _prune_initramfs(root: Path, keep: int) -> None:
+    # a guest that is booting may still be reading an older one: keep a few
+    images = sorted(root.glob("initramfs-*.cpio"), key=lambda p: p.stat().st_mtime)
+    for stale in images[:-keep]:
+        stale.unlink(missing_ok=True)
 
 
 def find_prepared(cache_dir: Path = CACHE_DIR) -> KernelArtifacts | None:
@@ -104,6 +145,7 @@ def prepare(version: str | None = None, log: Log = print) -> KernelArtifacts:
         with _cache_lock():
             _depmod(root, version)
     artifacts.initramfs(log)
+    artifacts.boot_image()
     return artifacts
 
 
@@ -146,8 +188,11 @@ def _fetch(version: str, root: Path, log: Log) -> None:
 
 def _stage(unpacked: Path, staged: Path, version: str) -> None:
     modules = next(
-        (p for p in (unpacked / "lib/modules" / version, unpacked / "usr/lib/modules" / version)
-         if p.is_dir()),
+        (
+            p
+            for p in (unpacked / "lib/modules" / version, unpacked / "usr/lib/modules" / version)
+            if p.is_dir()
+        ),
         None,
     )
     if modules is None:

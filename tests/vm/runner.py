@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from tests.vm import qemu
 from tests.vm.kernel_cache import KernelArtifacts
@@ -22,7 +21,7 @@ from tests.vm.paths import (
     GUEST_SOURCES,
     REPO_ROOT,
 )
-from tests.vm.streams import Channel
+from tests.vm.streams import Channel, Sink
 from tests.vm.systemd_units import BOOT_TARGET, write_units
 
 __all__ = [
@@ -123,13 +122,13 @@ def run_guest(
     config: GuestConfig,
     kernel: KernelArtifacts,
     results_dir: Path,
-    stdout: BinaryIO,
-    stderr: BinaryIO,
+    stdout: Sink,
+    stderr: Sink,
 ) -> GuestResult:
     """Boot a guest, run ``command`` in it as root in the checkout, and wait for it.
 
     The command's stdout and stderr are copied to ``stdout`` and ``stderr`` as they come.
-    ``results_dir`` must not exist yet. qemu is always gone when this returns or raises.
+    ``results_dir`` must be absent or empty. qemu is always gone when this returns or raises.
     Raise FileNotFoundError if qemu is not installed.
     """
     binary = qemu.find_qemu()
@@ -137,13 +136,14 @@ def run_guest(
         raise FileNotFoundError(f"{qemu.QEMU_BINARY} is not installed")
     initramfs = kernel.initramfs()
     share = results_dir / "share"
+    results_dir.mkdir(parents=True, exist_ok=True)
     (share / "out").mkdir(parents=True)
     _write_share(share, command, config.mode, kernel)
     scratch = config.scratch or results_dir / "scratch.img"
     _ensure_sparse(scratch, config.scratch_size_gib)
 
     with (results_dir / "console.log").open("wb") as console_log:
-        console_sinks: list[BinaryIO] = [console_log]
+        console_sinks: list[Sink] = [console_log]
         if config.echo_console:
             console_sinks.append(stderr)
         channels = [
@@ -238,7 +238,7 @@ def _qemu_argv(
         "-smp", "2",
         "-m", str(config.mem_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-nic", "none",
-        "-kernel", str(kernel.vmlinuz),
+        "-kernel", str(kernel.boot_image()),
         "-initrd", str(initramfs),
         "-append", _kernel_cmdline(config.mode),
         "-chardev", console.chardev(),

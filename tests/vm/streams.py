@@ -5,9 +5,34 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Protocol
 
-__all__ = ["Channel"]
+__all__ = ["Channel", "Sink", "Tee"]
+
+
+class Sink(Protocol):
+    """Where a channel's bytes go: a binary file, our stdout's buffer, a Tee."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> object: ...
+
+
+class Tee:
+    """A Sink that copies to several sinks."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self._sinks = sinks
+
+    def write(self, data: bytes, /) -> int:
+        for sink in self._sinks:
+            sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        for sink in self._sinks:
+            sink.flush()
+
 
 _BUFFER = 1 << 20
 
@@ -19,7 +44,7 @@ class Channel:
     output streams live.
     """
 
-    def __init__(self, name: str, sinks: Sequence[BinaryIO]) -> None:
+    def __init__(self, name: str, sinks: Sequence[Sink]) -> None:
         self.name = name
         self._sinks = list(sinks)
         self._host, self._guest = socket.socketpair()

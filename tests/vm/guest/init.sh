@@ -11,15 +11,18 @@
 export PATH=/bin
 
 say() { echo "thinwatchd-vm-init: $*"; }
+stage() { read -r up _ < /proc/uptime; say "$* (${up}s)"; }
 die() { say "FATAL: $*"; sync; poweroff -f; sleep 5; }
 
 mount -t devtmpfs -o mode=0755 devtmpfs /dev
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
+stage "init started"
 
 while read -r module; do
     insmod "/lib/modules/$module.ko" || say "insmod $module failed"
 done < /lib/modules/load-order
+stage "modules loaded"
 
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose,msize=262144 hostroot /lower \
     || die "cannot mount the host's root (9p tag hostroot)"
@@ -46,6 +49,7 @@ if [ -n "$VMBED_MODULES_DIR" ] && [ -d "/newroot$VMBED_MODULES_DIR" ]; then
     mount --bind "/newroot$VMBED_MODULES_DIR" "/newroot/lib/modules/$release"
 fi
 mkdir -p /newroot/scratch
+stage "root ready, starting $VMBED_MODE mode"
 
 case "$VMBED_MODE" in
 systemd)

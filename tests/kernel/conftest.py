@@ -1,0 +1,20 @@
+"""Every test under tests/kernel/ is a ``kernel`` test: it needs a real device-mapper.
+
+tests/conftest.py runs them natively where the host has dm-thin (as root) or inside the
+test bed's guest (``THINWATCHD_IN_VM=1``), and otherwise boots one plain guest for all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.resolve().is_relative_to(_HERE):
+            item.add_marker(pytest.mark.kernel)
