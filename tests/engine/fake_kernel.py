@@ -172,7 +172,8 @@ class FakeKernel:
         self._enter("DM_DEV_CREATE", name)
         if name in self.devices:
             raise KernelError("DM_DEV_CREATE", name, errno.EBUSY)
-        self.devices[name] = FakeDevice(name, self._next_minor)
+        # A new device has no table and reports itself NOT suspended (seen on 6.1).
+        self.devices[name] = FakeDevice(name, self._next_minor, suspended=False)
         self._next_minor += 1
         self.global_events += 1  # create bumps the global counter (dm_issue_global_event)
         info = self.info(name)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+
+from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.dm_abi import UDEV_FLAGS_SHIFT
 from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, UdevSync
 
 __all__ = ["UdevNodes"]
+
+log = logging.getLogger("thinwatchd")
 
 
 class UdevNodes:
@@ -18,9 +24,18 @@ class UdevNodes:
         self._nowait_cookie = int(POOL_UDEV_FLAGS) << UDEV_FLAGS_SHIFT
 
     def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
-        """Resume name; return once /dev/mapper/<name> exists (udev's link, or our node)."""
-        with self.udev.transaction(name) as cookie:
-            dm.resume(name, cookie=cookie)
+        """Resume name; return once /dev/mapper/<name> exists (udev's link, or our node).
+
+        A udev that does not answer in time is not a failed resume: the device is up, so we
+        warn and go on (its link follows when udev catches up).
+        """
+        try:
+            with self.udev.transaction(name) as cookie:
+                dm.resume(name, cookie=cookie)
+        except KernelError as exc:
+            if exc.errno != errno.ETIMEDOUT or not exc.op.startswith("udev"):
+                raise
+            log.warning("%s: resumed, but udev did not finish in time: %s", name, exc)
         info = dm.info(name)
         if info is not None:
             self.udev.ensure_node(name, info.dev)
