@@ -10,10 +10,10 @@ import enum
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["MessageId", "event", "journal_is_stderr", "setup_logging"]
+__all__ = ["JournalHandler", "MessageId", "event", "journal_is_stderr", "setup_logging"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -43,14 +43,16 @@ def event(
     log.log(level, message, extra={"journal_fields": journal})
 
 
-class _JournalHandler(logging.Handler):
+class JournalHandler(logging.Handler):
     """Send records to journald natively, with only the fields we chose (not every attribute)."""
 
-    def __init__(self) -> None:
+    def __init__(self, send: Callable[..., None] | None = None) -> None:
         super().__init__()
-        from systemd import journal  # type: ignore[attr-defined]  # lazily: only under journald
+        if send is None:
+            from systemd import journal  # type: ignore[attr-defined]  # lazily: under journald
 
-        self._send = journal.send
+            send = journal.send
+        self._send = send
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -61,7 +63,7 @@ class _JournalHandler(logging.Handler):
                 PRIORITY=str(_syslog_priority(record.levelno)),
                 SYSLOG_IDENTIFIER="thinwatchd",
                 CODE_FILE=record.pathname,
-                CODE_LINE=str(record.lineno),
+                CODE_LINE=record.lineno,
                 CODE_FUNC=record.funcName,
                 **fields,
             )
@@ -97,7 +99,7 @@ def setup_logging(level: str = "info", *, target: str = "auto") -> None:
     handler: logging.Handler
     use_journal = target == "journal" or (target == "auto" and journal_is_stderr())
     if use_journal:
-        handler = _JournalHandler()
+        handler = JournalHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)

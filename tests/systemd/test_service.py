@@ -70,8 +70,8 @@ class Service:
         return st
 
     def logs(self) -> str:
-        return run("journalctl", "-u", UNIT, "--since", self.since, "--no-pager",
-                   check=False).stdout  # fmt: skip
+        return run("journalctl", "-u", UNIT, "--since", self.since, "--no-pager", "-o",
+                   "json", check=False).stdout  # fmt: skip
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_start_returns_after_ready_with_the_node(service: Service) -> None:
     assert show("ActiveState") == "active"
     assert "1 pool" in show("StatusText")
     created = journal(MessageId.POOL_CREATED, service.since)
-    assert created and created[0]["POOL"] == service.pool
+    assert created and created[0]["POOL"] == service.pool, service.logs()
 
 
 def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> None:
