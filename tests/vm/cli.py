@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mem", type=int, default=2048, metavar="MiB")
     run.add_argument("--scratch", type=Path, metavar="PATH", help="persistent scratch image")
     run.add_argument("--keep-scratch", action="store_true", help="keep the temporary image")
-    run.add_argument("--scratch-size", type=int, default=8, metavar="GiB")
+    run.add_argument("--scratch-size", type=int, default=32, metavar="GiB", help="new image size")
     run.add_argument("--out", type=Path, metavar="DIR", help="where the returned files go")
     run.add_argument("--console", action="store_true", help="show the serial console live")
     run.add_argument("--quiet", action="store_true", help="no summary line on success")

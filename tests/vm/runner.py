@@ -77,7 +77,7 @@ class GuestConfig:
     mem_mib: int = 2048
     scratch: Path | None = None  # a persistent image; default: a temporary one
     keep_scratch: bool = False
-    scratch_size_gib: int = 8
+    scratch_size_gib: int = 32
     echo_console: bool = False  # copy the serial console to our stderr as it comes
 
 
