@@ -133,7 +133,7 @@ def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object
     config = write_config(directory / f"{name}.yaml", {name: {
         "data_file": str(data), "metadata_file": str(meta), "data_size": "64MiB",
         "metadata_size": "64MiB",
-    }})  # fmt: skip
+    }}, log_level="debug")  # fmt: skip
     daemon = DaemonProcess(config, directory / f"{name}.log")
     klog = KernelLog()
     try:
@@ -160,6 +160,8 @@ def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object
             "growths": len(grown),
             "event_to_grown_s": latencies,
             "data_file_mib": data.stat().st_size / MiB,
+            "daemon_steps": [line.split("growth steps (ms): ", 1)[1]
+                             for line in daemon.log().splitlines() if "growth steps" in line],
         }
     finally:
         daemon.close()

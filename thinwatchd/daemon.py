@@ -163,6 +163,7 @@ class Daemon:
 
     def _check_events(self) -> None:
         """Re-arm the control fd, then reconcile each pool whose event_nr moved."""
+        woke = self.loop.time()
         dm = self.kernel.dm
         dm.arm_poll()  # first: an event after this makes the fd readable again
         seen = {d.name: d.event_nr for d in dm.list_devices()}
@@ -172,7 +173,7 @@ class Daemon:
                 self._lost(managed)
             elif event_nr != managed.state.event_nr:
                 managed.state.event_nr = event_nr
-                self._reconcile(managed)
+                self._reconcile(managed, woke)
 
     def _on_udev(self) -> None:
         """A block device changed behind our back: a pool or one of its loops removed, a loop
@@ -202,9 +203,9 @@ class Daemon:
                       "the pool keeps its device open, but growth will fail until restart",
                       managed.pool.name, node, path)  # fmt: skip
 
-    def _reconcile(self, managed: ManagedPool) -> None:
+    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
         try:
-            self.extender.reconcile(managed.pool, managed.state)
+            self.extender.reconcile(managed.pool, managed.state, woke)
         except KernelError as exc:
             if exc.errno == errno.ENXIO:
                 self._lost(managed)

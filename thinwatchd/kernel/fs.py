@@ -152,14 +152,16 @@ def create_regular_file(path: str, size: int, *, preallocate: bool) -> None:
         _os.close(dirfd)
 
 
-def grow_file(path: str, new_size: int, *, preallocate: bool) -> int:
+def grow_file(path: str, new_size: int, *, preallocate: bool, sync: bool = True) -> int:
     """Extend a regular file to new_size bytes, crash-safely; return the previous size.
 
     With preallocate, first allocate the new range beyond EOF with FALLOC_FL_KEEP_SIZE (the size
     does not change, so ENOSPC leaves the file as it was; the stray blocks are released), then
     ftruncate to the new size — one atomic inode update, so a crash leaves the old or the new
-    size — then fsync. Never shrinks: raise KernelError(EINVAL) if new_size < the current size
-    (equal is a no-op). EOPNOTSUPP means the filesystem cannot preallocate.
+    size — then fsync unless sync is False (for a pool file the kernel makes the size durable
+    itself before it records the new size; see extender.py). Never shrinks: raise
+    KernelError(EINVAL) if new_size < the current size (equal is a no-op). EOPNOTSUPP means the
+    filesystem cannot preallocate.
     """
     op = "grow file"
     fd = open_existing_regular(path, _os.O_RDWR)
@@ -177,7 +179,8 @@ def grow_file(path: str, new_size: int, *, preallocate: bool) -> int:
                     _os.ftruncate(fd, old)  # give back blocks allocated beyond EOF
                     raise
             _os.ftruncate(fd, new_size)
-            _os.fsync(fd)
+            if sync:
+                _os.fsync(fd)
         except OSError as exc:
             raise KernelError(op, path, exc.errno or _errno.EIO) from exc
         return old
