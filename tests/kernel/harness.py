@@ -11,6 +11,7 @@ import errno
 import hashlib
 import mmap
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -252,3 +253,41 @@ def kernel_log() -> Iterator[KernelLog]:
         yield log
     finally:
         log.close()
+
+
+@dataclass
+class InstalledUnit:
+    name: str
+    config_path: Path
+
+
+@contextlib.contextmanager
+def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[InstalledUnit]:
+    """Install systemd/thinwatchd.service (as shipped) plus a drop-in for this checkout.
+
+    The drop-in only does what an admin's would: run this checkout's virtualenv (its
+    interpreter lives under /root, the checkout may be in /tmp) and allow pool files in
+    directory. Stops and removes everything afterwards (pool devices are the caller's).
+    """
+    unit = "thinwatchd.service"
+    config_path = Path("/etc/thinwatchd/config.yaml")
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(config))
+    shutil.copy(REPO / "systemd" / unit, f"/etc/systemd/system/{unit}")
+    dropin = Path(f"/etc/systemd/system/{unit}.d")
+    dropin.mkdir(exist_ok=True)
+    (dropin / "checkout.conf").write_text(
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart={REPO}/.venv/bin/thinwatchd --config {config_path} run\n"
+        "ProtectHome=read-only\nPrivateTmp=no\n"
+        f"ReadWritePaths={directory}\n"
+    )
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    try:
+        yield InstalledUnit(unit, config_path)
+    finally:
+        subprocess.run(["systemctl", "stop", unit], check=False)
+        shutil.rmtree(dropin, ignore_errors=True)
+        Path(f"/etc/systemd/system/{unit}").unlink(missing_ok=True)
+        subprocess.run(["systemctl", "daemon-reload"], check=False)

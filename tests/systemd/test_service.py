@@ -21,7 +21,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.kernel.harness import REPO, MiB, create_thin, dd_zero, scratch_dir, teardown
+from tests.kernel.harness import (
+    REPO,
+    MiB,
+    create_thin,
+    dd_zero,
+    installed_unit,
+    scratch_dir,
+    teardown,
+)
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.logs import MessageId
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
@@ -54,15 +62,17 @@ class Service:
     since: str
 
     def write_config(self, **pool: object) -> None:
+        CONFIG.write_text(yaml.safe_dump(self.config(**pool)))
+
+    def config(self, **pool: object) -> dict[str, object]:
         keys: dict[str, object] = {
             "data_file": str(self.directory / "data"),
             "metadata_file": str(self.directory / "metadata"),
             "data_size": "64MiB", "metadata_size": "16MiB",
         }  # fmt: skip
         keys.update(pool)
-        doc = {"daemon": {"check_interval": "2s", "metrics_file": str(self.directory / "m.prom")},
-               "pools": {self.pool: keys}}  # fmt: skip
-        CONFIG.write_text(yaml.safe_dump(doc))
+        return {"daemon": {"check_interval": "2s", "metrics_file": str(self.directory / "m.prom")},
+                "pools": {self.pool: keys}}  # fmt: skip
 
     def status(self) -> ThinPoolWorkingStatus:
         st = parse_pool_status(self.dm.status(self.pool)[0].params)
@@ -79,32 +89,18 @@ def service() -> Iterator[Service]:
     pool = f"twsvc-{uuid.uuid4().hex[:6]}"
     directory = scratch_dir() / pool
     directory.mkdir()
-    CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "systemd" / UNIT, f"/etc/systemd/system/{UNIT}")
-    dropin = Path(f"/etc/systemd/system/{UNIT}.d")
-    dropin.mkdir(exist_ok=True)
-    (dropin / "test.conf").write_text(
-        "[Service]\n"
-        "ExecStart=\n"
-        f"ExecStart={REPO}/.venv/bin/thinwatchd --config {CONFIG} run\n"
-        # the virtualenv's interpreter lives under /root (pyenv) and the checkout may be in /tmp
-        "ProtectHome=read-only\nPrivateTmp=no\n"
-        f"ReadWritePaths={directory}\n"
-        "WatchdogSec=6s\nRestartSec=1s\n"
-    )
-    run("systemctl", "daemon-reload")
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     dm = DeviceMapper()
     svc = Service(pool, directory, dm, since)
     try:
-        yield svc
+        with installed_unit(directory, svc.config()):
+            dropin = Path(f"/etc/systemd/system/{UNIT}.d/watchdog.conf")
+            dropin.write_text("[Service]\nWatchdogSec=6s\nRestartSec=1s\n")  # quick to test
+            run("systemctl", "daemon-reload")
+            yield svc
     finally:
-        run("systemctl", "stop", UNIT, check=False)
         teardown(dm, [f"{pool}-thin", pool], [directory / "data", directory / "metadata"])
         dm.close()
-        shutil.rmtree(dropin, ignore_errors=True)
-        Path(f"/etc/systemd/system/{UNIT}").unlink(missing_ok=True)
-        run("systemctl", "daemon-reload", check=False)
         shutil.rmtree(directory, ignore_errors=True)
 
 
@@ -124,7 +120,7 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     service.write_config()
     run("systemctl", "start", UNIT)
     thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 2048 * MiB)
-    seconds, code, err = dd_zero(thin, 600)
+    _seconds, code, err = dd_zero(thin, 600)
     assert code == 0, err
     grown = journal(MessageId.DATA_GROWN, service.since)
     assert grown, service.logs()
@@ -137,8 +133,9 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     time.sleep(3)  # one safety check after the writer: metrics and status are fresh
     st = service.status()
     metrics = (service.directory / "m.prom").read_text()
-    assert f'thinwatchd_data_total_bytes{{pool="{service.pool}"}} {st.data_total * 65536}' in metrics
-    assert f'thinwatchd_data_used_bytes{{pool="{service.pool}"}} {st.data_used * 65536}' in metrics
+    label = f'{{pool="{service.pool}"}}'
+    assert f"thinwatchd_data_total_bytes{label} {st.data_total * 65536}" in metrics
+    assert f"thinwatchd_data_used_bytes{label} {st.data_used * 65536}" in metrics
     report = json.loads(run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG),
                             "status", "--json").stdout)  # fmt: skip
     (pool,) = report["pools"]
