@@ -238,12 +238,19 @@ class FakeMonitor:
         return self.queue.pop(0)
 
 
-def test_udev_remove_of_the_pool_rebuilds_it(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+@pytest.fixture
+def watched(tmp_path: Path, kernel: Kernel, clock: Clock) -> tuple[Daemon, FakeMonitor]:
+    """A started daemon whose loop also watches a fake udev monitor."""
     monitor = FakeMonitor()
     config = write_config(tmp_path / "c.yaml", tmp_path)
     d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), udev_monitor=monitor)
     d.start()
     d.loop.add_reader(monitor.fileno(), d._on_udev)
+    return d, monitor
+
+
+def test_udev_remove_of_the_pool_rebuilds_it(watched: tuple[Daemon, FakeMonitor], fake: FakeKernel) -> None:
+    d, monitor = watched
     fake.write_blocks("pool", 7)
     fake.remove("pool")
     monitor.send(FakeUdevDevice("remove", "/dev/dm-0", DM_NAME="pool"))
@@ -251,12 +258,8 @@ def test_udev_remove_of_the_pool_rebuilds_it(tmp_path: Path, kernel: Kernel, fak
     assert status(fake).data_used == 7
 
 
-def test_udev_change_of_our_own_growth_does_no_work(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
-    monitor = FakeMonitor()
-    config = write_config(tmp_path / "c.yaml", tmp_path)
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), udev_monitor=monitor)
-    d.start()
-    d.loop.add_reader(monitor.fileno(), d._on_udev)
+def test_udev_change_of_our_own_growth_does_no_work(watched: tuple[Daemon, FakeMonitor], fake: FakeKernel) -> None:
+    d, monitor = watched
     fake.calls.clear()
     monitor.send(FakeUdevDevice("change", "/dev/dm-0", DM_NAME="pool", RESIZE="1"))
     d.loop.run_once(max_wait=1)

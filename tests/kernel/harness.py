@@ -73,20 +73,6 @@ class KernelLog:
         os.close(self._fd)
 
 
-@dataclass
-class PoolFiles:
-    name: str
-    directory: Path
-
-    @property
-    def data(self) -> Path:
-        return self.directory / "data"
-
-    @property
-    def metadata(self) -> Path:
-        return self.directory / "metadata"
-
-
 def write_config(path: Path, pools: dict[str, dict[str, object]], **daemon: object) -> Path:
     """Write a config file for the given pools (keys as in config.example.yaml)."""
     doc: dict[str, object] = {"pools": pools}
