@@ -116,8 +116,13 @@ class Pool:
         return data_bytes // SECTOR_BYTES // block * block
 
     def read_status(self, dm: DeviceMapperApi) -> ThinPoolStatus:
-        """Return the pool's parsed INFO status."""
-        targets = dm.status(self.name)
+        """Return the pool's parsed INFO status (in-core counts, without forcing a commit).
+
+        Without NOFLUSH, pool_status() commits the metadata first, and a commit flushes the
+        data device: an fsync of the data file with every dirty page a writer has in it.
+        Measured under a full-speed writer: 170 ms per status read, and a stall for the writer.
+        """
+        targets = dm.status(self.name, noflush=True)
         if len(targets) != 1 or targets[0].target_type != "thin-pool":
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
         return parse_pool_status(targets[0].params)

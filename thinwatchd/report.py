@@ -57,7 +57,7 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
         info = dm.info(settings.name)
         if info is None or not info.active_present:
             return base
-        targets = dm.status(settings.name)
+        targets = dm.status(settings.name, noflush=True)  # no commit: see Pool.read_status
         table = dm.table(settings.name)
         if len(targets) != 1 or targets[0].target_type != "thin-pool":
             return replace(base, active=True, mode="not-a-thin-pool")
