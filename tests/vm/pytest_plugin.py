@@ -102,7 +102,9 @@ class VmTestBed:
         batch = self._batches.get(mode)
         if batch is None:
             batch = self._batches[mode] = self._run_batch(item.session, mode)
-        _emit(item, _reports(item, batch))
+        reports = _reports(item, batch)
+        reports[-1] = _teardown(item, nextitem, reports[-1])
+        _emit(item, reports)
         return True
 
     def _run_batch(self, session: pytest.Session, mode: Mode) -> Batch:
@@ -251,6 +253,22 @@ class InnerFailure:
 
     def __str__(self) -> str:
         return self.text
+
+
+def _teardown(
+    item: pytest.Item, nextitem: pytest.Item | None, inner: pytest.TestReport
+) -> pytest.TestReport:
+    """Tear down what earlier, native tests set up and ``nextitem`` does not share.
+
+    pytest's own protocol does this after every test; skipping it for a delegated test would
+    leave the previous test's module on the setup stack. A failure there is this item's
+    teardown error, as it would be natively; otherwise the inner teardown report stands.
+    """
+    setupstate = item.session._setupstate  # no public API for this step
+    call = pytest.CallInfo.from_call(lambda: setupstate.teardown_exact(nextitem), "teardown")
+    if call.excinfo is None:
+        return inner
+    return pytest.TestReport.from_item_and_call(item, call)
 
 
 def _failed_call(item: pytest.Item, failure: InnerFailure) -> pytest.TestReport:

@@ -22,7 +22,7 @@ from tests.vm.paths import (
     REPO_ROOT,
 )
 from tests.vm.streams import Channel, Sink
-from tests.vm.systemd_units import BOOT_TARGET, write_units
+from tests.vm.systemd_units import BOOT_TARGET, write_etc
 
 __all__ = [
     "EXIT_GUEST_DIED",
@@ -205,7 +205,7 @@ def _write_share(share: Path, command: Sequence[str], mode: Mode, kernel: Kernel
     (share / "payload.env").write_text("\n".join(lines) + "\n")
     shutil.copy(GUEST_SOURCES / "run-payload.sh", share / "run-payload.sh")
     if mode is Mode.SYSTEMD:
-        write_units(share / "systemd")
+        write_etc(share / "etc")
 
 
 def _ensure_sparse(image: Path, size_gib: int) -> None:

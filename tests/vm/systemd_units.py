@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.vm.paths import GUEST_SHARE_DIR
 
-__all__ = ["BOOT_TARGET", "MASKED_UNITS", "write_units"]
+__all__ = ["BOOT_TARGET", "MASKED_UNITS", "write_etc"]
 
 BOOT_TARGET = "thinwatchd-vm.target"
 PAYLOAD_SERVICE = "thinwatchd-vm-payload.service"
@@ -47,6 +47,12 @@ MASKED_UNITS: tuple[str, ...] = (
     "systemd-update-utmp.service",
     "systemd-journal-flush.service",
     "systemd-random-seed.service",
+    "systemd-sysusers.service",
+    "systemd-modules-load.service",
+    "modprobe@configfs.service",
+    "modprobe@fuse.service",
+    "sys-kernel-config.mount",
+    "sys-fs-fuse-connections.mount",
     # lvm2's monitoring: tests start dmeventd themselves when they want to compare with it
     "lvm2-monitor.service",
     "lvm2-lvmpolld.socket",
@@ -82,14 +88,34 @@ TimeoutStartSec=infinity
 """
 
 
-def write_units(folder: Path) -> None:
-    """Write the target, the payload service and the masks into ``folder``.
+GENERATOR_DIRS = (
+    Path("/usr/lib/systemd/system-generators"),
+    Path("/lib/systemd/system-generators"),
+)
+"""Generators are masked, all of them: the guest has no fstab, gettys, SysV scripts or GPT
+partitions to turn into units, and under TCG running them costs seconds."""
 
-    The guest's init copies the folder into the overlay's /etc/systemd/system before it
-    hands over to systemd; the kernel command line names ``BOOT_TARGET``.
+NO_DRIVER_AUTOLOAD = "80-drivers.rules"
+"""udev rules file replaced by an empty one: udev would modprobe a driver for every emulated
+device (floppy, ata, pcspkr, cpufreq...), seconds under TCG. Tests load what they need."""
+
+
+def write_etc(etc: Path) -> None:
+    """Write the guest's additions to /etc into ``etc`` (init copies them over the overlay).
+
+    That is the target the kernel command line names (``BOOT_TARGET``), the payload service,
+    the masked units and generators, and the udev rules override.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / BOOT_TARGET).write_text(_TARGET)
-    (folder / PAYLOAD_SERVICE).write_text(_SERVICE)
+    units = etc / "systemd" / "system"
+    units.mkdir(parents=True, exist_ok=True)
+    (units / BOOT_TARGET).write_text(_TARGET)
+    (units / PAYLOAD_SERVICE).write_text(_SERVICE)
     for unit in MASKED_UNITS:
-        os.symlink("/dev/null", folder / unit)
+        os.symlink("/dev/null", units / unit)
+    generators = etc / "systemd" / "system-generators"
+    generators.mkdir(parents=True, exist_ok=True)
+    for name in sorted({p.name for d in GENERATOR_DIRS if d.is_dir() for p in d.iterdir()}):
+        os.symlink("/dev/null", generators / name)
+    rules = etc / "udev" / "rules.d"
+    rules.mkdir(parents=True, exist_ok=True)
+    (rules / NO_DRIVER_AUTOLOAD).write_text("# thinwatchd test guest: no driver autoloading\n")

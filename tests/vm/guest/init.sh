@@ -4,7 +4,7 @@
 # Loads the modules, builds the guest's root (the host's / over 9p, read-only, under a tmpfs
 # overlay), mounts the per-run share at /vmbed and reads /vmbed/boot.env, then either
 #   plain:   runs /vmbed/run-payload.sh chrooted into that root and powers off, or
-#   systemd: installs /vmbed/systemd/* units and switch_roots to systemd.
+#   systemd: copies /vmbed/etc/ (units, masks) over /etc and switch_roots to systemd.
 # Anything that goes wrong powers the guest off; the host then reports the console tail.
 
 /bin/busybox --install -s /bin
@@ -53,7 +53,7 @@ stage "root ready, starting $VMBED_MODE mode"
 
 case "$VMBED_MODE" in
 systemd)
-    cp -a /newroot/vmbed/systemd/. /newroot/etc/systemd/system/ || die "cannot install units"
+    cp -a /newroot/vmbed/etc/. /newroot/etc/ || die "cannot install the guest's /etc additions"
     mount --move /dev /newroot/dev
     mount --move /proc /newroot/proc
     mount --move /sys /newroot/sys
