@@ -338,6 +338,7 @@ _TOP: dict[str, Parser] = {
     "low_water_mark": _low_water_mark,
     "features": _features,
     "preallocate": _bool,
+    "direct_io": _bool,
     "reserve": _size_or_share("reserve_percent"),
     "reserve_percent": _within(_share, lambda p: p < 100, "0% to below 100%"),
 }

@@ -229,11 +229,13 @@ def _exists_regular(path: str, key: str) -> bool:
     return True
 
 
-def _loop_for(loops: LoopControlApi, path: str, *, attach: bool) -> LoopDevice | None:
+def _loop_for(
+    loops: LoopControlApi, path: str, *, attach: bool, direct_io: bool = True
+) -> LoopDevice | None:
     """Return the loop device backing path, attaching one if allowed; finish a capacity change."""
     loop = loops.find(path)
     if loop is None:
-        return loops.attach(path) if attach else None
+        return loops.attach(path, direct_io=direct_io) if attach else None
     if regular_file_size(path) > loops.size(loop):
         loops.set_capacity(loop)  # a growth stopped between the file and the loop
         log.info("finished an interrupted growth of %s: loop capacity refreshed", path)
@@ -271,8 +273,10 @@ def activate(
             f"{settings.name}) and remove it if it is stale"
         )
     new = _prepare_files(settings)
-    meta_loop = _loop_for(loops, str(settings.metadata_file), attach=True)
-    data_loop = _loop_for(loops, str(settings.data_file), attach=True)
+    meta_loop = _loop_for(
+        loops, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
+    )
+    data_loop = _loop_for(loops, str(settings.data_file), attach=True, direct_io=settings.direct_io)
     assert meta_loop is not None and data_loop is not None
     if not new and check_metadata is not None:
         report = check_metadata(device_path(meta_loop))

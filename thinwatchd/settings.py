@@ -71,6 +71,7 @@ class PoolSettings:
     low_water_mark: int = 32768  # data blocks; the floor of the adaptive mark
     features: tuple[str, ...] = ("skip_block_zeroing",)
     preallocate: bool = False  # fallocate new space instead of leaving it sparse
+    direct_io: bool = True  # loop devices bypass the page cache (cheap flushes, no double cache)
     reserve: int = 1 * GiB  # keep this much free on the backing filesystem (bytes)
     reserve_percent: float = 0.0  # ...or this share of it, whichever is larger
     data: DataGrowth = field(default_factory=DataGrowth)
