@@ -30,10 +30,10 @@ import uuid
 from pathlib import Path
 
 from tests.kernel.harness import (
-    GiB,
-    MiB,
     DaemonProcess,
+    GiB,
     KernelLog,
+    MiB,
     create_thin,
     scratch_dir,
     teardown,
