@@ -83,8 +83,10 @@ class ManualPool:
 
     def target(self, size: int) -> Target:
         m, d = self.meta_loop.dev, self.data_loop.dev
-        params = (f"{os.major(m)}:{os.minor(m)} {os.major(d)}:{os.minor(d)} {BLOCK} "
-                  f"{self.low_water} 1 skip_block_zeroing")
+        params = (
+            f"{os.major(m)}:{os.minor(m)} {os.major(d)}:{os.minor(d)} {BLOCK} "
+            f"{self.low_water} 1 skip_block_zeroing"
+        )
         return Target(0, size // 512 // BLOCK * BLOCK, "thin-pool", params)
 
     def grow(self, by: int) -> float:
@@ -163,8 +165,11 @@ def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object
             "growths": len(grown),
             "event_to_grown_s": latencies,
             "data_file_mib": data.stat().st_size / MiB,
-            "daemon_steps": [line.split("growth steps (ms): ", 1)[1]
-                             for line in daemon.log().splitlines() if "growth steps" in line],
+            "daemon_steps": [
+                line.split("growth steps (ms): ", 1)[1]
+                for line in daemon.log().splitlines()
+                if "growth steps" in line
+            ],
         }
     finally:
         daemon.close()
@@ -206,14 +211,18 @@ def summarize(result: dict[str, object]) -> None:
     f_load = statistics.median(floor_["loaded"]) if floor_["loaded"] else float("nan")
     print(f"floor: idle {f_idle * 1000:.0f} ms, under writer {f_load * 1000:.0f} ms (median)")
     buffered = statistics.median(result["presized_buffered_s"])  # type: ignore[arg-type]
-    print(f"writer: presized {pre:.2f} s (direct-I/O loops, as thinwatchd's), thinwatchd "
-          f"{writer:.2f} s -> {writer / pre:.3f}x; presized on buffered loops (Docker's) "
-          f"{buffered:.2f} s -> {writer / buffered:.3f}x")
+    print(
+        f"writer: presized {pre:.2f} s (direct-I/O loops, as thinwatchd's), thinwatchd "
+        f"{writer:.2f} s -> {writer / pre:.3f}x; presized on buffered loops (Docker's) "
+        f"{buffered:.2f} s -> {writer / buffered:.3f}x"
+    )
     print(f"out-of-data-space episodes: {sum(r['out_of_space'] for r in runs)}")
     if lat:
         med = statistics.median(lat)
-        print(f"event->grown: median {med * 1000:.0f} ms over {len(lat)} growths "
-              f"({med / f_load:.2f}x the loaded floor, {med / f_idle:.2f}x the idle floor)")
+        print(
+            f"event->grown: median {med * 1000:.0f} ms over {len(lat)} growths "
+            f"({med / f_load:.2f}x the loaded floor, {med / f_idle:.2f}x the idle floor)"
+        )
 
 
 if __name__ == "__main__":

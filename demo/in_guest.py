@@ -74,8 +74,9 @@ def main() -> int:
             banner("kernel log: low-water events and growths")
             kernel_log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False)
             for line in kernel_log.stdout.splitlines():
-                if "thin" in line and ("low water" in line or "growing" in line
-                                       or "out-of-data-space" in line):
+                if "thin" in line and (
+                    "low water" in line or "growing" in line or "out-of-data-space" in line
+                ):
                     print(line)
             banner("thinwatchd status (after)")
             sh(THINWATCHD, "--config", str(unit.config_path), "status")

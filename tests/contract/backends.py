@@ -54,7 +54,7 @@ class FakeBackend:
         self.fake.message(pool, "create_thin 0")
         name = f"{pool}-thin"
         self.fake.create(name)
-        self.fake.load_table(name, [Target(0, 2**27, "thin", f"253:0 0")])
+        self.fake.load_table(name, [Target(0, 2**27, "thin", "253:0 0")])
         self.fake.resume(name)
 
     def write_blocks(self, pool: str, first: int, count: int) -> int:

@@ -363,7 +363,7 @@ class FakeKernel:
         return meta, data, block, low_water, features
 
     def _check_pool_table(self, name: str, target: Target) -> None:
-        meta, data, block, _lw, _features = self._parse_pool_params(name, target.params)
+        meta, _data, block, _lw, _features = self._parse_pool_params(name, target.params)
         if block < 128 or block % 128:
             raise KernelError("DM_TABLE_LOAD", name, errno.EINVAL, "invalid block size")
         for other in self.devices.values():

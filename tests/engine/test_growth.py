@@ -60,7 +60,9 @@ def daemon(tmp_path: Path, kernel: Kernel, clock: Clock) -> Daemon:
     return d
 
 
-def fill(fake: FakeKernel, daemon: Daemon, clock: Clock, total_blocks: int, chunk: int = 16) -> None:
+def fill(
+    fake: FakeKernel, daemon: Daemon, clock: Clock, total_blocks: int, chunk: int = 16
+) -> None:
     """Write like a steady writer: a chunk, then let the daemon react to any event."""
     written = 0
     while written < total_blocks:
@@ -82,7 +84,9 @@ def daemon_pool_status(fake: FakeKernel) -> object:
     return parse_pool_status(fake.status("pool")[0].params)
 
 
-def test_writer_never_runs_out_of_space(fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path) -> None:
+def test_writer_never_runs_out_of_space(
+    fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path
+) -> None:
     fill(fake, daemon, clock, 600 * MiB // BLOCK)
     st = status(fake)
     assert not any("out-of-data-space" in line for line in fake.kernel_log)
@@ -100,18 +104,33 @@ def test_low_water_event_fires_once_per_resume(fake: FakeKernel, daemon: Daemon)
     assert fake.devices["pool"].event_nr == before + 1
 
 
-def test_growth_is_logged_with_fields(fake: FakeKernel, daemon: Daemon, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+def test_growth_is_logged_with_fields(
+    fake: FakeKernel, daemon: Daemon, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="thinwatchd"):
         fill(fake, daemon, clock, 60 * MiB // BLOCK)
-    grown = [r for r in caplog.records if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN]
+    grown = [
+        r
+        for r in caplog.records
+        if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN
+    ]
     assert grown
     fields = grown[0].journal_fields  # type: ignore[attr-defined]
-    for key in ("POOL", "OLD_SIZE_BYTES", "NEW_SIZE_BYTES", "GROWTH_MS", "DATA_USED_BYTES", "POOL_MODE"):
+    for key in (
+        "POOL",
+        "OLD_SIZE_BYTES",
+        "NEW_SIZE_BYTES",
+        "GROWTH_MS",
+        "DATA_USED_BYTES",
+        "POOL_MODE",
+    ):
         assert key in fields
     assert int(fields["NEW_SIZE_BYTES"]) > int(fields["OLD_SIZE_BYTES"])
 
 
-def test_cap_refuses_once_and_switches_to_error_after_grace(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+def test_cap_refuses_once_and_switches_to_error_after_grace(
+    tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
     config = write_config(
         tmp_path / "c.yaml", tmp_path, data={"max_size": "64MiB"}, when_full={"error_after": "30s"}
     )
@@ -121,7 +140,11 @@ def test_cap_refuses_once_and_switches_to_error_after_grace(tmp_path: Path, kern
         fill(fake, d, clock, 60 * MiB // BLOCK)
         for _ in range(3):
             d._reconcile(d.pools["pool"])
-    refused = [r for r in caplog.records if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.GROWTH_REFUSED]
+    refused = [
+        r
+        for r in caplog.records
+        if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.GROWTH_REFUSED
+    ]
     assert len(refused) == 1 and refused[0].levelno == logging.ERROR
     assert "limit" in refused[0].getMessage()
     assert status(fake).no_space_policy.value == "queue_if_no_space"
@@ -131,7 +154,9 @@ def test_cap_refuses_once_and_switches_to_error_after_grace(tmp_path: Path, kern
     assert os.stat(tmp_path / "data").st_size == 64 * MiB  # never past max_size
 
 
-def test_failed_resume_leaves_pool_resumed_on_old_size(fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path) -> None:
+def test_failed_resume_leaves_pool_resumed_on_old_size(
+    fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path
+) -> None:
     fake.fail_next["DM_DEV_RESUME"] = 5
     total = status(fake).data_total
     fake.write_blocks("pool", total - 8)
@@ -155,7 +180,9 @@ def test_needs_check_refuses_growth(fake: FakeKernel, daemon: Daemon) -> None:
     assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}
 
 
-def test_metadata_grows_when_it_runs_low(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
+def test_metadata_grows_when_it_runs_low(
+    tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
+) -> None:
     config = write_config(tmp_path / "c.yaml", tmp_path, metadata_size="2MiB", data_size="4GiB")
     d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
     d.start()
@@ -164,7 +191,9 @@ def test_metadata_grows_when_it_runs_low(tmp_path: Path, kernel: Kernel, fake: F
     assert d.pools["pool"].state.growths["metadata"] >= 1
 
 
-def test_reload_applies_new_step_and_survives_a_broken_file(tmp_path: Path, daemon: Daemon, fake: FakeKernel, clock: Clock) -> None:
+def test_reload_applies_new_step_and_survives_a_broken_file(
+    tmp_path: Path, daemon: Daemon, fake: FakeKernel, clock: Clock
+) -> None:
     config = daemon.config_path
     write_config(config, tmp_path, data={"step": "3GiB", "step_percent": "0%"}, low_water_mark=1)
     daemon.reload()
@@ -195,8 +224,12 @@ def test_event_loop_wakes_on_the_control_fd(fake: FakeKernel, daemon: Daemon, cl
     assert status(fake).data_total > total
 
 
-def test_metrics_file_agrees_with_the_kernel(tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock) -> None:
-    config = write_config(tmp_path / "c.yaml", tmp_path, daemon={"metrics_file": f"{tmp_path}/m.prom"})
+def test_metrics_file_agrees_with_the_kernel(
+    tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", tmp_path, daemon={"metrics_file": f"{tmp_path}/m.prom"}
+    )
     d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
     d.start()
     fill(fake, d, clock, 60 * MiB // BLOCK)
@@ -249,7 +282,9 @@ def watched(tmp_path: Path, kernel: Kernel, clock: Clock) -> tuple[Daemon, FakeM
     return d, monitor
 
 
-def test_udev_remove_of_the_pool_rebuilds_it(watched: tuple[Daemon, FakeMonitor], fake: FakeKernel) -> None:
+def test_udev_remove_of_the_pool_rebuilds_it(
+    watched: tuple[Daemon, FakeMonitor], fake: FakeKernel
+) -> None:
     d, monitor = watched
     fake.write_blocks("pool", 7)
     fake.remove("pool")
@@ -258,7 +293,9 @@ def test_udev_remove_of_the_pool_rebuilds_it(watched: tuple[Daemon, FakeMonitor]
     assert status(fake).data_used == 7
 
 
-def test_udev_change_of_our_own_growth_does_no_work(watched: tuple[Daemon, FakeMonitor], fake: FakeKernel) -> None:
+def test_udev_change_of_our_own_growth_does_no_work(
+    watched: tuple[Daemon, FakeMonitor], fake: FakeKernel
+) -> None:
     d, monitor = watched
     fake.calls.clear()
     monitor.send(FakeUdevDevice("change", "/dev/dm-0", DM_NAME="pool", RESIZE="1"))

@@ -16,7 +16,9 @@ from thinwatchd.status import ThinPoolWorkingStatus
 MiB = 1024**2
 
 
-def test_fresh_start_creates_files_loops_and_pool(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_fresh_start_creates_files_loops_and_pool(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     pool = activate(pool_settings, kernel)
     assert pool.activation is Activation.CREATED
     assert os.stat(pool_settings.data_file).st_size == 64 * MiB
@@ -24,26 +26,35 @@ def test_fresh_start_creates_files_loops_and_pool(fake: FakeKernel, kernel: Kern
     (target,) = fake.table("pool")
     assert target.length == 64 * MiB // 512
     # mark: the free blocks at the 80 % threshold (204 of 1024) beat the configured 16
-    assert target.params == f"7:{pool.meta_loop.index} 7:{pool.data_loop.index} 128 204 1 skip_block_zeroing"
+    assert (
+        target.params
+        == f"7:{pool.meta_loop.index} 7:{pool.data_loop.index} 128 204 1 skip_block_zeroing"
+    )
     status = pool.read_status(fake)
     assert isinstance(status, ThinPoolWorkingStatus)
     assert status.data_total == 64 * MiB // (128 * 512)
     assert kernel.nodes.synced == ["pool"]  # type: ignore[attr-defined]
 
 
-def test_restart_adopts_without_touching_the_table(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_restart_adopts_without_touching_the_table(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     first = activate(pool_settings, kernel)
     fake.write_blocks("pool", 100)
     fake.calls.clear()
     again = activate(pool_settings, kernel)
     assert again.activation is Activation.ADOPTED
     assert again.data_loop == first.data_loop
-    assert not [c for c in fake.calls if c.startswith(("DM_TABLE_LOAD", "DM_DEV_CREATE", "LOOP_CONFIGURE"))]
+    assert not [
+        c for c in fake.calls if c.startswith(("DM_TABLE_LOAD", "DM_DEV_CREATE", "LOOP_CONFIGURE"))
+    ]
     status = again.read_status(fake)
     assert isinstance(status, ThinPoolWorkingStatus) and status.data_used == 100
 
 
-def test_reboot_recreates_over_existing_metadata(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_reboot_recreates_over_existing_metadata(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     activate(pool_settings, kernel)
     fake.write_blocks("pool", 100)
     # "reboot": devices and loops vanish, files and metadata stay
@@ -57,7 +68,9 @@ def test_reboot_recreates_over_existing_metadata(fake: FakeKernel, kernel: Kerne
     assert isinstance(status, ThinPoolWorkingStatus) and status.data_used == 100
 
 
-def test_damaged_metadata_is_not_activated(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_damaged_metadata_is_not_activated(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     activate(pool_settings, kernel)
     fake.devices.clear()
     with pytest.raises(PoolSetupError, match="thin_repair"):
@@ -76,12 +89,14 @@ def test_data_without_metadata_is_refused(kernel: Kernel, pool_settings: PoolSet
 def test_used_metadata_without_data_is_refused(kernel: Kernel, pool_settings: PoolSettings) -> None:
     with open(pool_settings.metadata_file, "wb") as f:
         f.write(b"superblock" + bytes(4096))
-    with pytest.raises(PoolSetupError, match="data file .* is missing"):
+    with pytest.raises(PoolSetupError, match=r"data file .* is missing"):
         activate(pool_settings, kernel)
     assert not pool_settings.data_file.exists()
 
 
-def test_interrupted_creation_resumes(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_interrupted_creation_resumes(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     # crash after the metadata file was made, before the data file
     with open(pool_settings.metadata_file, "wb") as f:
         f.truncate(1 * MiB)
@@ -90,15 +105,19 @@ def test_interrupted_creation_resumes(fake: FakeKernel, kernel: Kernel, pool_set
     assert os.stat(pool_settings.metadata_file).st_size == 8 * MiB
 
 
-def test_symlinked_data_file_is_refused(tmp_path, kernel: Kernel, pool_settings: PoolSettings) -> None:  # type: ignore[no-untyped-def]
+def test_symlinked_data_file_is_refused(
+    tmp_path, kernel: Kernel, pool_settings: PoolSettings
+) -> None:  # type: ignore[no-untyped-def]
     target = tmp_path / "elsewhere"
     target.write_bytes(b"")
     os.symlink(target, pool_settings.data_file)
-    with pytest.raises(PoolSetupError, match="data_file: .* is a symlink"):
+    with pytest.raises(PoolSetupError, match=r"data_file: .* is a symlink"):
         activate(pool_settings, kernel)
 
 
-def test_adopt_refuses_a_pool_on_other_files(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_adopt_refuses_a_pool_on_other_files(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     activate(pool_settings, kernel)
     other = replace(pool_settings, data_file=tmp_path / "d2", metadata_file=tmp_path / "m2")
     before = fake.table("pool")
@@ -108,13 +127,17 @@ def test_adopt_refuses_a_pool_on_other_files(fake: FakeKernel, kernel: Kernel, p
     assert not (tmp_path / "d2").exists()
 
 
-def test_adopt_refuses_another_block_size(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_adopt_refuses_another_block_size(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     activate(pool_settings, kernel)
     with pytest.raises(PoolMismatchError, match="data_block_size"):
         activate(replace(pool_settings, data_block_size=256), kernel)
 
 
-def test_crash_after_file_growth_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_crash_after_file_growth_is_finished_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     pool = activate(pool_settings, kernel)
     os.truncate(pool_settings.data_file, 128 * MiB)  # step 1 done, then the daemon died
     again = activate(pool_settings, kernel)
@@ -125,7 +148,9 @@ def test_crash_after_file_growth_is_finished_at_start(fake: FakeKernel, kernel: 
     assert again.recovered and pool.length == 64 * MiB // 512
 
 
-def test_crash_after_set_capacity_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_crash_after_set_capacity_is_finished_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     pool = activate(pool_settings, kernel)
     os.truncate(pool_settings.data_file, 128 * MiB)
     fake.set_capacity(pool.data_loop)  # step 2 done too
@@ -133,7 +158,9 @@ def test_crash_after_set_capacity_is_finished_at_start(fake: FakeKernel, kernel:
     assert again.length == 128 * MiB // 512
 
 
-def test_crash_after_table_load_is_finished_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_crash_after_table_load_is_finished_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     pool = activate(pool_settings, kernel)
     os.truncate(pool_settings.data_file, 128 * MiB)
     fake.set_capacity(pool.data_loop)
@@ -144,7 +171,9 @@ def test_crash_after_table_load_is_finished_at_start(fake: FakeKernel, kernel: K
     assert again.length == 128 * MiB // 512
 
 
-def test_suspended_pool_is_resumed_at_start(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_suspended_pool_is_resumed_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     activate(pool_settings, kernel)
     fake.suspend("pool")
     activate(pool_settings, kernel)
@@ -152,7 +181,9 @@ def test_suspended_pool_is_resumed_at_start(fake: FakeKernel, kernel: Kernel, po
     assert info is not None and not info.suspended
 
 
-def test_failed_creation_removes_the_device(fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings) -> None:
+def test_failed_creation_removes_the_device(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     fake.fail_next["DM_TABLE_LOAD"] = 22
     with pytest.raises(KernelError, match="DM_TABLE_LOAD on pool"):
         activate(pool_settings, kernel)

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.harness import (
-    GiB,
-    MiB,
     DaemonProcess,
+    GiB,
     KernelLog,
+    MiB,
     create_thin,
     dd_zero,
     read_checksum,
@@ -170,8 +170,10 @@ def test_fill_never_runs_out_of_space(env: Env, mib: int) -> None:
     assert env.data.stat().st_size >= mib * MiB
     status = env.status()
     assert status.data_used * 64 * 1024 >= mib * MiB
-    print(f"{mib} MiB in {seconds:.2f} s; data file {env.data.stat().st_size / MiB:.0f} MiB; "
-          f"growths: {env.logs().count('growing data')}")
+    print(
+        f"{mib} MiB in {seconds:.2f} s; data file {env.data.stat().st_size / MiB:.0f} MiB; "
+        f"growths: {env.logs().count('growing data')}"
+    )
 
 
 def test_metadata_grows_under_many_small_writes(env: Env) -> None:
@@ -234,7 +236,7 @@ def _fill_small_fs(env: Env, mnt: Path) -> None:
     daemon = env.daemon(config)
     env.devices.insert(0, f"{env.pool}-thin0")
     thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
-    seconds, code, err = dd_zero(thin, 600)
+    _seconds, code, err = dd_zero(thin, 600)
     assert code != 0, "the writer must get an error, not hang, once the pool cannot grow"
     assert "No space left" in err or "Input/output error" in err, err
     free = os.statvfs(mnt)

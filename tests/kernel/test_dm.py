@@ -92,9 +92,7 @@ def test_version_and_thin_pool_target(dm: DeviceMapper) -> None:
     assert dm.target_version("no-such-target") is None
 
 
-def test_thin_pool_low_water_event_wakes_the_control_fd(
-    dm: DeviceMapper, devices: Devices
-) -> None:
+def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, devices: Devices) -> None:
     with loop_devices(META, DATA) as [(_m, meta), (data_path, data)]:
         pool = unique("pool")
         pool_params = f"{meta.path} {data.path} {BLOCK} {LOW_WATER}"
@@ -194,9 +192,7 @@ def test_info_is_none_for_a_missing_device(dm: DeviceMapper) -> None:
     assert err.value.errno == errno.ENXIO
 
 
-def test_bad_table_error_names_the_operation_and_device(
-    dm: DeviceMapper, devices: Devices
-) -> None:
+def test_bad_table_error_names_the_operation_and_device(dm: DeviceMapper, devices: Devices) -> None:
     with loop_devices(META, DATA) as [(_m, meta), (_d, data)]:
         name = devices.track(unique("badpool"))
         dm.create(name)

@@ -125,8 +125,17 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     grown = journal(MessageId.DATA_GROWN, service.since)
     assert grown, service.logs()
     entry = grown[0]
-    for key in ("POOL", "OLD_SIZE_BYTES", "NEW_SIZE_BYTES", "GROWTH_MS", "DATA_USED_BYTES",
-                "DATA_TOTAL_BYTES", "METADATA_USED_BYTES", "METADATA_TOTAL_BYTES", "POOL_MODE"):
+    for key in (
+        "POOL",
+        "OLD_SIZE_BYTES",
+        "NEW_SIZE_BYTES",
+        "GROWTH_MS",
+        "DATA_USED_BYTES",
+        "DATA_TOTAL_BYTES",
+        "METADATA_USED_BYTES",
+        "METADATA_TOTAL_BYTES",
+        "POOL_MODE",
+    ):
         assert key in entry, entry
     assert entry["PRIORITY"] == "6" and entry["SYSLOG_IDENTIFIER"] == "thinwatchd"
     assert int(entry["NEW_SIZE_BYTES"]) > int(entry["OLD_SIZE_BYTES"])

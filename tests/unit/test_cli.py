@@ -22,10 +22,14 @@ def test_check_config_accepts_the_example(capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("pools:\n  p:\n    data_file: /x/d\n    metadata_file: /x/m\n    data: {step: 1 gig}\n",
-         "pools.p.data.step: '1 gig' is not a size"),
-        ("pools:\n  p:\n    data_file: /x/d\n    metadata_file: /x/m\n    low_watermark: 5\n",
-         "low_watermark"),
+        (
+            "pools:\n  p:\n    data_file: /x/d\n    metadata_file: /x/m\n    data: {step: 1 gig}\n",
+            "pools.p.data.step: '1 gig' is not a size",
+        ),
+        (
+            "pools:\n  p:\n    data_file: /x/d\n    metadata_file: /x/m\n    low_watermark: 5\n",
+            "low_watermark",
+        ),
         ("pools: [\n", "line"),
         ("", "empty"),
     ],

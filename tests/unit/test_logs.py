@@ -40,8 +40,16 @@ def test_event_carries_message_id_and_fields(sent: Sent) -> None:
     assert fields["PRIORITY"] == "3" and fields["SYSLOG_IDENTIFIER"] == "thinwatchd"
 
 
-@pytest.mark.parametrize(("level", "priority"), [(logging.DEBUG, "7"), (logging.INFO, "6"),
-                         (logging.WARNING, "4"), (logging.ERROR, "3"), (logging.CRITICAL, "2")])
+@pytest.mark.parametrize(
+    ("level", "priority"),
+    [
+        (logging.DEBUG, "7"),
+        (logging.INFO, "6"),
+        (logging.WARNING, "4"),
+        (logging.ERROR, "3"),
+        (logging.CRITICAL, "2"),
+    ],
+)
 def test_priorities(sent: Sent, level: int, priority: str) -> None:
     logging.getLogger("thinwatchd").log(level, "x")
     assert sent.calls[0][1]["PRIORITY"] == priority

@@ -149,9 +149,7 @@ def test_attach_retries_when_another_attacher_wins(tmp_path: Path, backing: Path
 
 
 @pytest.mark.parametrize("code", [errno.ENOTTY, errno.EINVAL])
-def test_attach_falls_back_without_loop_configure(
-    tmp_path: Path, backing: Path, code: int
-) -> None:
+def test_attach_falls_back_without_loop_configure(tmp_path: Path, backing: Path, code: int) -> None:
     fake = FakeLoops(tmp_path, configure_errno=code)
     lc = LoopControl(dev_dir=str(fake.dev), sys_block=str(fake.sys), ioctl=fake)
     lc.attach(str(backing), direct_io=True)
