@@ -32,6 +32,8 @@ from thinwatchd.kernel.nodes import UdevNodes
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024**2
 GiB = 1024**3
+#: systemd/thinwatchd.service runs the daemon with Nice=-10; the harness does the same.
+UNIT_NICE = -10
 
 
 def scratch_dir() -> Path:
@@ -99,10 +101,12 @@ class DaemonProcess:
         """Start the daemon; return once it sent READY=1. Raise if it exits or times out."""
         env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        # Niceness as in systemd/thinwatchd.service (Nice=-10): run it as it ships.
         self.proc = subprocess.Popen(
+
             [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run",
              "--log-target", "stderr"],
-            stdout=log, stderr=log, env=env, cwd=REPO,
+            stdout=log, stderr=log, env=env, cwd=REPO, preexec_fn=lambda: os.nice(UNIT_NICE),
         )  # fmt: skip
         log.close()
         if not self.wait_for("READY=1", timeout):
