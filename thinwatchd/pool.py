@@ -236,9 +236,16 @@ def _loop_for(
     loop = loops.find(path)
     if loop is None:
         return loops.attach(path, direct_io=direct_io) if attach else None
-    if regular_file_size(path) > loops.size(loop):
+    file_size, loop_size = regular_file_size(path), loops.size(loop)
+    if file_size > loop_size:
         loops.set_capacity(loop)  # a growth stopped between the file and the loop
         log.info("finished an interrupted growth of %s: loop capacity refreshed", path)
+    elif file_size < loop_size:
+        # Someone shrank the file under the loop: blocks past its end now fail with EIO. We
+        # never shrink, and must not "fix" the loop to match: say so, loudly, and go on.
+        log.error("%s is %d bytes but its loop device %s is %d: the file was truncated behind "
+                  "thinwatchd's back; data past its end is gone and writes there will fail",
+                  path, file_size, loop.path, loop_size)  # fmt: skip
     return loop
 
 

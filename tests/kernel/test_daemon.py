@@ -253,3 +253,31 @@ def _fill_small_fs(env: Env, mnt: Path) -> None:
     assert check.returncode == 0, check.stderr + check.stdout
     teardown(env.dm, [], [mnt / "data", meta])
     assert loops.find(str(meta)) is None
+
+
+@pytest.mark.parametrize("stopped_after", ["file", "loop", "table"])
+def test_interrupted_growth_is_finished_at_start(env: Env, stopped_after: str) -> None:
+    """A daemon killed after any step of a growth: the next start completes it, losing nothing."""
+    from thinwatchd.kernel.api import Target
+
+    config = env.config(data_size="256MiB", metadata_size="16MiB")
+    first = env.daemon(config)
+    thin = env.thin(size=1 * GiB)
+    checksum = write_pattern(thin, 16 * MiB, b"mid-growth")
+    first.stop()
+    # the growth steps, done by hand up to the crash point (what kill -9 would leave)
+    target = env.data.stat().st_size + 512 * MiB
+    os.truncate(env.data, target)
+    if stopped_after in ("loop", "table"):
+        loop = LoopControl().find(str(env.data))
+        assert loop is not None
+        LoopControl().set_capacity(loop)
+    if stopped_after == "table":
+        (active,) = env.dm.table(env.pool)
+        env.dm.load_table(env.pool, [Target(0, target // 512, "thin-pool", active.params)])
+    second = env.daemon(config)
+    assert "finished an interrupted growth" in second.log(), second.log()
+    info = env.dm.info(env.pool)
+    assert info is not None and not info.suspended and not info.inactive_present
+    assert env.status().data_total * 64 * 1024 >= target
+    assert read_checksum(thin, 16 * MiB) == checksum
