@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +56,6 @@ class Daemon:
         loop: EventLoop | None = None,
         check_metadata: MetadataChecker | None = None,
         udev_monitor: Any = None,
-        on_status: Callable[[Daemon], None] | None = None,
     ) -> None:
         self.config_path = config_path
         self.kernel = kernel
@@ -66,7 +63,6 @@ class Daemon:
         self.loop = loop or EventLoop()
         self.check_metadata = check_metadata
         self.udev_monitor = udev_monitor
-        self.on_status = on_status  # e.g. the metrics writer
         self.settings: Settings | None = None
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
@@ -317,8 +313,6 @@ class Daemon:
 
     def _publish(self) -> None:
         self.notifier.status(self.status_line())
-        if self.on_status is not None:
-            self.on_status(self)
         if self.settings is not None and self.settings.daemon.metrics_file is not None:
             self._write_metrics(self.settings.daemon.metrics_file)
 
@@ -355,7 +349,3 @@ class Daemon:
             for p in (m.pool.settings.data_file, m.pool.settings.metadata_file)
         ]
 
-
-def pid_is_systemd_service() -> bool:
-    """Return True when started by systemd (NOTIFY_SOCKET or INVOCATION_ID set)."""
-    return bool(os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID"))
