@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.vm.markers import mark_tests_under
+
 _HERE = Path(__file__).resolve().parent
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.resolve().is_relative_to(_HERE):
-            item.add_marker(pytest.mark.kernel)
+    mark_tests_under(_HERE, items, pytest.mark.kernel)
