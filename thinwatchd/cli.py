@@ -11,7 +11,13 @@ from pathlib import Path
 
 from thinwatchd import __version__
 from thinwatchd.config import load_settings
-from thinwatchd.errors import EX_CONFIG, ConfigError, PoolMismatchError, ThinwatchError
+from thinwatchd.errors import (
+    EX_CONFIG,
+    EX_DATAERR,
+    ConfigError,
+    PoolMismatchError,
+    ThinwatchError,
+)
 from thinwatchd.logs import setup_logging
 from thinwatchd.settings import DEFAULT_CONFIG_PATH
 
@@ -94,6 +100,7 @@ def _status(path: Path, *, as_json: bool) -> int:
 
 def _run(path: Path, log_target: str) -> int:
     from thinwatchd.daemon import Daemon
+    from thinwatchd.pool import PoolSetupError
     from thinwatchd.runtime import open_kernel, udev_monitor
     from thinwatchd.thincheck import thin_check
 
@@ -113,6 +120,9 @@ def _run(path: Path, log_target: str) -> int:
     except PoolMismatchError as exc:
         log.error("%s", exc)
         return EX_CONFIG
+    except PoolSetupError as exc:
+        log.error("%s", exc)
+        return EX_DATAERR
     except ThinwatchError as exc:
         log.error("start-up failed: %s", exc)
         return 1

@@ -348,4 +348,3 @@ class Daemon:
             for m in self.pools.values()
             for p in (m.pool.settings.data_file, m.pool.settings.metadata_file)
         ]
-

@@ -7,6 +7,7 @@ import os as _os
 
 __all__ = [
     "EX_CONFIG",
+    "EX_DATAERR",
     "ConfigError",
     "KernelError",
     "PoolMismatchError",
@@ -15,8 +16,12 @@ __all__ = [
     "ThinwatchError",
 ]
 
-#: sysexits.h EX_CONFIG: the exit code for any configuration error.
+#: sysexits.h EX_CONFIG: the exit code for any configuration error, and for a pool device that
+#: does not match its configuration.
 EX_CONFIG = 78
+#: sysexits.h EX_DATAERR: a pool's files are damaged or inconsistent (e.g. thin_check fails).
+#: Like EX_CONFIG, restarting will not help: the unit lists both in RestartPreventExitStatus=.
+EX_DATAERR = 65
 
 
 class ThinwatchError(Exception):

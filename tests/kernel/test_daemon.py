@@ -281,3 +281,25 @@ def test_interrupted_growth_is_finished_at_start(env: Env, stopped_after: str) -
     assert info is not None and not info.suspended and not info.inactive_present
     assert env.status().data_total * 64 * 1024 >= target
     assert read_checksum(thin, 16 * MiB) == checksum
+
+
+def test_damaged_metadata_is_refused_and_left_alone(env: Env) -> None:
+    """After a reboot over metadata thin_check rejects: no pool, exit 65, the file untouched."""
+    config = env.config(data_size="256MiB", metadata_size="16MiB")
+    first = env.daemon(config)
+    env.thin(size=1 * GiB)
+    first.stop()
+    teardown(env.dm, env.devices, [env.data, env.metadata])  # the reboot
+    with open(env.metadata, "r+b") as f:  # damage the superblock's checksummed body
+        f.seek(64)
+        f.write(b"\xff" * 64)
+    damaged = env.metadata.read_bytes()
+    second = DaemonProcess(config, env.directory / "damaged.log")
+    env.daemons.append(second)
+    with pytest.raises(AssertionError, match="exit 65"):
+        second.start(timeout=120)
+    log = second.log()
+    assert "thin_check found damaged metadata" in log and "thin_repair" in log, log
+    assert "Traceback" not in log
+    assert env.dm.info(env.pool) is None
+    assert env.metadata.read_bytes() == damaged, "a damaged pool must be left exactly as found"
