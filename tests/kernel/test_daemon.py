@@ -303,3 +303,28 @@ def test_damaged_metadata_is_refused_and_left_alone(env: Env) -> None:
     assert "Traceback" not in log
     assert env.dm.info(env.pool) is None
     assert env.metadata.read_bytes() == damaged, "a damaged pool must be left exactly as found"
+
+
+def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
+    config = env.config(data_size="256MiB", metadata_size="16MiB")
+    daemon = env.daemon(config)
+    thin = env.thin(size=1 * GiB)
+    checksum = write_pattern(thin, 8 * MiB, b"removed")
+    env.dm.remove(f"{env.pool}-thin0")
+    env.dm.remove(env.pool)  # someone else's dmsetup remove
+    deadline = time.monotonic() + 30
+    while env.dm.info(env.pool) is None:
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.2)
+    assert "removed by someone else; rebuilding it" in daemon.log()
+    info = env.dm.info(env.pool)
+    assert info is not None and info.active_present and not info.suspended
+    from thinwatchd.kernel.api import Target
+    from thinwatchd.kernel.nodes import UdevNodes
+
+    name = f"{env.pool}-thin0"
+    env.dm.create(name)
+    pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
+    env.dm.load_table(name, [Target(0, GiB // 512, "thin", f"{pool_dev} 0")])
+    UdevNodes().resume_synced(env.dm, name)
+    assert read_checksum(thin, 8 * MiB) == checksum
