@@ -32,10 +32,11 @@ from thinwatchd.kernel.fs import (
     zero_header,
 )
 from thinwatchd.policy import low_water_mark
-from thinwatchd.settings import PoolSettings
+from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
     ThinPoolStatus,
     ThinPoolTable,
+    ThinPoolWorkingStatus,
     device_number,
     parse_pool_status,
     parse_pool_table,
@@ -286,7 +287,7 @@ def activate(
     data_loop = _loop_for(loops, str(settings.data_file), attach=True, direct_io=settings.direct_io)
     assert meta_loop is not None and data_loop is not None
     if not new and check_metadata is not None:
-        report = check_metadata(device_path(meta_loop))
+        report = check_metadata(meta_loop.path)
         if report is not None:
             raise PoolSetupError(
                 f"pool {settings.name}: thin_check found damaged metadata in "
@@ -321,11 +322,6 @@ def activate(
         raise
     pool.length = length
     return pool
-
-
-def device_path(loop: LoopDevice) -> str:
-    """Return the /dev path of a loop device."""
-    return loop.path
 
 
 def _adopt(settings: PoolSettings, kernel: Kernel) -> Pool:
@@ -377,9 +373,13 @@ def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
         dm.clear_table(pool.name)  # a half-done reload: we recompute it from the files
         pool.recovered.append("dropped a stale inactive table")
     length = max(pool.length, pool.length_for(kernel.loops.size(pool.data_loop)))
-    meta_blocks = kernel.loops.size(pool.meta_loop) // META_BLOCK_BYTES
+    # The kernel uses at most METADATA_MAX_BYTES of the metadata device, however large.
+    meta_bytes = min(kernel.loops.size(pool.meta_loop), METADATA_MAX_BYTES)
     status = pool.read_status(dm) if not info.suspended else None
-    meta_stale = status is not None and getattr(status, "meta_total", meta_blocks) < meta_blocks
+    meta_stale = (
+        isinstance(status, ThinPoolWorkingStatus)
+        and status.meta_total < meta_bytes // META_BLOCK_BYTES
+    )
     if length > pool.length or meta_stale:
         old = pool.length
         pool.reload(dm, kernel.nodes, length, pool.table)

@@ -187,3 +187,13 @@ def test_error_if_no_space_fails_writes(be: Backend) -> None:
     assert written == BLOCKS
     st = status(be, pool)
     assert st.mode is PoolMode.OUT_OF_DATA_SPACE and st.no_space_policy.value == "error_if_no_space"
+
+
+def test_metadata_growth_needs_a_reload(be: Backend) -> None:
+    pool = make_pool(be)
+    before = status(be, pool).meta_total
+    os.truncate(pool.settings.metadata_file, 8 * MiB)
+    be.kernel.loops.set_capacity(pool.meta_loop)
+    assert status(be, pool).meta_total == before  # the kernel reads the size at resume only
+    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table)
+    assert status(be, pool).meta_total == 8 * MiB // 4096

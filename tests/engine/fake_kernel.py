@@ -38,6 +38,7 @@ class PoolMetadata:
     data_total: int = 0  # blocks recorded in the superblock (0 = freshly formatted)
     data_used: int = 0
     meta_used: int = 6  # a fresh pool's metadata already holds a few blocks
+    meta_total: int = 0  # metadata blocks as of the last (pre)resume: the kernel reads it then
     transaction_id: int = 0
     needs_check: bool = False
     thins: set[int] = field(default_factory=set)
@@ -390,6 +391,8 @@ class FakeKernel:
             )
             if md.needs_check:
                 pool.mode = "ro"
+        # maybe_resize_metadata_dev(): the metadata device's size is read at preresume only.
+        md.meta_total = max(md.meta_total, meta.capacity // META_BLOCK)
         wanted = target.length // block
         if wanted < md.data_total:
             raise KernelError(
@@ -418,10 +421,11 @@ class FakeKernel:
             return not any(f.read(META_BLOCK))
 
     def _meta_total(self, pool: PoolRuntime) -> int:
-        return self.loops[pool.meta_loop].capacity // META_BLOCK
+        return pool.metadata.meta_total
 
     def _meta_threshold(self, pool: PoolRuntime) -> int:
-        return min(1024, self._meta_total(pool) // 4)
+        # calc_metadata_threshold() looks at the live device size, not the recorded one
+        return min(1024, self.loops[pool.meta_loop].capacity // META_BLOCK // 4)
 
     def _update_mode(self, dev: FakeDevice) -> None:
         pool = dev.pool

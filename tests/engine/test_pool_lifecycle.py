@@ -188,3 +188,15 @@ def test_failed_creation_removes_the_device(
     with pytest.raises(KernelError, match="DM_TABLE_LOAD on pool"):
         activate(pool_settings, kernel)
     assert "pool" not in fake.devices
+
+
+def test_crash_during_metadata_growth_is_finished_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
+    pool = activate(pool_settings, kernel)
+    os.truncate(pool_settings.metadata_file, 16 * MiB)  # metadata file grown, then the crash
+    again = activate(pool_settings, kernel)
+    status = again.read_status(fake)
+    assert isinstance(status, ThinPoolWorkingStatus) and status.meta_total == 16 * MiB // 4096
+    assert any("metadata device re-read" in note for note in again.recovered)
+    assert again.length == pool.length
