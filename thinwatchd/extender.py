@@ -303,26 +303,34 @@ class Extender:
             log.info("pool %s: %s can grow again", pool.name, target)
 
     def _note_mode(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        """Log each change of the pool's mode (and needs_check) once, with what to do about it."""
+        working = isinstance(status, ThinPoolWorkingStatus)
         mode = (
             status.mode.value
             if isinstance(status, ThinPoolWorkingStatus | ThinPoolFailed)
             else str(status)
         )
-        if mode == state.mode:
+        needs_check = working and status.needs_check  # type: ignore[union-attr]
+        digest = f"{mode}{',needs_check' if needs_check else ''}"
+        if digest == state.mode:
             return
         first = state.mode is None
-        state.mode = mode
-        if first and mode == PoolMode.WRITE.value:
+        state.mode = digest
+        if first and digest == PoolMode.WRITE.value:
             return
-        level = logging.INFO if mode == PoolMode.WRITE.value else logging.ERROR
+        level = logging.INFO if digest == PoolMode.WRITE.value else logging.ERROR
+        text = f"pool {pool.name} is now in mode {mode}"
+        if needs_check:
+            text += (
+                " and its metadata needs checking (needs_check): the kernel will neither write "
+                "nor grow it. Stop its users, deactivate it and run thin_check, then thin_repair "
+                "if that fails; see the kernel log for the metadata error"
+            )
         if mode == PoolMode.FAIL.value:
             level = logging.CRITICAL
-        event(
-            level,
-            MessageId.POOL_MODE_CHANGED,
-            f"pool {pool.name} is now in mode {mode}",
-            pool_fields(pool, status),
-        )
+            text += ": the pool has failed; its metadata needs thin_check and thin_repair"
+        event(level, MessageId.POOL_MODE_CHANGED, text,
+              pool_fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip
 
     # -- the backing filesystem ------------------------------------------------------------
 

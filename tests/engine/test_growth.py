@@ -178,6 +178,8 @@ def test_needs_check_refuses_growth(fake: FakeKernel, daemon: Daemon) -> None:
     daemon._check_events()
     assert status(fake).data_total == total
     assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}
+    daemon._reconcile(daemon.pools["pool"])
+    assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}  # logged once
 
 
 def test_metadata_grows_when_it_runs_low(

@@ -328,3 +328,55 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
     env.dm.load_table(name, [Target(0, GiB // 512, "thin", f"{pool_dev} 0")])
     UdevNodes().resume_synced(env.dm, name)
     assert read_checksum(thin, 8 * MiB) == checksum
+
+
+def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
+    """Metadata on a full filesystem: the kernel fails metadata writes and takes the pool out
+    of write mode (needs_check). The daemon must say so once, at err or worse, never grow the
+    pool, never leave it suspended, and keep running."""
+    image = env.directory / "meta.img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    mnt = env.directory / "metafs"
+    mnt.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        config = write_config(env.directory / "config.yaml", {env.pool: {
+            "data_file": str(env.data), "metadata_file": str(mnt / "metadata"),
+            "data_size": "1GiB", "metadata_size": "16MiB", "reserve": 0,
+        }}, check_interval="1s")  # fmt: skip
+        daemon = env.daemon(config)
+        env.devices.insert(0, f"{env.pool}-thin0")
+        thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
+        filler = mnt / "filler"  # now fill the metadata file's filesystem
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=100"],
+                       capture_output=True, check=False)  # fmt: skip
+        dd_zero(thin, 256)  # may fail: the pool stops accepting writes
+        deadline = time.monotonic() + 30
+        while True:
+            raw = env.dm.status(env.pool, noflush=True)[0].params
+            status = parse_pool_status(raw)
+            if (
+                not isinstance(status, ThinPoolWorkingStatus)
+                or status.needs_check
+                or (status.mode.value != "rw")
+            ):
+                break
+            assert time.monotonic() < deadline, f"pool still writable: {raw}\n{env.klog.text()}"
+            time.sleep(0.5)
+        time.sleep(3)  # a few safety checks
+        log = daemon.log()
+        assert "needs_check" in raw, raw  # what the kernel does with failed metadata writes
+        assert "needs checking (needs_check)" in log and "thin_repair" in log, log
+        assert log.count("needs checking") == 1, "said once per state change"
+        assert log.count("cannot grow data") <= 1, "said once per state change"
+        assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon keeps running"
+        info = env.dm.info(env.pool)
+        assert info is not None and not info.suspended
+        assert "Traceback" not in log
+        daemon.stop()
+        teardown(env.dm, env.devices, [env.data, mnt / "metadata"])
+        env.devices.clear()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
