@@ -5,6 +5,7 @@ These run inside the VM test bed (or natively on a host with dm-thin, as root).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import shutil
@@ -211,19 +212,26 @@ def test_metadata_grows_under_many_small_writes(env: Env) -> None:
     assert "growing metadata" in env.logs(), why
 
 
-def test_backing_filesystem_too_small(env: Env) -> None:
-    # a small ext4 of its own: 400 MiB, keep 64 MiB free; the writer wants 600 MiB
-    image = env.directory / "small.img"
+@contextlib.contextmanager
+def small_filesystem(env: Env, name: str, size: int) -> Iterator[Path]:
+    """Mount a fresh ext4 of size bytes (an image on the scratch disk) for the test's files."""
+    image = env.directory / f"{name}.img"
     with open(image, "wb") as f:
-        f.truncate(400 * MiB)
+        f.truncate(size)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    mnt = env.directory / "small"
+    mnt = env.directory / name
     mnt.mkdir()
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
-        _fill_small_fs(env, mnt)
+        yield mnt
     finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_backing_filesystem_too_small(env: Env) -> None:
+    # a small ext4 of its own: 400 MiB, keep 64 MiB free; the writer wants 600 MiB
+    with small_filesystem(env, "small", 400 * MiB) as mnt:
+        _fill_small_fs(env, mnt)
 
 
 def _fill_small_fs(env: Env, mnt: Path) -> None:
@@ -334,14 +342,7 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
     """Metadata on a full filesystem: the kernel fails metadata writes and takes the pool out
     of write mode (needs_check). The daemon must say so once, at err or worse, never grow the
     pool, never leave it suspended, and keep running."""
-    image = env.directory / "meta.img"
-    with open(image, "wb") as f:
-        f.truncate(64 * MiB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
-    mnt = env.directory / "metafs"
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
-    try:
+    with small_filesystem(env, "metafs", 64 * MiB) as mnt:
         config = write_config(env.directory / "config.yaml", {env.pool: {
             "data_file": str(env.data), "metadata_file": str(mnt / "metadata"),
             "data_size": "1GiB", "metadata_size": "16MiB", "reserve": 0,
@@ -378,5 +379,3 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
         daemon.stop()
         teardown(env.dm, env.devices, [env.data, mnt / "metadata"])
         env.devices.clear()
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
