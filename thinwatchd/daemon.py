@@ -80,10 +80,8 @@ class Daemon:
         self.settings = load_settings(self.config_path)
         for settings in self.settings.pools:
             self._activate(settings)
-        self.kernel.dm.arm_poll()
+        # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self._check_events()
-        for managed in self.pools.values():
-            self._reconcile(managed)
 
     def _activate(self, settings: PoolSettings) -> ManagedPool:
         pool = activate(settings, self.kernel, self.check_metadata)

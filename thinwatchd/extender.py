@@ -141,8 +141,7 @@ class Extender:
                 break
             status = grown
             started = self.clock()
-        self._apply_no_space_policy(pool, state, status)
-        self._raise_low_water_mark(pool, state, status)
+        self._retune_table(pool, state, status)
         state.status = status
         return status
 
@@ -229,56 +228,46 @@ class Extender:
         )
         return status
 
-    def _raise_low_water_mark(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
-        """Reload with a higher mark when the table's would wake us too late.
+    def _retune_table(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        """Reload once if the table's mark or no-space policy should change.
 
-        The kernel only knows the table's mark; the policy's (threshold, adaptive rate) may be
-        higher, e.g. for a new pool. Growths carry the mark anyway, so this rarely reloads.
-        Never lowered here: an early event costs nothing.
+        The mark: the kernel only knows the table's, and the policy's (threshold, adaptive rate)
+        may be higher; growths carry it anyway, so this rarely reloads, and never to lower it
+        (an early event costs nothing). The policy: error_if_no_space after the grace period
+        without room, and back when room returns. One reload for both: each stalls writers.
         """
         if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
             return
-        wanted = low_water_mark(pool.settings, status.data_total, state.history)
-        current = pool.table.low_water_mark
-        if wanted <= current + current // 4:  # hysteresis: a reload stalls writers briefly
+        table = pool.table
+        mark = low_water_mark(pool.settings, status.data_total, state.history)
+        if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
+            table = table.with_low_water_mark(mark)
+        policy = no_space_mode(pool.settings, state.refused_since, self.clock())
+        if policy is not table.no_space_policy:
+            table = table.with_no_space_policy(policy)
+        if table == pool.table:
             return
-        try:
-            pool.reload(
-                self.kernel.dm,
-                self.kernel.nodes,
-                pool.length,
-                pool.table.with_low_water_mark(wanted),
-            )
-        except ThinwatchError as exc:
-            log.error("pool %s: cannot raise the low-water mark to %d: %s", pool.name, wanted, exc)
-            return
-        log.info("pool %s: low-water mark raised to %d blocks", pool.name, wanted)
-
-    def _apply_no_space_policy(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
-        """Switch error_if_no_space on after the grace period without room, and back off."""
-        if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
-            return
-        wanted = no_space_mode(pool.settings, state.refused_since, self.clock())
-        if wanted is pool.table.no_space_policy:
-            return
-        table = pool.table.with_no_space_policy(wanted)
+        old = pool.table
         try:
             pool.reload(self.kernel.dm, self.kernel.nodes, pool.length, table)
         except ThinwatchError as exc:
-            log.error("pool %s: cannot switch to %s: %s", pool.name, wanted.value, exc)
+            log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
             return
-        level = logging.ERROR if wanted.value == "error_if_no_space" else logging.INFO
-        why = (
-            "no room to grow; writers now get ENOSPC instead of hanging"
-            if level == logging.ERROR
-            else "room to grow again; writers queue as configured"
-        )
-        event(
-            level,
-            MessageId.POOL_MODE_CHANGED,
-            f"pool {pool.name}: switched to {wanted.value}: {why}",
-            pool_fields(pool, status) | {"NO_SPACE_POLICY": wanted.value},
-        )
+        if table.low_water_mark != old.low_water_mark:
+            log.info("pool %s: low-water mark raised to %d blocks", pool.name, mark)
+        if policy is not old.no_space_policy:
+            error = policy.value == "error_if_no_space"
+            why = (
+                "no room to grow; writers now get ENOSPC instead of hanging"
+                if error
+                else "room to grow again; writers queue as configured"
+            )
+            event(
+                logging.ERROR if error else logging.INFO,
+                MessageId.POOL_MODE_CHANGED,
+                f"pool {pool.name}: switched to {policy.value}: {why}",
+                pool_fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
+            )
 
     # -- reporting -------------------------------------------------------------------------
 

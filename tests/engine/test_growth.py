@@ -303,3 +303,13 @@ def test_udev_change_of_our_own_growth_does_no_work(
     monitor.send(FakeUdevDevice("change", "/dev/dm-0", DM_NAME="pool", RESIZE="1"))
     d.loop.run_once(max_wait=1)
     assert fake.calls == []
+
+
+def test_start_reconciles_each_pool_once(
+    tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
+) -> None:
+    config = write_config(tmp_path / "c.yaml", tmp_path)
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d.start()
+    # one status read to log the activation, one for the reconcile
+    assert fake.calls.count("DM_TABLE_STATUS pool") == 2, fake.calls
