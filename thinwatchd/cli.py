@@ -25,8 +25,8 @@ __all__ = ["main"]
 
 log = logging.getLogger("thinwatchd")
 
-EX_SOFTWARE = 70
 EX_UNAVAILABLE = 69
+_DM_HINT = "is device-mapper in this kernel? (modprobe dm-thin-pool loop)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +87,7 @@ def _status(path: Path, *, as_json: bool) -> int:
     try:
         dm = DeviceMapper()
     except ThinwatchError as exc:
-        print(f"thinwatchd: cannot open device-mapper: {exc}", file=sys.stderr)
+        print(f"thinwatchd: cannot open device-mapper: {exc}; {_DM_HINT}", file=sys.stderr)
         return EX_UNAVAILABLE
     with dm:
         reports = [pool_report(dm, p) for p in settings.pools]
@@ -110,7 +110,7 @@ def _run(path: Path, log_target: str) -> int:
     try:
         kernel = open_kernel()
     except ThinwatchError as exc:
-        log.error("cannot open the kernel interfaces: %s", exc)
+        log.error("cannot open the kernel interfaces: %s; %s", exc, _DM_HINT)
         return EX_UNAVAILABLE
     daemon = Daemon(path, kernel, check_metadata=thin_check, udev_monitor=udev_monitor())
     try:

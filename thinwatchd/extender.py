@@ -42,7 +42,6 @@ from thinwatchd.status import (
     ThinPoolStatus,
     ThinPoolWorkingStatus,
 )
-from thinwatchd.units import META_BLOCK_BYTES
 
 __all__ = ["Extender", "GrowthRecord", "PoolState", "pool_fields"]
 
@@ -81,12 +80,12 @@ def pool_fields(pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
     """Return the structured journal fields describing a pool's state."""
     fields: dict[str, object] = {"POOL": pool.name}
     if isinstance(status, ThinPoolWorkingStatus):
-        bb = pool.block_bytes
+        usage = status.usage_bytes(pool.block_bytes)
         fields |= {
-            "DATA_USED_BYTES": status.data_used * bb,
-            "DATA_TOTAL_BYTES": status.data_total * bb,
-            "METADATA_USED_BYTES": status.meta_used * META_BLOCK_BYTES,
-            "METADATA_TOTAL_BYTES": status.meta_total * META_BLOCK_BYTES,
+            "DATA_USED_BYTES": usage.data_used,
+            "DATA_TOTAL_BYTES": usage.data_total,
+            "METADATA_USED_BYTES": usage.metadata_used,
+            "METADATA_TOTAL_BYTES": usage.metadata_total,
             "POOL_MODE": status.mode.value,
         }
     elif status is not None:

@@ -10,11 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
-from thinwatchd.units import META_BLOCK_BYTES
 
 __all__ = ["PoolMetrics", "render", "write_atomically"]
 
 _MODES = tuple(m.value for m in PoolMode)
+_USAGE_HELP = {
+    "data_used": "Pool data in use.",
+    "data_total": "Pool data size.",
+    "metadata_used": "Pool metadata in use.",
+    "metadata_total": "Pool metadata size.",
+}
 
 
 @dataclass(frozen=True)
@@ -48,34 +53,9 @@ def render(pools: Iterable[PoolMetrics]) -> str:
     for p in pools:
         st = p.status
         if isinstance(st, ThinPoolWorkingStatus):
-            add(
-                "thinwatchd_data_used_bytes",
-                "gauge",
-                "Pool data in use.",
-                p.name,
-                st.data_used * p.block_bytes,
-            )
-            add(
-                "thinwatchd_data_total_bytes",
-                "gauge",
-                "Pool data size.",
-                p.name,
-                st.data_total * p.block_bytes,
-            )
-            add(
-                "thinwatchd_metadata_used_bytes",
-                "gauge",
-                "Pool metadata in use.",
-                p.name,
-                st.meta_used * META_BLOCK_BYTES,
-            )
-            add(
-                "thinwatchd_metadata_total_bytes",
-                "gauge",
-                "Pool metadata size.",
-                p.name,
-                st.meta_total * META_BLOCK_BYTES,
-            )
+            usage = st.usage_bytes(p.block_bytes)
+            for field, help_text in _USAGE_HELP.items():
+                add(f"thinwatchd_{field}_bytes", "gauge", help_text, p.name, getattr(usage, field))
             add(
                 "thinwatchd_needs_check",
                 "gauge",

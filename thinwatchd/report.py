@@ -10,7 +10,7 @@ from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import filesystem_space
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
-from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, format_bytes
+from thinwatchd.units import SECTOR_BYTES, format_bytes
 
 __all__ = ["PoolReport", "format_table", "pool_report"]
 
@@ -72,10 +72,7 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
         base,
         active=True,
         mode="suspended" if info.suspended else status.mode.value,
-        data_used=status.data_used * block,
-        data_total=status.data_total * block,
-        metadata_used=status.meta_used * META_BLOCK_BYTES,
-        metadata_total=status.meta_total * META_BLOCK_BYTES,
+        **status.usage_bytes(block)._asdict(),
         data_percent=round(status.data_percent, 2),
         metadata_percent=round(status.meta_percent, 2),
         low_water_mark_blocks=params.low_water_mark,

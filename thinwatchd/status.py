@@ -21,10 +21,10 @@ from __future__ import annotations
 import os as _os
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import ClassVar, TypeVar
+from typing import ClassVar, NamedTuple, TypeVar
 
 from thinwatchd.errors import StatusParseError
-from thinwatchd.units import DataBlocks, MetaBlocks
+from thinwatchd.units import META_BLOCK_BYTES, DataBlocks, MetaBlocks
 
 __all__ = [
     "FEATURE_ORDER",
@@ -38,6 +38,7 @@ __all__ = [
     "ThinPoolTable",
     "ThinPoolWorkingStatus",
     "ThinStatus",
+    "UsageBytes",
     "device_number",
     "parse_pool_status",
     "parse_pool_table",
@@ -84,6 +85,15 @@ class NoSpacePolicy(StrEnum):
     ERROR = "error_if_no_space"
 
 
+class UsageBytes(NamedTuple):
+    """A pool's data and metadata usage in bytes (the one place blocks become bytes)."""
+
+    data_used: int
+    data_total: int
+    metadata_used: int
+    metadata_total: int
+
+
 @dataclass(frozen=True)
 class ThinPoolWorkingStatus:
     """A pool status line with all its fields."""
@@ -119,6 +129,15 @@ class ThinPoolWorkingStatus:
     def meta_percent(self) -> float:
         """Return metadata usage in percent."""
         return 100.0 * self.meta_used / self.meta_total if self.meta_total else 100.0
+
+    def usage_bytes(self, data_block_bytes: int) -> UsageBytes:
+        """Return usage in bytes for a pool of data_block_bytes blocks (metadata: 4 KiB)."""
+        return UsageBytes(
+            self.data_used * data_block_bytes,
+            self.data_total * data_block_bytes,
+            self.meta_used * META_BLOCK_BYTES,
+            self.meta_total * META_BLOCK_BYTES,
+        )
 
     @property
     def out_of_metadata_space(self) -> bool:
