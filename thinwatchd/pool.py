@@ -196,10 +196,14 @@ def _prepare_files(settings: PoolSettings) -> bool:
                 f"zeros). Restore the data file or fix pools.{settings.name}.data_file"
             )
         return False
-    if not meta_exists and data_exists and allocated_bytes(data) > 0:
+    # Data written but no used metadata: a lost or mistyped metadata file, never our own
+    # interrupted creation (it makes the metadata first, and writes no data) unless the data
+    # file was preallocated. Formatting would make that data unrecoverable.
+    if data_exists and allocated_bytes(data) > 0 and not (meta_exists and settings.preallocate):
+        state = "is missing" if not meta_exists else "has never been used (all-zero header)"
         raise PoolSetupError(
-            f"pool {settings.name}: data file {data} holds data but metadata file {meta} is "
-            f"missing; refusing to format new metadata over it. Restore the metadata file or fix "
+            f"pool {settings.name}: data file {data} holds data but metadata file {meta} "
+            f"{state}; refusing to format new metadata over it. Restore the metadata file or fix "
             f"pools.{settings.name}.metadata_file"
         )
     # A new pool (or a creation interrupted part-way): metadata first, its zero header is the mark.

@@ -200,3 +200,15 @@ def test_crash_during_metadata_growth_is_finished_at_start(
     assert isinstance(status, ThinPoolWorkingStatus) and status.meta_total == 16 * MiB // 4096
     assert any("metadata device re-read" in note for note in again.recovered)
     assert again.length == pool.length
+
+
+def test_data_next_to_unused_metadata_is_refused(
+    kernel: Kernel, pool_settings: PoolSettings
+) -> None:
+    # e.g. metadata_file mistyped to point at an empty file: the kernel would format it
+    pool_settings.metadata_file.write_bytes(bytes(8 * MiB))
+    with open(pool_settings.data_file, "wb") as f:
+        f.write(b"precious")
+    with pytest.raises(PoolSetupError, match="never been used"):
+        activate(pool_settings, kernel)
+    assert pool_settings.data_file.read_bytes() == b"precious"
