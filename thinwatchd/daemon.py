@@ -83,9 +83,9 @@ class Daemon:
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self._check_events()
 
-    def _activate(self, settings: PoolSettings) -> ManagedPool:
+    def _activate(self, settings: PoolSettings, state: PoolState | None = None) -> ManagedPool:
         pool = activate(settings, self.kernel, self.check_metadata)
-        managed = ManagedPool(pool)
+        managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
         status = pool.read_status(self.kernel.dm)
         fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
@@ -221,7 +221,7 @@ class Daemon:
             return
         log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         try:
-            self._activate(managed.pool.settings)
+            self._activate(managed.pool.settings, managed.state)  # keep its history and counts
         except ThinwatchError as exc:
             log.error("pool %s: cannot rebuild: %s", name, exc)
 

@@ -210,9 +210,11 @@ def test_reload_applies_new_step_and_survives_a_broken_file(
 
 def test_pool_removed_behind_our_back_is_rebuilt(fake: FakeKernel, daemon: Daemon) -> None:
     fake.write_blocks("pool", 10)
+    state = daemon.pools["pool"].state
     fake.remove("pool")
     daemon._check_events()
     assert "pool" in fake.devices
+    assert daemon.pools["pool"].state is state  # its history and counters survive
     st = status(fake)
     assert st.data_used == 10  # rebuilt over the same metadata: nothing lost
 
