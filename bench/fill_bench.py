@@ -41,7 +41,7 @@ from tests.kernel.harness import (
 )
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.kernel.fs import create_regular_file, zero_header
+from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
 
@@ -68,9 +68,8 @@ class ManualPool:
     ) -> None:
         self.dm, self.name = dm, f"bench-{uuid.uuid4().hex[:6]}"
         self.data, self.meta = directory / f"{self.name}.data", directory / f"{self.name}.meta"
-        create_regular_file(str(self.meta), 64 * MiB, preallocate=False)
-        zero_header(str(self.meta))
-        create_regular_file(str(self.data), data_size, preallocate=False)
+        Files().create(str(self.meta), 64 * MiB, preallocate=False)  # reads as zeros
+        Files().create(str(self.data), data_size, preallocate=False)
         loops = LoopControl()
         self.meta_loop = loops.attach(str(self.meta), direct_io=direct_io)
         self.data_loop = loops.attach(str(self.data), direct_io=direct_io)

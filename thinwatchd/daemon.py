@@ -20,11 +20,17 @@ from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
-from thinwatchd.kernel.fs import filesystem_space
 from thinwatchd.logs import MessageId, event
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Activation, Kernel, MetadataChecker, Pool, activate
+from thinwatchd.pool import (
+    Activation,
+    Kernel,
+    MetadataChecker,
+    Pool,
+    activate,
+    check_distinct_files,
+)
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
 
@@ -36,12 +42,18 @@ log = logging.getLogger("thinwatchd")
 _FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
 
 
+#: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
+_EVENT_RETRY_SECONDS = 1.0
+
+
 @dataclass
 class ManagedPool:
     """A pool the daemon watches, with the extender's memory of it."""
 
     pool: Pool
     state: PoolState = field(default_factory=PoolState)
+    retry: Timer | None = None  # the backoff timer of a failed growth
+    error: str | None = None  # the last error logged for this pool, to say each one once
 
 
 class Daemon:
@@ -68,6 +80,8 @@ class Daemon:
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
         self._metrics_failed = False
+        self._event_error: str | None = None  # the last dm event-read error logged
+        self._event_retry: Timer | None = None
         self.extender = Extender(kernel, self.loop.time, self._all_files)
 
     # -- start-up --------------------------------------------------------------------------
@@ -78,6 +92,7 @@ class Daemon:
         Raise ConfigError for a bad config, ThinwatchError for a pool that cannot be activated.
         """
         self.settings = load_settings(self.config_path)
+        check_distinct_files(list(self.settings.pools), self.kernel.files)
         for settings in self.settings.pools:
             self._activate(settings)
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
@@ -156,11 +171,22 @@ class Daemon:
         pet()
 
     def _check_events(self) -> None:
-        """Re-arm the control fd, then reconcile each pool whose event_nr moved."""
+        """Re-arm the control fd, then reconcile each pool whose event_nr moved.
+
+        If the kernel refuses either ioctl (ENOMEM, EINTR), say it once and come back soon:
+        an unarmed fd would stay readable (a busy loop), and an unread event would be lost.
+        """
         woke = self.loop.time()
         dm = self.kernel.dm
-        dm.arm_poll()  # first: an event after this makes the fd readable again
-        seen = {d.name: d.event_nr for d in dm.list_devices()}
+        try:
+            dm.arm_poll()  # first: an event after this makes the fd readable again
+            seen = {d.name: d.event_nr for d in dm.list_devices()}
+        except ThinwatchError as exc:
+            self._event_read_failed(exc)
+            return
+        if self._event_error is not None:
+            log.info("dm events are read again")
+            self._event_error = None
         for name, managed in list(self.pools.items()):
             event_nr = seen.get(name)
             if event_nr is None:
@@ -169,11 +195,34 @@ class Daemon:
                 managed.state.event_nr = event_nr
                 self._reconcile(managed, woke)
 
+    def _event_read_failed(self, exc: ThinwatchError) -> None:
+        fd = self.kernel.dm.fileno()
+        self.loop.remove_reader(fd)
+        if str(exc) != self._event_error:
+            self._event_error = str(exc)
+            log.error("cannot read dm events: %s; retrying every %g s, the timer checks "
+                      "meanwhile", exc, _EVENT_RETRY_SECONDS)  # fmt: skip
+
+        def again() -> None:
+            self._event_retry = None
+            self.loop.add_reader(fd, self._check_events)
+            self._check_events()
+
+        if self._event_retry is None:
+            self._event_retry = self.loop.call_later(_EVENT_RETRY_SECONDS, again)
+
     def _on_udev(self) -> None:
         """A block device changed behind our back: a pool or one of its loops removed, a loop
         no longer backed by its file. Growth itself is driven by dm events, not by these."""
         assert self.udev_monitor is not None
-        device = self.udev_monitor.poll(timeout=0)
+        try:
+            device = self.udev_monitor.poll(timeout=0)
+        except OSError as exc:  # ENOBUFS: the netlink socket overflowed, events were lost
+            log.warning("udev events lost (%s); checking every pool", exc.strerror or exc)
+            for managed in list(self.pools.values()):
+                self._lost(managed)
+                self._reconcile(managed)
+            return
         if device is None or device.action not in ("remove", "change"):
             return
         dm_name, node = device.get("DM_NAME"), device.device_node
@@ -203,27 +252,51 @@ class Daemon:
         except KernelError as exc:
             if exc.errno == errno.ENXIO:
                 self._lost(managed)
-                return
-            managed.state.failures += 1
-            log.error("pool %s: %s", managed.pool.name, exc)
+            else:
+                self._pool_error(managed, exc)
         except ThinwatchError as exc:
-            managed.state.failures += 1
-            log.error("pool %s: %s", managed.pool.name, exc)
+            self._pool_error(managed, exc)
         except Exception:  # a bug must not stop the other pools from being watched
             managed.state.failures += 1
             log.critical("pool %s: internal error", managed.pool.name, exc_info=True)
+        else:
+            if managed.error is not None:
+                log.info("pool %s: checked without error again", managed.pool.name)
+                managed.error = None
+        self._schedule_retry(managed)
         self._publish()
+
+    def _pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
+        """Count an error; log it when it differs from the pool's last one (once, not per check)."""
+        managed.state.failures += 1
+        if str(exc) != managed.error:
+            managed.error = str(exc)
+            log.error("pool %s: %s", managed.pool.name, exc)
+
+    def _schedule_retry(self, managed: ManagedPool) -> None:
+        """Come back for a pool whose growth failed when its backoff ends, not at the next
+        safety check (which may be too late for a writer)."""
+        retry_at = managed.state.retry_at
+        if retry_at is None or (managed.retry is not None and not managed.retry.cancelled):
+            return
+
+        def retry() -> None:
+            managed.retry = None
+            if self.pools.get(managed.pool.name) is managed:
+                self._reconcile(managed)
+
+        managed.retry = self.loop.call_at(retry_at, retry)
 
     def _lost(self, managed: ManagedPool) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
-        if self.kernel.dm.info(name) is not None:
-            return
-        log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         try:
+            if self.kernel.dm.info(name) is not None:
+                return
+            log.error("pool %s: its device was removed by someone else; rebuilding it", name)
             self._activate(managed.pool.settings, managed.state)  # keep its history and counts
         except ThinwatchError as exc:
-            log.error("pool %s: cannot rebuild: %s", name, exc)
+            self._pool_error(managed, exc)
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -275,12 +348,20 @@ class Daemon:
                 )
                 settings = replace(settings, **{k: getattr(old, k) for k in fixed})
             managed.pool.settings = settings
+        try:
+            check_distinct_files(list(new.pools), self.kernel.files)
+        except ThinwatchError as exc:
+            log.error("new pools not built: %s", exc)
+            return new
         for name, settings in wanted.items():
             if name not in self.pools:
                 try:
                     self._activate(settings)
                 except ThinwatchError as exc:
                     log.error("pool %s: cannot build it: %s", name, exc)
+                except Exception:  # a bug in building one pool must not stop the others
+                    log.critical("pool %s: internal error while building it", name,
+                                 exc_info=True)  # fmt: skip
         return new
 
     def _schedule_check_after_reload(self) -> None:
@@ -320,7 +401,7 @@ class Daemon:
         for managed in self.pools.values():
             pool, state = managed.pool, managed.state
             try:
-                free: int | None = filesystem_space(str(pool.settings.data_file))[0]
+                free: int | None = self.kernel.files.space(str(pool.settings.data_file)).free
             except ThinwatchError:
                 free = None
             out.append(PoolMetrics(

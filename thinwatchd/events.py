@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import selectors
 import signal
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 __all__ = ["EventLoop", "Timer"]
 
 Callback = Callable[[], None]
+
+log = logging.getLogger("thinwatchd")
 
 
 @dataclass(order=True)
@@ -103,10 +106,19 @@ class EventLoop:
         if max_wait is not None:
             timeout = max_wait if timeout is None else min(timeout, max_wait)
         for key, _mask in self._selector.select(timeout):
-            key.data()
+            self._call(key.data)
             if self._stopping:
                 return
         self._run_due_timers()
+
+    @staticmethod
+    def _call(callback: Callback) -> None:
+        """Run a callback; a bug in one must not end the loop that serves every pool."""
+        try:
+            callback()
+        except Exception:
+            log.critical("internal error in %s; the daemon goes on", getattr(
+                callback, "__qualname__", callback), exc_info=True)  # fmt: skip
 
     def close(self) -> None:
         """Release the selector and restore signal handling."""
@@ -135,7 +147,7 @@ class EventLoop:
         while self._timers and self._timers[0].when <= now:
             timer = heapq.heappop(self._timers)
             if not timer.cancelled:
-                timer.callback()
+                self._call(timer.callback)
             if self._stopping:
                 return
 
@@ -148,4 +160,4 @@ class EventLoop:
         for signum in data:
             handler = self._signal_handlers.get(signum)
             if handler is not None:
-                handler()
+                self._call(handler)

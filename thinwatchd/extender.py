@@ -3,24 +3,26 @@
 ``Extender.reconcile(pool)`` is the one routine every trigger runs (a dm event, a udev event,
 the safety timer): read the status, ask the pure policy (policy.py) what to do, and do it:
 
-    grow the file (fsync) -> LOOP_SET_CAPACITY -> TABLE_LOAD (inactive) -> resume -> status
+    grow the file -> LOOP_SET_CAPACITY -> TABLE_LOAD (inactive) -> resume -> status
 
 Each step leaves a state ``pool.activate()`` can finish after a crash: a file larger than its
 loop, a loop larger than the table, or a stale inactive table. The pool is never left suspended
-(Pool.reload restores the last good table when a resume fails). Growth path: no forks, no udev
-wait (the /dev/mapper node exists already), one statvfs and a few stats.
+(Pool.reload builds each table from the kernel's live one and resumes on the longest valid
+table when a resume fails). Growth path: no forks, no udev wait (the /dev/mapper node exists
+already), one statvfs and a few stats. A failed growth is said once, retried with backoff, and
+counts as "no room" for when_full, so writers are not left queued forever.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from thinwatchd.errors import ThinwatchError
-from thinwatchd.kernel.fs import filesystem_space, grow_file
+from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import (
     BackingFs,
@@ -29,6 +31,7 @@ from thinwatchd.policy import (
     Grow,
     NoAction,
     Refuse,
+    backing_shortfall,
     decide_data,
     decide_metadata,
     describe,
@@ -42,6 +45,7 @@ from thinwatchd.status import (
     ThinPoolStatus,
     ThinPoolWorkingStatus,
 )
+from thinwatchd.units import format_bytes
 
 __all__ = ["Extender", "GrowthRecord", "PoolState", "pool_fields"]
 
@@ -49,6 +53,9 @@ log = logging.getLogger("thinwatchd")
 
 #: Growths one reconcile may chain (metadata then data, or a writer outrunning a growth).
 _MAX_ROUNDS = 4
+#: Retry delays after failed growths: doubling from the first, up to the last.
+RETRY_FIRST_SECONDS = 0.25
+RETRY_MAX_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -66,11 +73,15 @@ class PoolState:
     """What the extender remembers about one pool between reconciles."""
 
     history: FillHistory = field(default_factory=FillHistory)
-    refused_since: float | None = None  # data growth refused for lack of room since then
+    refused_since: float | None = None  # no room for data (refused, failed, fs at reserve)
     refusals: dict[str, str] = field(default_factory=dict)  # target -> reason, to log changes once
     mode: str | None = None  # last pool mode seen, to log changes once
     growths: dict[str, int] = field(default_factory=lambda: {"data": 0, "metadata": 0})
     failures: int = 0
+    failing: str | None = None  # the error of the current streak of failed growths
+    failed_attempts: int = 0  # growths failed in a row
+    retry_at: float | None = None  # no growth attempt before this (backoff)
+    backing_short: bool = False  # the backing filesystem is at its reserve (said once)
     last_growth: GrowthRecord | None = None
     status: ThinPoolStatus | None = None
     event_nr: int = -1
@@ -126,6 +137,8 @@ class Extender:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
         status = pool.read_status(dm)
+        self._adopt_outside_change(pool, status)
+        blocked = False
         for _ in range(_MAX_ROUNDS):
             self._note_mode(pool, state, status)
             if isinstance(status, ThinPoolWorkingStatus):
@@ -134,15 +147,33 @@ class Extender:
                 )
             decision = self._decide(pool, state, status)
             if not isinstance(decision, Grow):
+                blocked = isinstance(decision, Refuse) and decision.is_capacity
+                break
+            if state.retry_at is not None and self.clock() < state.retry_at:
+                blocked = True  # backing off after a failure; the daemon's timer comes back
                 break
             grown = self._grow(pool, state, decision, started)
             if grown is None:
+                blocked = True
                 break
             status = grown
             started = self.clock()
+        blocked |= self._note_backing(pool, state, status)
+        if blocked:
+            if state.refused_since is None:
+                state.refused_since = self.clock()
+        else:
+            state.refused_since = None
         self._retune_table(pool, state, status)
         state.status = status
         return status
+
+    def _adopt_outside_change(self, pool: Pool, status: ThinPoolStatus) -> None:
+        """Notice a table someone else reloaded (its size differs from ours): adopt it now."""
+        if isinstance(status, ThinPoolWorkingStatus):
+            size = status.data_total * pool.settings.data_block_size
+            if size != pool.length:
+                pool.live_length(self.kernel.dm)
 
     def _decide(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
@@ -161,11 +192,6 @@ class Extender:
             table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
         )
         self._note_refusal(pool, state, data, status)
-        if isinstance(data, Refuse) and data.is_capacity:
-            if state.refused_since is None:
-                state.refused_since = self.clock()
-        elif not isinstance(data, Refuse):
-            state.refused_since = None
         return data
 
     # -- execution -------------------------------------------------------------------------
@@ -174,7 +200,7 @@ class Extender:
         self, pool: Pool, state: PoolState, decision: Grow, started: float
     ) -> ThinPoolStatus | None:
         """Execute one growth; return the status after it, or None if it failed (logged)."""
-        settings, loops = pool.settings, self.kernel.loops
+        settings, loops, files = pool.settings, self.kernel.loops, self.kernel.files
         data = decision.target == "data"
         path = str(settings.data_file if data else settings.metadata_file)
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
@@ -184,25 +210,20 @@ class Extender:
             # superblock with FUA to the metadata device, and a flush of a loop device fsyncs its
             # file. So the size is durable before anything depends on it, and an fsync here
             # would only write back the writer's dirty pages while it waits.
-            grow_file(path, decision.new_size, preallocate=settings.preallocate, sync=False)
+            files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False)
             steps["FILE_MS"] = self.clock()
             loops.set_capacity(pool.data_loop if data else pool.meta_loop)
             steps["LOOP_MS"] = self.clock()
-            length = pool.length_for(decision.new_size) if data else pool.length
-            table = pool.table.with_low_water_mark(decision.low_water_mark)
-            pool.reload(self.kernel.dm, self.kernel.nodes, length, table)
+            pool.reload(self.kernel, pool.table.with_low_water_mark(decision.low_water_mark))
             steps["RELOAD_MS"] = self.clock()
             status = pool.read_status(self.kernel.dm)
         except ThinwatchError as exc:
-            state.failures += 1
-            event(
-                logging.ERROR,
-                MessageId.GROWTH_FAILED,
-                f"growing {decision.target} of {pool.name} failed: {exc}; the pool is resumed "
-                f"on its previous size and the next check retries",
-                pool_fields(pool, state.status) | {"TARGET": decision.target},
-            )
+            self._note_failure(pool, state, decision, exc)
             return None
+        if state.failing is not None:
+            log.info("pool %s: %s grew again after %d failed attempt(s)", pool.name,
+                     decision.target, state.failed_attempts)  # fmt: skip
+        state.failing, state.failed_attempts, state.retry_at = None, 0, None
         seconds = self.clock() - started
         log.debug("pool %s: %s growth steps (ms): %s", pool.name, decision.target,
                   _step_ms(started, steps))  # fmt: skip
@@ -227,6 +248,49 @@ class Extender:
         )
         return status
 
+    def _note_failure(
+        self, pool: Pool, state: PoolState, decision: Grow, exc: ThinwatchError
+    ) -> None:
+        """Count a failed growth, say it once per streak (or when the error changes), back off."""
+        state.failures += 1
+        state.failed_attempts += 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (state.failed_attempts - 1))
+        state.retry_at = self.clock() + delay
+        text = str(exc)
+        if text == state.failing:
+            log.debug("pool %s: growth attempt %d failed again: %s", pool.name,
+                      state.failed_attempts, text)  # fmt: skip
+            return
+        state.failing = text
+        event(
+            logging.ERROR,
+            MessageId.GROWTH_FAILED,
+            f"growing {decision.target} of {pool.name} failed: {exc}; the pool is resumed on "
+            f"its previous size; retrying with backoff (next in {delay:g} s)",
+            pool_fields(pool, state.status) | {"TARGET": decision.target},
+        )
+
+    def _note_backing(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> bool:
+        """Say once when the data file's filesystem reaches its reserve while the pool still
+        promises blocks (its writes will fail with EIO); return whether that is the case."""
+        path = str(pool.settings.data_file)
+        short = backing_shortfall(status, pool.settings, self._backing(path), pool.block_bytes)
+        if bool(short) != state.backing_short:
+            state.backing_short = bool(short)
+            if short:
+                event(
+                    logging.ERROR,
+                    MessageId.BACKING_FS_LOW,
+                    f"pool {pool.name}: the filesystem under {path} is at its reserve but the "
+                    f"pool may still write {format_bytes(short)} into holes of that file; those "
+                    f"writes will fail with EIO. Free space there or lower "
+                    f"pools.{pool.name}.reserve; when_full applies meanwhile",
+                    pool_fields(pool, status) | {"SHORTFALL_BYTES": short},
+                )
+            else:
+                log.info("pool %s: the filesystem under %s has room again", pool.name, path)
+        return bool(short)
+
     def _retune_table(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
         """Reload once if the table's mark or no-space policy should change.
 
@@ -248,9 +312,10 @@ class Extender:
             return
         old = pool.table
         try:
-            pool.reload(self.kernel.dm, self.kernel.nodes, pool.length, table)
+            pool.reload(self.kernel, table)
         except ThinwatchError as exc:
-            log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
+            if state.failing != str(exc):
+                log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
             return
         if table.low_water_mark != old.low_water_mark:
             log.info("pool %s: low-water mark raised to %d blocks", pool.name, mark)
@@ -324,18 +389,20 @@ class Extender:
 
     def _backing(self, path: str) -> BackingFs:
         """Return the filesystem figures the policy needs for path (statvfs + stats)."""
-        free, total = filesystem_space(path)
-        st = os.stat(path)
+        files = self.kernel.files
+        space = files.space(path)
+        info = files.inspect(path)
+        if info is None:
+            raise KernelError("stat", path, errno.ENOENT, "the pool file is gone")
         promised = 0
         for other in self.all_files():
             if other == path:
                 continue
             try:
-                ost = os.stat(other)
-            except OSError:
+                other_info = files.inspect(other)
+            except ThinwatchError:
                 continue
-            if ost.st_dev == st.st_dev:
-                promised += max(0, ost.st_size - ost.st_blocks * 512)
-        return BackingFs(
-            free, total, st.st_size, st.st_blocks * 512, promised, os.path.dirname(path)
-        )
+            if other_info is not None and other_info.dev == info.dev:
+                promised += max(0, other_info.size - other_info.allocated)
+        return BackingFs(space.free, space.total, info.size, info.allocated, promised,
+                         os.path.dirname(path))  # fmt: skip

@@ -41,6 +41,7 @@ __all__ = [
     "RefusalReason",
     "Refuse",
     "Target",
+    "backing_shortfall",
     "decide_data",
     "decide_metadata",
     "describe",
@@ -399,6 +400,27 @@ def decide_metadata(
     # The reload that picks up the new size carries the data mark too.
     mark = low_water_mark(settings, status.data_total, history)
     return Grow(pool, "metadata", current, new, mark, why, limited)
+
+
+def backing_shortfall(
+    status: ThinPoolStatus, settings: PoolSettings, backing: BackingFs, block_bytes: int
+) -> int:
+    """Return how many bytes the pool may still write into holes of its sparse data file that
+    the backing filesystem cannot give above the reserve; 0 when it can hold them all.
+
+    The pool's free blocks may land in holes of the data file; once the filesystem refuses
+    them, the loop device fails those writes with EIO, long before the pool looks full. Only
+    the filesystem being at its reserve counts (a thin pool is meant to promise more than the
+    disk holds): then every block the pool still promises is a write that will fail.
+    """
+    if not isinstance(status, ThinPoolWorkingStatus):
+        return 0
+    available = backing.free_bytes - backing.reserve(settings)
+    if available > 0:
+        return 0
+    pool_free = max(0, status.data_total - status.data_used) * block_bytes
+    holes = max(0, backing.file_size - backing.file_allocated)
+    return min(pool_free, holes)
 
 
 def no_space_mode(settings: PoolSettings, refused_since: float | None, now: float) -> NoSpacePolicy:

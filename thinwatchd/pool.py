@@ -13,6 +13,7 @@ without ever zeroing the metadata of a pool that has been used or shrinking anyt
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import logging
@@ -22,15 +23,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from thinwatchd.errors import KernelError, PoolMismatchError, RollbackError, ThinwatchError
-from thinwatchd.kernel.api import DeviceMapperApi, LoopControlApi, LoopDevice, Target
-from thinwatchd.kernel.fs import (
-    allocated_bytes,
-    create_regular_file,
-    grow_file,
-    header_is_zero,
-    regular_file_size,
-    zero_header,
+from thinwatchd.kernel.api import (
+    DeviceMapperApi,
+    FileInfo,
+    FilesApi,
+    LoopControlApi,
+    LoopDevice,
+    Target,
 )
+from thinwatchd.kernel.fs import Files
+from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import low_water_mark
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
@@ -40,7 +42,6 @@ from thinwatchd.status import (
     device_number,
     parse_pool_status,
     parse_pool_table,
-    table_differences,
 )
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
@@ -77,6 +78,7 @@ class Kernel:
     dm: DeviceMapperApi
     loops: LoopControlApi
     nodes: DeviceNodes
+    files: FilesApi = field(default_factory=Files)
 
 
 class Activation(enum.Enum):
@@ -128,120 +130,247 @@ class Pool:
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
         return parse_pool_status(targets[0].params)
 
-    def reload(
-        self, dm: DeviceMapperApi, nodes: DeviceNodes, length: int, table: ThinPoolTable
-    ) -> None:
-        """Load (length, table) into the inactive slot and resume; the pool never stays suspended.
+    def live_length(self, dm: DeviceMapperApi) -> int:
+        """Return the active table's length as the kernel has it now, adopting outside changes.
 
-        On failure the old active table is restored (see ensure_resumed) and the error re-raised.
+        Someone else may have reloaded the pool since we last did (an operator's dmsetup, a
+        second process): a table built from our cached length would then be refused at resume
+        ("pool target too small") and leave the pool suspended. Raise PoolMismatchError if the
+        table is no longer this pool's (other devices or block size): it is left untouched.
         """
+        active = dm.table(self.name)
+        if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].start != 0:
+            raise PoolMismatchError(
+                f"pool {self.name}: its active table is no longer one thin-pool (someone reloaded "
+                f"it); left untouched. Inspect it with dmsetup table {self.name}"
+            )
+        live = parse_pool_table(active[0].params)
+        ours = (self.table.metadata_dev, self.table.data_dev, self.table.data_block_size)
+        if (live.metadata_dev, live.data_dev, live.data_block_size) != ours:
+            raise PoolMismatchError(
+                f"pool {self.name}: its table now uses metadata {live.metadata_dev}, data "
+                f"{live.data_dev}, block size {live.data_block_size} instead of {ours[0]}, "
+                f"{ours[1]}, {ours[2]} (someone reloaded it); left untouched. Restore it or "
+                f"restart thinwatchd to adopt it"
+            )
+        length = active[0].length
+        if length != self.length:
+            event(
+                logging.WARNING,
+                MessageId.CHANGED_OUTSIDE,
+                f"pool {self.name}: table changed outside thinwatchd from {self.length} to "
+                f"{length} sectors (dmsetup or another process); adopted",
+                {"POOL": self.name, "OLD_SECTORS": self.length, "NEW_SECTORS": length},
+            )
+            self.length = length
+        return length
+
+    def reload(self, kernel: Kernel, table: ThinPoolTable | None = None) -> int:
+        """Load the longest valid table with table's params, resume, and return its length.
+
+        The length comes from the kernel just before the load: never shorter than the active
+        table (the kernel refuses to shrink a pool), and as long as the data loop device allows
+        (a growth we or someone else started is finished). On failure the pool is left resumed
+        (see ensure_resumed) and the error re-raised; the pool never stays suspended.
+        """
+        dm, table = kernel.dm, table or self.table
+        live = self.live_length(dm)
+        length = max(live, self.length_for(kernel.loops.size(self.data_loop)))
         try:
             dm.load_table(self.name, [self.target(length, table)])
-            nodes.resume_nowait(dm, self.name)
+            kernel.nodes.resume_nowait(dm, self.name)
         except ThinwatchError as cause:
             try:
-                ensure_resumed(dm, nodes, self)
+                ensure_resumed(kernel, self)
             except ThinwatchError as rollback:
                 raise RollbackError(cause, rollback) from cause
             raise
         self.length, self.table = length, table
+        return length
 
 
-def ensure_resumed(dm: DeviceMapperApi, nodes: DeviceNodes, pool: Pool) -> None:
-    """Leave the pool resumed on its last good table, whatever a failed reload left behind.
+def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
+    """Leave the pool resumed, on the longest valid table, whatever interrupted a reload.
 
-    A resume whose preresume fails (e.g. the kernel refusing to shrink) leaves the device
-    suspended with the new table already swapped in: put the old one back and resume.
+    A resume whose preresume fails (a table shorter than the pool's recorded size) leaves the
+    device suspended with that table active; a crash or another process between suspend and
+    resume leaves it suspended too. Every writer of a suspended pool hangs, so: drop any
+    inactive table, then try the tables the kernel could accept, longest first (the data loop's
+    whole size, our last good length, the active one), and resume.
     """
-    info = dm.info(pool.name)
+    dm, name = kernel.dm, pool.name
+    info = dm.info(name)
     if info is None:
-        raise PoolSetupError(f"pool {pool.name}: device disappeared")
+        raise PoolSetupError(f"pool {name}: device disappeared")
     if info.inactive_present:
-        dm.clear_table(pool.name)
-    if info.suspended:
-        active = dm.table(pool.name)
-        if not _is_table(active, pool.length, pool.table):
-            dm.load_table(pool.name, [pool.target(pool.length)])
-        nodes.resume_nowait(dm, pool.name)
-
-
-def _is_table(active: list[Target], length: int, table: ThinPoolTable) -> bool:
-    """Return whether the active table is exactly (length, table), however the kernel prints it."""
-    if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].length != length:
-        return False
+        dm.clear_table(name)
+    if not info.suspended:
+        return
+    lengths = {pool.length, pool.length_for(kernel.loops.size(pool.data_loop))}
+    active = dm.table(name)
+    if len(active) == 1 and active[0].target_type == "thin-pool":
+        lengths.add(active[0].length)
+    failure: ThinwatchError | None = None
+    for length in sorted(lengths - {0}, reverse=True):
+        try:
+            dm.load_table(name, [pool.target(length)])
+            kernel.nodes.resume_nowait(dm, name)
+        except ThinwatchError as exc:
+            failure = exc
+            with contextlib.suppress(ThinwatchError):
+                dm.clear_table(name)
+            continue
+        log.warning("pool %s: found suspended; resumed on a table of %d sectors", name, length)
+        pool.length = length
+        return
     try:
-        return not table_differences(parse_pool_table(active[0].params), table)
-    except ThinwatchError:
-        return False
+        kernel.nodes.resume_nowait(dm, name)  # as it is, if no table of ours is accepted
+    except ThinwatchError as exc:
+        raise PoolSetupError(
+            f"pool {name} is SUSPENDED and the kernel refuses every table thinwatchd can build "
+            f"({failure or exc}): its writers are blocked. See the kernel log (dmesg) and "
+            f"dmsetup table {name}; dmsetup resume {name} once its data device is back"
+        ) from exc
 
 
 # -- building ------------------------------------------------------------------------------
 
 
-def _prepare_files(settings: PoolSettings) -> bool:
+#: Errors from a pool file's path that no retry will fix: the operator must act.
+_PERMANENT_FILE_ERRORS = frozenset(
+    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS,
+     errno.EINVAL, errno.EEXIST, errno.EISDIR}
+)  # fmt: skip
+
+
+def _file_key(settings: PoolSettings, path: str) -> str:
+    which = "data_file" if path == str(settings.data_file) else "metadata_file"
+    return f"pools.{settings.name}.{which}"
+
+
+def _inspect_pool_file(files: FilesApi, settings: PoolSettings, path: str) -> FileInfo | None:
+    """Return the file's lstat, None if missing; refuse what a pool must not be built on.
+
+    Like sshd's StrictModes: a file that someone other than us could write (not owned by our
+    user, or writable by group or others) could be swapped or scribbled on, and it holds every
+    byte of the pool's volumes. Symlinks and non-regular files are refused too.
+    """
+    key = _file_key(settings, path)
+    info = files.inspect(path)
+    if info is None:
+        return None
+    if not info.is_regular:
+        kind = "a symlink" if stat.S_ISLNK(info.mode) else "not a regular file"
+        raise PoolSetupError(
+            f"{key}: {path} is {kind}; thinwatchd only backs pools with regular files it can "
+            f"open without following links. Point {key} at the real file"
+        )
+    owner = os.geteuid()
+    if info.uid != owner or info.mode & 0o022:
+        raise PoolSetupError(
+            f"{key}: {path} is owned by uid {info.uid} with mode {stat.S_IMODE(info.mode):04o}; "
+            f"a pool file must be owned by uid {owner} and writable by nobody else. Fix it "
+            f"with: chown {owner} {path} && chmod go-w {path}"
+        )
+    return info
+
+
+def _prepare_files(settings: PoolSettings, files: FilesApi) -> bool:
     """Create whatever files a new pool lacks; return True if the pool is new (never activated).
 
-    Raise PoolSetupError when the files on disk could hold a used pool that is incomplete: we
+    Raise PoolSetupError when the files on disk could hold a used pool that is incomplete (we
     never format metadata next to data that may be reachable, nor attach used metadata to a
-    data file we would have to invent.
+    data file we would have to invent), when a file is unsafe, and when a path cannot be used
+    for a reason no retry fixes (EACCES, ENOTDIR, ELOOP, EROFS, ...). Other kernel errors (EIO,
+    ENOSPC, ENOMEM) are raised as KernelError: a later start may succeed.
     """
+    try:
+        return _prepare_files_unchecked(settings, files)
+    except KernelError as exc:
+        if exc.errno not in _PERMANENT_FILE_ERRORS:
+            raise
+        key = (
+            _file_key(settings, exc.device)
+            if exc.device in (str(settings.data_file), str(settings.metadata_file))
+            else f"pools.{settings.name}"
+        )
+        raise PoolSetupError(f"{key}: {exc}; fix the path or its permissions") from exc
+
+
+def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
     data, meta = str(settings.data_file), str(settings.metadata_file)
-    data_exists = _exists_regular(data, f"pools.{settings.name}.data_file")
-    meta_exists = _exists_regular(meta, f"pools.{settings.name}.metadata_file")
-    if meta_exists and not header_is_zero(meta):
-        if not data_exists:
+    data_info = _inspect_pool_file(files, settings, data)
+    meta_info = _inspect_pool_file(files, settings, meta)
+    if data_info is not None and meta_info is not None and data_info.identity == meta_info.identity:
+        raise PoolSetupError(
+            f"pools.{settings.name}: data_file {data} and metadata_file {meta} are the same file; "
+            f"each needs its own"
+        )
+    if meta_info is not None and not files.header_is_zero(meta):
+        if data_info is None:
             raise PoolSetupError(
                 f"pool {settings.name}: metadata file {meta} holds a used pool but data file "
-                f"{data} is missing; refusing to create an empty one (the thin volumes would read "
-                f"zeros). Restore the data file or fix pools.{settings.name}.data_file"
+                f"{data} is missing; refusing to create an empty one (the thin volumes would "
+                f"read zeros). Restore the data file or fix pools.{settings.name}.data_file"
             )
         return False
     # Data written but no used metadata: a lost or mistyped metadata file, never our own
-    # interrupted creation (it makes the metadata first, and writes no data) unless the data
-    # file was preallocated. Formatting would make that data unrecoverable.
-    if data_exists and allocated_bytes(data) > 0 and not (meta_exists and settings.preallocate):
-        state = "is missing" if not meta_exists else "has never been used (all-zero header)"
+    # interrupted creation (it makes the metadata first, and writes no data; a preallocated
+    # file's unwritten extents are no data to SEEK_DATA). Formatting would lose that data.
+    if data_info is not None and files.holds_data(data):
+        state = "is missing" if meta_info is None else "has never been used (all-zero header)"
         raise PoolSetupError(
             f"pool {settings.name}: data file {data} holds data but metadata file {meta} "
             f"{state}; refusing to format new metadata over it. Restore the metadata file or fix "
             f"pools.{settings.name}.metadata_file"
         )
-    # A new pool (or a creation interrupted part-way): metadata first, its zero header is the mark.
-    if not meta_exists:
-        create_regular_file(meta, settings.metadata_size, preallocate=settings.preallocate)
-        zero_header(meta)  # a new file reads as zeros already; make the format explicit
-    elif regular_file_size(meta) < settings.metadata_size:
-        grow_file(meta, settings.metadata_size, preallocate=settings.preallocate)
-    if not data_exists:
-        create_regular_file(data, settings.data_size, preallocate=settings.preallocate)
-    elif regular_file_size(data) < settings.data_size:
-        grow_file(data, settings.data_size, preallocate=settings.preallocate)
+    # A new pool (or a creation interrupted part-way): metadata first; a new file reads as
+    # zeros, and its zero header is what marks the pool as never activated.
+    for path, info, size in ((meta, meta_info, settings.metadata_size),
+                             (data, data_info, settings.data_size)):  # fmt: skip
+        if info is None:
+            files.make_dirs(os.path.dirname(os.path.abspath(path)))
+            files.create(path, size, preallocate=settings.preallocate)
+        elif info.size < size:
+            files.grow(path, size, preallocate=settings.preallocate)
     return True
 
 
-def _exists_regular(path: str, key: str) -> bool:
-    """Return whether path exists; raise PoolSetupError if it is anything but a regular file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(mode):
-        kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
-        raise PoolSetupError(
-            f"{key}: {path} is {kind}; thinwatchd only backs pools with regular files it can "
-            f"open without following links. Point {key} at the real file"
-        )
-    return True
+def check_distinct_files(pools: list[PoolSettings], files: FilesApi) -> None:
+    """Refuse two pool files that are one file under two spellings (links, bind mounts).
+
+    Compared by (st_dev, st_ino), across all pools: one loop device would otherwise become
+    both a pool's metadata and data, or two pools' data. Missing files are skipped (creation
+    makes them distinct). Raise PoolSetupError naming both keys.
+    """
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    for settings in pools:
+        for path in (str(settings.metadata_file), str(settings.data_file)):
+            try:
+                info = files.inspect(path)
+            except KernelError:
+                continue  # activation reports it, with the key
+            if info is None:
+                continue
+            key = _file_key(settings, path)
+            other = seen.setdefault(info.identity, (key, path))
+            if other[0] != key:
+                raise PoolSetupError(
+                    f"{key}: {path} is the same file as {other[0]} ({other[1]}); every pool "
+                    f"file needs its own. Fix one of the two keys"
+                )
 
 
 def _loop_for(
-    loops: LoopControlApi, path: str, *, attach: bool, direct_io: bool = True
+    kernel: Kernel, path: str, *, attach: bool, direct_io: bool = True
 ) -> LoopDevice | None:
     """Return the loop device backing path, attaching one if allowed; finish a capacity change."""
+    loops = kernel.loops
     loop = loops.find(path)
     if loop is None:
         return loops.attach(path, direct_io=direct_io) if attach else None
-    file_size, loop_size = regular_file_size(path), loops.size(loop)
+    info = kernel.files.inspect(path)
+    file_size, loop_size = (info.size if info else 0), loops.size(loop)
     if file_size > loop_size:
         loops.set_capacity(loop)  # a growth stopped between the file and the loop
         log.info("finished an interrupted growth of %s: loop capacity refreshed", path)
@@ -278,17 +407,25 @@ def activate(
     info = dm.info(settings.name)
     if info is not None and info.active_present:
         return _adopt(settings, kernel)
-    if info is not None:
+    if info is not None and (info.open_count or info.uuid):
         raise PoolMismatchError(
-            f"pool {settings.name}: a device of that name exists with no active table; it was "
-            f"not made by thinwatchd or its creation failed. Inspect it (dmsetup info "
-            f"{settings.name}) and remove it if it is stale"
+            f"pool {settings.name}: a device of that name exists with no active table and is "
+            f"open or has a uuid ({info.uuid or 'none'}); thinwatchd did not leave it. Inspect it "
+            f"(dmsetup info {settings.name}) and remove it if it is stale"
         )
-    new = _prepare_files(settings)
+    if info is not None:
+        # What a crash between our DM_DEV_CREATE and the first resume leaves: unused, no uuid,
+        # no active table. Nothing can depend on it; build the pool afresh.
+        dm.remove(settings.name)
+        log.warning("pool %s: removed a table-less device left by an interrupted creation",
+                    settings.name)  # fmt: skip
+    new = _prepare_files(settings, kernel.files)
     meta_loop = _loop_for(
-        loops, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
+        kernel, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
     )
-    data_loop = _loop_for(loops, str(settings.data_file), attach=True, direct_io=settings.direct_io)
+    data_loop = _loop_for(
+        kernel, str(settings.data_file), attach=True, direct_io=settings.direct_io
+    )
     assert meta_loop is not None and data_loop is not None
     if not new and check_metadata is not None:
         report = check_metadata(meta_loop.path)
@@ -330,7 +467,7 @@ def activate(
 
 def _adopt(settings: PoolSettings, kernel: Kernel) -> Pool:
     """Adopt a running pool device after checking it is this pool; finish interrupted work."""
-    dm, loops, name = kernel.dm, kernel.loops, settings.name
+    dm, name = kernel.dm, settings.name
     active = dm.table(name)
     if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].start != 0:
         kinds = ", ".join(t.target_type for t in active) or "none"
@@ -339,8 +476,8 @@ def _adopt(settings: PoolSettings, kernel: Kernel) -> Pool:
             f"left untouched. Rename the pool in the config or remove that device"
         )
     current = parse_pool_table(active[0].params)
-    meta_loop = _loop_for(loops, str(settings.metadata_file), attach=False)
-    data_loop = _loop_for(loops, str(settings.data_file), attach=False)
+    meta_loop = _loop_for(kernel, str(settings.metadata_file), attach=False)
+    data_loop = _loop_for(kernel, str(settings.data_file), attach=False)
     wanted = {
         "metadata_dev": (meta_loop, settings.metadata_file),
         "data_dev": (data_loop, settings.data_file),
@@ -373,24 +510,26 @@ def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
     dm = kernel.dm
     info = dm.info(pool.name)
     assert info is not None
-    if info.inactive_present:
-        dm.clear_table(pool.name)  # a half-done reload: we recompute it from the files
-        pool.recovered.append("dropped a stale inactive table")
-    length = max(pool.length, pool.length_for(kernel.loops.size(pool.data_loop)))
+    if info.suspended or info.inactive_present:
+        # A crash (ours, or another process's) between load, suspend and resume.
+        before = pool.length
+        ensure_resumed(kernel, pool)
+        pool.recovered.append(
+            ("resumed a suspended pool" if info.suspended else "dropped a stale inactive table")
+            + (f" (table {before} -> {pool.length} sectors)" if pool.length != before else "")
+        )
+    length = pool.length_for(kernel.loops.size(pool.data_loop))
     # The kernel uses at most METADATA_MAX_BYTES of the metadata device, however large.
     meta_bytes = min(kernel.loops.size(pool.meta_loop), METADATA_MAX_BYTES)
-    status = pool.read_status(dm) if not info.suspended else None
+    status = pool.read_status(dm)
     meta_stale = (
         isinstance(status, ThinPoolWorkingStatus)
         and status.meta_total < meta_bytes // META_BLOCK_BYTES
     )
     if length > pool.length or meta_stale:
         old = pool.length
-        pool.reload(dm, kernel.nodes, length, pool.table)
+        pool.reload(kernel)
         pool.recovered.append(
-            f"finished an interrupted growth: table {old} -> {length} sectors"
+            f"finished an interrupted growth: table {old} -> {pool.length} sectors"
             + (", metadata device re-read" if meta_stale else "")
         )
-    elif info.suspended:
-        kernel.nodes.resume_nowait(dm, pool.name)
-        pool.recovered.append("resumed a suspended pool")

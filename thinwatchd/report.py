@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.errors import ThinwatchError
 from thinwatchd.kernel.api import DeviceMapperApi
-from thinwatchd.kernel.fs import filesystem_space
+from thinwatchd.kernel.fs import Files
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
 from thinwatchd.units import SECTOR_BYTES, format_bytes
@@ -46,7 +46,7 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     free: int | None = None
     try:
         size = os.stat(settings.data_file).st_size
-        free = filesystem_space(str(settings.data_file))[0]
+        free = Files().space(str(settings.data_file)).free
     except (OSError, ThinwatchError):
         pass
     base = PoolReport(

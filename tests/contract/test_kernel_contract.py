@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.contract.backends import Backend, backend
-from thinwatchd.errors import KernelError, ThinwatchError
-from thinwatchd.pool import Pool, activate
+from thinwatchd.errors import KernelError
+from thinwatchd.pool import Pool, activate, ensure_resumed
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
@@ -48,7 +48,7 @@ def make_pool(be: Backend, **changes: object) -> Pool:
         be.devices.append(name)
     pool = activate(settings, be.kernel)
     # activate() puts in the policy's mark; these scenarios want the configured one exactly
-    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table.with_low_water_mark(16))
+    pool.reload(be.kernel, pool.table.with_low_water_mark(16))
     be.thin(name)
     return pool
 
@@ -76,7 +76,7 @@ def settle(be: Backend, pool: Pool, used: int) -> ThinPoolWorkingStatus:
 def grow(be: Backend, pool: Pool, new_size: int) -> None:
     os.truncate(pool.settings.data_file, new_size)
     be.kernel.loops.set_capacity(pool.data_loop)
-    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length_for(new_size), pool.table)
+    pool.reload(be.kernel)  # the length comes from the loop device
 
 
 def test_table_length_is_the_pool_size(be: Backend) -> None:
@@ -102,7 +102,7 @@ def test_low_water_event_fires_once_per_resume(be: Backend) -> None:
     be.write_blocks(pool.name, BLOCKS - 12, 4)  # still below: no second event before a resume
     settle(be, pool, BLOCKS - 8)
     assert event_nr(be, pool) == start + 1
-    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table)  # resume re-arms it
+    pool.reload(be.kernel)  # resume re-arms it
     be.write_blocks(pool.name, BLOCKS - 8, 1)
     settle(be, pool, BLOCKS - 7)
     assert event_nr(be, pool) == start + 2
@@ -119,7 +119,7 @@ def test_growth_steps_raise_the_total(be: Backend) -> None:
 
 def test_a_table_longer_than_the_data_device_is_refused_at_resume(be: Backend) -> None:
     # Not at load: the kernel checks device areas when it swaps tables in (dm_swap_table), and
-    # leaves the device suspended on its old table. Pool.reload must resume it.
+    # leaves the device suspended on its old table. ensure_resumed must resume it.
     pool = make_pool(be)
     be.kernel.dm.load_table(pool.name, [pool.target(pool.length * 2)])
     with pytest.raises(KernelError) as caught:
@@ -128,24 +128,50 @@ def test_a_table_longer_than_the_data_device_is_refused_at_resume(be: Backend) -
     assert pool.name in str(caught.value)
     info = be.kernel.dm.info(pool.name)
     assert info is not None and info.suspended and not info.inactive_present
-    be.kernel.dm.resume(pool.name)
-    assert status(be, pool).data_total == BLOCKS
-    with pytest.raises(ThinwatchError):
-        pool.reload(be.kernel.dm, be.kernel.nodes, pool.length * 2, pool.table)
+    ensure_resumed(be.kernel, pool)
     info = be.kernel.dm.info(pool.name)
     assert info is not None and not info.suspended
+    assert status(be, pool).data_total == BLOCKS
     assert be.write_blocks(pool.name, 0, 1) == 1
 
 
-def test_a_shrink_is_refused_and_the_pool_stays_resumed(be: Backend) -> None:
+def test_a_shrink_is_refused_at_resume_and_the_longest_table_resumes_it(be: Backend) -> None:
+    # What a reload from a stale cached length meets after someone else grew the pool: the
+    # kernel swaps the short table in, refuses it at preresume ("pool target too small") and
+    # leaves the device SUSPENDED with it. Every writer hangs until a valid table is resumed.
     pool = make_pool(be)
     be.write_blocks(pool.name, 0, 10)
-    with pytest.raises(ThinwatchError):
-        pool.reload(be.kernel.dm, be.kernel.nodes, pool.length // 2, pool.table)
+    be.kernel.dm.load_table(pool.name, [pool.target(pool.length // 2)])
+    with pytest.raises(KernelError) as caught:
+        be.kernel.dm.resume(pool.name)
+    assert caught.value.errno == errno.EINVAL
     info = be.kernel.dm.info(pool.name)
-    assert info is not None and not info.suspended, "a failed resume must not leave it suspended"
+    assert info is not None and info.suspended, "the refused table leaves the pool suspended"
+    assert be.kernel.dm.table(pool.name)[0].length == pool.length // 2  # swapped in
+    ensure_resumed(be.kernel, pool)
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended and not info.inactive_present
+    assert be.kernel.dm.table(pool.name)[0].length == pool.length
     assert status(be, pool).data_total == BLOCKS
     assert be.write_blocks(pool.name, 10, 1) == 1
+
+
+def test_a_reload_after_someone_else_grew_the_pool_keeps_their_length(be: Backend) -> None:
+    # An operator grows the pool by hand (truncate, losetup -c, dmsetup reload + resume); our
+    # cached length is now short. The next reload must build on the live table, not the cache.
+    pool = make_pool(be)
+    stale = pool.length
+    os.truncate(pool.settings.data_file, 3 * BLOCKS * 64 * 1024)
+    be.kernel.loops.set_capacity(pool.data_loop)
+    be.kernel.dm.load_table(pool.name, [pool.target(2 * stale)])
+    be.kernel.dm.resume(pool.name)
+    assert pool.length == stale
+    pool.reload(be.kernel, pool.table.with_low_water_mark(20))
+    assert pool.length == 3 * stale  # the whole loop device: never shorter than theirs
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended
+    assert status(be, pool).data_total == 3 * BLOCKS
+    assert be.write_blocks(pool.name, 0, 1) == 1
 
 
 def test_metadata_survives_the_device(be: Backend) -> None:
@@ -182,7 +208,7 @@ def test_out_of_data_space_queues_then_growth_resumes_writers(be: Backend) -> No
 def test_error_if_no_space_fails_writes(be: Backend) -> None:
     pool = make_pool(be)
     table = pool.table.with_no_space_policy(pool.table.no_space_policy.ERROR)
-    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, table)
+    pool.reload(be.kernel, table)
     written = be.write_blocks(pool.name, 0, BLOCKS + 5)
     assert written == BLOCKS
     st = status(be, pool)
@@ -195,5 +221,5 @@ def test_metadata_growth_needs_a_reload(be: Backend) -> None:
     os.truncate(pool.settings.metadata_file, 8 * MiB)
     be.kernel.loops.set_capacity(pool.meta_loop)
     assert status(be, pool).meta_total == before  # the kernel reads the size at resume only
-    pool.reload(be.kernel.dm, be.kernel.nodes, pool.length, pool.table)
+    pool.reload(be.kernel)
     assert status(be, pool).meta_total == 8 * MiB // 4096

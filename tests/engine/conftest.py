@@ -10,6 +10,7 @@ import pytest
 
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.kernel.api import DeviceMapperApi
+from thinwatchd.kernel.fs import Files
 from thinwatchd.pool import Kernel
 from thinwatchd.settings import PoolSettings
 
@@ -39,7 +40,7 @@ def fake() -> Iterator[FakeKernel]:
 
 @pytest.fixture
 def kernel(fake: FakeKernel) -> Kernel:
-    return Kernel(fake, fake, FakeNodes())
+    return Kernel(fake, fake, FakeNodes(), Files(fake.syscalls))
 
 
 @pytest.fixture

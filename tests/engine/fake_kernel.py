@@ -14,6 +14,8 @@ the real kernel by tests/contract/):
 - Out of data space: queue_if_no_space parks writes until the pool grows; error_if_no_space
   fails them. needs_check makes growth a silent no-op at resume, as the kernel does.
 - Loop devices capture the backing file size at attach and at LOOP_SET_CAPACITY only.
+- File syscalls are the real ones on real files (``FakeKernel.syscalls``), through the same hook:
+  any dm, loop or file call can be made to fail with any errno (``fail``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,34 @@ from dataclasses import dataclass, field
 
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import DmDevice, DmInfo, LoopDevice, Target
+from thinwatchd.kernel.syscalls import Syscalls
 
 SECTOR = 512
 META_BLOCK = 4096
+
+
+@dataclass
+class Fault:
+    """Fail calls of op with errno: skip `after` matching calls, then fail `times` (None: all)."""
+
+    op: str
+    errno: int
+    after: int = 0
+    times: int | None = 1
+    target: str = ""  # only calls whose device or path contains this
+
+    def matches(self, op: str, target: str) -> bool:
+        return op == self.op and self.target in target
+
+
+class FaultySyscalls(Syscalls):
+    """The real file syscalls, recorded in the fake kernel's call list and failable like it."""
+
+    def __init__(self, kernel: FakeKernel) -> None:
+        self.kernel = kernel
+
+    def _enter(self, op: str, target: str) -> None:
+        self.kernel._inject(op, target, OSError)
 
 
 @dataclass
@@ -99,7 +126,9 @@ class FakeKernel:
         self._pipe_full = False
         self.calls: list[str] = []  # every op, in order, for assertions
         self.fail_next: dict[str, int] = {}  # op name -> errno to raise once
+        self.faults: list[Fault] = []
         self.kernel_log: list[str] = []
+        self.syscalls = FaultySyscalls(self)
 
     def close(self) -> None:
         os.close(self._pipe_r)
@@ -107,11 +136,32 @@ class FakeKernel:
 
     # -- fault injection -------------------------------------------------------------------
 
-    def _enter(self, op: str, device: str) -> None:
-        self.calls.append(f"{op} {device}")
+    def fail(
+        self, op: str, err: int, *, after: int = 0, times: int | None = 1, target: str = ""
+    ) -> Fault:
+        """Make calls of op (a dm/loop ioctl name or a file syscall name) fail with err."""
+        fault = Fault(op, err, after, times, target)
+        self.faults.append(fault)
+        return fault
+
+    def _inject(self, op: str, target: str, kind: type[Exception]) -> None:
+        self.calls.append(f"{op} {target}")
         err = self.fail_next.pop(op, None)
+        for fault in self.faults:
+            if err is None and fault.matches(op, target):
+                if fault.after > 0:
+                    fault.after -= 1
+                elif fault.times is None or fault.times > 0:
+                    err = fault.errno
+                    if fault.times is not None:
+                        fault.times -= 1
         if err is not None:
-            raise KernelError(op, device, err, "injected")
+            if kind is OSError:
+                raise OSError(err, f"{os.strerror(err)} (injected)")
+            raise KernelError(op, target, err, "injected")
+
+    def _enter(self, op: str, device: str) -> None:
+        self._inject(op, device, KernelError)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -258,6 +308,7 @@ class FakeKernel:
     # -- loop ------------------------------------------------------------------------------
 
     def find(self, path: str) -> LoopDevice | None:
+        self._enter("LOOP_GET_STATUS64", path)
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -284,6 +335,7 @@ class FakeKernel:
         lo.capacity = os.stat(lo.path).st_size
 
     def size(self, loop: LoopDevice) -> int:
+        self._enter("BLKGETSIZE64", loop.path)
         return self.loops[loop.index].capacity
 
     def detach(self, loop: LoopDevice) -> None:

@@ -97,7 +97,7 @@ def loop_devices(*sizes: int) -> Iterator[list[tuple[Path, LoopDevice]]]:
     try:
         for size in sizes:
             path = scratch_dir() / unique("loop")
-            fs.create_regular_file(str(path), size, preallocate=False)
+            fs.Files().create(str(path), size, preallocate=False)
             paths.append(path)
             made.append((path, loops.attach(str(path))))
         yield made

@@ -128,7 +128,7 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
         assert select.select([dm], [], [], 0)[0] == []
 
         # grow: file -> LOOP_SET_CAPACITY -> longer table into the inactive slot -> resume
-        fs.grow_file(str(data_path), 2 * DATA, preallocate=False)
+        fs.Files().grow(str(data_path), 2 * DATA, preallocate=False)
         loops = LoopControl()
         loops.set_capacity(data)
         assert loops.size(data) == 2 * DATA

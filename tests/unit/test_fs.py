@@ -11,25 +11,31 @@ import pytest
 
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import fs
+from thinwatchd.kernel.syscalls import Syscalls
 
 MiB = 1 << 20
+FILES = fs.Files()
+
+
+def allocated(path: Path) -> int:
+    return path.lstat().st_blocks * 512
 
 
 def test_create_sparse_file(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    fs.create_regular_file(str(path), 64 * MiB, preallocate=False)
+    FILES.create(str(path), 64 * MiB, preallocate=False)
     st = path.lstat()
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_size == 64 * MiB
-    assert fs.allocated_bytes(str(path)) < MiB  # sparse
+    assert allocated(path) < MiB  # sparse
     assert sorted(os.listdir(tmp_path)) == ["data"]  # no temporary left behind
 
 
 def test_create_preallocated_file(tmp_path: Path) -> None:
     path = tmp_path / "meta"
-    fs.create_regular_file(str(path), 4 * MiB, preallocate=True)
+    FILES.create(str(path), 4 * MiB, preallocate=True)
     assert path.stat().st_size == 4 * MiB
-    assert fs.allocated_bytes(str(path)) >= 4 * MiB
+    assert allocated(path) >= 4 * MiB
     assert path.read_bytes()[:4096] == bytes(4096)
 
 
@@ -49,7 +55,7 @@ def test_create_never_touches_an_existing_name(tmp_path: Path, kind: str) -> Non
     else:
         path.mkdir()
     with pytest.raises(KernelError) as info:
-        fs.create_regular_file(str(path), MiB, preallocate=False)
+        FILES.create(str(path), MiB, preallocate=False)
     assert info.value.errno == errno.EEXIST and str(path) in str(info.value)
     assert not target.exists() or target.read_bytes() == b"keep me"
     if kind == "file":
@@ -58,12 +64,12 @@ def test_create_never_touches_an_existing_name(tmp_path: Path, kind: str) -> Non
 
 def test_grow_sparse_and_never_shrink(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    fs.create_regular_file(str(path), 8 * MiB, preallocate=False)
-    assert fs.grow_file(str(path), 16 * MiB, preallocate=False) == 8 * MiB
+    FILES.create(str(path), 8 * MiB, preallocate=False)
+    assert FILES.grow(str(path), 16 * MiB, preallocate=False) == 8 * MiB
     assert path.stat().st_size == 16 * MiB
-    assert fs.grow_file(str(path), 16 * MiB, preallocate=False) == 16 * MiB  # no-op
+    assert FILES.grow(str(path), 16 * MiB, preallocate=False) == 16 * MiB  # no-op
     with pytest.raises(KernelError) as info:
-        fs.grow_file(str(path), 8 * MiB, preallocate=False)
+        FILES.grow(str(path), 8 * MiB, preallocate=False)
     assert info.value.errno == errno.EINVAL and "shrink" in str(info.value)
     assert path.stat().st_size == 16 * MiB
 
@@ -71,27 +77,27 @@ def test_grow_sparse_and_never_shrink(tmp_path: Path) -> None:
 def test_grow_preallocated_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.write_bytes(b"x" * MiB)
-    fs.grow_file(str(path), 4 * MiB, preallocate=True)
+    FILES.grow(str(path), 4 * MiB, preallocate=True)
     assert path.stat().st_size == 4 * MiB
-    assert fs.allocated_bytes(str(path)) >= 4 * MiB
+    assert allocated(path) >= 4 * MiB
     with path.open("rb") as f:
         assert f.read(MiB) == b"x" * MiB and f.read() == bytes(3 * MiB)
 
 
-def test_grow_that_cannot_allocate_leaves_the_size(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "data"
-    path.write_bytes(bytes(MiB))
-
-    def no_space(fd: int, offset: int, length: int) -> None:
+class NoSpaceToAllocate(Syscalls):
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        super().fallocate(fd, mode, offset, length)  # really allocate beyond EOF, then fail
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(fs, "_preallocate", no_space)
+
+def test_grow_that_cannot_allocate_leaves_the_size(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    path.write_bytes(b"y" * MiB)
     with pytest.raises(KernelError) as info:
-        fs.grow_file(str(path), 8 * MiB, preallocate=True)
+        fs.Files(NoSpaceToAllocate()).grow(str(path), 8 * MiB, preallocate=True)
     assert info.value.errno == errno.ENOSPC
-    assert path.stat().st_size == MiB
+    assert path.stat().st_size == MiB and path.read_bytes() == b"y" * MiB
+    assert allocated(path) < 2 * MiB  # the stray allocation beyond EOF was given back
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "dir"])
@@ -107,10 +113,10 @@ def test_grow_and_open_refuse_non_regular_files(tmp_path: Path, kind: str) -> No
         path.mkdir()
     expected = errno.ELOOP if kind == "symlink" else errno.EINVAL
     with pytest.raises(KernelError) as info:
-        fs.grow_file(str(path), 2 * MiB, preallocate=False)
+        FILES.grow(str(path), 2 * MiB, preallocate=False)
     assert info.value.errno == expected
     with pytest.raises(KernelError) as info:
-        fs.open_existing_regular(str(path))
+        FILES.open_regular(str(path))
     assert info.value.errno == expected
     assert real.stat().st_size == 4096
 
@@ -118,37 +124,60 @@ def test_grow_and_open_refuse_non_regular_files(tmp_path: Path, kind: str) -> No
 def test_open_existing_regular(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.write_bytes(b"abc")
-    fd = fs.open_existing_regular(str(path), os.O_RDONLY)
+    fd = FILES.open_regular(str(path), os.O_RDONLY)
     try:
         assert os.read(fd, 3) == b"abc"
         assert os.get_inheritable(fd) is False
     finally:
         os.close(fd)
     with pytest.raises(KernelError) as info:
-        fs.open_existing_regular(str(tmp_path / "missing"))
+        FILES.open_regular(str(tmp_path / "missing"))
     assert info.value.errno == errno.ENOENT
 
 
-def test_zero_header(tmp_path: Path) -> None:
-    path = tmp_path / "meta"
-    path.write_bytes(b"\xff" * 8192)
-    fs.zero_header(str(path))
-    data = path.read_bytes()
-    assert data[:4096] == bytes(4096) and data[4096:] == b"\xff" * 4096
-    short = tmp_path / "short"
-    short.write_bytes(b"\xff" * 100)
-    with pytest.raises(KernelError):
-        fs.zero_header(str(short))
-    assert short.read_bytes() == b"\xff" * 100
+def test_header_is_zero_and_holds_data(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    FILES.create(str(path), 4 * MiB, preallocate=True)
+    assert FILES.header_is_zero(str(path))
+    assert not FILES.holds_data(str(path))  # preallocated, never written: no data
+    with path.open("r+b") as f:
+        f.seek(3 * MiB)
+        f.write(b"x")
+    assert FILES.header_is_zero(str(path)) and FILES.holds_data(str(path))
+    with path.open("r+b") as f:
+        f.write(b"superblock")
+    assert not FILES.header_is_zero(str(path))
+
+
+def test_make_dirs_creates_private_parents(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "c"
+    assert FILES.make_dirs(str(target)) == [str(tmp_path / "a"), str(tmp_path / "a" / "b"),
+                                            str(target)]  # fmt: skip
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) & 0o077 == 0
+    assert FILES.make_dirs(str(target)) == []
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(KernelError) as info:
+        FILES.make_dirs(str(tmp_path / "file" / "x"))
+    assert info.value.errno == errno.ENOTDIR
+
+
+def test_inspect(tmp_path: Path) -> None:
+    path = tmp_path / "data"
+    assert FILES.inspect(str(path)) is None
+    path.write_bytes(b"abc")
+    info = FILES.inspect(str(path))
+    assert info is not None and info.is_regular and info.size == 3
+    st = path.lstat()
+    assert info.identity == (st.st_dev, st.st_ino) and info.uid == st.st_uid
 
 
 def test_filesystem_space(tmp_path: Path) -> None:
-    free, total = fs.filesystem_space(str(tmp_path))
+    space = FILES.space(str(tmp_path))
     st = os.statvfs(tmp_path)
-    assert total == st.f_blocks * st.f_frsize
-    assert 0 <= free <= total
+    assert space.total == st.f_blocks * st.f_frsize
+    assert 0 <= space.free <= space.total
     with pytest.raises(KernelError):
-        fs.filesystem_space(str(tmp_path / "missing"))
+        FILES.space(str(tmp_path / "missing"))
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod needs root")

@@ -7,11 +7,22 @@ Two implementations exist: the real one (``thinwatchd.kernel.dm.DeviceMapper``,
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["DeviceMapperApi", "DmDevice", "DmInfo", "LoopControlApi", "LoopDevice", "Target"]
+__all__ = [
+    "DeviceMapperApi",
+    "DmDevice",
+    "DmInfo",
+    "FileInfo",
+    "FilesApi",
+    "FsSpace",
+    "LoopControlApi",
+    "LoopDevice",
+    "Target",
+]
 
 
 @dataclass(frozen=True)
@@ -137,3 +148,57 @@ class LoopControlApi(Protocol):
 
     def detach(self, loop: LoopDevice) -> None:
         """Detach the loop device (LOOP_CLR_FD); deferred by the kernel while it is held open."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What lstat says about a backing file (links are not followed)."""
+
+    dev: int
+    ino: int
+    mode: int
+    uid: int
+    size: int  # apparent size, bytes
+    allocated: int  # bytes really on disk (st_blocks * 512)
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino): two paths with the same identity are the same file."""
+        return (self.dev, self.ino)
+
+    @property
+    def is_regular(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass(frozen=True)
+class FsSpace:
+    """statvfs of the filesystem holding a file."""
+
+    free: int  # bytes available to unprivileged users
+    total: int
+
+
+class FilesApi(Protocol):
+    """Operations on the pools' backing files; every failure raises KernelError."""
+
+    def inspect(self, path: str) -> FileInfo | None:
+        """lstat path; None if it does not exist."""
+
+    def space(self, path: str) -> FsSpace:
+        """statvfs the filesystem holding path."""
+
+    def make_dirs(self, directory: str) -> list[str]:
+        """Create directory and missing parents (mode 0700); return the ones created."""
+
+    def create(self, path: str, size: int, *, preallocate: bool) -> None:
+        """Create a new regular file of size bytes (0600) atomically; EEXIST if path exists."""
+
+    def grow(self, path: str, new_size: int, *, preallocate: bool, sync: bool = True) -> int:
+        """Extend a regular file to new_size (never shrink); return the previous size."""
+
+    def holds_data(self, path: str) -> bool:
+        """Return whether any byte of the file was ever written (SEEK_DATA finds data)."""
+
+    def header_is_zero(self, path: str) -> bool:
+        """Return whether the first 4 KiB are all zero (a never-activated metadata file)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import loop_abi as _abi
 from thinwatchd.kernel.api import LoopDevice
-from thinwatchd.kernel.fs import open_device_node, open_existing_regular
+from thinwatchd.kernel.fs import Files, open_device_node
 
 __all__ = ["LoopControl", "LoopInfo", "pack_loop_config", "pack_loop_info", "unpack_loop_info"]
 
@@ -84,6 +84,7 @@ class LoopControl:
         self.dev_dir = dev_dir
         self.sys_block = sys_block
         self._ioctl: IoctlFn = ioctl or _fcntl_ioctl
+        self._files = Files()
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -182,7 +183,7 @@ class LoopControl:
         next free loop. The file is opened O_NOFOLLOW and must be regular (KernelError ELOOP /
         EINVAL otherwise). Does not check whether a loop already backs the file: see find().
         """
-        file_fd = open_existing_regular(path, _os.O_RDWR)
+        file_fd = self._files.open_regular(path, _os.O_RDWR)
         try:
             st = _os.fstat(file_fd)
             flags = _abi.LoopFlag.DIRECT_IO if direct_io else _abi.LoopFlag(0)
