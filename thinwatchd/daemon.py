@@ -1,7 +1,9 @@
 """The daemon: build every pool, then keep them growing until told to stop.
 
 Start-up: load the config, activate each pool (create, adopt or recreate), reconcile it once,
-then report READY=1 — so /dev/mapper/<pool> exists for any unit ordered after us. Then one event
+then report READY=1 — so /dev/mapper/<pool> exists for any unit ordered after us. Activation
+runs in worker threads (workers.py): thin_check and udev waits block, and the loop must keep
+petting the watchdog and growing the other pools meanwhile; pools start side by side. Then one event
 loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all pools), udev
 events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
 (stop; pools stay up, their consumers depend on them).
@@ -10,8 +12,10 @@ events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) a
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from thinwatchd.pool import (
 )
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
+from thinwatchd.workers import Workers
 
 __all__ = ["Daemon", "ManagedPool"]
 
@@ -82,6 +87,8 @@ class Daemon:
         self._metrics_failed = False
         self._event_error: str | None = None  # the last dm event-read error logged
         self._event_retry: Timer | None = None
+        self._watchdog_started = False
+        self.workers = Workers(self.loop)
         self.extender = Extender(kernel, self.loop.time, self._all_files)
 
     # -- start-up --------------------------------------------------------------------------
@@ -89,17 +96,58 @@ class Daemon:
     def start(self) -> None:
         """Load the config and bring every pool up; raise on the first that cannot be.
 
-        Raise ConfigError for a bad config, ThinwatchError for a pool that cannot be activated.
+        The pools are activated side by side in worker threads while the loop serves the
+        watchdog. Raise ConfigError for a bad config, ThinwatchError for a pool that cannot be
+        activated (the first in config order).
         """
         self.settings = load_settings(self.config_path)
         check_distinct_files(list(self.settings.pools), self.kernel.files)
+        self._schedule_watchdog()
+        failures: dict[str, BaseException] = {}
         for settings in self.settings.pools:
-            self._activate(settings)
+            self._activate(
+                settings, on_error=functools.partial(failures.__setitem__, settings.name)
+            )
+        self.workers.run_until_idle()
+        for settings in self.settings.pools:
+            if settings.name in failures:
+                raise failures[settings.name]
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self._check_events()
 
-    def _activate(self, settings: PoolSettings, state: PoolState | None = None) -> ManagedPool:
-        pool = activate(settings, self.kernel, self.check_metadata)
+    def _activate(
+        self,
+        settings: PoolSettings,
+        state: PoolState | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """Activate a pool in a worker thread; register it on the loop when that is done.
+
+        Without on_error, a failure is logged (a rebuild, a pool added by reload).
+        """
+        name = settings.name
+
+        def done(pool: Pool | None, error: BaseException | None) -> None:
+            if error is not None or pool is None:
+                if on_error is not None:
+                    on_error(error or RuntimeError("no pool"))
+                elif isinstance(error, ThinwatchError):
+                    log.error("pool %s: cannot build it: %s", name, error)
+                else:
+                    log.critical("pool %s: internal error while building it", name,
+                                 exc_info=error)  # fmt: skip
+                return
+            managed = self._register(pool, state)
+            if on_error is None:  # at start-up, the first _check_events reconciles every pool
+                self._reconcile(managed)
+
+        self.workers.submit(
+            name, lambda: activate(settings, self.kernel, self.check_metadata), done
+        )
+
+    def _register(self, pool: Pool, state: PoolState | None) -> ManagedPool:
+        """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
+        settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
         status = pool.read_status(self.kernel.dm)
@@ -135,13 +183,13 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         self._schedule_check()
-        if self.notifier.watchdog_interval:
-            self._schedule_watchdog()
+        self._schedule_watchdog()
         self.notifier.ready(self.status_line())
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
         finally:
+            self.workers.close()
             loop.close()
 
     def stop(self) -> None:
@@ -162,7 +210,9 @@ class Daemon:
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
-        assert interval is not None
+        if interval is None or self._watchdog_started:
+            return
+        self._watchdog_started = True
 
         def pet() -> None:
             self.notifier.watchdog()
@@ -247,6 +297,8 @@ class Daemon:
                       managed.pool.name, node, path)  # fmt: skip
 
     def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
+        if self.workers.busy(managed.pool.name):
+            return  # being rebuilt in a worker; checked when that is done
         try:
             self.extender.reconcile(managed.pool, managed.state, woke)
         except KernelError as exc:
@@ -290,13 +342,16 @@ class Daemon:
     def _lost(self, managed: ManagedPool) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
+        if self.workers.busy(name):
+            return
         try:
             if self.kernel.dm.info(name) is not None:
                 return
-            log.error("pool %s: its device was removed by someone else; rebuilding it", name)
-            self._activate(managed.pool.settings, managed.state)  # keep its history and counts
         except ThinwatchError as exc:
             self._pool_error(managed, exc)
+            return
+        log.error("pool %s: its device was removed by someone else; rebuilding it", name)
+        self._activate(managed.pool.settings, managed.state)  # keep its history and counts
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -354,14 +409,8 @@ class Daemon:
             log.error("new pools not built: %s", exc)
             return new
         for name, settings in wanted.items():
-            if name not in self.pools:
-                try:
-                    self._activate(settings)
-                except ThinwatchError as exc:
-                    log.error("pool %s: cannot build it: %s", name, exc)
-                except Exception:  # a bug in building one pool must not stop the others
-                    log.critical("pool %s: internal error while building it", name,
-                                 exc_info=True)  # fmt: skip
+            if name not in self.pools and not self.workers.busy(name):
+                self._activate(settings)
         return new
 
     def _schedule_check_after_reload(self) -> None:

@@ -31,6 +31,12 @@ class FakeNodes:
         dm.resume(name)
 
 
+@pytest.fixture(autouse=True)
+def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FakeKernel is not thread-safe: activations run in one worker thread, one at a time."""
+    monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeKernel]:
     kernel = FakeKernel()

@@ -218,6 +218,7 @@ def test_pool_removed_behind_our_back_is_rebuilt(fake: FakeKernel, daemon: Daemo
     state = daemon.pools["pool"].state
     fake.remove("pool")
     daemon._check_events()
+    daemon.workers.run_until_idle()  # the rebuild runs in a worker thread
     assert "pool" in fake.devices
     assert daemon.pools["pool"].state is state  # its history and counters survive
     st = status(fake)
@@ -299,6 +300,7 @@ def test_udev_remove_of_the_pool_rebuilds_it(
     fake.remove("pool")
     monitor.send(FakeUdevDevice("remove", "/dev/dm-0", DM_NAME="pool"))
     d.loop.run_once(max_wait=1)
+    d.workers.run_until_idle()
     assert status(fake).data_used == 7
 
 

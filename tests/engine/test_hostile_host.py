@@ -306,3 +306,72 @@ def test_a_filesystem_at_its_reserve_is_said_once_and_when_full_applies(
     tiny.free = 200 * MiB
     daemon._reconcile(daemon.pools["pool"])
     assert status(fake).no_space_policy.value == "queue_if_no_space"
+
+
+# -- blocking work off the loop ------------------------------------------------------------
+
+
+class CountingNotifier(Notifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchdog_interval = 0.05
+        self.pets = 0
+
+    def watchdog(self) -> bool:
+        self.pets += 1
+        return True
+
+
+def test_a_slow_thin_check_stalls_neither_the_watchdog_nor_another_pools_growth(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Pool b is rebuilt over its metadata and its thin_check hangs; pool a must still grow."""
+    import threading
+    import time
+
+    import yaml
+
+    pools = {
+        name: {
+            "data_file": f"{tmp_path}/{name}.data",
+            "metadata_file": f"{tmp_path}/{name}.meta",
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 16,
+            "reserve": 0,
+        }
+        for name in ("a", "b")
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"daemon": {"check_interval": "1h"}, "pools": pools}))
+    checking, release = threading.Event(), threading.Event()
+
+    def slow_thin_check(path: str) -> str | None:
+        checking.set()
+        assert release.wait(30), "never released"
+        return None
+
+    notifier = CountingNotifier()
+    daemon = Daemon(
+        config, kernel, notifier=notifier, loop=EventLoop(), check_metadata=slow_thin_check
+    )
+    daemon.start()  # both new: no thin_check
+    daemon.loop.add_reader(fake.fileno(), daemon._check_events)
+    fake.remove("b")
+    daemon._check_events()  # b lost: rebuilt in a worker, blocked in thin_check
+    assert checking.wait(10)
+    pets = notifier.pets
+    total = daemon.pools["a"].state.status.data_total  # type: ignore[union-attr]
+    fake.write_blocks("a", total - 8)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        daemon.loop.run_once(max_wait=0.05)
+    grown = fake.devices["a"].pool
+    assert grown is not None and grown.metadata.data_total > total, "a waited behind b"
+    assert notifier.pets >= pets + 3, "the watchdog waited behind thin_check"
+    assert "b" not in fake.devices or not fake.devices["b"].active
+    release.set()
+    daemon.workers.run_until_idle(timeout=10)
+    info = fake.info("b")
+    assert info is not None and info.active_present and not info.suspended
+    daemon.workers.close()
