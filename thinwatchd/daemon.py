@@ -15,6 +15,7 @@ import errno
 import functools
 import logging
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -88,6 +89,8 @@ class Daemon:
         self._event_error: str | None = None  # the last dm event-read error logged
         self._event_retry: Timer | None = None
         self._watchdog_started = False
+        self._started = False  # start() done: READY=1 may be sent
+        self._reload_pending = False
         self.workers = Workers(self.loop)
         self.extender = Extender(kernel, self.loop.time, self._all_files)
 
@@ -103,17 +106,28 @@ class Daemon:
         self.settings = load_settings(self.config_path)
         check_distinct_files(list(self.settings.pools), self.kernel.files)
         self._schedule_watchdog()
+        if threading.current_thread() is threading.main_thread():  # (tests may start elsewhere)
+            # A SIGHUP while the pools come up is kept for later, not the default (death).
+            self.loop.add_signal_handler(signal.SIGHUP, self._reload_later)
         failures: dict[str, BaseException] = {}
         for settings in self.settings.pools:
             self._activate(
                 settings, on_error=functools.partial(failures.__setitem__, settings.name)
             )
         self.workers.run_until_idle()
+        self.loop.run_once(max_wait=0)  # dispatch a signal that came with the last result
         for settings in self.settings.pools:
             if settings.name in failures:
                 raise failures[settings.name]
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self._check_events()
+        self._started = True
+        if self._reload_pending:
+            self._reload_pending = False
+            self.reload()
+
+    def _reload_later(self) -> None:
+        self._reload_pending = True
 
     def _activate(
         self,
@@ -357,6 +371,9 @@ class Daemon:
 
     def reload(self) -> None:
         """Re-read the config: new policy applies at once, new pools are built; never tear down."""
+        if not self._started:
+            self._reload_pending = True
+            return
         self.notifier.reloading()
         try:
             new = load_settings(self.config_path)

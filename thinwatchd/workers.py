@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from thinwatchd.events import EventLoop
@@ -31,16 +32,26 @@ MAX_THREADS = 8
 Done = Callable[[Any, BaseException | None], None]
 
 
+@dataclass
+class _Job:
+    key: str
+    run: Callable[[], Any]
+    done: Done
+    result: Any = None
+    error: BaseException | None = None
+
+
 class Workers:
     """Runs keyed jobs in threads and reports each result on the event loop."""
 
     def __init__(self, loop: EventLoop, max_threads: int | None = None) -> None:
         self._loop = loop
-        threads = max_threads or MAX_THREADS
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="thinwatchd-job")
-        self._running: dict[str, tuple[Future[Any], Done]] = {}
-        self._finished: list[str] = []
-        self._lock = threading.Lock()
+        self._max_threads = max_threads or MAX_THREADS
+        # Daemon threads: a stop (SIGTERM) must not wait for a thin_check to finish.
+        self._threads: list[threading.Thread] = []
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._running: dict[str, _Job] = {}
+        self._finished: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         loop.add_reader(self._wake_r, self._deliver)
 
@@ -56,9 +67,13 @@ class Workers:
         """Run job() in a thread, then done(result, error) on the loop; False if key is busy."""
         if key in self._running:
             return False
-        future = self._executor.submit(job)
-        self._running[key] = (future, done)
-        future.add_done_callback(lambda _f: self._finish(key))
+        item = _Job(key, job, done)
+        self._running[key] = item
+        self._queue.put(item)
+        if len(self._threads) < min(self._max_threads, len(self._running)):
+            thread = threading.Thread(target=self._work, name="thinwatchd-job", daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return True
 
     def run_until_idle(self, timeout: float | None = None) -> None:
@@ -71,31 +86,38 @@ class Workers:
             self._loop.run_once(max_wait=wait if wait is not None else 1.0)
 
     def close(self) -> None:
-        """Stop accepting jobs; running ones finish in their threads, results are dropped."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the threads once their current job ends; undelivered results are dropped."""
+        for _ in self._threads:
+            self._queue.put(None)
+        # The pipe stays open: a thread finishing its last job still writes to it (closing it
+        # could hand its number to another file). The process exit closes it.
         self._loop.remove_reader(self._wake_r)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
     # -- internals --------------------------------------------------------------------------
 
-    def _finish(self, key: str) -> None:
-        """In the job's thread: queue the key and wake the loop."""
-        with self._lock:
-            self._finished.append(key)
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"!")
+    def _work(self) -> None:
+        """A worker thread: run jobs until told to stop, waking the loop after each."""
+        while (job := self._queue.get()) is not None:
+            try:
+                job.result = job.run()
+            except BaseException as exc:  # delivered to the loop, which decides
+                job.error = exc
+            self._finished.put(job)
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"!")
 
     def _deliver(self) -> None:
         """On the loop: call done for every finished job."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._wake_r, 4096)
-        with self._lock:
-            finished, self._finished = self._finished, []
-        for key in finished:
-            future, done = self._running.pop(key)
-            error = future.exception()
+        while True:
             try:
-                done(None if error else future.result(), error)
+                job = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._running.pop(job.key, None)
+            try:
+                job.done(job.result, job.error)
             except Exception:
-                log.critical("internal error handling the result of job %s", key, exc_info=True)
+                log.critical("internal error handling the result of job %s", job.key,
+                             exc_info=True)  # fmt: skip

@@ -375,3 +375,39 @@ def test_a_slow_thin_check_stalls_neither_the_watchdog_nor_another_pools_growth(
     info = fake.info("b")
     assert info is not None and info.active_present and not info.suspended
     daemon.workers.close()
+
+
+def test_a_sighup_during_start_up_is_applied_after_it_not_fatal(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    import signal
+
+    class Recording(Notifier):
+        def __init__(self) -> None:
+            super().__init__()
+            self.sent: list[str] = []
+
+        def ready(self, status: str = "") -> bool:
+            self.sent.append("READY")
+            return True
+
+        def reloading(self) -> bool:
+            self.sent.append("RELOADING")
+            return True
+
+    config = write_config(tmp_path / "config.yaml", tmp_path)
+    notifier = Recording()
+    daemon = Daemon(config, kernel, notifier=notifier, loop=EventLoop(Clock()))
+    original = fake.attach
+
+    def attach_and_hup(path: str, *, direct_io: bool = False):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), signal.SIGHUP)  # arrives while the pool is being built
+        return original(path, direct_io=direct_io)
+
+    fake.attach = attach_and_hup  # type: ignore[method-assign]
+    try:
+        daemon.start()
+    finally:
+        daemon.loop.close()
+    assert "pool" in daemon.pools
+    assert notifier.sent == ["RELOADING", "READY"]  # the reload ran after start-up, once
