@@ -210,9 +210,11 @@ class Extender:
             # superblock with FUA to the metadata device, and a flush of a loop device fsyncs its
             # file. So the size is durable before anything depends on it, and an fsync here
             # would only write back the writer's dirty pages while it waits.
-            files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False)
+            loop = pool.data_loop if data else pool.meta_loop
+            files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False,
+                       identity=(loop.backing_dev, loop.backing_inode))  # fmt: skip
             steps["FILE_MS"] = self.clock()
-            loops.set_capacity(pool.data_loop if data else pool.meta_loop)
+            loops.set_capacity(loop)
             steps["LOOP_MS"] = self.clock()
             pool.reload(self.kernel, pool.table.with_low_water_mark(decision.low_water_mark))
             steps["RELOAD_MS"] = self.clock()

@@ -411,3 +411,19 @@ def test_a_sighup_during_start_up_is_applied_after_it_not_fatal(
         daemon.loop.close()
     assert "pool" in daemon.pools
     assert notifier.sent == ["RELOADING", "READY"]  # the reload ran after start-up, once
+
+
+def test_a_data_file_replaced_under_its_name_is_never_grown_in_its_place(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    daemon = start(tmp_path, kernel, clock)
+    os.rename(tmp_path / "data", tmp_path / "data.moved")  # the loop keeps the old inode
+    (tmp_path / "data").write_bytes(b"someone else's file")
+    fake.write_blocks("pool", status(fake).data_total - 8)
+    daemon._check_events()
+    assert (tmp_path / "data").read_bytes() == b"someone else's file"
+    assert message_ids(caplog).count(MessageId.GROWTH_FAILED) == 1
+    assert "ESTALE" in caplog.text
+    info = fake.info("pool")
+    assert info is not None and not info.suspended

@@ -194,8 +194,19 @@ class FilesApi(Protocol):
     def create(self, path: str, size: int, *, preallocate: bool) -> None:
         """Create a new regular file of size bytes (0600) atomically; EEXIST if path exists."""
 
-    def grow(self, path: str, new_size: int, *, preallocate: bool, sync: bool = True) -> int:
-        """Extend a regular file to new_size (never shrink); return the previous size."""
+    def grow(
+        self,
+        path: str,
+        new_size: int,
+        *,
+        preallocate: bool,
+        sync: bool = True,
+        identity: tuple[int, int] | None = None,
+    ) -> int:
+        """Extend a regular file to new_size (never shrink); return the previous size.
+
+        With identity, refuse (ESTALE) unless the file opened is that (st_dev, st_ino).
+        """
 
     def holds_data(self, path: str) -> bool:
         """Return whether any byte of the file was ever written (SEEK_DATA finds data)."""

@@ -222,7 +222,15 @@ class Files:
         finally:
             self.sys.close(dirfd)
 
-    def grow(self, path: str, new_size: int, *, preallocate: bool, sync: bool = True) -> int:
+    def grow(
+        self,
+        path: str,
+        new_size: int,
+        *,
+        preallocate: bool,
+        sync: bool = True,
+        identity: tuple[int, int] | None = None,
+    ) -> int:
         """Extend a regular file to new_size bytes, crash-safely; return the previous size.
 
         With preallocate, first allocate the new range beyond EOF with FALLOC_FL_KEEP_SIZE (the
@@ -231,12 +239,23 @@ class Files:
         the old or the new size — then fsync unless sync is False (for a pool file the kernel
         makes the size durable itself before it records the new size; see extender.py). Never
         shrinks: raise KernelError(EINVAL) if new_size < the current size (equal is a no-op).
-        EOPNOTSUPP means the filesystem cannot preallocate.
+        EOPNOTSUPP means the filesystem cannot preallocate. With identity (st_dev, st_ino), the
+        open file must be that one (the one behind the loop device): a file replaced under the
+        same name is refused with ESTALE, never grown in its place.
         """
         op = "grow file"
         fd = self.open_regular(path, _os.O_RDWR)
         try:
-            old = self.sys.fstat(fd).st_size
+            st = self.sys.fstat(fd)
+            if identity is not None and (st.st_dev, st.st_ino) != identity:
+                raise KernelError(
+                    op,
+                    path,
+                    _errno.ESTALE,
+                    "not the file behind the loop device "
+                    "any more (replaced or renamed behind thinwatchd's back)",
+                )
+            old = st.st_size
             if new_size < old:
                 raise KernelError(
                     op, path, _errno.EINVAL, f"would shrink {old} -> {new_size} bytes"
