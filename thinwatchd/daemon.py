@@ -343,7 +343,9 @@ class Daemon:
         """Come back for a pool whose growth failed when its backoff ends, not at the next
         safety check (which may be too late for a writer)."""
         retry_at = managed.state.retry_at
-        if retry_at is None or (managed.retry is not None and not managed.retry.cancelled):
+        if retry_at is None or retry_at <= self.loop.time():
+            return  # no backoff running (a due retry happened in this reconcile)
+        if managed.retry is not None and not managed.retry.cancelled:
             return
 
         def retry() -> None:

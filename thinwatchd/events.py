@@ -143,9 +143,13 @@ class EventLoop:
         return max(0.0, self._timers[0].when - self._clock())
 
     def _run_due_timers(self) -> None:
+        """Run the timers due now; one a callback adds for "now" waits for the next pass, so
+        a timer that keeps rescheduling itself cannot starve the fds (and SIGTERM)."""
         now = self._clock()
+        due = []
         while self._timers and self._timers[0].when <= now:
-            timer = heapq.heappop(self._timers)
+            due.append(heapq.heappop(self._timers))
+        for timer in due:
             if not timer.cancelled:
                 self._call(timer.callback)
             if self._stopping:

@@ -148,6 +148,8 @@ class Extender:
             decision = self._decide(pool, state, status)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
+                state.retry_at = None  # nothing to retry: a failed growth is no longer wanted
+                state.failing, state.failed_attempts = None, 0
                 break
             if state.retry_at is not None and self.clock() < state.retry_at:
                 blocked = True  # backing off after a failure; the daemon's timer comes back

@@ -427,3 +427,37 @@ def test_a_data_file_replaced_under_its_name_is_never_grown_in_its_place(
     assert "ESTALE" in caplog.text
     info = fake.info("pool")
     assert info is not None and not info.suspended
+
+
+def test_a_failed_growth_no_longer_wanted_leaves_no_retry_spinning(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Found on the real kernel: a growth failed, then the pool could not grow at all (the
+    backing filesystem full): the retry timer, due in the past, rescheduled itself forever and
+    the loop never saw SIGTERM again."""
+    import signal
+
+    clock = Clock()
+    daemon = start(tmp_path, kernel, clock, data={"max_size": "96MiB"})
+    fake.fail("ftruncate", 5)  # EIO, once
+    fake.write_blocks("pool", status(fake).data_total - 8)
+    daemon._check_events()
+    managed = daemon.pools["pool"]
+    assert managed.state.retry_at is not None
+    os.truncate(tmp_path / "data", 96 * MiB)  # someone else grows it to the cap meanwhile
+    clock.now += 60
+
+    def hung(signum: int, frame: object) -> None:
+        raise TimeoutError("the event loop spins on a retry timer")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        daemon.loop.run_once(max_wait=0)
+        daemon.loop.run_once(max_wait=0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert managed.state.retry_at is None
+    info = fake.info("pool")
+    assert info is not None and not info.suspended

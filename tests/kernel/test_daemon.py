@@ -321,12 +321,11 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
     env.dm.remove(f"{env.pool}-thin0")
     env.dm.remove(env.pool)  # someone else's dmsetup remove
     deadline = time.monotonic() + 30
-    while env.dm.info(env.pool) is None:
+    # The device exists a moment before its table is resumed: wait for the whole rebuild.
+    while (info := env.dm.info(env.pool)) is None or info.suspended or not info.active_present:
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.2)
     assert "removed by someone else; rebuilding it" in daemon.log()
-    info = env.dm.info(env.pool)
-    assert info is not None and info.active_present and not info.suspended
     from thinwatchd.kernel.api import Target
     from thinwatchd.kernel.nodes import UdevNodes
 
