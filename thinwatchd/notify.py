@@ -1,12 +1,22 @@
 """The systemd notification facade: ready, status, reloading, stopping, watchdog.
 
 Every call does nothing (and returns False) outside systemd, i.e. without NOTIFY_SOCKET.
+
+The datagram goes out with MSG_DONTWAIT, not through sd_notify(3), whose send blocks while the
+receiver's queue is full: a listener that stops reading (a test harness, a wedged manager)
+would otherwise freeze the loop that grows the pools, and SIGTERM with it (found on the real
+kernel). A message that does not fit is dropped; STATUS= is sent again at its next change.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import socket
 import time
+
+log = logging.getLogger("thinwatchd")
 
 __all__ = ["Notifier"]
 
@@ -15,16 +25,37 @@ class Notifier:
     """Wraps sd_notify(3) via python-systemd, with the watchdog interval systemd asked for."""
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.address = _socket_address(os.environ.get("NOTIFY_SOCKET", ""))
+        self.enabled = self.address is not None
         self.watchdog_interval = _watchdog_interval() if self.enabled else None
         self._last_status = ""
+        self._socket: socket.socket | None = None
+        self._dropped = False
 
     def _send(self, state: str) -> bool:
-        if not self.enabled:
+        if self.address is None:
             return False
-        from systemd import daemon  # type: ignore[attr-defined]
-
-        return bool(daemon.notify(state))
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                )
+            self._socket.sendto(
+                state.encode(), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL, self.address
+            )
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                if not self._dropped:
+                    log.warning("the notify socket is full (is systemd reading it?); dropping "
+                                "notifications until it drains")  # fmt: skip
+                self._dropped = True
+                if state.startswith("STATUS="):
+                    self._last_status = ""  # resend at the next change
+            else:
+                log.debug("sd_notify %r failed: %s", state.split("\n")[0], exc)
+            return False
+        self._dropped = False
+        return True
 
     def ready(self, status: str = "") -> bool:
         """Tell systemd start-up (or a reload) is complete."""
@@ -52,6 +83,13 @@ class Notifier:
     def watchdog(self) -> bool:
         """Pet the watchdog; call from the main loop only, so a stuck loop is noticed."""
         return self._send("WATCHDOG=1")
+
+
+def _socket_address(value: str) -> str | bytes | None:
+    """Return NOTIFY_SOCKET as a socket address ('@name' is the abstract namespace)."""
+    if not value or value[0] not in "/@":
+        return None
+    return b"\0" + value[1:].encode() if value[0] == "@" else value
 
 
 def _watchdog_interval() -> float | None:
