@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os.path
+import errno
+import os
 import re
+import stat
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
+from yaml.reader import ReaderError
 
 from thinwatchd.errors import ConfigError
 from thinwatchd.names import validate_dm_name
@@ -44,10 +47,12 @@ from thinwatchd.units import (
 __all__ = [
     "FEATURES",
     "LOG_LEVELS",
+    "MAX_CONFIG_BYTES",
     "METADATA_MIN_BYTES",
     "build_settings",
     "load_settings",
     "parse_settings",
+    "printable_path",
 ]
 
 #: The thin-pool feature args a pool may list. read_only is not among them: a read-only pool
@@ -57,17 +62,77 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: lvm2's minimum pool metadata size; the kernel needs room for its superblock and space maps.
 METADATA_MIN_BYTES = 2 * 1024**2
 _BLOCK_MIN, _BLOCK_MAX, _BLOCK_STEP = 128, 2097152, 128  # sectors (drivers/md/dm-thin.c)
+#: The largest config file read. The example, documenting every key, is 8 KiB. libyaml parses a
+#: MiB in milliseconds and strict_yaml caps the values, so even a hostile file fails fast.
+MAX_CONFIG_BYTES = 1024**2
 
 
 def load_settings(path: Path) -> Settings:
     """Read and validate the config file at path; raise ConfigError for any problem."""
+    return parse_settings(_read_config(path), printable_path(path))
+
+
+def printable_path(path: object) -> str:
+    """Return path for a one-line message: quoted if it holds a newline or other control."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _read_config(path: Path) -> str:
+    """Return the text of path, which must be a regular UTF-8 file of at most MAX_CONFIG_BYTES."""
+    shown = printable_path(path)
+
+    def refused(problem: str) -> ConfigError:
+        return ConfigError("", f"cannot read {shown}: {problem}")
+
     try:
-        text = path.read_text(encoding="utf-8")
+        # O_NONBLOCK: opening a FIFO would wait for a writer. O_NOCTTY: nor may a tty become ours.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError("", f"cannot read {path}: {e.strerror or e}") from None
+        kind = _file_kind(path) if e.errno == errno.ENXIO else None  # a socket cannot be opened
+        raise refused(_not_regular(kind) if kind else e.strerror or str(e)) from None
+    try:
+        mode = os.fstat(fd).st_mode  # of what was opened, not of what the name meant a moment ago
+        if not stat.S_ISREG(mode):
+            raise refused(_not_regular(_FILE_KINDS.get(stat.S_IFMT(mode), "special file")))
+        data = bytearray()
+        while len(data) <= MAX_CONFIG_BYTES:  # read one byte past the cap to see it is passed
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        raise refused(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        limit = f"{MAX_CONFIG_BYTES // 1024**2} MiB"
+        raise refused(f"it is larger than {limit}, the limit for a config file; {_WRONG_FILE}")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError("", f"cannot read {path}: byte {e.start} is not UTF-8") from None
-    return parse_settings(text, str(path))
+        raise refused(f"byte {e.start} is not UTF-8; save the file as UTF-8") from None
+
+
+_WRONG_FILE = "--config must name the YAML config file"
+_FILE_KINDS = {
+    stat.S_IFDIR: "directory",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+}
+
+
+def _file_kind(path: Path) -> str | None:
+    try:
+        return _FILE_KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
+    except OSError:
+        return None
+
+
+def _not_regular(kind: str) -> str:
+    return f"it is a {kind}, not a regular file; {_WRONG_FILE}"
 
 
 def parse_settings(text: str, source: str) -> Settings:
@@ -78,16 +143,27 @@ def parse_settings(text: str, source: str) -> Settings:
         mark = e.problem_mark or e.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
         problem = ", ".join(part for part in (e.context, e.problem) if part) or "invalid YAML"
-        raise ConfigError("", f"{where}: {problem}") from None
-    except yaml.YAMLError as e:  # e.g. a control character the reader refuses
-        raise ConfigError("", f"{source}: {str(e).splitlines()[0]}") from None
-    except RecursionError:
+        raise ConfigError("", f"{where}: {_one_line(problem)}") from None
+    except ReaderError as e:  # a control character: no mark, and libyaml counts bytes
+        where = source
+        if isinstance(e.character, int):  # the first bad character is its first occurrence
+            at = text.find(chr(e.character))
+            line, column = text.count("\n", 0, at) + 1, at - text.rfind("\n", 0, at)
+            where = f"{source}, line {line}, column {column}"
+        raise ConfigError("", f"{where}: {_one_line(str(e).splitlines()[0])}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{source}: {_one_line(str(e).splitlines()[0])}") from None
+    except RecursionError:  # not expected: strict_yaml caps the nesting well below the limit
         raise ConfigError("", f"{source}: nested too deeply") from None
     if data is None:
         raise ConfigError("", f"{source} is empty; it needs at least a pools: section")
     if not isinstance(data, dict):
         raise ConfigError("", f"{source}: the top level must be a mapping, not {_show(data)}")
     return build_settings(data)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "invalid YAML"
 
 
 def build_settings(data: object) -> Settings:

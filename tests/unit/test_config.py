@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
+import resource
+import socket
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinwatchd.config import build_settings, load_settings, parse_settings
+from thinwatchd import strict_yaml
+from thinwatchd.config import MAX_CONFIG_BYTES, build_settings, load_settings, parse_settings
 from thinwatchd.errors import EX_CONFIG, ConfigError
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
@@ -22,6 +31,7 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
+from thinwatchd.strict_yaml import MAX_VALUES
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
@@ -345,7 +355,7 @@ FILE_ERRORS = [
     ("just text\n", "the top level must be a mapping, not 'just text'"),
     ("pools:\n  p: [\n", "test.yaml, line 3, column 1: "),
     ("pools:\n  p: {a: 1\n  q: 2\n", "test.yaml, line 3, column 4"),
-    ("a: b\n  c: d\n", "test.yaml, line 2, column 4: mapping values are not allowed here"),
+    ("a: b\n  c: d\n", "test.yaml, line 2, column 4: mapping values are not allowed"),
     ("pools: {}\npools: {}\n", "test.yaml, line 2, column 1: found duplicate key 'pools'"),
     ("a: b\n---\nc: d\n", "test.yaml, line 2, column 1: expected a single document"),
     ("pools: !!python/object:os.system {}\n", "could not determine a constructor"),
@@ -353,11 +363,23 @@ FILE_ERRORS = [
     ("pools: !!bool maybe\n", "'maybe' is not true or false"),
     ("pools:\n  ? [a]\n  : 1\n", "line 2, column 5: found a key that is not text"),
     ("pools: *nothing\n", "found undefined alias"),
-    ("\x07", "test.yaml: unacceptable character #x0007"),
+    ("\x07", "test.yaml, line 1, column 1: unacceptable character #x0007"),
+    ("pools:\n  \u00e9: \x00\n", "test.yaml, line 2, column 6: unacceptable character #x0000"),
     ("[" * 5000, "test.yaml"),
 ]
 
 
+@pytest.fixture(params=["libyaml", "pure-python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with libyaml's parser (as shipped) and with the pure-Python fallback."""
+    if request.param == "pure-python":
+        monkeypatch.setattr(strict_yaml, "_Loader", strict_yaml._PureLoader)
+    elif not yaml.__with_libyaml__:
+        pytest.skip("PyYAML was built without libyaml")
+    return str(request.param)
+
+
+@pytest.mark.usefixtures("yaml_parser")
 @pytest.mark.parametrize(("text", "fragment"), FILE_ERRORS)
 def test_file_errors_name_the_file(text: str, fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
@@ -373,12 +395,166 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(caught.value) == f"cannot read {tmp_path}/absent.yaml: No such file or directory"
 
 
+# --- Hostile input: every file and document ends in one ConfigError line, quickly ---------------
+
+
+def _keys(nbytes: int) -> bytes:
+    """Return nbytes of distinct `key: value` lines, the shape of the 60 MB file in issue 7."""
+    lines = (f"key{i}: value\n".encode() for i in range(nbytes // 8))
+    return b"".join(lines)[:nbytes]
+
+
+def _laughs(levels: int, *, merge: bool = False) -> str:
+    """Return a pool whose features (or, with merge, data section) expand to 10**levels nodes."""
+    lines = ["lol0: &lol0 {" + ", ".join(f"k{i}: lol" for i in range(10)) + "}"]
+    for level in range(1, levels + 1):
+        refs = ", ".join([f"*lol{level - 1}"] * 10)
+        lines.append(f"lol{level}: &lol{level} " + (f"{{<<: [{refs}]}}" if merge else f"[{refs}]"))
+    top = "defaults:\n  x-laughs:\n" + "".join(f"    {line}\n" for line in lines)
+    return top + config(f"data: *lol{levels}" if merge else f"features: *lol{levels}")
+
+
+def _loads_quickly(path: Path, seconds: float = 1.0) -> ConfigError:
+    """Load path; return the ConfigError it must raise within the given CPU time.
+
+    CPU time, not wall time: on a busy CI box the wall clock would measure the neighbours.
+    """
+    start = time.process_time()
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert time.process_time() - start < seconds, f"{path}: {caught.value}"
+    assert "\n" not in str(caught.value)
+    return caught.value
+
+
 def test_directory_and_binary_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="Is a directory"):
-        load_settings(tmp_path)
+    error = _loads_quickly(tmp_path)
+    assert str(error) == (
+        f"cannot read {tmp_path}: it is a directory, not a regular file; "
+        "--config must name the YAML config file"
+    )
     (tmp_path / "bad.yaml").write_bytes(b"pools: \xff\n")
-    with pytest.raises(ConfigError, match="byte 7 is not UTF-8"):
-        load_settings(tmp_path / "bad.yaml")
+    assert "byte 7 is not UTF-8" in str(_loads_quickly(tmp_path / "bad.yaml"))
+
+
+def test_special_files_are_refused(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)
+    assert "Too many levels of symbolic links" in str(_loads_quickly(loop))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.yaml"))
+        assert "is a socket, not a regular file" in str(_loads_quickly(tmp_path / "sock.yaml"))
+
+
+def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "secret.yaml"
+    path.write_text(config())
+    real_open = os.open
+
+    def refuse(file: object, *args: Any, **kwargs: Any) -> int:
+        if str(file) == str(path):  # root ignores file modes, so EACCES is simulated
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refuse)
+    assert str(_loads_quickly(path)) == f"cannot read {path}: Permission denied"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "fragment"),
+    [
+        ("flow nesting", "pools: " + "[" * 500_000, "nest"),  # libyaml stops it at 1000
+        ("mapping nesting", "pools: " + "{a: " * 200_000, "nested more than"),
+        ("block nesting", "".join(" " * i + f"k{i}:\n" for i in range(1000)), "nested more than"),
+        ("billion laughs", _laughs(9), "alias *lol2 expands the document to more than"),
+        ("merge laughs", _laughs(9, merge=True), "alias *lol2 expands the document to more"),
+        ("recursive alias", config("features: &self [*self]"), "alias *self refers to a node"),
+        ("recursive merge", config("data: &self {<<: *self}"), "alias *self refers to a node"),
+        (
+            "keys up to the size cap",
+            _keys(MAX_CONFIG_BYTES).decode(),
+            f"has more than {MAX_VALUES}",
+        ),
+        ("one flow list up to the cap", "pools: [" + "a, " * (MiB // 3 - 4) + "]", "has more"),
+    ],
+)
+def test_hostile_documents_fail_fast(
+    tmp_path: Path, yaml_parser: str, name: str, text: str, fragment: str
+) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    seconds = 1.0 if yaml_parser == "libyaml" else 3.0  # the fallback scans a MiB in Python
+    assert fragment in str(_loads_quickly(path, seconds)), name
+
+
+def test_size_cap_is_exact(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    text = config().encode()
+    path.write_bytes(text + b"#" * (MAX_CONFIG_BYTES - len(text)))
+    assert load_settings(path).pools == (default_pool(),)
+    path.write_bytes(text + b"#" * (MAX_CONFIG_BYTES + 1 - len(text)))
+    assert str(_loads_quickly(path)) == (
+        f"cannot read {path}: it is larger than 1 MiB, the limit for a config file; "
+        "--config must name the YAML config file"
+    )
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="the pure-Python parser is slower")
+def test_big_config_with_comments_loads(tmp_path: Path) -> None:
+    """Comments and long values cost little: a config of nearly the cap's size loads at once."""
+    path = tmp_path / "big.yaml"
+    comment = "# " + "x" * 1000 + "\n"
+    path.write_text(comment * (MiB // len(comment) - 2) + config())
+    start = time.process_time()
+    assert load_settings(path).pools == (default_pool(),)
+    assert time.process_time() - start < 1.0
+
+
+def _check_config_in_child(path: Path | str) -> tuple[int, str, float]:
+    """Run check-config on path in a child with 1 GiB of address space and 10 s to finish.
+
+    Return the exit code, stderr, and the CPU seconds main() took (inf if it never returned).
+    """
+    code = (
+        "import sys, time; from thinwatchd.cli import main; start = time.process_time(); "
+        "code = main(sys.argv[1:]); print(time.process_time() - start); sys.exit(code)"
+    )
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--config", str(path), "check-config"],
+        capture_output=True, text=True, timeout=10, preexec_fn=limit_memory, check=False,
+        cwd=EXAMPLE.parent,
+    )  # fmt: skip
+    seconds = float(done.stdout.splitlines()[-1]) if done.stdout.strip() else float("inf")
+    return done.returncode, done.stderr, seconds
+
+
+@pytest.mark.parametrize(
+    ("name", "fragment"),
+    [
+        ("fifo", "is a fifo, not a regular file"),
+        ("/dev/zero", "is a character device, not a regular file"),
+        ("60 MB of keys", "is larger than 1 MiB, the limit for a config file"),
+    ],
+)
+def test_issue_7_files_exit_78_at_once(tmp_path: Path, name: str, fragment: str) -> None:
+    """The three files of issue 7: a FIFO hung, /dev/zero and 60 MB ran out of memory or time."""
+    path = tmp_path / "config.yaml"
+    if name == "fifo":
+        os.mkfifo(path)
+    elif name == "60 MB of keys":
+        with path.open("wb") as f:
+            f.writelines([_keys(MiB)] * 60)
+    else:
+        path = Path(name)
+    code, stderr, seconds = _check_config_in_child(path)
+    assert code == EX_CONFIG, stderr
+    assert stderr.startswith(f"thinwatchd: cannot read {path}: ") and fragment in stderr
+    assert len(stderr.splitlines()) == 1, stderr
+    assert seconds < 1.0
 
 
 def test_exit_code_is_ex_config() -> None:
