@@ -1,8 +1,9 @@
-"""The command line: `thinwatchd run | check-config | status [--json]`."""
+"""The command line: `thinwatchd [--config FILE] run | check-config | status [--json]`."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -10,13 +11,23 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from thinwatchd import __version__
-from thinwatchd.config import load_settings
+from thinwatchd.config import load_settings, printable_path
 from thinwatchd.errors import (
+    EX_CANTCREAT,
     EX_CONFIG,
     EX_DATAERR,
+    EX_NOPERM,
+    EX_TEMPFAIL,
+    EX_UNAVAILABLE,
     ConfigError,
     PoolMismatchError,
     ThinwatchError,
+)
+from thinwatchd.instance_lock import (
+    DEFAULT_LOCK_PATH,
+    InstanceLockedError,
+    LockFileError,
+    hold_instance_lock,
 )
 from thinwatchd.logs import setup_logging
 from thinwatchd.settings import DEFAULT_CONFIG_PATH
@@ -25,8 +36,9 @@ __all__ = ["main"]
 
 log = logging.getLogger("thinwatchd")
 
-EX_UNAVAILABLE = 69
 _DM_HINT = "is device-mapper in this kernel? (modprobe dm-thin-pool loop)"
+_NO_DRIVER = (errno.ENOENT, errno.ENODEV, errno.ENXIO)
+_NO_PERMISSION = (errno.EACCES, errno.EPERM)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +46,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="thinwatchd", description="Keep device-mapper thin pools on loopback files growing."
     )
     parser.add_argument("--version", action="version", version=f"thinwatchd {__version__}")
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=DEFAULT_CONFIG_PATH,
-        help=f"config file (default {DEFAULT_CONFIG_PATH})",
-    )
+    config_help = f"config file (default {DEFAULT_CONFIG_PATH})"
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH, help=config_help)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="build the pools and keep them growing (the daemon)")
     run.add_argument(
@@ -48,9 +56,18 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="where to log (auto: the journal when started by systemd)",
     )
-    sub.add_parser("check-config", help="validate the config file and exit")
+    run.add_argument(
+        "--lock-file",
+        type=Path,
+        default=DEFAULT_LOCK_PATH,
+        help=f"the lock that keeps a second instance out (default {DEFAULT_LOCK_PATH})",
+    )
+    check = sub.add_parser("check-config", help="validate the config file and exit")
     status = sub.add_parser("status", help="show each pool's live state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    for command in (run, check, status):
+        # Also after the command; SUPPRESS leaves the top-level value unless it is given here.
+        command.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
     return parser
 
 
@@ -62,20 +79,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.config)
         if args.command == "status":
             return _status(args.config, as_json=args.json)
-        return _run(args.config, args.log_target)
+        return _run(args.config, args.log_target, args.lock_file)
     except ConfigError as exc:
-        print(f"thinwatchd: {exc.located(args.config)}", file=sys.stderr)
+        print(f"thinwatchd: {exc.located(printable_path(args.config))}", file=sys.stderr)
         return EX_CONFIG
+    except InstanceLockedError as exc:
+        print(f"thinwatchd: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+    except LockFileError as exc:
+        print(f"thinwatchd: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except KeyboardInterrupt:
         return 130
+
+
+def _kernel_refused(exc: ThinwatchError, command: str) -> tuple[str, int]:
+    """Return what to say after exc opening device-mapper or loop, and the exit code."""
+    code = getattr(exc, "errno", None)
+    if code in _NO_PERMISSION:
+        return f"{exc}; thinwatchd {command} needs root (CAP_SYS_ADMIN)", EX_NOPERM
+    if code in _NO_DRIVER:
+        return f"{exc}; {_DM_HINT}", EX_UNAVAILABLE
+    return str(exc), EX_UNAVAILABLE
 
 
 def _check_config(path: Path) -> int:
     settings = load_settings(path)
     names = ", ".join(p.name for p in settings.pools)
-    print(
-        f"{path}: OK ({len(settings.pools)} pool{'s' if len(settings.pools) != 1 else ''}: {names})"
-    )
+    count = f"{len(settings.pools)} pool{'s' if len(settings.pools) != 1 else ''}"
+    print(f"{printable_path(path)}: OK ({count}: {names})")
     return 0
 
 
@@ -87,8 +119,9 @@ def _status(path: Path, *, as_json: bool) -> int:
     try:
         dm = DeviceMapper()
     except ThinwatchError as exc:
-        print(f"thinwatchd: cannot open device-mapper: {exc}; {_DM_HINT}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        message, exit_code = _kernel_refused(exc, "status")
+        print(f"thinwatchd: cannot open device-mapper: {message}", file=sys.stderr)
+        return exit_code
     with dm:
         reports = [pool_report(dm, p) for p in settings.pools]
     if as_json:
@@ -98,20 +131,26 @@ def _status(path: Path, *, as_json: bool) -> int:
     return 0 if all(r.active for r in reports) else 1
 
 
-def _run(path: Path, log_target: str) -> int:
+def _run(path: Path, log_target: str, lock_path: Path) -> int:
+    setup_logging("info", target=log_target)
+    settings = load_settings(path)  # fail fast, before touching the kernel
+    setup_logging(settings.daemon.log_level, target=log_target)
+    with hold_instance_lock(lock_path):  # before any pool is touched; held until we return
+        return _run_locked(path)
+
+
+def _run_locked(path: Path) -> int:
     from thinwatchd.daemon import Daemon
     from thinwatchd.pool import PoolSetupError
     from thinwatchd.runtime import open_kernel, udev_monitor
     from thinwatchd.thincheck import thin_check
 
-    setup_logging("info", target=log_target)
-    settings = load_settings(path)  # fail fast, before touching the kernel
-    setup_logging(settings.daemon.log_level, target=log_target)
     try:
         kernel = open_kernel()
     except ThinwatchError as exc:
-        log.error("cannot open the kernel interfaces: %s; %s", exc, _DM_HINT)
-        return EX_UNAVAILABLE
+        message, exit_code = _kernel_refused(exc, "run")
+        log.error("cannot open the kernel interfaces: %s", message)
+        return exit_code
     daemon = Daemon(path, kernel, check_metadata=thin_check, udev_monitor=udev_monitor())
     try:
         daemon.start()

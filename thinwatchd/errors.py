@@ -6,8 +6,12 @@ import errno as _errno
 import os as _os
 
 __all__ = [
+    "EX_CANTCREAT",
     "EX_CONFIG",
     "EX_DATAERR",
+    "EX_NOPERM",
+    "EX_TEMPFAIL",
+    "EX_UNAVAILABLE",
     "ConfigError",
     "KernelError",
     "PoolMismatchError",
@@ -22,6 +26,16 @@ EX_CONFIG = 78
 #: sysexits.h EX_DATAERR: a pool's files are damaged or inconsistent (e.g. thin_check fails).
 #: Like EX_CONFIG, restarting will not help: the unit lists both in RestartPreventExitStatus=.
 EX_DATAERR = 65
+#: sysexits.h EX_UNAVAILABLE: device-mapper or loop cannot be opened (no driver, or an I/O error).
+EX_UNAVAILABLE = 69
+#: sysexits.h EX_CANTCREAT: the instance lock file (or its directory) cannot be created, e.g. a
+#: read-only /run; the unit lists it in RestartPreventExitStatus=.
+EX_CANTCREAT = 73
+#: sysexits.h EX_TEMPFAIL: another instance holds the lock; the unit lists it in
+#: RestartPreventExitStatus=.
+EX_TEMPFAIL = 75
+#: sysexits.h EX_NOPERM: the kernel refused device-mapper to a user without CAP_SYS_ADMIN.
+EX_NOPERM = 77
 
 
 class ThinwatchError(Exception):
