@@ -90,6 +90,8 @@ class Daemon:
         self._event_retry: Timer | None = None
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
+        self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
+        self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
         self._reload_pending = False
         self.workers = Workers(self.loop)
         self.extender = Extender(kernel, self.loop.time, self._all_files)
@@ -145,12 +147,21 @@ class Daemon:
             if error is not None or pool is None:
                 if on_error is not None:
                     on_error(error or RuntimeError("no pool"))
-                elif isinstance(error, ThinwatchError):
-                    log.error("pool %s: cannot build it: %s", name, error)
+                    return
+                if name not in self.pools:  # a new pool: retried by each safety check
+                    self._unbuilt[name] = settings
+                if isinstance(error, ThinwatchError):
+                    if str(error) != self._build_errors.get(name):
+                        log.error("pool %s: cannot build it: %s; retrying at each check", name,
+                                  error)  # fmt: skip
+                    self._build_errors[name] = str(error)
                 else:
                     log.critical("pool %s: internal error while building it", name,
                                  exc_info=error)  # fmt: skip
                 return
+            self._unbuilt.pop(name, None)
+            if self._build_errors.pop(name, None) is not None:
+                log.info("pool %s: built after earlier failures", name)
             managed = self._register(pool, state)
             if on_error is None:  # at start-up, the first _check_events reconciles every pool
                 self._reconcile(managed)
@@ -164,7 +175,10 @@ class Daemon:
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
-        status = pool.read_status(self.kernel.dm)
+        try:
+            status = pool.read_status(self.kernel.dm)
+        except ThinwatchError:
+            status = None  # the first check reads it again, and says why it fails
         fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
         if pool.activation is Activation.CREATED:
             event(
@@ -218,6 +232,9 @@ class Daemon:
         def check() -> None:
             for managed in list(self.pools.values()):
                 self._reconcile(managed)
+            for settings in list(self._unbuilt.values()):
+                if not self.workers.busy(settings.name):
+                    self._activate(settings)
             self._schedule_check()
 
         self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
@@ -427,6 +444,9 @@ class Daemon:
         except ThinwatchError as exc:
             log.error("new pools not built: %s", exc)
             return new
+        for name in list(self._unbuilt):
+            if name not in wanted:
+                del self._unbuilt[name]
         for name, settings in wanted.items():
             if name not in self.pools and not self.workers.busy(name):
                 self._activate(settings)

@@ -82,6 +82,8 @@ class PoolState:
     failed_attempts: int = 0  # growths failed in a row
     retry_at: float | None = None  # no growth attempt before this (backoff)
     backing_short: bool = False  # the backing filesystem is at its reserve (said once)
+    unfinished: Grow | None = None  # a growth whose file grew but the kernel has not seen it
+    retune_failing: str | None = None  # the last failed retune reload, said once
     last_growth: GrowthRecord | None = None
     status: ThinPoolStatus | None = None
     event_nr: int = -1
@@ -102,6 +104,12 @@ def pool_fields(pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
     elif status is not None:
         fields["POOL_MODE"] = str(status)
     return fields
+
+
+def _failure_key(exc: ThinwatchError) -> str:
+    """What makes two failures "the same" for saying it once per streak: the errno, whatever
+    step or file met it (one full disk fails the open, the stat and the statvfs alike)."""
+    return f"errno {exc.errno}" if isinstance(exc, KernelError) else str(exc)
 
 
 def _step_ms(started: float, marks: dict[str, float]) -> dict[str, float]:
@@ -129,17 +137,41 @@ class Extender:
 
     # -- the reconcile loop ----------------------------------------------------------------
 
-    def reconcile(self, pool: Pool, state: PoolState, woke: float | None = None) -> ThinPoolStatus:
+    def reconcile(
+        self, pool: Pool, state: PoolState, woke: float | None = None
+    ) -> ThinPoolStatus | None:
         """Bring one pool to a state with room to write; return its latest status.
 
         woke is when the loop woke for the event that led here: growth times count from it.
+        A kernel or file error anywhere in the check is a failed growth as far as writers are
+        concerned: said once, retried with backoff, and when_full's clock runs. Only ENXIO (the
+        device is gone) is raised, for the daemon to rebuild the pool.
         """
+        try:
+            return self._reconcile(pool, state, woke)
+        except ThinwatchError as exc:
+            if isinstance(exc, KernelError) and exc.errno == errno.ENXIO:
+                raise
+            self._note_failure(pool, state, "check", exc)
+            if state.refused_since is None:
+                state.refused_since = self.clock()
+            self._retune_table(pool, state, None)
+            return state.status
+
+    def _reconcile(self, pool: Pool, state: PoolState, woke: float | None) -> ThinPoolStatus:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
         status = pool.read_status(dm)
         self._adopt_outside_change(pool, status)
+        backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
+        if state.unfinished is not None and not backing_off:
+            finished = self._finish_growth(pool, state, state.unfinished, started)
+            blocked = finished is None
+            status = finished or status
         for _ in range(_MAX_ROUNDS):
+            if blocked:
+                break
             self._note_mode(pool, state, status)
             if isinstance(status, ThinPoolWorkingStatus):
                 state.history = state.history.record(
@@ -148,10 +180,11 @@ class Extender:
             decision = self._decide(pool, state, status)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
-                state.retry_at = None  # nothing to retry: a failed growth is no longer wanted
-                state.failing, state.failed_attempts = None, 0
+                if state.unfinished is None:  # nothing to retry: the growth is not wanted now
+                    state.retry_at = None
+                    state.failing, state.failed_attempts = None, 0
                 break
-            if state.retry_at is not None and self.clock() < state.retry_at:
+            if backing_off or state.unfinished is not None:
                 blocked = True  # backing off after a failure; the daemon's timer comes back
                 break
             grown = self._grow(pool, state, decision, started)
@@ -201,10 +234,16 @@ class Extender:
     def _grow(
         self, pool: Pool, state: PoolState, decision: Grow, started: float
     ) -> ThinPoolStatus | None:
-        """Execute one growth; return the status after it, or None if it failed (logged)."""
-        settings, loops, files = pool.settings, self.kernel.loops, self.kernel.files
+        """Execute one growth; return the status after it, or None if it failed (logged).
+
+        Once the file is grown, the growth is this decision until it is finished: a retry
+        completes it (state.unfinished) rather than deciding again from the larger file, which
+        would grow the file by another step per failed attempt.
+        """
+        settings, files = pool.settings, self.kernel.files
         data = decision.target == "data"
         path = str(settings.data_file if data else settings.metadata_file)
+        loop = pool.data_loop if data else pool.meta_loop
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
         try:
             # No fsync: before dm-thin commits the superblock that records the new size it
@@ -212,18 +251,35 @@ class Extender:
             # superblock with FUA to the metadata device, and a flush of a loop device fsyncs its
             # file. So the size is durable before anything depends on it, and an fsync here
             # would only write back the writer's dirty pages while it waits.
-            loop = pool.data_loop if data else pool.meta_loop
             files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False,
                        identity=(loop.backing_dev, loop.backing_inode))  # fmt: skip
-            steps["FILE_MS"] = self.clock()
-            loops.set_capacity(loop)
+        except ThinwatchError as exc:
+            self._note_failure(pool, state, decision.target, exc)
+            return None
+        steps["FILE_MS"] = self.clock()
+        state.unfinished = decision
+        return self._finish_growth(pool, state, decision, started, steps)
+
+    def _finish_growth(
+        self,
+        pool: Pool,
+        state: PoolState,
+        decision: Grow,
+        started: float,
+        steps: dict[str, float] | None = None,
+    ) -> ThinPoolStatus | None:
+        """Make the kernel see a grown file: LOOP_SET_CAPACITY, then load and resume."""
+        data = decision.target == "data"
+        steps = steps if steps is not None else {"DECIDE_MS": self.clock()}
+        try:
+            self.kernel.loops.set_capacity(pool.data_loop if data else pool.meta_loop)
             steps["LOOP_MS"] = self.clock()
             pool.reload(self.kernel, pool.table.with_low_water_mark(decision.low_water_mark))
             steps["RELOAD_MS"] = self.clock()
-            status = pool.read_status(self.kernel.dm)
         except ThinwatchError as exc:
-            self._note_failure(pool, state, decision, exc)
+            self._note_failure(pool, state, decision.target, exc)
             return None
+        state.unfinished = None
         if state.failing is not None:
             log.info("pool %s: %s grew again after %d failed attempt(s)", pool.name,
                      decision.target, state.failed_attempts)  # fmt: skip
@@ -236,6 +292,13 @@ class Extender:
         state.growths[decision.target] += 1
         if data:
             state.history = state.history.record_growth(seconds)
+        # The growth is done: say so even if the status read after it fails (that failure is
+        # then the check's, said and retried as such).
+        try:
+            status: ThinPoolStatus | None = pool.read_status(self.kernel.dm)
+            unread: ThinwatchError | None = None
+        except ThinwatchError as exc:
+            status, unread = state.status, exc
         event(
             logging.INFO,
             MessageId.DATA_GROWN if data else MessageId.METADATA_GROWN,
@@ -250,28 +313,29 @@ class Extender:
                 "LOW_WATER_MARK_BLOCKS": decision.low_water_mark,
             },
         )
+        if unread is not None or status is None:
+            raise unread or KernelError("DM_TABLE_STATUS", pool.name, errno.EIO)
         return status
 
-    def _note_failure(
-        self, pool: Pool, state: PoolState, decision: Grow, exc: ThinwatchError
-    ) -> None:
-        """Count a failed growth, say it once per streak (or when the error changes), back off."""
+    def _note_failure(self, pool: Pool, state: PoolState, target: str, exc: ThinwatchError) -> None:
+        """Count a failed growth (or check), say it once per streak, and back off."""
         state.failures += 1
         state.failed_attempts += 1
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (state.failed_attempts - 1))
         state.retry_at = self.clock() + delay
-        text = str(exc)
-        if text == state.failing:
-            log.debug("pool %s: growth attempt %d failed again: %s", pool.name,
-                      state.failed_attempts, text)  # fmt: skip
+        key = _failure_key(exc)
+        if key == state.failing:
+            log.debug("pool %s: attempt %d failed again: %s", pool.name,
+                      state.failed_attempts, exc)  # fmt: skip
             return
-        state.failing = text
+        state.failing = key
+        what = f"growing {target} of {pool.name}" if target != "check" else f"checking {pool.name}"
         event(
             logging.ERROR,
             MessageId.GROWTH_FAILED,
-            f"growing {decision.target} of {pool.name} failed: {exc}; the pool is resumed on "
-            f"its previous size; retrying with backoff (next in {delay:g} s)",
-            pool_fields(pool, state.status) | {"TARGET": decision.target},
+            f"{what} failed: {exc}; the pool is resumed on its previous size; retrying with "
+            f"backoff (next in {delay:g} s)",
+            pool_fields(pool, state.status) | {"TARGET": target},
         )
 
     def _note_backing(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> bool:
@@ -295,20 +359,24 @@ class Extender:
                 log.info("pool %s: the filesystem under %s has room again", pool.name, path)
         return bool(short)
 
-    def _retune_table(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+    def _retune_table(self, pool: Pool, state: PoolState, status: ThinPoolStatus | None) -> None:
         """Reload once if the table's mark or no-space policy should change.
 
         The mark: the kernel only knows the table's, and the policy's (threshold, adaptive rate)
         may be higher; growths carry it anyway, so this rarely reloads, and never to lower it
         (an early event costs nothing). The policy: error_if_no_space after the grace period
         without room, and back when room returns. One reload for both: each stalls writers.
+        With no status (the check failed), only the policy is considered.
         """
-        if not isinstance(status, ThinPoolWorkingStatus) or status.needs_check:
+        if status is not None and (
+            not isinstance(status, ThinPoolWorkingStatus) or status.needs_check
+        ):
             return
         table = pool.table
-        mark = low_water_mark(pool.settings, status.data_total, state.history)
-        if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
-            table = table.with_low_water_mark(mark)
+        if isinstance(status, ThinPoolWorkingStatus):
+            mark = low_water_mark(pool.settings, status.data_total, state.history)
+            if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
+                table = table.with_low_water_mark(mark)
         policy = no_space_mode(pool.settings, state.refused_since, self.clock())
         if policy is not table.no_space_policy:
             table = table.with_no_space_policy(policy)
@@ -318,11 +386,15 @@ class Extender:
         try:
             pool.reload(self.kernel, table)
         except ThinwatchError as exc:
-            if state.failing != str(exc):
+            key = _failure_key(exc)
+            if key not in (state.failing, state.retune_failing):
                 log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
+            state.retune_failing = key
             return
+        state.retune_failing = None
         if table.low_water_mark != old.low_water_mark:
-            log.info("pool %s: low-water mark raised to %d blocks", pool.name, mark)
+            log.info("pool %s: low-water mark raised to %d blocks", pool.name,
+                     table.low_water_mark)  # fmt: skip
         if policy is not old.no_space_policy:
             error = policy.value == "error_if_no_space"
             why = (

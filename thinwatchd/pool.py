@@ -14,17 +14,20 @@ without ever zeroing the metadata of a pool that has been used or shrinking anyt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from thinwatchd.errors import KernelError, PoolMismatchError, RollbackError, ThinwatchError
 from thinwatchd.kernel.api import (
     DeviceMapperApi,
+    DmInfo,
     FileInfo,
     FilesApi,
     LoopControlApi,
@@ -189,6 +192,22 @@ class Pool:
         return length
 
 
+_T = TypeVar("_T")
+#: Attempts of a call in a rollback: a transient error (EINTR, EAGAIN, ENOMEM) must not be
+#: what leaves a pool suspended.
+_ROLLBACK_ATTEMPTS = 3
+
+
+def _retrying(call: Callable[[], _T]) -> _T:
+    for attempt in range(_ROLLBACK_ATTEMPTS):
+        try:
+            return call()
+        except ThinwatchError:
+            if attempt == _ROLLBACK_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     """Leave the pool resumed, on the longest valid table, whatever interrupted a reload.
 
@@ -199,11 +218,21 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     whole size, our last good length, the active one), and resume.
     """
     dm, name = kernel.dm, pool.name
-    info = dm.info(name)
+    try:
+        info = _retrying(lambda: dm.info(name))
+    except ThinwatchError:
+        # Blind: assume the worst (an inactive table, suspended). Clearing an empty slot and
+        # reloading a running pool are harmless; leaving it suspended is not.
+        info = DmInfo(name, "", 0, 0, 0, 0, True, False, True, True)
     if info is None:
         raise PoolSetupError(f"pool {name}: device disappeared")
     if info.inactive_present:
-        dm.clear_table(name)
+        try:
+            _retrying(lambda: dm.clear_table(name))
+        except ThinwatchError:
+            # A stale inactive table would be swapped in by the next resume, anyone's: replace
+            # it with a valid one below and resume now.
+            info = dataclasses.replace(info, suspended=True)
     if not info.suspended:
         return
     lengths = {pool.length, pool.length_for(kernel.loops.size(pool.data_loop))}
