@@ -263,6 +263,51 @@ def _fill_small_fs(env: Env, mnt: Path) -> None:
     assert loops.find(str(meta)) is None
 
 
+def test_a_filesystem_reaching_its_reserve_is_said_before_the_loop_fails(env: Env) -> None:
+    """A 1 GiB sparse pool on a 128 MiB filesystem: said once, at err, while the filesystem still
+    has room; when_full switches the pool; the writer ends with an error, never hangs."""
+    with small_filesystem(env, "tiny", 128 * MiB) as mnt:
+        config = write_config(env.directory / "config.yaml", {env.pool: {
+            "data_file": str(mnt / "data"), "metadata_file": str(mnt / "metadata"),
+            "data_size": "1GiB", "metadata_size": "4MiB", "low_water_mark": 16,
+            "reserve": "40MiB", "when_full": {"error_after": "1s"},
+        }}, check_interval="1s")  # fmt: skip
+        daemon = env.daemon(config)
+        thin = env.thin(size=1 * GiB)
+        warned_with_free: int | None = None
+        chunk = mmap.mmap(-1, MiB)
+        chunk.write(b"\xa5" * MiB)
+        fd = os.open(thin, os.O_WRONLY | os.O_DIRECT)
+        error = None
+        try:
+            for offset in range(0, 200 * MiB, MiB):  # ~10 MiB/s: the 1 s check sees the reserve
+                try:
+                    os.pwritev(fd, [chunk], offset)
+                except OSError as exc:
+                    error = exc
+                    break
+                if warned_with_free is None and "is at its reserve" in daemon.log():
+                    st = os.statvfs(mnt)
+                    warned_with_free = st.f_bavail * st.f_frsize
+                time.sleep(0.1)
+        finally:
+            os.close(fd)
+        log = daemon.log()
+        assert warned_with_free is not None and warned_with_free > 0, (
+            f"not said while the filesystem had room (free then: {warned_with_free}):\n{log}"
+        )
+        assert log.count("is at its reserve") == 1, log
+        assert "switched to error_if_no_space" in log, log
+        assert error is not None, "the filesystem filled, yet every write succeeded?"
+        info = env.dm.info(env.pool)
+        assert info is not None and not info.suspended
+        assert daemon.proc is not None and daemon.proc.poll() is None, log
+        daemon.stop()
+        teardown(env.dm, env.devices, [])
+        env.devices.clear()
+        teardown(env.dm, [], [mnt / "data", mnt / "metadata"])
+
+
 @pytest.mark.parametrize("stopped_after", ["file", "loop", "table"])
 def test_interrupted_growth_is_finished_at_start(env: Env, stopped_after: str) -> None:
     """A daemon killed after any step of a growth: the next start completes it, losing nothing."""
