@@ -1,7 +1,8 @@
 """Helpers for tests and benchmarks that run the real daemon against the real kernel.
 
 Everything here uses thinwatchd's own kernel modules (no dmsetup/losetup), so the tests exercise
-the same code paths the daemon does.
+the same code paths the daemon does. The hostile-host helpers at the end add the operator's view:
+run_tool and dm_diagnostics run dmsetup/losetup, as an admin beside the daemon would.
 """
 
 from __future__ import annotations
@@ -11,14 +12,18 @@ import errno
 import hashlib
 import mmap
 import os
+import random
+import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,3 +286,537 @@ def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[Insta
         shutil.rmtree(dropin, ignore_errors=True)
         Path(f"/etc/systemd/system/{unit}").unlink(missing_ok=True)
         subprocess.run(["systemctl", "daemon-reload"], check=False)
+
+
+# -- hostile-host helpers (tests/kernel/test_hostile.py, test_fault_campaign.py) ------------------
+#
+# Additions only: a writer in a child process (it can sit in D state on a suspended pool, so the
+# test itself never does), a cheap verifiable pattern, a sampler of the pool's dm state, and a
+# rescue that resumes a stuck pool so a failing test ends with diagnostics instead of a hung guest.
+
+#: The stamp every 4 KiB page of a stamped block starts with: offset, seed tag.
+_STAMP = struct.Struct("<QQ")
+_PAGE = 4096
+
+
+def _stamped_base(seed: bytes) -> bytes:
+    return hashlib.shake_256(b"stamped:" + seed).digest(MiB)
+
+
+def stamped_block(seed: bytes, offset: int, base: bytes | None = None) -> bytes:
+    """Return the 1 MiB block a stamped pattern holds at byte offset (a multiple of 1 MiB).
+
+    Random bytes from the seed, each 4 KiB page stamped with its own device offset and the
+    seed's tag: a lost write reads as zeros, a misplaced one carries the wrong offset. About
+    ten times cheaper than write_pattern's shake per MiB under TCG.
+    """
+    block = bytearray(base if base is not None else _stamped_base(seed))
+    tag = int.from_bytes(hashlib.sha256(seed).digest()[:8], "little")
+    for page in range(0, MiB, _PAGE):
+        _STAMP.pack_into(block, page, offset + page, tag)
+    return bytes(block)
+
+
+def verify_stamped(device: str, size: int, seed: bytes, offset: int = 0) -> list[int]:
+    """Read [offset, offset+size) with O_DIRECT; return the offsets of the MiBs that differ."""
+    base = _stamped_base(seed)
+    buf = mmap.mmap(-1, MiB)
+    bad = []
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for at in range(offset, offset + size, MiB):
+            n = os.preadv(fd, [buf], at)
+            if n != MiB or buf[:] != stamped_block(seed, at, base):
+                bad.append(at)
+    finally:
+        os.close(fd)
+        buf.close()
+    return bad
+
+
+_WRITER = r"""
+import mmap, os, signal, sys, time
+from tests.kernel.harness import MiB, _stamped_base, stamped_block
+device, size, seed = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+offset, rate = int(sys.argv[4]), float(sys.argv[5])
+stop = []
+signal.signal(signal.SIGUSR1, lambda *_: stop.append(1))  # finish this MiB, fsync, report
+base = _stamped_base(seed)
+buf = mmap.mmap(-1, MiB)
+fd = os.open(device, os.O_WRONLY | os.O_DIRECT)
+start = time.monotonic()
+for n, at in enumerate(range(offset, offset + size, MiB)):
+    if stop:
+        break
+    if rate > 0:
+        ahead = start + n / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    buf[:] = stamped_block(seed, at, base)
+    if os.pwrite(fd, buf, at) != MiB:
+        sys.exit(f"short write at {at}")
+    print(f"written {n + 1}", flush=True)
+os.fsync(fd)
+os.close(fd)
+print(f"done {time.monotonic() - start:.2f}", flush=True)
+"""
+
+
+class PatternWriter:
+    """A child process writing a stamped pattern with O_DIRECT, reporting each MiB written.
+
+    A writer on a suspended pool sits in D state; the test only watches it (progress, poll)
+    and can never hang itself. rate (MiB/s, 0 = as fast as it can) paces a fill so that it
+    lasts through a campaign.
+    """
+
+    def __init__(
+        self, device: str, size: int, seed: bytes, *, offset: int = 0, rate: float = 0
+    ) -> None:
+        self.device, self.size, self.seed, self.offset = device, size, seed, offset
+        self.written = 0  # MiB
+        self.stop_requested = False
+        self.seconds: float | None = None
+        self.lines: list[str] = []
+        self.started = time.monotonic()
+        self.last_progress = self.started
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, device, str(size), seed.hex(), str(offset), str(rate)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("written "):
+                self.written = int(line.split()[1])
+                self.last_progress = time.monotonic()
+            elif line.startswith("done "):
+                self.seconds = float(line.split()[1])
+            else:
+                self.lines.append(line.rstrip())
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def stop_early(self) -> None:
+        """Ask the writer to stop after the MiB it is writing (fsync, then exit 0)."""
+        self.stop_requested = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
+    def succeeded(self) -> bool:
+        """Exited 0 having written (and fsynced) everything it was asked to."""
+        if self.proc.poll() != 0:
+            return False
+        self._reader.join(10)
+        complete = self.stop_requested or self.written * MiB >= self.size
+        return self.seconds is not None and complete
+
+    def stalled_for(self) -> float:
+        """Seconds since the last MiB was written (0 once finished)."""
+        return 0.0 if self.proc.poll() is not None else time.monotonic() - self.last_progress
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read()
+
+    def kill(self, timeout: float = 30.0) -> int | None:
+        """SIGKILL the writer; return its exit status, or None if it stays in D state."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@dataclass(frozen=True)
+class PoolSample:
+    at: float  # monotonic
+    present: bool
+    suspended: bool
+    inactive: bool
+    length: int | None  # sectors of the active table
+
+
+class PoolWatch:
+    """Samples a pool's dm state (info + active table length) every interval, in a thread.
+
+    DM_DEV_STATUS and DM_TABLE_STATUS (table) do not block on a suspended device, so the
+    sampler keeps running while writers hang.
+    """
+
+    def __init__(self, name: str, interval: float = 0.25) -> None:
+        self.name = name
+        self.interval = interval
+        self.samples: list[PoolSample] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._dm = DeviceMapper()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> PoolSample | None:
+        try:
+            info = self._dm.info(self.name)
+            if info is None:
+                s = PoolSample(time.monotonic(), False, False, False, None)
+            else:
+                table = self._dm.table(self.name) if info.active_present else []
+                length = table[0].length if len(table) == 1 else None
+                s = PoolSample(time.monotonic(), True, info.suspended, info.inactive_present,
+                               length)  # fmt: skip
+        except Exception as exc:  # a sampler must not kill the test
+            self.errors.append(repr(exc))
+            return None
+        self.samples.append(s)
+        return s
+
+    def suspended_for(self) -> float:
+        """Seconds the pool has been suspended without a break, as of the newest sample."""
+        since = None
+        for s in reversed(self.samples):
+            if not s.suspended:
+                break
+            since = s.at
+        return 0.0 if since is None else self.samples[-1].at - since
+
+    def suspended_episodes(self, longer_than: float) -> list[tuple[float, float]]:
+        """Return (start, seconds) of every suspension seen for longer than longer_than."""
+        out, start, last = [], None, None
+        for s in self.samples:
+            if s.suspended and start is None:
+                start = s.at
+            elif not s.suspended and start is not None:
+                if s.at - start > longer_than:
+                    out.append((start, s.at - start))
+                start = None
+            last = s.at
+        if start is not None and last is not None and last - start > longer_than:
+            out.append((start, last - start))
+        return out
+
+    def lengths(self) -> list[int]:
+        """The distinct active-table lengths seen, in order."""
+        out: list[int] = []
+        for s in self.samples:
+            if s.length is not None and (not out or out[-1] != s.length):
+                out.append(s.length)
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with contextlib.suppress(Exception):
+            self._dm.close()
+
+
+def run_tool(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run an operator's tool (dmsetup, losetup, truncate) with a deadline; never raise."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        return subprocess.CompletedProcess(args, 124, str(exc.stdout or ""), f"timed out: {exc}")
+
+
+def dm_diagnostics(name: str) -> str:
+    """Return dmsetup's view of a pool (info, status, tables) for a failure message."""
+    parts = []
+    for args in (["dmsetup", "info", name], ["dmsetup", "status", "--noflush", name],
+                 ["dmsetup", "table", name], ["dmsetup", "table", "--inactive", name],
+                 ["losetup", "-l"]):  # fmt: skip
+        done = run_tool(args, timeout=15)
+        parts.append(f"$ {' '.join(args)}  (exit {done.returncode})\n{done.stdout}{done.stderr}")
+    return "\n".join(parts)
+
+
+def rescue_pool(dm: DeviceMapper, name: str, data_file: Path) -> list[str]:
+    """Resume a pool left suspended (with the longest length its data loop allows); say what.
+
+    For failure paths and teardown only: the daemon must already be stopped (killed), or it
+    may fight the rescue. Never raises.
+    """
+    done: list[str] = []
+    try:
+        info = dm.info(name)
+        if info is None or not (info.suspended or info.inactive_present):
+            return done
+        if info.inactive_present:
+            dm.clear_table(name)
+            done.append("cleared an inactive table")
+        if not info.suspended:
+            return done
+        try:
+            dm.resume(name)
+            done.append("resumed it as it was")
+            return done
+        except Exception as exc:
+            done.append(f"plain resume refused: {exc}")
+        (active,) = dm.table(name)
+        block = int(active.params.split()[2])
+        loop = LoopControl().find(str(data_file))
+        size = LoopControl().size(loop) if loop is not None else data_file.stat().st_size
+        length = size // 512 // block * block
+        dm.load_table(name, [Target(0, max(length, active.length), "thin-pool", active.params)])
+        dm.resume(name)
+        done.append(f"resumed with {max(length, active.length)} sectors")
+    except Exception as exc:
+        done.append(f"rescue failed: {exc!r}")
+    return done
+
+
+@dataclass
+class HostileEnv:
+    """One test's pool: files, daemons, writers, a kernel log; always torn down, never hung."""
+
+    dm: DeviceMapper
+    directory: Path
+    pool: str
+    klog: KernelLog
+    devices: list[str]
+    daemons: list[DaemonProcess]
+    writers: list[PatternWriter]
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def metadata(self) -> Path:
+        return self.directory / "metadata"
+
+    def config(self, daemon: dict[str, object] | None = None, **pool: object) -> Path:
+        keys: dict[str, object] = {
+            "data_file": str(self.data), "metadata_file": str(self.metadata),
+        }  # fmt: skip
+        keys.update(pool)
+        return write_config(self.directory / "config.yaml", {self.pool: keys}, **(daemon or {}))
+
+    def daemon(self, config: Path, *, start: bool = True, timeout: float = 120.0) -> DaemonProcess:
+        d = DaemonProcess(config, self.directory / f"daemon{len(self.daemons)}.log")
+        self.daemons.append(d)
+        if start:
+            d.start(timeout)
+        return d
+
+    def thin(self, size: int, thin_id: int = 0) -> str:
+        name = f"{self.pool}-thin{thin_id}"
+        self.devices.insert(0, name)
+        return create_thin(self.dm, self.pool, name, thin_id, size)
+
+    def writer(self, device: str, size: int, seed: bytes, **kw: float) -> PatternWriter:
+        w = PatternWriter(device, size, seed, **kw)  # type: ignore[arg-type]
+        self.writers.append(w)
+        return w
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {d.log_path.name}\n{d.log()}" for d in self.daemons)
+
+    def table_length(self) -> int:
+        (target,) = self.dm.table(self.pool)
+        return target.length
+
+    def loop_length(self) -> int:
+        """The longest valid table length: the data loop's size in whole 64 KiB blocks."""
+        loop = LoopControl().find(str(self.data))
+        assert loop is not None
+        return LoopControl().size(loop) // 512 // 128 * 128
+
+    def diagnostics(self) -> str:
+        return (
+            f"{dm_diagnostics(self.pool)}\n--- daemon logs\n{self.logs()[-6000:]}\n"
+            f"--- kernel log\n{self.klog.text()[-4000:]}"
+        )
+
+    def kill_daemons(self) -> None:
+        for d in self.daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(30)
+
+    def unstick(self) -> str:
+        """Stop everything that could hang the guest: daemons, a suspended pool, writers."""
+        self.kill_daemons()
+        notes = rescue_pool(self.dm, self.pool, self.data)
+        for w in self.writers:
+            if w.kill() is None:
+                notes.append(f"writer {w.proc.pid} stays in D state")
+        return "; ".join(notes)
+
+
+@contextlib.contextmanager
+def hostile_env(stem: str = "twhostile") -> Iterator[HostileEnv]:
+    """A HostileEnv in a fresh directory on the scratch disk; tears everything down."""
+    pool = f"{stem}-{os.getpid()}-{random.randrange(1 << 24):06x}"
+    directory = scratch_dir() / pool
+    directory.mkdir()
+    dm = DeviceMapper()
+    klog = KernelLog()
+    env = HostileEnv(dm, directory, pool, klog, [pool], [], [])
+    try:
+        yield env
+    except BaseException:
+        _keep_logs(env)
+        raise
+    finally:
+        env.unstick()
+        for d in env.daemons:
+            d.close()
+        teardown(dm, env.devices, [env.data, env.metadata])
+        klog.close()
+        dm.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _keep_logs(env: HostileEnv) -> None:
+    """A failed test's daemon logs and kernel log go to THINWATCHD_VM_OUT (back to the host)."""
+    out = os.environ.get("THINWATCHD_VM_OUT")
+    if not out:
+        return
+    with contextlib.suppress(OSError):
+        keep = Path(out) / env.pool
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in env.directory.glob("*.log"):
+            shutil.copy(log, keep / log.name)
+        (keep / "kernel.log").write_text(env.klog.text())
+
+
+def kernel_lines(klog: KernelLog, pattern: str) -> list[str]:
+    """Return the kernel log messages so far that match the regex pattern."""
+    rx = re.compile(pattern)
+    return [m for _, m in klog.read() if rx.search(m)]
+
+
+def await_writer(
+    env: HostileEnv,
+    writer: PatternWriter,
+    *,
+    until_mib: int | None = None,
+    until: Callable[[], bool] | None = None,
+    deadline: float = 180.0,
+    suspended_limit: float = 10.0,
+    stall_limit: float = 60.0,
+    watch: PoolWatch | None = None,
+) -> None:
+    """Wait for the writer to finish (or reach until_mib, or until()); fail cleanly, never hang.
+
+    A pool suspended for suspended_limit seconds without a break, a writer without progress
+    for stall_limit seconds, or the overall deadline: collect dmsetup's view, the daemon logs
+    and the kernel log, unstick everything (kill the daemons, resume the pool, kill the writer)
+    and fail with all of it.
+    """
+    import pytest
+
+    end = time.monotonic() + deadline
+    own = watch is None
+    watch = watch or PoolWatch(env.pool)
+    why = ""
+    try:
+        while True:
+            if until_mib is not None and writer.written >= until_mib:
+                return
+            if until is not None and until():
+                return
+            if writer.poll() is not None:
+                if not writer.succeeded():
+                    why = f"writer failed (exit {writer.poll()}): {writer.stderr()[-2000:]}"
+                    break
+                return
+            if watch.suspended_for() >= suspended_limit:
+                why = f"pool suspended for {watch.suspended_for():.1f} s without a break"
+                break
+            if writer.stalled_for() >= stall_limit:
+                why = f"writer made no progress for {writer.stalled_for():.1f} s"
+                break
+            if time.monotonic() > end:
+                why = f"writer not done after {deadline:.0f} s"
+                break
+            time.sleep(0.2)
+    finally:
+        if own:
+            watch.stop()
+    written = f"writer at {writer.written} of {writer.size // MiB} MiB"
+    diagnostics = env.diagnostics()
+    notes = env.unstick()
+    pytest.fail(f"{why} ({written}); unstuck: {notes}\n{diagnostics}", pytrace=False)
+
+
+class SpawnedDaemon(DaemonProcess):
+    """A DaemonProcess started without waiting for READY=1 (to kill it at any moment)."""
+
+    def spawn(self) -> None:
+        env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
+        self.spawned = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run",
+                 "--log-target", "stderr"],
+                stdout=log, stderr=log, env=env, cwd=REPO, preexec_fn=lambda: os.nice(UNIT_NICE),
+            )  # fmt: skip
+
+    def drain(self) -> None:
+        """Read every queued notification, as systemd would (an unread socket fills up)."""
+        self._sock.setblocking(False)
+        try:
+            while True:
+                self.notifications.append(self._sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self._sock.setblocking(True)
+
+    def ready(self) -> bool:
+        """Whether READY=1 has arrived (never blocks)."""
+        self.drain()
+        return any("READY=1" in n.splitlines() for n in self.notifications)
+
+    def opened_control(self) -> bool:
+        """Whether the daemon has /dev/mapper/control open: imports done, kernel work begun."""
+        assert self.proc is not None
+        try:
+            fds = os.listdir(f"/proc/{self.proc.pid}/fd")
+        except OSError:
+            return False
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{self.proc.pid}/fd/{fd}") == "/dev/mapper/control":
+                    return True
+        return False
+
+
+def spawn_daemon(env: HostileEnv, config: Path) -> SpawnedDaemon:
+    """Start `thinwatchd run` as the unit would and return at once (no wait for READY=1)."""
+    d = SpawnedDaemon(config, env.directory / f"daemon{len(env.daemons)}.log")
+    env.daemons.append(d)
+    d.spawn()
+    return d
+
+
+def build_pool(
+    env: HostileEnv, data_size: int, metadata_size: int, low_water_mark: int = 128
+) -> None:
+    """Build env.pool by hand (sparse files, direct-I/O loops, thin-pool table, resume) as
+    thinwatchd would, without starting it: the daemon's next start adopts it."""
+    for path, size in ((env.metadata, metadata_size), (env.data, data_size)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    loops = LoopControl()
+    meta = loops.attach(str(env.metadata), direct_io=True)
+    data = loops.attach(str(env.data), direct_io=True)
+    length = data_size // 512 // 128 * 128
+    params = (
+        f"{os.major(meta.dev)}:{os.minor(meta.dev)} {os.major(data.dev)}:{os.minor(data.dev)} "
+        f"128 {low_water_mark} 1 skip_block_zeroing"
+    )
+    env.dm.create(env.pool)
+    env.dm.load_table(env.pool, [Target(0, length, "thin-pool", params)])
+    UdevNodes().resume_synced(env.dm, env.pool)
