@@ -401,6 +401,16 @@ class PatternWriter:
     def poll(self) -> int | None:
         return self.proc.poll()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the writer for the block (it stops after the write in flight), then SIGCONT."""
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
+            self.last_progress = time.monotonic()
+
     def stop_early(self) -> None:
         """Ask the writer to stop after the MiB it is writing (fsync, then exit 0)."""
         self.stop_requested = True

@@ -123,10 +123,10 @@ def test_manual_grow_during_fill_is_adopted() -> None:
     loads the same stale length, the pool stays suspended and the writer hangs in D state)."""
     for tool in ("dmsetup", "losetup", "truncate"):
         assert shutil.which(tool), f"{tool} missing in the guest (lvm2/dmsetup, util-linux)"
-    # MiB written, MiB before the manual growth; the writer is paced so that the operator's
-    # commands (~0.5 s here) fit in the room one growth of the daemon leaves: else the daemon
-    # grows past the operator's length in between and the kernel refuses his resume (that case
-    # is test_operator_refused_resume_does_not_hang_writers)
+    # MiB written, MiB before the manual growth. The writer pauses for the operator's commands
+    # (0.5-2 s here): else the daemon may grow past the operator's length in between and the
+    # kernel refuse his resume, a race of his own (test_operator_refused_resume_...). It
+    # starts right after one of the daemon's growths, so the daemon is not about to grow.
     total, manual_at, add, rate = 256, 64, 128 * MiB, 16
     with hostile_env() as env:
         daemon = env.daemon(env.config(FAST_CHECKS, **SMALL_POOL))
@@ -137,7 +137,8 @@ def test_manual_grow_during_fill_is_adopted() -> None:
             await_writer(env, writer, until_mib=manual_at, watch=watch)
             before = env.table_length()  # start right after one of the daemon's growths
             await_writer(env, writer, until=lambda: env.table_length() != before, watch=watch)
-            old, manual, transcript = operator_grow(env, add)
+            with writer.paused():
+                old, manual, transcript = operator_grow(env, add)
             manual_since = time.monotonic()
             print(f"operator grew {env.pool} from {old} to {manual} sectors\n{transcript}")
             await_writer(env, writer, deadline=240, watch=watch)
