@@ -38,7 +38,7 @@ from thinwatchd.policy import (
     low_water_mark,
     no_space_mode,
 )
-from thinwatchd.pool import Kernel, Pool
+from thinwatchd.pool import Kernel, Pool, ensure_resumed
 from thinwatchd.status import (
     PoolMode,
     ThinPoolFailed,
@@ -84,6 +84,7 @@ class PoolState:
     backing_short: bool = False  # the backing filesystem is at its reserve (said once)
     unfinished: Grow | None = None  # a growth whose file grew but the kernel has not seen it
     retune_failing: str | None = None  # the last failed retune reload, said once
+    suspended_said: bool = False  # a suspend by someone else was said
     last_growth: GrowthRecord | None = None
     status: ThinPoolStatus | None = None
     event_nr: int = -1
@@ -162,7 +163,7 @@ class Extender:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
         status = pool.read_status(dm)
-        self._adopt_outside_change(pool, status)
+        self._adopt_outside_change(pool, state, status)
         backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
         if state.unfinished is not None and not backing_off:
@@ -203,12 +204,42 @@ class Extender:
         state.status = status
         return status
 
-    def _adopt_outside_change(self, pool: Pool, status: ThinPoolStatus) -> None:
-        """Notice a table someone else reloaded (its size differs from ours): adopt it now."""
-        if isinstance(status, ThinPoolWorkingStatus):
-            size = status.data_total * pool.settings.data_block_size
-            if size != pool.length:
-                pool.live_length(self.kernel.dm)
+    def _adopt_outside_change(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+        """Notice what someone else did to the pool's device, and adopt or repair it.
+
+        A table of another size than ours was reloaded by someone else: adopt it. A suspended
+        pool whose active table is shorter than its recorded size is stuck on a resume the
+        kernel refused (an operator's dmsetup reload from a stale length, losing a race with a
+        growth): no resume of anyone's will ever succeed and every writer hangs, so resume it on
+        the longest valid table. A pool suspended on a valid table (dmsetup suspend) is left
+        as it is, and said once.
+        """
+        if not isinstance(status, ThinPoolWorkingStatus):
+            return
+        size = status.data_total * pool.settings.data_block_size
+        info = self.kernel.dm.info(pool.name)
+        if info is None:
+            raise KernelError("DM_DEV_STATUS", pool.name, errno.ENXIO, "the device is gone")
+        if size == pool.length and not info.suspended:
+            state.suspended_said = False
+            return
+        live = pool.live_length(self.kernel.dm, at_least=size)
+        if info.suspended and live < size:
+            event(
+                logging.WARNING,
+                MessageId.CHANGED_OUTSIDE,
+                f"pool {pool.name}: its active table ({live} sectors) is shorter than the pool "
+                f"({size} sectors): someone's resume of it was refused and left the pool "
+                f"suspended, its writers blocked; resuming it on the longest valid table",
+                {"POOL": pool.name, "OLD_SECTORS": live, "NEW_SECTORS": size},
+            )
+            ensure_resumed(self.kernel, pool)
+        elif info.suspended and not state.suspended_said:
+            state.suspended_said = True
+            log.warning(
+                "pool %s is suspended by someone else (dmsetup suspend?); its writers wait "
+                "until it is resumed (dmsetup resume %s)", pool.name, pool.name,
+            )  # fmt: skip
 
     def _decide(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""

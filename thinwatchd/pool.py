@@ -133,13 +133,15 @@ class Pool:
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
         return parse_pool_status(targets[0].params)
 
-    def live_length(self, dm: DeviceMapperApi) -> int:
+    def live_length(self, dm: DeviceMapperApi, at_least: int = 0) -> int:
         """Return the active table's length as the kernel has it now, adopting outside changes.
 
         Someone else may have reloaded the pool since we last did (an operator's dmsetup, a
         second process): a table built from our cached length would then be refused at resume
-        ("pool target too small") and leave the pool suspended. Raise PoolMismatchError if the
-        table is no longer this pool's (other devices or block size): it is left untouched.
+        ("pool target too small") and leave the pool suspended. A table shorter than at_least
+        (the pool's recorded size) is returned but not adopted: the kernel refused it. Raise
+        PoolMismatchError if the table is no longer this pool's (other devices or block size):
+        it is left untouched.
         """
         active = dm.table(self.name)
         if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].start != 0:
@@ -157,7 +159,7 @@ class Pool:
                 f"restart thinwatchd to adopt it"
             )
         length = active[0].length
-        if length != self.length:
+        if length != self.length and length >= at_least:
             event(
                 logging.WARNING,
                 MessageId.CHANGED_OUTSIDE,

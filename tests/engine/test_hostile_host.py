@@ -461,3 +461,23 @@ def test_a_failed_growth_no_longer_wanted_leaves_no_retry_spinning(
     assert managed.state.retry_at is None
     info = fake.info("pool")
     assert info is not None and not info.suspended
+
+
+def test_a_pool_stuck_on_someone_elses_refused_resume_is_resumed(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator reloads a stale, shorter length and resumes: the kernel refuses it at
+    preresume and leaves the pool suspended on that table. The next check resumes it."""
+    clock = Clock()
+    daemon = start(tmp_path, kernel, clock)
+    pool = daemon.pools["pool"].pool
+    fake.load_table("pool", [pool.target(pool.length // 2)])
+    with pytest.raises(Exception, match="too small"):
+        fake.resume("pool")
+    info = fake.info("pool")
+    assert info is not None and info.suspended
+    daemon._reconcile(daemon.pools["pool"])
+    info = fake.info("pool")
+    assert info is not None and not info.suspended and not info.inactive_present
+    assert fake.table("pool")[0].length == pool.length == 64 * MiB // 512
+    assert "refused" in caplog.text
