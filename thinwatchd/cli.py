@@ -21,6 +21,7 @@ from thinwatchd.errors import (
     EX_UNAVAILABLE,
     ConfigError,
     PoolMismatchError,
+    PoolSetupError,
     ThinwatchError,
 )
 from thinwatchd.instance_lock import (
@@ -141,7 +142,6 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
 
 def _run_locked(path: Path) -> int:
     from thinwatchd.daemon import Daemon
-    from thinwatchd.pool import PoolSetupError
     from thinwatchd.runtime import open_kernel, udev_monitor
     from thinwatchd.thincheck import thin_check
 

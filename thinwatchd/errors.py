@@ -15,6 +15,7 @@ __all__ = [
     "ConfigError",
     "KernelError",
     "PoolMismatchError",
+    "PoolSetupError",
     "RollbackError",
     "StatusParseError",
     "ThinwatchError",
@@ -92,6 +93,10 @@ class StatusParseError(ThinwatchError):
 
 class PoolMismatchError(ThinwatchError):
     """An existing pool device does not match its configuration; it is left untouched."""
+
+
+class PoolSetupError(ThinwatchError):
+    """A pool cannot be built or adopted safely; nothing was changed that could lose data."""
 
 
 class RollbackError(ThinwatchError):

@@ -18,17 +18,20 @@ import dataclasses
 import enum
 import errno
 import logging
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from thinwatchd.errors import KernelError, PoolMismatchError, RollbackError, ThinwatchError
+from thinwatchd.errors import (
+    KernelError,
+    PoolMismatchError,
+    PoolSetupError,
+    RollbackError,
+    ThinwatchError,
+)
 from thinwatchd.kernel.api import (
     DeviceMapperApi,
     DmInfo,
-    FileInfo,
     FilesApi,
     LoopControlApi,
     LoopDevice,
@@ -37,6 +40,7 @@ from thinwatchd.kernel.api import (
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import low_water_mark
+from thinwatchd.pool_files import check_distinct_files, prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
     ThinPoolStatus,
@@ -48,13 +52,17 @@ from thinwatchd.status import (
 )
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
-__all__ = ["Activation", "Kernel", "Pool", "PoolSetupError", "activate"]
+__all__ = [
+    "Activation",
+    "Kernel",
+    "Pool",
+    "PoolSetupError",
+    "activate",
+    "check_distinct_files",
+    "ensure_resumed",
+]
 
 log = logging.getLogger("thinwatchd")
-
-
-class PoolSetupError(ThinwatchError):
-    """A pool cannot be built or adopted safely; nothing was changed that could lose data."""
 
 
 class DeviceNodes(Protocol):
@@ -267,131 +275,6 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
 # -- building ------------------------------------------------------------------------------
 
 
-#: Errors from a pool file's path that no retry will fix: the operator must act.
-_PERMANENT_FILE_ERRORS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS,
-     errno.EINVAL, errno.EEXIST, errno.EISDIR}
-)  # fmt: skip
-
-
-def _file_key(settings: PoolSettings, path: str) -> str:
-    which = "data_file" if path == str(settings.data_file) else "metadata_file"
-    return f"pools.{settings.name}.{which}"
-
-
-def _inspect_pool_file(files: FilesApi, settings: PoolSettings, path: str) -> FileInfo | None:
-    """Return the file's lstat, None if missing; refuse what a pool must not be built on.
-
-    Like sshd's StrictModes: a file that someone other than us could write (not owned by our
-    user, or writable by group or others) could be swapped or scribbled on, and it holds every
-    byte of the pool's volumes. Symlinks and non-regular files are refused too.
-    """
-    key = _file_key(settings, path)
-    info = files.inspect(path)
-    if info is None:
-        return None
-    if not info.is_regular:
-        kind = "a symlink" if stat.S_ISLNK(info.mode) else "not a regular file"
-        raise PoolSetupError(
-            f"{key}: {path} is {kind}; thinwatchd only backs pools with regular files it can "
-            f"open without following links. Point {key} at the real file"
-        )
-    owner = os.geteuid()
-    if info.uid != owner or info.mode & 0o022:
-        raise PoolSetupError(
-            f"{key}: {path} is owned by uid {info.uid} with mode {stat.S_IMODE(info.mode):04o}; "
-            f"a pool file must be owned by uid {owner} and writable by nobody else. Fix it "
-            f"with: chown {owner} {path} && chmod go-w {path}"
-        )
-    return info
-
-
-def _prepare_files(settings: PoolSettings, files: FilesApi) -> bool:
-    """Create whatever files a new pool lacks; return True if the pool is new (never activated).
-
-    Raise PoolSetupError when the files on disk could hold a used pool that is incomplete (we
-    never format metadata next to data that may be reachable, nor attach used metadata to a
-    data file we would have to invent), when a file is unsafe, and when a path cannot be used
-    for a reason no retry fixes (EACCES, ENOTDIR, ELOOP, EROFS, ...). Other kernel errors (EIO,
-    ENOSPC, ENOMEM) are raised as KernelError: a later start may succeed.
-    """
-    try:
-        return _prepare_files_unchecked(settings, files)
-    except KernelError as exc:
-        if exc.errno not in _PERMANENT_FILE_ERRORS:
-            raise
-        key = (
-            _file_key(settings, exc.device)
-            if exc.device in (str(settings.data_file), str(settings.metadata_file))
-            else f"pools.{settings.name}"
-        )
-        raise PoolSetupError(f"{key}: {exc}; fix the path or its permissions") from exc
-
-
-def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
-    data, meta = str(settings.data_file), str(settings.metadata_file)
-    data_info = _inspect_pool_file(files, settings, data)
-    meta_info = _inspect_pool_file(files, settings, meta)
-    if data_info is not None and meta_info is not None and data_info.identity == meta_info.identity:
-        raise PoolSetupError(
-            f"pools.{settings.name}: data_file {data} and metadata_file {meta} are the same file; "
-            f"each needs its own"
-        )
-    if meta_info is not None and not files.header_is_zero(meta):
-        if data_info is None:
-            raise PoolSetupError(
-                f"pool {settings.name}: metadata file {meta} holds a used pool but data file "
-                f"{data} is missing; refusing to create an empty one (the thin volumes would "
-                f"read zeros). Restore the data file or fix pools.{settings.name}.data_file"
-            )
-        return False
-    # Data written but no used metadata: a lost or mistyped metadata file, never our own
-    # interrupted creation (it makes the metadata first, and writes no data; a preallocated
-    # file's unwritten extents are no data to SEEK_DATA). Formatting would lose that data.
-    if data_info is not None and files.holds_data(data):
-        state = "is missing" if meta_info is None else "has never been used (all-zero header)"
-        raise PoolSetupError(
-            f"pool {settings.name}: data file {data} holds data but metadata file {meta} "
-            f"{state}; refusing to format new metadata over it. Restore the metadata file or fix "
-            f"pools.{settings.name}.metadata_file"
-        )
-    # A new pool (or a creation interrupted part-way): metadata first; a new file reads as
-    # zeros, and its zero header is what marks the pool as never activated.
-    for path, info, size in ((meta, meta_info, settings.metadata_size),
-                             (data, data_info, settings.data_size)):  # fmt: skip
-        if info is None:
-            files.make_dirs(os.path.dirname(os.path.abspath(path)))
-            files.create(path, size, preallocate=settings.preallocate)
-        elif info.size < size:
-            files.grow(path, size, preallocate=settings.preallocate)
-    return True
-
-
-def check_distinct_files(pools: list[PoolSettings], files: FilesApi) -> None:
-    """Refuse two pool files that are one file under two spellings (links, bind mounts).
-
-    Compared by (st_dev, st_ino), across all pools: one loop device would otherwise become
-    both a pool's metadata and data, or two pools' data. Missing files are skipped (creation
-    makes them distinct). Raise PoolSetupError naming both keys.
-    """
-    seen: dict[tuple[int, int], tuple[str, str]] = {}
-    for settings in pools:
-        for path in (str(settings.metadata_file), str(settings.data_file)):
-            try:
-                info = files.inspect(path)
-            except KernelError:
-                continue  # activation reports it, with the key
-            if info is None:
-                continue
-            key = _file_key(settings, path)
-            other = seen.setdefault(info.identity, (key, path))
-            if other[0] != key:
-                raise PoolSetupError(
-                    f"{key}: {path} is the same file as {other[0]} ({other[1]}); every pool "
-                    f"file needs its own. Fix one of the two keys"
-                )
-
-
 def _loop_for(
     kernel: Kernel, path: str, *, attach: bool, direct_io: bool = True
 ) -> LoopDevice | None:
@@ -450,7 +333,7 @@ def activate(
         dm.remove(settings.name)
         log.warning("pool %s: removed a table-less device left by an interrupted creation",
                     settings.name)  # fmt: skip
-    new = _prepare_files(settings, kernel.files)
+    new = prepare_files(settings, kernel.files)
     meta_loop = _loop_for(
         kernel, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
     )
