@@ -162,6 +162,9 @@ class Daemon:
             self._unbuilt.pop(name, None)
             if self._build_errors.pop(name, None) is not None:
                 log.info("pool %s: built after earlier failures", name)
+            # A reload while it was being built may have changed its policy: apply the current
+            # one (the files and block size it was built with stay, as for a running pool).
+            pool.settings = self._current_settings(pool.settings)
             managed = self._register(pool, state)
             if on_error is None:  # at start-up, the first _check_events reconciles every pool
                 self._reconcile(managed)
@@ -169,6 +172,13 @@ class Daemon:
         self.workers.submit(
             name, lambda: activate(settings, self.kernel, self.check_metadata), done
         )
+
+    def _current_settings(self, built: PoolSettings) -> PoolSettings:
+        pools = self.settings.pools if self.settings is not None else ()
+        current = next((p for p in pools if p.name == built.name), None)
+        if current is None:
+            return built  # removed from the config meanwhile: watched until the next restart
+        return replace(current, **{k: getattr(built, k) for k in _FIXED_KEYS})
 
     def _register(self, pool: Pool, state: PoolState | None) -> ManagedPool:
         """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
@@ -204,7 +214,8 @@ class Daemon:
         """Report ready and serve events until SIGTERM/SIGINT."""
         assert self.settings is not None
         loop = self.loop
-        loop.add_reader(self.kernel.dm.fileno(), self._check_events)
+        if self._event_retry is None:  # else its timer adds the reader back
+            loop.add_reader(self.kernel.dm.fileno(), self._check_events)
         if self.udev_monitor is not None:
             loop.add_reader(self.udev_monitor.fileno(), self._on_udev)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -286,6 +297,7 @@ class Daemon:
 
         def again() -> None:
             self._event_retry = None
+            self.loop.remove_reader(fd)
             self.loop.add_reader(fd, self._check_events)
             self._check_events()
 
@@ -360,10 +372,13 @@ class Daemon:
         """Come back for a pool whose growth failed when its backoff ends, not at the next
         safety check (which may be too late for a writer)."""
         retry_at = managed.state.retry_at
-        if retry_at is None or retry_at <= self.loop.time():
-            return  # no backoff running (a due retry happened in this reconcile)
-        if managed.retry is not None and not managed.retry.cancelled:
+        if retry_at is None:
             return
+        retry_at = max(retry_at, self.loop.time())  # overdue: at the next pass, not never
+        if managed.retry is not None and not managed.retry.cancelled:
+            if managed.retry.when <= retry_at:
+                return
+            managed.retry.cancel()  # a new streak with a shorter backoff
 
         def retry() -> None:
             managed.retry = None
@@ -383,7 +398,9 @@ class Daemon:
         except ThinwatchError as exc:
             self._pool_error(managed, exc)
             return
-        log.error("pool %s: its device was removed by someone else; rebuilding it", name)
+        if name not in self._build_errors:  # said once, not at every failed retry
+            log.error("pool %s: its device was removed by someone else; rebuilding it", name)
+        managed.state.unfinished = None  # the rebuild finishes any growth from the files
         self._activate(managed.pool.settings, managed.state)  # keep its history and counts
 
     # -- reload ----------------------------------------------------------------------------

@@ -163,7 +163,11 @@ class Extender:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
         status = pool.read_status(dm)
-        self._adopt_outside_change(pool, state, status)
+        if self._adopt_outside_change(pool, state, status):
+            # Suspended by someone else: no growth, no retune; when_full's clock runs if room
+            # was already lacking.
+            state.status = status
+            return status
         backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
         if state.unfinished is not None and not backing_off:
@@ -204,7 +208,7 @@ class Extender:
         state.status = status
         return status
 
-    def _adopt_outside_change(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
+    def _adopt_outside_change(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> bool:
         """Notice what someone else did to the pool's device, and adopt or repair it.
 
         A table of another size than ours was reloaded by someone else: adopt it. A suspended
@@ -212,17 +216,18 @@ class Extender:
         kernel refused (an operator's dmsetup reload from a stale length, losing a race with a
         growth): no resume of anyone's will ever succeed and every writer hangs, so resume it on
         the longest valid table. A pool suspended on a valid table (dmsetup suspend) is left
-        as it is, and said once.
+        as it is, and said once; return True then: nothing may reload it meanwhile (a growth
+        would resume it under the operator's feet).
         """
         if not isinstance(status, ThinPoolWorkingStatus):
-            return
+            return False
         size = status.data_total * pool.settings.data_block_size
         info = self.kernel.dm.info(pool.name)
         if info is None:
             raise KernelError("DM_DEV_STATUS", pool.name, errno.ENXIO, "the device is gone")
         if size == pool.length and not info.suspended:
             state.suspended_said = False
-            return
+            return False
         live = pool.live_length(self.kernel.dm, at_least=size)
         if info.suspended and live < size:
             event(
@@ -234,12 +239,17 @@ class Extender:
                 {"POOL": pool.name, "OLD_SECTORS": live, "NEW_SECTORS": size},
             )
             ensure_resumed(self.kernel, pool)
-        elif info.suspended and not state.suspended_said:
+            return False
+        if not info.suspended:
+            return False
+        if not state.suspended_said:
             state.suspended_said = True
             log.warning(
-                "pool %s is suspended by someone else (dmsetup suspend?); its writers wait "
-                "until it is resumed (dmsetup resume %s)", pool.name, pool.name,
+                "pool %s is suspended by someone else (dmsetup suspend?); its writers wait, "
+                "and it is not grown, until it is resumed (dmsetup resume %s)", pool.name,
+                pool.name,
             )  # fmt: skip
+        return True
 
     def _decide(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""

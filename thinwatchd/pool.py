@@ -245,11 +245,16 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
             info = dataclasses.replace(info, suspended=True)
     if not info.suspended:
         return
-    lengths = {pool.length, pool.length_for(kernel.loops.size(pool.data_loop))}
-    active = dm.table(name)
-    if len(active) == 1 and active[0].target_type == "thin-pool":
-        lengths.add(active[0].length)
+    lengths = {pool.length}
     failure: ThinwatchError | None = None
+    # Each figure is one more candidate; one that cannot be read is no reason to stop here.
+    try:
+        lengths.add(pool.length_for(_retrying(lambda: kernel.loops.size(pool.data_loop))))
+        active = _retrying(lambda: dm.table(name))
+        if len(active) == 1 and active[0].target_type == "thin-pool":
+            lengths.add(active[0].length)
+    except ThinwatchError as exc:
+        failure = exc
     for length in sorted(lengths - {0}, reverse=True):
         try:
             dm.load_table(name, [pool.target(length)])

@@ -123,22 +123,41 @@ def check_distinct_files(pools: list[PoolSettings], files: FilesApi) -> None:
     """Refuse two pool files that are one file under two spellings (links, bind mounts).
 
     Compared by (st_dev, st_ino), across all pools: one loop device would otherwise become
-    both a pool's metadata and data, or two pools' data. Missing files are skipped (creation
-    makes them distinct). Raise PoolSetupError naming both keys.
+    both a pool's metadata and data, or two pools' data. A file still to be created is known
+    by its nearest existing directory's (st_dev, st_ino) and the rest of its path, so two
+    spellings of one new file are caught before pools are built side by side. Raise
+    PoolSetupError naming both keys.
     """
-    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    seen: dict[tuple[object, ...], tuple[str, str]] = {}
     for settings in pools:
         for path in (str(settings.metadata_file), str(settings.data_file)):
             try:
-                info = files.inspect(path)
+                identity = _identity(files, path)
             except KernelError:
                 continue  # activation reports it, with the key
-            if info is None:
-                continue
             key = _file_key(settings, path)
-            other = seen.setdefault(info.identity, (key, path))
+            other = seen.setdefault(identity, (key, path))
             if other[0] != key:
                 raise PoolSetupError(
                     f"{key}: {path} is the same file as {other[0]} ({other[1]}); every pool "
                     f"file needs its own. Fix one of the two keys"
                 )
+
+
+def _identity(files: FilesApi, path: str) -> tuple[object, ...]:
+    """(st_dev, st_ino) of an existing file; of its nearest existing directory plus the rest of
+    the path for one that does not exist yet."""
+    info = files.inspect(path)
+    if info is not None:
+        return (info.dev, info.ino)
+    rest: list[str] = []
+    here = os.path.abspath(path)
+    while True:
+        here, name = os.path.split(here)
+        rest.insert(0, name)
+        directory = files.inspect(here, follow=True)
+        if directory is not None or not name:
+            break
+    found = directory or files.inspect("/", follow=True)
+    assert found is not None
+    return (found.dev, found.ino, *rest)

@@ -6,9 +6,12 @@ never on the growth path.
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import subprocess
+
+from thinwatchd.errors import KernelError
 
 __all__ = ["thin_check"]
 
@@ -38,6 +41,8 @@ def thin_check(metadata_path: str) -> str | None:
         )
     except subprocess.TimeoutExpired:
         return f"thin_check did not finish in {TIMEOUT_SECONDS} s"
+    except OSError as exc:  # could not start it (ENOMEM, EAGAIN): a later try may succeed
+        raise KernelError("run thin_check", metadata_path, exc.errno or errno.EIO) from exc
     if done.returncode == 0:
         return None
     report = " ".join((done.stderr or done.stdout).split())

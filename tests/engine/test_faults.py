@@ -65,6 +65,7 @@ E = errno
 _DM = (E.EACCES, E.ENOMEM, E.EINTR, E.EIO)  # dm ctl_ioctl: no CAP_SYS_ADMIN, allocation, ...
 ERRNOS: dict[str, tuple[int, ...]] = {
     "lstat": (E.EACCES, E.EIO, E.ENOMEM),
+    "stat": (E.EACCES, E.EIO, E.ENOMEM),
     "fstat": (E.EIO, E.ENOMEM),
     "statvfs": (E.EACCES, E.EIO, E.ENOMEM, E.EINTR),
     "open": (E.EACCES, E.EROFS, E.ENOSPC, E.EIO, E.ENOMEM, E.EINTR),

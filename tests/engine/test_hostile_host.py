@@ -481,3 +481,93 @@ def test_a_pool_stuck_on_someone_elses_refused_resume_is_resumed(
     assert info is not None and not info.suspended and not info.inactive_present
     assert fake.table("pool")[0].length == pool.length == 64 * MiB // 512
     assert "refused" in caplog.text
+
+
+# -- found in review -----------------------------------------------------------------------
+
+
+def test_a_deliberate_suspend_is_not_undone_by_a_growth(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = Clock()
+    daemon = start(tmp_path, kernel, clock)
+    fake.write_blocks("pool", status(fake).data_total - 8)  # a growth is due...
+    fake.suspend("pool")  # ...but the operator has the pool suspended (a backup, say)
+    daemon._reconcile(daemon.pools["pool"])
+    daemon._reconcile(daemon.pools["pool"])
+    info = fake.info("pool")
+    assert info is not None and info.suspended, "the operator's suspend was undone"
+    assert caplog.text.count("suspended by someone else") == 1
+    fake.resume("pool")
+    daemon._reconcile(daemon.pools["pool"])
+    assert status(fake).data_total > 1024  # grown once the operator resumed it
+
+
+def test_a_suspended_pool_is_resumed_even_if_a_size_read_fails_once(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
+    from thinwatchd.pool import ensure_resumed
+
+    pool = activate(pool_settings, kernel)
+    fake.load_table("pool", [pool.target(pool.length // 2)])
+    with pytest.raises(Exception, match="too small"):
+        fake.resume("pool")
+    fake.fail("BLKGETSIZE64", 4)  # EINTR, once
+    ensure_resumed(kernel, pool)
+    info = fake.info("pool")
+    assert info is not None and not info.suspended
+
+
+def test_a_reload_while_a_pool_is_being_built_applies_to_it(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    clock = Clock()
+    daemon = start(tmp_path, kernel, clock)
+    fake.remove("pool")
+    original = daemon.workers.submit
+
+    def submit_then_reload(key, job, done):  # type: ignore[no-untyped-def]
+        accepted = original(key, job, done)
+        write_config(daemon.config_path, tmp_path, data={"max_size": "128MiB"})
+        daemon.reload()  # SIGHUP while the rebuild runs
+        return accepted
+
+    daemon.workers.submit = submit_then_reload  # type: ignore[method-assign]
+    daemon._check_events()
+    daemon.workers.run_until_idle()
+    assert daemon.pools["pool"].pool.settings.data.max_size == 128 * MiB
+
+
+def test_two_spellings_of_one_new_file_are_refused_before_anything_is_built(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    import yaml
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    pools = {
+        "a": {"data_file": f"{tmp_path}/real/new", "metadata_file": f"{tmp_path}/a.meta"},
+        "b": {"data_file": f"{tmp_path}/b.data", "metadata_file": f"{tmp_path}/alias/new"},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"pools": pools}))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    with pytest.raises(PoolSetupError, match=r"pools\.b\.metadata_file.*pools\.a\.data_file"):
+        daemon.start()
+    assert not fake.devices and not (tmp_path / "real" / "new").exists()
+
+
+def test_a_new_pool_under_a_symlinked_directory_is_built(
+    kernel: Kernel, pool_settings: PoolSettings, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    (tmp_path / "bigdisk").mkdir()
+    (tmp_path / "lib").symlink_to(tmp_path / "bigdisk")  # /var/lib/thinwatchd -> /srv, say
+    settings = replace(
+        pool_settings,
+        data_file=tmp_path / "lib" / "pool" / "data",
+        metadata_file=tmp_path / "lib" / "pool" / "metadata",
+    )
+    activate(settings, kernel)
+    assert (tmp_path / "bigdisk" / "pool" / "data").stat().st_size == 64 * MiB

@@ -182,8 +182,8 @@ class FsSpace:
 class FilesApi(Protocol):
     """Operations on the pools' backing files; every failure raises KernelError."""
 
-    def inspect(self, path: str) -> FileInfo | None:
-        """lstat path; None if it does not exist."""
+    def inspect(self, path: str, *, follow: bool = False) -> FileInfo | None:
+        """lstat path (stat with follow); None if it does not exist."""
 
     def space(self, path: str) -> FsSpace:
         """statvfs the filesystem holding path."""

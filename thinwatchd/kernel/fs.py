@@ -55,9 +55,9 @@ class Files:
 
     # -- looking ---------------------------------------------------------------------------
 
-    def inspect(self, path: str) -> FileInfo | None:
+    def inspect(self, path: str, *, follow: bool = False) -> FileInfo | None:
         try:
-            st = self.sys.lstat(path)
+            st = self.sys.stat(path) if follow else self.sys.lstat(path)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -132,12 +132,14 @@ class Files:
     def make_dirs(self, directory: str) -> list[str]:
         """Create directory and its missing parents with mode 0700; return those created.
 
-        An existing component that is not a directory gives ENOTDIR, named.
+        An existing component that is not a directory gives ENOTDIR, named. A symlink to a
+        directory is a directory here (/var/lib/thinwatchd -> /srv is common); only the pool
+        files themselves must not be links.
         """
         missing: list[str] = []
         path = _os.path.abspath(directory)
         while True:
-            info = self.inspect(path)
+            info = self.inspect(path, follow=True)
             if info is not None:
                 if not _stat.S_ISDIR(info.mode):
                     raise KernelError("mkdir", path, _errno.ENOTDIR, f"{_kind(info.mode)}")

@@ -32,6 +32,10 @@ class Syscalls:
         self._enter("lstat", path)
         return _os.lstat(path)
 
+    def stat(self, path: str) -> _os.stat_result:
+        self._enter("stat", path)
+        return _os.stat(path)
+
     def fstat(self, fd: int) -> _os.stat_result:
         self._enter("fstat", str(fd))
         return _os.fstat(fd)
