@@ -170,6 +170,7 @@ class Extender:
             return status
         backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
+        self._note_mode(pool, state, status)  # also while an unfinished growth keeps failing
         if state.unfinished is not None and not backing_off:
             finished = self._finish_growth(pool, state, state.unfinished, started)
             blocked = finished is None
