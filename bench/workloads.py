@@ -194,8 +194,8 @@ class Pool:
         return len(self.daemon.log()), len(self.klog.read())
 
     def since(self, mark: tuple[int, int]) -> dict[str, object]:
-        log = self.daemon.log()[mark[0]:]
-        records = [m for _, m in self.klog.read()[mark[1]:] if self.tag in m]
+        log = self.daemon.log()[mark[0] :]
+        records = [m for _, m in self.klog.read()[mark[1] :] if self.tag in m]
         return {
             "out_of_space": sum(1 for m in records if OUT_OF_SPACE in m),
             "low_water_events": sum(1 for m in records if LOW_WATER in m),
@@ -448,8 +448,11 @@ def summarize(result: dict[str, object]) -> str:
     setup = [r for r in result["runs"] if "setup" in r]  # type: ignore[attr-defined]
     s_oods = sum(r["setup"]["out_of_space"] for r in setup)
     s_g = [g["total_ms"] for r in setup for g in r["setup"]["growths"]]
-    lines += ["", f"Setup (mkfs + mount, not in the table): {len(s_g)} growths, p50 "
-              f"{fmt(p50(s_g))} ms, max {fmt(max(s_g, default=None))} ms, OODS {s_oods}"]
+    lines += [
+        "",
+        f"Setup (mkfs + mount, not in the table): {len(s_g)} growths, p50 "
+        f"{fmt(p50(s_g))} ms, max {fmt(max(s_g, default=None))} ms, OODS {s_oods}",
+    ]
     env = result["env"]
     lines.append(f"Guest: {env}")  # fmt: skip
     return "\n".join(lines)
