@@ -11,7 +11,6 @@ events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) a
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import signal
@@ -110,7 +109,7 @@ class Daemon:
         self._schedule_watchdog()
         if threading.current_thread() is threading.main_thread():  # (tests may start elsewhere)
             # A SIGHUP while the pools come up is kept for later, not the default (death).
-            self.loop.add_signal_handler(signal.SIGHUP, self._reload_later)
+            self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         failures: dict[str, BaseException] = {}
         for settings in self.settings.pools:
             self._activate(
@@ -127,9 +126,6 @@ class Daemon:
         if self._reload_pending:
             self._reload_pending = False
             self.reload()
-
-    def _reload_later(self) -> None:
-        self._reload_pending = True
 
     def _activate(
         self,
@@ -343,14 +339,10 @@ class Daemon:
         if self.workers.busy(managed.pool.name):
             return  # being rebuilt in a worker; checked when that is done
         try:
+            # Every failure but one is the extender's to say and retry: ENXIO, the device gone.
             self.extender.reconcile(managed.pool, managed.state, woke)
-        except KernelError as exc:
-            if exc.errno == errno.ENXIO:
-                self._lost(managed)
-            else:
-                self._pool_error(managed, exc)
-        except ThinwatchError as exc:
-            self._pool_error(managed, exc)
+        except KernelError:
+            self._lost(managed)
         except Exception:  # a bug must not stop the other pools from being watched
             managed.state.failures += 1
             log.critical("pool %s: internal error", managed.pool.name, exc_info=True)

@@ -175,15 +175,16 @@ class Extender:
             finished = self._finish_growth(pool, state, state.unfinished, started)
             blocked = finished is None
             status = finished or status
+        data_fs: BackingFs | None = None  # the data file's filesystem, as last looked at
         for _ in range(_MAX_ROUNDS):
             if blocked:
                 break
-            self._note_mode(pool, state, status)
             if isinstance(status, ThinPoolWorkingStatus):
                 state.history = state.history.record(
                     self.clock(), status.data_used * pool.block_bytes
                 )
-            decision = self._decide(pool, state, status)
+            data_fs = self._backing(str(pool.settings.data_file))
+            decision = self._decide(pool, state, status, data_fs)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
                 if state.unfinished is None:  # nothing to retry: the growth is not wanted now
@@ -197,9 +198,10 @@ class Extender:
             if grown is None:
                 blocked = True
                 break
-            status = grown
+            status, data_fs = grown, None  # the file grew: look again
             started = self.clock()
-        blocked |= self._note_backing(pool, state, status)
+            self._note_mode(pool, state, status)
+        blocked |= self._note_backing(pool, state, status, data_fs)
         if blocked:
             if state.refused_since is None:
                 state.refused_since = self.clock()
@@ -252,7 +254,9 @@ class Extender:
             )  # fmt: skip
         return True
 
-    def _decide(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> Decision:
+    def _decide(
+        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs
+    ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
         meta = decide_metadata(
@@ -264,7 +268,7 @@ class Extender:
         data = decide_data(
             status,
             settings,
-            self._backing(str(settings.data_file)),
+            data_fs,
             state.history,
             table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
         )
@@ -355,8 +359,9 @@ class Extender:
                 "LOW_WATER_MARK_BLOCKS": decision.low_water_mark,
             },
         )
-        if unread is not None or status is None:
-            raise unread or KernelError("DM_TABLE_STATUS", pool.name, errno.EIO)
+        if unread is not None:
+            raise unread
+        assert status is not None
         return status
 
     def _note_failure(self, pool: Pool, state: PoolState, target: str, exc: ThinwatchError) -> None:
@@ -371,20 +376,29 @@ class Extender:
                       state.failed_attempts, exc)  # fmt: skip
             return
         state.failing = key
-        what = f"growing {target} of {pool.name}" if target != "check" else f"checking {pool.name}"
+        what = (
+            f"growing {target} of {pool.name} failed: {exc}; the pool is resumed on its "
+            f"previous size"
+            if target != "check"
+            else f"checking {pool.name} failed: {exc}"
+        )
         event(
             logging.ERROR,
             MessageId.GROWTH_FAILED,
-            f"{what} failed: {exc}; the pool is resumed on its previous size; retrying with "
-            f"backoff (next in {delay:g} s)",
+            f"{what}; retrying with backoff (next in {delay:g} s)",
             pool_fields(pool, state.status) | {"TARGET": target},
         )
 
-    def _note_backing(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> bool:
+    def _note_backing(
+        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs | None
+    ) -> bool:
         """Say once when the data file's filesystem reaches its reserve while the pool still
-        promises blocks (its writes will fail with EIO); return whether that is the case."""
+        promises blocks (its writes will fail with EIO); return whether that is the case.
+
+        data_fs is this check's look at it, if still current (None after a growth)."""
         path = str(pool.settings.data_file)
-        short = backing_shortfall(status, pool.settings, self._backing(path), pool.block_bytes)
+        data_fs = data_fs or self._backing(path)
+        short = backing_shortfall(status, pool.settings, data_fs, pool.block_bytes)
         if bool(short) != state.backing_short:
             state.backing_short = bool(short)
             if short:

@@ -233,7 +233,10 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     except ThinwatchError:
         # Blind: assume the worst (an inactive table, suspended). Clearing an empty slot and
         # reloading a running pool are harmless; leaving it suspended is not.
-        info = DmInfo(name, "", 0, 0, 0, 0, True, False, True, True)
+        info = DmInfo(
+            name, uuid="", dev=0, event_nr=0, open_count=0, target_count=0, suspended=True,
+            read_only=False, active_present=True, inactive_present=True,
+        )  # fmt: skip
     if info is None:
         raise PoolSetupError(f"pool {name}: device disappeared")
     if info.inactive_present:
