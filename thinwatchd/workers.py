@@ -59,10 +59,6 @@ class Workers:
         """Return whether a job for key is running (its result not yet delivered)."""
         return key in self._running
 
-    @property
-    def idle(self) -> bool:
-        return not self._running
-
     def submit(self, key: str, job: Callable[[], Any], done: Done) -> bool:
         """Run job() in a thread, then done(result, error) on the loop; False if key is busy."""
         if key in self._running:

@@ -211,10 +211,6 @@ class SyncWorkers:
     def busy(self, key: str) -> bool:
         return key in self._running
 
-    @property
-    def idle(self) -> bool:
-        return not self._running
-
     def submit(self, key: str, job: Callable[[], Any], done: Callable[..., None]) -> bool:
         if key in self._running:
             return False
