@@ -49,6 +49,9 @@ _FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
 
 #: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
 _EVENT_RETRY_SECONDS = 1.0
+#: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
+#: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
+WRITEBACK_WATCH_SECONDS = 0.2
 
 
 @dataclass
@@ -219,6 +222,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.stop)
         self._schedule_check()
         self._schedule_watchdog()
+        self._schedule_writeback_watch()
         self.notifier.ready(self.status_line())
         log.info("thinwatchd ready: %s", self.status_line())
         try:
@@ -245,6 +249,22 @@ class Daemon:
             self._schedule_check()
 
         self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
+
+    def _schedule_writeback_watch(self) -> None:
+        """Grow pools the page cache threatens before its dirty pages are written back: a
+        growth then stalls nobody, where one at the kernel's event waits for the whole burst."""
+        if self.kernel.memory is None:
+            return
+
+        def watch() -> None:
+            writeback = self.extender.writeback()
+            if writeback is not None:
+                for managed in list(self.pools.values()):
+                    if self.extender.threatened(managed.pool, managed.state, writeback):
+                        self._reconcile(managed)
+            self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
+
+        self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval

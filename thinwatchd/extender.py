@@ -37,6 +37,7 @@ from thinwatchd.policy import (
     describe,
     low_water_mark,
     no_space_mode,
+    writeback_threatens,
 )
 from thinwatchd.pool import Kernel, Pool, ensure_resumed
 from thinwatchd.status import (
@@ -46,6 +47,7 @@ from thinwatchd.status import (
     ThinPoolWorkingStatus,
 )
 from thinwatchd.units import format_bytes
+from thinwatchd.writeback import WritebackState, parse_writeback
 
 __all__ = ["Extender", "GrowthRecord", "PoolState", "pool_fields"]
 
@@ -53,6 +55,8 @@ log = logging.getLogger("thinwatchd")
 
 #: Growths one reconcile may chain (metadata then data, or a writer outrunning a growth).
 _MAX_ROUNDS = 4
+#: A writeback sample is reused for this long: one read per pass, not one per pool.
+WRITEBACK_SAMPLE_SECONDS = 0.05
 #: Retry delays after failed growths: doubling from the first, up to the last.
 RETRY_FIRST_SECONDS = 0.25
 RETRY_MAX_SECONDS = 30.0
@@ -87,6 +91,7 @@ class PoolState:
     suspended_said: bool = False  # a suspend by someone else was said
     last_growth: GrowthRecord | None = None
     status: ThinPoolStatus | None = None
+    written_at_status: int | None = None  # WritebackState.written when status was read
     event_nr: int = -1
 
 
@@ -135,6 +140,57 @@ class Extender:
         self.clock = clock
         # Every pool file the daemon manages: their unwritten sparse space counts as promised.
         self.all_files = all_files
+        self._sample: tuple[float, WritebackState | None] | None = None
+        self._writeback_error: str | None = None  # the last failed read, said once
+
+    # -- the page cache --------------------------------------------------------------------
+
+    def writeback(self) -> WritebackState | None:
+        """Return a recent sample of the dirty-memory counters; None without them.
+
+        One read serves every pool checked in the same pass. Unreadable counters (a hardened
+        /proc) only cost the writeback-aware mark: said once, and the configured one applies.
+        """
+        memory = self.kernel.memory
+        if memory is None:
+            return None
+        now = self.clock()
+        if self._sample is not None and now - self._sample[0] < WRITEBACK_SAMPLE_SECONDS:
+            return self._sample[1]
+        sample: WritebackState | None = None
+        try:
+            sample = parse_writeback(*memory.writeback_texts())
+        except ThinwatchError as exc:
+            if str(exc) != self._writeback_error:
+                self._writeback_error = str(exc)
+                log.warning(
+                    "cannot read the page cache's dirty counters: %s; low-water marks "
+                    "ignore writeback until they can be read",
+                    exc,
+                )
+        else:
+            if self._writeback_error is not None:
+                log.info("the page cache's dirty counters are read again")
+                self._writeback_error = None
+        self._sample = (now, sample)
+        return sample
+
+    def threatened(self, pool: Pool, state: PoolState, writeback: WritebackState) -> bool:
+        """Return whether the page cache may hold enough to take the pool below its mark, by
+        the last status read less all writeback completed since (nothing here is per pool
+        syscall: the daemon asks this of every pool at each writeback sample)."""
+        status = state.status
+        if (
+            not pool.settings.data.adaptive_low_water
+            or not isinstance(status, ThinPoolWorkingStatus)
+            or state.written_at_status is None
+            or "data" in state.refusals  # said already; the safety check comes back
+            or state.retry_at is not None  # backing off; its timer comes back
+        ):
+            return False
+        landed = max(0, writeback.written - state.written_at_status)
+        free = status.data_free * pool.block_bytes - landed
+        return writeback_threatens(free, pool.table.low_water_mark * pool.block_bytes, writeback)
 
     # -- the reconcile loop ----------------------------------------------------------------
 
@@ -162,7 +218,9 @@ class Extender:
     def _reconcile(self, pool: Pool, state: PoolState, woke: float | None) -> ThinPoolStatus:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
+        writeback = self.writeback()
         status = pool.read_status(dm)
+        state.written_at_status = None if writeback is None else writeback.written
         if self._adopt_outside_change(pool, state, status):
             # Suspended by someone else: no growth, no retune; when_full's clock runs if room
             # was already lacking.
@@ -184,7 +242,7 @@ class Extender:
                     self.clock(), status.data_used * pool.block_bytes
                 )
             data_fs = self._backing(str(pool.settings.data_file))
-            decision = self._decide(pool, state, status, data_fs)
+            decision = self._decide(pool, state, status, data_fs, writeback)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
                 if state.unfinished is None:  # nothing to retry: the growth is not wanted now
@@ -194,7 +252,7 @@ class Extender:
             if backing_off or state.unfinished is not None:
                 blocked = True  # backing off after a failure; the daemon's timer comes back
                 break
-            grown = self._grow(pool, state, decision, started)
+            grown = self._grow(pool, state, decision, started, writeback)
             if grown is None:
                 blocked = True
                 break
@@ -207,7 +265,7 @@ class Extender:
                 state.refused_since = self.clock()
         else:
             state.refused_since = None
-        self._retune_table(pool, state, status)
+        self._retune_table(pool, state, status, writeback)
         state.status = status
         return status
 
@@ -255,13 +313,17 @@ class Extender:
         return True
 
     def _decide(
-        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs
+        self,
+        pool: Pool,
+        state: PoolState,
+        status: ThinPoolStatus,
+        data_fs: BackingFs,
+        writeback: WritebackState | None,
     ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
-        meta = decide_metadata(
-            status, settings, self._backing(str(settings.metadata_file)), state.history
-        )
+        meta_fs = self._backing(str(settings.metadata_file))
+        meta = decide_metadata(status, settings, meta_fs, state.history, writeback)
         self._note_refusal(pool, state, meta, status)
         if isinstance(meta, Grow):
             return meta
@@ -271,6 +333,7 @@ class Extender:
             data_fs,
             state.history,
             table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
+            writeback=writeback,
         )
         self._note_refusal(pool, state, data, status)
         return data
@@ -278,7 +341,12 @@ class Extender:
     # -- execution -------------------------------------------------------------------------
 
     def _grow(
-        self, pool: Pool, state: PoolState, decision: Grow, started: float
+        self,
+        pool: Pool,
+        state: PoolState,
+        decision: Grow,
+        started: float,
+        writeback: WritebackState | None = None,
     ) -> ThinPoolStatus | None:
         """Execute one growth; return the status after it, or None if it failed (logged).
 
@@ -291,6 +359,15 @@ class Extender:
         path = str(settings.data_file if data else settings.metadata_file)
         loop = pool.data_loop if data else pool.meta_loop
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
+        if writeback is not None:
+            # What the reload will wait for: the pool's suspend drains its writeback backlog.
+            log.debug(
+                "pool %s: %s growth decided with Dirty %d, Writeback %d bytes",
+                pool.name,
+                decision.target,
+                writeback.dirty,
+                writeback.writeback,
+            )
         try:
             # No fsync: before dm-thin commits the superblock that records the new size it
             # flushes the data device (metadata_pre_commit_callback, Linux 5.5+) or writes the
@@ -304,7 +381,7 @@ class Extender:
             return None
         steps["FILE_MS"] = self.clock()
         state.unfinished = decision
-        return self._finish_growth(pool, state, decision, started, steps)
+        return self._finish_growth(pool, state, decision, started, steps, writeback)
 
     def _finish_growth(
         self,
@@ -313,6 +390,7 @@ class Extender:
         decision: Grow,
         started: float,
         steps: dict[str, float] | None = None,
+        writeback: WritebackState | None = None,
     ) -> ThinPoolStatus | None:
         """Make the kernel see a grown file: LOOP_SET_CAPACITY, then load and resume."""
         data = decision.target == "data"
@@ -357,7 +435,12 @@ class Extender:
                 "GROWTH_MS": round(seconds * 1000, 1),
                 **_step_ms(started, steps),
                 "LOW_WATER_MARK_BLOCKS": decision.low_water_mark,
-            },
+            }
+            | (
+                {}
+                if writeback is None
+                else {"DIRTY_BYTES": writeback.dirty, "WRITEBACK_BYTES": writeback.writeback}
+            ),
         )
         if unread is not None:
             raise unread
@@ -415,7 +498,13 @@ class Extender:
                 log.info("pool %s: the filesystem under %s has room again", pool.name, path)
         return bool(short)
 
-    def _retune_table(self, pool: Pool, state: PoolState, status: ThinPoolStatus | None) -> None:
+    def _retune_table(
+        self,
+        pool: Pool,
+        state: PoolState,
+        status: ThinPoolStatus | None,
+        writeback: WritebackState | None = None,
+    ) -> None:
         """Reload once if the table's mark or no-space policy should change.
 
         The mark: the kernel only knows the table's, and the policy's (threshold, adaptive rate)
@@ -430,7 +519,7 @@ class Extender:
             return
         table = pool.table
         if isinstance(status, ThinPoolWorkingStatus):
-            mark = low_water_mark(pool.settings, status.data_total, state.history)
+            mark = low_water_mark(pool.settings, status.data_total, state.history, writeback)
             if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
                 table = table.with_low_water_mark(mark)
         policy = no_space_mode(pool.settings, state.refused_since, self.clock())

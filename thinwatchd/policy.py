@@ -27,6 +27,7 @@ from thinwatchd.status import (
     ThinPoolWorkingStatus,
 )
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, MetaBlocks, format_bytes
+from thinwatchd.writeback import WritebackState
 
 __all__ = [
     "ADAPTIVE_CAP_BYTES",
@@ -47,6 +48,7 @@ __all__ = [
     "describe",
     "low_water_mark",
     "no_space_mode",
+    "writeback_threatens",
 ]
 
 Target = Literal["data", "metadata"]
@@ -218,31 +220,48 @@ def _growth_seconds(history: FillHistory) -> float:
     return history.growth_seconds or ASSUMED_GROWTH_SECONDS
 
 
-def _base_mark(settings: PoolSettings, history: FillHistory) -> int:
-    """Return the configured mark raised by the measured fill rate, in data blocks."""
+def _base_mark(
+    settings: PoolSettings, history: FillHistory, writeback: WritebackState | None = None
+) -> int:
+    """Return the configured mark raised by the measured fill rate and by the page cache's
+    largest possible burst (writeback), in data blocks."""
     floor = settings.low_water_mark
-    rate = history.fill_rate()
-    if not settings.data.adaptive_low_water or rate is None:
+    if not settings.data.adaptive_low_water:
         return floor
     bb = settings.data_block_size * SECTOR_BYTES
-    adaptive = math.ceil(
-        (rate * _growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES) / bb
-    )
-    return max(floor, min(adaptive, ADAPTIVE_CAP_BYTES // bb))
+    raised = 0.0
+    if (rate := history.fill_rate()) is not None:
+        raised = rate * _growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES
+    if writeback is not None:
+        # Dirty pages reach the pool all at once (a sync, the flusher) and a growth started
+        # meanwhile waits until they are in: the mark must hold the whole burst.
+        raised = max(raised, writeback.burst() + ADAPTIVE_MARGIN_BYTES)
+    return max(floor, math.ceil(min(raised, ADAPTIVE_CAP_BYTES) / bb))
 
 
 def low_water_mark(
-    settings: PoolSettings, data_blocks: int, history: FillHistory | None = None
+    settings: PoolSettings,
+    data_blocks: int,
+    history: FillHistory | None = None,
+    writeback: WritebackState | None = None,
 ) -> int:
     """Return the data low-water mark (blocks) to load for a pool of data_blocks blocks.
 
-    The largest of the configured mark, the adaptive mark and the free blocks left at
-    threshold_percent, so the kernel's one event per resume also fires at the threshold.
+    The largest of the configured mark, the adaptive mark (fill rate, writeback burst) and the
+    free blocks left at threshold_percent, so the kernel's one event per resume also fires at
+    the threshold.
     """
     return max(
-        _base_mark(settings, history or FillHistory()),
+        _base_mark(settings, history or FillHistory(), writeback),
         _threshold_mark(data_blocks, settings.data.threshold_percent),
     )
+
+
+def writeback_threatens(free_bytes: int, mark_bytes: int, writeback: WritebackState) -> bool:
+    """Return whether the page cache's dirty and in-flight data, once written back, would take
+    a pool with free_bytes below its mark: grow it now, while that data is still mostly dirty
+    (a growth costs the pool nothing then), not when the kernel's event comes mid-writeback."""
+    return writeback.pending > 0 and free_bytes <= mark_bytes + writeback.pending
 
 
 def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None:
@@ -308,15 +327,18 @@ def decide_data(
     fs: BackingFs,
     history: FillHistory,
     table_mark: int = 0,
+    writeback: WritebackState | None = None,
 ) -> Decision:
     """Return what to do about the pool's data file.
 
     Act when free blocks <= the low-water mark (usage >= threshold_percent included), <= the
     active table's mark table_mark (the kernel has sent its one event for this resume: doing
-    nothing now would leave the pool without another until the next resume), or the pool is out
-    of data space. Grow by max(step, step_percent), and enough to leave twice the mark free plus
-    one growth's worth of filling; in whole blocks, never past max_size nor the filesystem's
-    room (the unwritten part of sparse files counts as used).
+    nothing now would leave the pool without another until the next resume), the pool is out
+    of data space, or the page cache holds enough to take it below the mark
+    (writeback_threatens, with adaptive_low_water). Grow by max(step, step_percent), and
+    enough to leave twice the mark free plus one growth's worth of filling; in whole blocks,
+    never past max_size nor the filesystem's room (the unwritten part of sparse files counts
+    as used).
     """
     pool = settings.name
     if (refusal := _blocked(status, pool, "data")) is not None:
@@ -324,7 +346,8 @@ def decide_data(
     assert isinstance(status, ThinPoolWorkingStatus)
     bb = settings.data_block_size * SECTOR_BYTES
     used, total, free = status.data_used, status.data_total, status.data_free
-    mark = low_water_mark(settings, total, history)
+    mark = low_water_mark(settings, total, history, writeback)
+    early = writeback if settings.data.adaptive_low_water else None
     thr = settings.data.threshold_percent
     if status.mode is PoolMode.OUT_OF_DATA_SPACE:
         why = "the pool is out of data space"
@@ -333,12 +356,15 @@ def decide_data(
     elif free <= max(mark, table_mark):
         why = f"{format_bytes(free * bb)} free <= low-water mark "
         why += format_bytes(max(mark, table_mark) * bb)
+    elif early is not None and writeback_threatens(free * bb, max(mark, table_mark) * bb, early):
+        why = f"{format_bytes(free * bb)} free <= low-water mark {format_bytes(mark * bb)} + "
+        why += f"{format_bytes(early.pending)} dirty or under writeback"
     else:
         why = f"{format_bytes(free * bb)} free of {format_bytes(total * bb)}"
         return NoAction(pool, "data", f"{why}, above the mark of {format_bytes(mark * bb)}")
     if (refusal := _unfit(status, pool, "data", meta_ok=False)) is not None:
         return refusal
-    base = _base_mark(settings, history)
+    base = _base_mark(settings, history, writeback)
     filling = math.ceil((history.fill_rate() or 0.0) * _growth_seconds(history))
     current = max(total * bb, _ceil_to(fs.file_size, bb))
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
@@ -352,12 +378,22 @@ def decide_data(
         return fitted
     new, limited = fitted
     return Grow(
-        pool, "data", current, new, low_water_mark(settings, new // bb, history), why, limited
+        pool,
+        "data",
+        current,
+        new,
+        low_water_mark(settings, new // bb, history, writeback),
+        why,
+        limited,
     )
 
 
 def decide_metadata(
-    status: ThinPoolStatus, settings: PoolSettings, fs: BackingFs, history: FillHistory
+    status: ThinPoolStatus,
+    settings: PoolSettings,
+    fs: BackingFs,
+    history: FillHistory,
+    writeback: WritebackState | None = None,
 ) -> Decision:
     """Return what to do about the pool's metadata file.
 
@@ -398,7 +434,7 @@ def decide_metadata(
         return fitted
     new, limited = fitted
     # The reload that picks up the new size carries the data mark too.
-    mark = low_water_mark(settings, status.data_total, history)
+    mark = low_water_mark(settings, status.data_total, history, writeback)
     return Grow(pool, "metadata", current, new, mark, why, limited)
 
 

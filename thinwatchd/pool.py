@@ -35,6 +35,7 @@ from thinwatchd.kernel.api import (
     FilesApi,
     LoopControlApi,
     LoopDevice,
+    MemoryApi,
     Target,
 )
 from thinwatchd.kernel.fs import Files
@@ -90,6 +91,8 @@ class Kernel:
     loops: LoopControlApi
     nodes: DeviceNodes
     files: FilesApi = field(default_factory=Files)
+    #: Dirty-memory counters for writeback-aware marks; None: marks ignore writeback.
+    memory: MemoryApi | None = None
 
 
 class Activation(enum.Enum):

@@ -8,6 +8,7 @@ from typing import Any
 
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
+from thinwatchd.kernel.memory import Memory
 from thinwatchd.kernel.nodes import UdevNodes
 from thinwatchd.pool import Kernel
 
@@ -18,7 +19,7 @@ log = logging.getLogger("thinwatchd")
 
 def open_kernel() -> Kernel:
     """Open /dev/mapper/control and the loop driver; raise KernelError if unavailable."""
-    return Kernel(DeviceMapper(), LoopControl(), UdevNodes())
+    return Kernel(DeviceMapper(), LoopControl(), UdevNodes(), memory=Memory())
 
 
 def udev_monitor() -> Any:

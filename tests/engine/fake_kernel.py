@@ -511,3 +511,55 @@ class FakeKernel:
 
     def events_pending(self) -> bool:
         return self.global_events > self._armed_at
+
+
+class FakePageCache:
+    """The page cache as MemoryApi sees it: /proc/meminfo and /proc/vmstat texts, from counters
+    the tests move the way a filesystem on a thin volume does.
+
+    ``dirty()`` is a buffered write (the pool sees nothing), ``start_writeback()`` hands dirty
+    pages to the device (Writeback), ``write_back()`` lands them in a pool (blocks allocated,
+    nr_written advanced). Reads go through the kernel's fault injection as ``open`` of the file.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, kernel: FakeKernel, dirty_limit: int = 256 * 1024**2) -> None:
+        self.kernel = kernel
+        self.dirty_bytes = 0
+        self.writeback_bytes = 0
+        self.dirty_limit = dirty_limit
+        self.written_pages = 0
+        self.reads = 0
+
+    def writeback_texts(self) -> tuple[str, str]:
+        self.reads += 1
+        for path in ("/proc/meminfo", "/proc/vmstat"):
+            self.kernel._inject("open", path, KernelError)
+        meminfo = (
+            "MemTotal:        3042736 kB\n"
+            f"Dirty:          {self.dirty_bytes // 1024} kB\n"
+            f"Writeback:      {self.writeback_bytes // 1024} kB\n"
+        )
+        vmstat = (
+            f"nr_dirty {self.dirty_bytes // self.PAGE}\n"
+            f"nr_written {self.written_pages}\n"
+            f"nr_dirty_threshold {self.dirty_limit // self.PAGE}\n"
+        )
+        return meminfo, vmstat
+
+    def dirty(self, nbytes: int) -> None:
+        self.dirty_bytes += nbytes
+
+    def start_writeback(self, nbytes: int | None = None) -> None:
+        moved = self.dirty_bytes if nbytes is None else min(nbytes, self.dirty_bytes)
+        self.dirty_bytes -= moved
+        self.writeback_bytes += moved
+
+    def write_back(self, pool: str, nbytes: int | None = None, block_bytes: int = 64 * 1024) -> int:
+        """Land nbytes (default: all dirty and in-flight data) in pool; return blocks written."""
+        self.start_writeback()
+        moved = self.writeback_bytes if nbytes is None else min(nbytes, self.writeback_bytes)
+        self.writeback_bytes -= moved
+        self.written_pages += moved // self.PAGE
+        return self.kernel.write_blocks(pool, moved // block_bytes)

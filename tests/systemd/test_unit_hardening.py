@@ -214,6 +214,14 @@ class TestShippedUnit:
         assert loop_size == data_size
         assert target.length * 512 == data_size // (64 * 1024) * (64 * 1024)
 
+    def test_the_page_cache_counters_are_readable(self, running_unit: RunningUnit) -> None:
+        """ProcSubset=pid would hide /proc/meminfo and /proc/vmstat: growths would then ignore
+        writeback. A growth carries the counters it was decided with."""
+        grown = journal(running_unit.since, MessageId.DATA_GROWN)
+        assert grown, log_text(running_unit.since)
+        assert "DIRTY_BYTES" in grown[0] and "WRITEBACK_BYTES" in grown[0], grown[0]
+        assert "dirty counters" not in log_text(running_unit.since)
+
     def test_devices_outside_the_allow_list_are_denied(self, running_unit: RunningUnit) -> None:
         cgroup = show("ControlGroup")
         assert cgroup.endswith(f"/{UNIT}")

@@ -21,6 +21,7 @@ __all__ = [
     "FsSpace",
     "LoopControlApi",
     "LoopDevice",
+    "MemoryApi",
     "Target",
 ]
 
@@ -213,3 +214,10 @@ class FilesApi(Protocol):
 
     def header_is_zero(self, path: str) -> bool:
         """Return whether the first 4 KiB are all zero (a never-activated metadata file)."""
+
+
+class MemoryApi(Protocol):
+    """The kernel's global dirty-memory counters (thinwatchd.kernel.memory.Memory)."""
+
+    def writeback_texts(self) -> tuple[str, str]:
+        """Return the texts of /proc/meminfo and /proc/vmstat; KernelError if unreadable."""

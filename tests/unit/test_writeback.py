@@ -1,0 +1,175 @@
+"""The page cache's dirty counters (writeback.py) and the marks and early growths they drive."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from thinwatchd.errors import StatusParseError
+from thinwatchd.policy import (
+    ADAPTIVE_CAP_BYTES,
+    ADAPTIVE_MARGIN_BYTES,
+    BackingFs,
+    FillHistory,
+    Grow,
+    NoAction,
+    decide_data,
+    low_water_mark,
+    writeback_threatens,
+)
+from thinwatchd.settings import DataGrowth, PoolSettings
+from thinwatchd.status import DiscardMode, NoSpacePolicy, PoolMode, ThinPoolWorkingStatus
+from thinwatchd.units import DataBlocks, MetaBlocks
+from thinwatchd.writeback import PAGE_BYTES, WritebackState, parse_writeback
+
+MiB, GiB, TiB = 1024**2, 1024**3, 1024**4
+BB = 64 * 1024
+
+#: Excerpts of a Debian 6.1 guest's files (3 GiB, vm.dirty_ratio 20), in the kernel's format.
+MEMINFO = """\
+MemTotal:        3042736 kB
+MemFree:         2480124 kB
+MemAvailable:    2745020 kB
+Buffers:           12188 kB
+Cached:           354748 kB
+Dirty:            204800 kB
+Writeback:         65536 kB
+AnonPages:         39004 kB
+"""
+VMSTAT = """\
+nr_free_pages 620031
+nr_dirty 51200
+nr_writeback 16384
+nr_written 1048576
+nr_dirty_threshold 135000
+nr_dirty_background_threshold 67416
+pgpgin 411212
+"""
+
+TIGHT = PoolSettings(
+    "p",
+    Path("/var/lib/d"),
+    Path("/var/lib/m"),
+    low_water_mark=256,
+    data=DataGrowth(step=128 * MiB, step_percent=0.0),
+)
+
+
+def sample(dirty: int = 0, writeback: int = 0, limit: int = 512 * MiB) -> WritebackState:
+    return WritebackState(dirty=dirty, writeback=writeback, dirty_limit=limit, written=0)
+
+
+def status(used: int, total: int) -> ThinPoolWorkingStatus:
+    return ThinPoolWorkingStatus(
+        transaction_id=1,
+        meta_used=MetaBlocks(200),
+        meta_total=MetaBlocks(16384),
+        data_used=DataBlocks(used),
+        data_total=DataBlocks(total),
+        held_root=None,
+        mode=PoolMode.WRITE,
+        discard=DiscardMode.PASSDOWN,
+        no_space_policy=NoSpacePolicy.QUEUE,
+        needs_check=False,
+        metadata_low_watermark=MetaBlocks(1024),
+    )
+
+
+def fs_for(size: int) -> BackingFs:
+    return BackingFs(free_bytes=TiB, total_bytes=2 * TiB, file_size=size, file_allocated=size)
+
+
+def test_parse_the_kernels_format() -> None:
+    wb = parse_writeback(MEMINFO, VMSTAT)
+    assert wb == WritebackState(
+        dirty=204800 * 1024,
+        writeback=65536 * 1024,
+        dirty_limit=135000 * PAGE_BYTES,
+        written=1048576 * PAGE_BYTES,
+    )
+    assert wb.pending == (204800 + 65536) * 1024
+    assert wb.burst() == 135000 * PAGE_BYTES * 9 // 8  # the limit with balance_dirty_pages' slack
+
+
+def test_parse_the_running_kernel() -> None:
+    """This machine's own /proc has the same fields (the guest's are checked in tests/kernel)."""
+    wb = parse_writeback(Path("/proc/meminfo").read_text(), Path("/proc/vmstat").read_text())
+    assert wb.dirty_limit > 0 and wb.written >= 0 and wb.dirty >= 0
+
+
+@pytest.mark.parametrize(
+    ("meminfo", "vmstat"),
+    [("", VMSTAT), (MEMINFO, ""), ("MemTotal: 1 kB\n", VMSTAT), (MEMINFO, "nr_dirty 1\n")],
+)
+def test_missing_counters_are_a_parse_error(meminfo: str, vmstat: str) -> None:
+    with pytest.raises(StatusParseError):
+        parse_writeback(meminfo, vmstat)
+
+
+def test_more_pending_than_the_limit_is_the_burst() -> None:
+    """After vm.dirty_ratio was lowered, more may be dirty than the new limit allows."""
+    assert sample(dirty=900 * MiB, limit=100 * MiB).burst() == 900 * MiB
+
+
+def test_mark_holds_the_whole_burst_from_the_start() -> None:
+    """No growth measured yet, no fill rate: the mark already covers the dirty limit."""
+    wb = sample(limit=512 * MiB)
+    expected = -(-(512 * MiB * 9 // 8 + ADAPTIVE_MARGIN_BYTES) // BB)
+    assert low_water_mark(TIGHT, 1024, FillHistory(), wb) == expected
+    off = replace(TIGHT, data=replace(TIGHT.data, adaptive_low_water=False, threshold_percent=0))
+    assert low_water_mark(off, 1024, FillHistory(), wb) == 256
+    huge = sample(limit=64 * GiB)
+    assert low_water_mark(TIGHT, 1024, FillHistory(), huge) == ADAPTIVE_CAP_BYTES // BB
+
+
+def test_a_growth_leaves_twice_the_burst_free() -> None:
+    """A 64 MiB pool with a 16 MiB configured mark grows at once to hold two bursts."""
+    wb = sample(limit=512 * MiB)
+    d = decide_data(status(100, 1024), TIGHT, fs_for(64 * MiB), FillHistory(), writeback=wb)
+    assert isinstance(d, Grow), d
+    assert d.new_size - 100 * BB >= 2 * 512 * MiB
+    assert d.low_water_mark * BB >= 512 * MiB
+
+
+def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
+    wb = sample(limit=256 * MiB)
+    mark = low_water_mark(TIGHT, 40000, FillHistory(), wb)
+    free = mark + 200 * MiB // BB  # 200 MiB above the mark
+    used = 40000 - free
+    quiet = decide_data(
+        status(used, 40000),
+        TIGHT,
+        fs_for(40000 * BB),
+        FillHistory(),
+        table_mark=mark,
+        writeback=replace(wb, dirty=150 * MiB),
+    )
+    assert isinstance(quiet, NoAction), quiet
+    burst = replace(wb, dirty=150 * MiB, writeback=60 * MiB)
+    d = decide_data(
+        status(used, 40000),
+        TIGHT,
+        fs_for(40000 * BB),
+        FillHistory(),
+        table_mark=mark,
+        writeback=burst,
+    )
+    assert isinstance(d, Grow), d
+    assert "dirty or under writeback" in d.reason
+    # Off with the adaptive mark: only the configured mark and the kernel's event count.
+    off = replace(TIGHT, data=replace(TIGHT.data, adaptive_low_water=False))
+    assert isinstance(
+        decide_data(
+            status(used, 40000), off, fs_for(40000 * BB), FillHistory(), 256, writeback=burst
+        ),
+        NoAction,
+    )
+
+
+def test_writeback_threatens() -> None:
+    wb = sample(dirty=100 * MiB, writeback=20 * MiB)
+    assert writeback_threatens(600 * MiB, 480 * MiB, wb)
+    assert not writeback_threatens(601 * MiB, 480 * MiB, wb)
+    assert not writeback_threatens(10 * MiB, 480 * MiB, sample())  # nothing pending
