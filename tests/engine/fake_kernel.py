@@ -557,8 +557,10 @@ class FakePageCache:
         self.writeback_bytes += moved
 
     def write_back(self, pool: str, nbytes: int | None = None, block_bytes: int = 64 * 1024) -> int:
-        """Land nbytes (default: all dirty and in-flight data) in pool; return blocks written."""
-        self.start_writeback()
+        """Land nbytes of what is in flight in pool (default: all dirty and in-flight data, a
+        sync); return blocks written."""
+        if nbytes is None:
+            self.start_writeback()
         moved = self.writeback_bytes if nbytes is None else min(nbytes, self.writeback_bytes)
         self.writeback_bytes -= moved
         self.written_pages += moved // self.PAGE

@@ -57,6 +57,10 @@ def tick(daemon: Daemon, clock: Clock, seconds: float = WRITEBACK_WATCH_SECONDS)
     """Let time pass: the watch timer samples the page cache; a dm event is read."""
     clock.now += seconds
     daemon.loop.run_once(max_wait=0)
+    fake = daemon.kernel.dm
+    assert isinstance(fake, FakeKernel)
+    if fake.events_pending():
+        daemon._check_events()
 
 
 def free_bytes(fake: FakeKernel) -> int:
@@ -197,3 +201,45 @@ def test_a_pool_at_its_cap_is_not_checked_at_every_tick(
     for _ in range(20):
         tick(d, clock)
     assert [c for c in fake.calls if not c.startswith("open /proc/")] == []
+
+
+def test_an_early_growth_waits_for_a_lull_in_writeback(
+    fake: FakeKernel, cache: FakePageCache, wb_daemon: Daemon, clock: Clock
+) -> None:
+    """A growth while much is in flight waits for it all (the pool's suspend drains the
+    worker's backlog): an early growth waits for a tick with little under writeback. Without
+    one, the kernel's event at the mark grows the pool regardless."""
+    managed = wb_daemon.pools["pool"]
+    mark = managed.pool.table.low_water_mark * BLOCK
+    cache.dirty(free_bytes(fake) - mark - 8 * MiB)
+    cache.write_back("pool")
+    before = managed.state.growths["data"]
+    cache.dirty(64 * MiB)
+    cache.start_writeback(48 * MiB)  # 48 MiB in flight, 16 MiB still dirty
+    for _ in range(5):
+        tick(wb_daemon, clock)
+    assert managed.state.growths["data"] == before
+    cache.write_back("pool", 48 * MiB)  # lands: 40 MiB below the mark
+    assert fake.events_pending()
+    tick(wb_daemon, clock)
+    assert managed.state.growths["data"] == before + 1
+    assert not any(OUT_OF_SPACE in line for line in fake.kernel_log)
+
+
+def test_a_lull_lets_the_early_growth_go(
+    fake: FakeKernel, cache: FakePageCache, wb_daemon: Daemon, clock: Clock
+) -> None:
+    managed = wb_daemon.pools["pool"]
+    mark = managed.pool.table.low_water_mark * BLOCK
+    cache.dirty(free_bytes(fake) - mark - 64 * MiB)
+    cache.write_back("pool")
+    before = managed.state.growths["data"]
+    cache.dirty(80 * MiB)  # would take the pool 16 MiB below its mark
+    cache.start_writeback(40 * MiB)
+    tick(wb_daemon, clock)
+    assert managed.state.growths["data"] == before  # 40 MiB in flight: wait
+    cache.write_back("pool", 30 * MiB)  # 34 MiB above the mark, 50 MiB pending, 10 in flight
+    assert not fake.events_pending()
+    tick(wb_daemon, clock)
+    assert managed.state.growths["data"] == before + 1
+    assert sum(LOW_WATER in line for line in fake.kernel_log) == 0

@@ -11,6 +11,7 @@ from thinwatchd.errors import StatusParseError
 from thinwatchd.policy import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
+    LULL_WRITEBACK_BYTES,
     BackingFs,
     FillHistory,
     Grow,
@@ -147,7 +148,7 @@ def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
         writeback=replace(wb, dirty=150 * MiB),
     )
     assert isinstance(quiet, NoAction), quiet
-    burst = replace(wb, dirty=150 * MiB, writeback=60 * MiB)
+    burst = replace(wb, dirty=200 * MiB, writeback=10 * MiB)
     d = decide_data(
         status(used, 40000),
         TIGHT,
@@ -158,6 +159,27 @@ def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
     )
     assert isinstance(d, Grow), d
     assert "dirty or under writeback" in d.reason
+    # The same, with 60 MiB in flight: a growth now would wait for it; the next lull comes.
+    draining = replace(burst, dirty=150 * MiB, writeback=60 * MiB)
+    wait = decide_data(
+        status(used, 40000),
+        TIGHT,
+        fs_for(40000 * BB),
+        FillHistory(),
+        table_mark=mark,
+        writeback=draining,
+    )
+    assert isinstance(wait, NoAction), wait
+    # At the mark itself nothing waits: the kernel's event came, the burst must fit now.
+    at_mark = decide_data(
+        status(40000 - mark, 40000),
+        TIGHT,
+        fs_for(40000 * BB),
+        FillHistory(),
+        table_mark=mark,
+        writeback=draining,
+    )
+    assert isinstance(at_mark, Grow), at_mark
     # Off with the adaptive mark: only the configured mark and the kernel's event count.
     off = replace(TIGHT, data=replace(TIGHT.data, adaptive_low_water=False))
     assert isinstance(
@@ -169,7 +191,10 @@ def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
 
 
 def test_writeback_threatens() -> None:
-    wb = sample(dirty=100 * MiB, writeback=20 * MiB)
-    assert writeback_threatens(600 * MiB, 480 * MiB, wb)
-    assert not writeback_threatens(601 * MiB, 480 * MiB, wb)
+    wb = sample(dirty=100 * MiB, writeback=LULL_WRITEBACK_BYTES)
+    pending = 100 * MiB + LULL_WRITEBACK_BYTES
+    assert writeback_threatens(480 * MiB + pending, 480 * MiB, wb)
+    assert not writeback_threatens(480 * MiB + pending + 1, 480 * MiB, wb)
     assert not writeback_threatens(10 * MiB, 480 * MiB, sample())  # nothing pending
+    in_flight = replace(wb, writeback=LULL_WRITEBACK_BYTES + 1)
+    assert not writeback_threatens(480 * MiB, 480 * MiB, in_flight)  # wait for a lull
