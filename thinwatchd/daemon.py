@@ -15,16 +15,18 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from thinwatchd.backing import BackingLook
 from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
 from thinwatchd.logs import MessageId, event
+from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
 from thinwatchd.pool import (
@@ -96,7 +98,7 @@ class Daemon:
         self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
         self._reload_pending = False
         self.workers = Workers(self.loop)
-        self.extender = Extender(kernel, self.loop.time, self._all_files)
+        self.extender = Extender(kernel, self.loop.time)
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -114,9 +116,12 @@ class Daemon:
             # A SIGHUP while the pools come up is kept for later, not the default (death).
             self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         failures: dict[str, BaseException] = {}
+        loops = self._loop_index()  # one scan of the loops for every pool
         for settings in self.settings.pools:
             self._activate(
-                settings, on_error=functools.partial(failures.__setitem__, settings.name)
+                settings,
+                on_error=functools.partial(failures.__setitem__, settings.name),
+                loops=loops,
             )
         self.workers.run_until_idle()
         self.loop.run_once(max_wait=0)  # dispatch a signal that came with the last result
@@ -135,10 +140,12 @@ class Daemon:
         settings: PoolSettings,
         state: PoolState | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        loops: LoopIndex | None = None,
     ) -> None:
         """Activate a pool in a worker thread; register it on the loop when that is done.
 
-        Without on_error, a failure is logged (a rebuild, a pool added by reload).
+        Without on_error, a failure is logged (a rebuild, a pool added by reload). loops is the
+        pass's loop index, shared by the pools it activates.
         """
         name = settings.name
 
@@ -169,8 +176,12 @@ class Daemon:
                 self._reconcile(managed)
 
         self.workers.submit(
-            name, lambda: activate(settings, self.kernel, self.check_metadata), done
+            name, lambda: activate(settings, self.kernel, self.check_metadata, loops), done
         )
+
+    def _loop_index(self) -> LoopIndex:
+        """Return a loop index for one pass (it scans the loops on its first lookup only)."""
+        return LoopIndex(self.kernel.loops, self.kernel.files)
 
     def _current_settings(self, built: PoolSettings) -> PoolSettings:
         pools = self.settings.pools if self.settings is not None else ()
@@ -184,6 +195,7 @@ class Daemon:
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
+        self.extender.watch(pool)
         try:
             status = pool.read_status(self.kernel.dm)
         except ThinwatchError:
@@ -241,11 +253,11 @@ class Daemon:
         assert self.settings is not None
 
         def check() -> None:
-            for managed in list(self.pools.values()):
-                self._reconcile(managed)
+            self._pass(list(self.pools.values()), survey=True)
+            loops = self._loop_index()
             for settings in list(self._unbuilt.values()):
                 if not self.workers.busy(settings.name):
-                    self._activate(settings)
+                    self._activate(settings, loops=loops)
             self._schedule_check()
 
         self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
@@ -259,9 +271,13 @@ class Daemon:
         def watch() -> None:
             writeback = self.extender.writeback()
             if writeback is not None:
-                for managed in list(self.pools.values()):
-                    if self.extender.threatened(managed.pool, managed.state, writeback):
-                        self._reconcile(managed)
+                self._pass(
+                    [
+                        managed
+                        for managed in list(self.pools.values())
+                        if self.extender.threatened(managed.pool, managed.state, writeback)
+                    ]
+                )
             self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
 
         self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
@@ -279,7 +295,7 @@ class Daemon:
         pet()
 
     def _check_events(self) -> None:
-        """Re-arm the control fd, then reconcile each pool whose event_nr moved.
+        """Re-arm the control fd, then reconcile each pool whose event_nr moved, in one pass.
 
         If the kernel refuses either ioctl (ENOMEM, EINTR), say it once and come back soon:
         an unarmed fd would stay readable (a busy loop), and an unread event would be lost.
@@ -295,13 +311,15 @@ class Daemon:
         if self._event_error is not None:
             log.info("dm events are read again")
             self._event_error = None
+        changed, loops = [], self._loop_index()
         for name, managed in list(self.pools.items()):
             event_nr = seen.get(name)
             if event_nr is None:
-                self._lost(managed)
+                self._lost(managed, loops)
             elif event_nr != managed.state.event_nr:
                 managed.state.event_nr = event_nr
-                self._reconcile(managed, woke)
+                changed.append(managed)
+        self._pass(changed, woke)
 
     def _event_read_failed(self, exc: ThinwatchError) -> None:
         fd = self.kernel.dm.fileno()
@@ -328,25 +346,29 @@ class Daemon:
             device = self.udev_monitor.poll(timeout=0)
         except OSError as exc:  # ENOBUFS: the netlink socket overflowed, events were lost
             log.warning("udev events lost (%s); checking every pool", exc.strerror or exc)
+            loops = self._loop_index()
             for managed in list(self.pools.values()):
-                self._lost(managed)
-                self._reconcile(managed)
+                self._lost(managed, loops)
+            self._pass(list(self.pools.values()), survey=True)
             return
         if device is None or device.action not in ("remove", "change"):
             return
         dm_name, node = device.get("DM_NAME"), device.device_node
+        loops = self._loop_index()
         for managed in list(self.pools.values()):
             pool = managed.pool
-            loops = {pool.data_loop.path: pool.settings.data_file,
-                     pool.meta_loop.path: pool.settings.metadata_file}  # fmt: skip
-            if device.action == "remove" and (dm_name == pool.name or node in loops):
-                self._lost(managed)
-            elif device.action == "change" and node in loops:
-                self._check_loop(managed, node, str(loops[node]))
+            files = {
+                pool.data_loop.path: pool.settings.data_file,
+                pool.meta_loop.path: pool.settings.metadata_file,
+            }
+            if device.action == "remove" and (dm_name == pool.name or node in files):
+                self._lost(managed, loops)
+            elif device.action == "change" and node in files:
+                self._check_loop(managed, node, str(files[node]), loops)
 
-    def _check_loop(self, managed: ManagedPool, node: str, path: str) -> None:
+    def _check_loop(self, managed: ManagedPool, node: str, path: str, loops: LoopIndex) -> None:
         try:
-            loop = self.kernel.loops.find(path)
+            loop = loops.find(path)
         except ThinwatchError as exc:
             log.error("pool %s: cannot check %s: %s", managed.pool.name, node, exc)
             return
@@ -355,12 +377,30 @@ class Daemon:
                       "the pool keeps its device open, but growth will fail until restart",
                       managed.pool.name, node, path)  # fmt: skip
 
+    def _pass(
+        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
+    ) -> None:
+        """Reconcile pools in one pass: each backing file and filesystem is looked at once for
+        all of them, and STATUS= and the metrics file are updated once at the end, so a pass
+        costs the pools it names. A survey (the safety check) also looks at every pool file."""
+        pools = list(pools)
+        if not pools:
+            return
+        look = self.extender.new_pass(survey=survey)
+        for managed in pools:
+            self._reconcile_in(look, managed, woke)
+        self._publish()
+
     def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
+        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
+        self._pass([managed], woke)
+
+    def _reconcile_in(self, look: BackingLook, managed: ManagedPool, woke: float | None) -> None:
         if self.workers.busy(managed.pool.name):
             return  # being rebuilt in a worker; checked when that is done
         try:
             # Every failure but one is the extender's to say and retry: ENXIO, the device gone.
-            self.extender.reconcile(managed.pool, managed.state, woke)
+            self.extender.reconcile(managed.pool, managed.state, woke, look)
         except KernelError:
             self._lost(managed)
         except Exception:  # a bug must not stop the other pools from being watched
@@ -371,7 +411,6 @@ class Daemon:
                 log.info("pool %s: checked without error again", managed.pool.name)
                 managed.error = None
         self._schedule_retry(managed)
-        self._publish()
 
     def _pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
         """Count an error; log it when it differs from the pool's last one (once, not per check)."""
@@ -399,7 +438,7 @@ class Daemon:
 
         managed.retry = self.loop.call_at(retry_at, retry)
 
-    def _lost(self, managed: ManagedPool) -> None:
+    def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
         if self.workers.busy(name):
@@ -413,7 +452,7 @@ class Daemon:
         if name not in self._build_errors:  # said once, not at every failed retry
             log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         managed.state.unfinished = None  # the rebuild finishes any growth from the files
-        self._activate(managed.pool.settings, managed.state)  # keep its history and counts
+        self._activate(managed.pool.settings, managed.state, loops=loops)  # keep its history
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -476,16 +515,16 @@ class Daemon:
         for name in list(self._unbuilt):
             if name not in wanted:
                 del self._unbuilt[name]
+        loops = self._loop_index()
         for name, settings in wanted.items():
             if name not in self.pools and not self.workers.busy(name):
-                self._activate(settings)
+                self._activate(settings, loops=loops)
         return new
 
     def _schedule_check_after_reload(self) -> None:
         if self._check_timer is not None:
             self._check_timer.cancel()
-        for managed in list(self.pools.values()):
-            self._reconcile(managed)
+        self._pass(list(self.pools.values()), survey=True)
         self._schedule_check()
 
     # -- reporting -------------------------------------------------------------------------
@@ -513,14 +552,12 @@ class Daemon:
             self._write_metrics(self.settings.daemon.metrics_file)
 
     def metrics(self) -> list[PoolMetrics]:
-        """Return every pool's current figures."""
+        """Return every pool's figures as of the last pass: its filesystem's free space as that
+        pass saw it (no syscall here: publishing N pools after each pass made passes O(N²))."""
         out = []
         for managed in self.pools.values():
             pool, state = managed.pool, managed.state
-            try:
-                free: int | None = self.kernel.files.space(str(pool.settings.data_file)).free
-            except ThinwatchError:
-                free = None
+            free = self.extender.backing.free(str(pool.settings.data_file))
             out.append(PoolMetrics(
                 pool.name, pool.block_bytes, state.status, state.growths["data"],
                 state.growths["metadata"], state.failures,
@@ -537,10 +574,3 @@ class Daemon:
             self._metrics_failed = True
         else:
             self._metrics_failed = False
-
-    def _all_files(self) -> list[str]:
-        return [
-            str(p)
-            for m in self.pools.values()
-            for p in (m.pool.settings.data_file, m.pool.settings.metadata_file)
-        ]

@@ -9,19 +9,21 @@ Each step leaves a state ``pool.activate()`` can finish after a crash: a file la
 loop, a loop larger than the table, or a stale inactive table. The pool is never left suspended
 (Pool.reload builds each table from the kernel's live one and resumes on the longest valid
 table when a resume fails). Growth path: no forks, no udev wait (the /dev/mapper node exists
-already), one statvfs and a few stats. A failed growth is said once, retried with backoff, and
-counts as "no room" for when_full, so writers are not left queued forever.
+already), and the backing files as the pass looks at them (backing.py: one statvfs per
+filesystem and one stat per pool file a pass, not per pool). A failed growth is said once,
+retried with backoff, and counts as "no room" for when_full, so writers are not left queued
+forever.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from thinwatchd.backing import BackingFiles, BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import (
@@ -30,6 +32,7 @@ from thinwatchd.policy import (
     FillHistory,
     Grow,
     NoAction,
+    RefusalReason,
     Refuse,
     backing_shortfall,
     decide_data,
@@ -118,6 +121,13 @@ def _failure_key(exc: ThinwatchError) -> str:
     return f"errno {exc.errno}" if isinstance(exc, KernelError) else str(exc)
 
 
+def _room_bound(decision: Decision) -> bool:
+    """Return whether the backing filesystem's room made the decision (a smaller growth or none)."""
+    if isinstance(decision, Grow):
+        return decision.limited_by is RefusalReason.BACKING_FS_FULL
+    return isinstance(decision, Refuse) and decision.reason is RefusalReason.BACKING_FS_FULL
+
+
 def _step_ms(started: float, marks: dict[str, float]) -> dict[str, float]:
     """Return each step's duration in ms from consecutive timestamps (dicts keep order)."""
     out, before = {}, started
@@ -130,18 +140,25 @@ def _step_ms(started: float, marks: dict[str, float]) -> dict[str, float]:
 class Extender:
     """Keeps pools from running out of space, one reconcile at a time."""
 
-    def __init__(
-        self,
-        kernel: Kernel,
-        clock: Callable[[], float] = time.monotonic,
-        all_files: Callable[[], Iterable[str]] = tuple,
-    ) -> None:
+    def __init__(self, kernel: Kernel, clock: Callable[[], float] = time.monotonic) -> None:
         self.kernel = kernel
         self.clock = clock
-        # Every pool file the daemon manages: their unwritten sparse space counts as promised.
-        self.all_files = all_files
+        # Every pool file watched: their unwritten sparse space counts as promised.
+        self.backing = BackingFiles(kernel.files)
         self._sample: tuple[float, WritebackState | None] | None = None
         self._writeback_error: str | None = None  # the last failed read, said once
+
+    # -- passes ----------------------------------------------------------------------------
+
+    def watch(self, pool: Pool) -> None:
+        """Count the pool's files among those that share its filesystems (a pool just built)."""
+        self.backing.watch((str(pool.settings.data_file), str(pool.settings.metadata_file)))
+
+    def new_pass(self, *, survey: bool = False) -> BackingLook:
+        """Start a pass over some pools: each backing file and filesystem is looked at once in
+        it. A survey (the safety check) looks at every watched file, keeping the others' figures
+        that an event pass reuses at most one check old."""
+        return self.backing.new_pass(survey=survey)
 
     # -- the page cache --------------------------------------------------------------------
 
@@ -195,17 +212,22 @@ class Extender:
     # -- the reconcile loop ----------------------------------------------------------------
 
     def reconcile(
-        self, pool: Pool, state: PoolState, woke: float | None = None
+        self,
+        pool: Pool,
+        state: PoolState,
+        woke: float | None = None,
+        look: BackingLook | None = None,
     ) -> ThinPoolStatus | None:
         """Bring one pool to a state with room to write; return its latest status.
 
         woke is when the loop woke for the event that led here: growth times count from it.
+        look is the pass this reconcile belongs to (new_pass); without it, a pass of its own.
         A kernel or file error anywhere in the check is a failed growth as far as writers are
         concerned: said once, retried with backoff, and when_full's clock runs. Only ENXIO (the
         device is gone) is raised, for the daemon to rebuild the pool.
         """
         try:
-            return self._reconcile(pool, state, woke)
+            return self._reconcile(pool, state, woke, look or self.new_pass())
         except ThinwatchError as exc:
             if isinstance(exc, KernelError) and exc.errno == errno.ENXIO:
                 raise
@@ -215,7 +237,9 @@ class Extender:
             self._retune_table(pool, state, None)
             return state.status
 
-    def _reconcile(self, pool: Pool, state: PoolState, woke: float | None) -> ThinPoolStatus:
+    def _reconcile(
+        self, pool: Pool, state: PoolState, woke: float | None, look: BackingLook
+    ) -> ThinPoolStatus:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
         writeback = self.writeback()
@@ -233,7 +257,7 @@ class Extender:
             finished = self._finish_growth(pool, state, state.unfinished, started)
             blocked = finished is None
             status = finished or status
-        data_fs: BackingFs | None = None  # the data file's filesystem, as last looked at
+        data_fs: BackingFs | None = None  # the data file's figures, until a growth changes them
         for _ in range(_MAX_ROUNDS):
             if blocked:
                 break
@@ -241,8 +265,8 @@ class Extender:
                 state.history = state.history.record(
                     self.clock(), status.data_used * pool.block_bytes
                 )
-            data_fs = self._backing(str(pool.settings.data_file))
-            decision = self._decide(pool, state, status, data_fs, writeback)
+            data_fs = look.figures(str(pool.settings.data_file))
+            decision = self._decide(pool, state, status, look, writeback)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
                 if state.unfinished is None:  # nothing to retry: the growth is not wanted now
@@ -252,14 +276,16 @@ class Extender:
             if backing_off or state.unfinished is not None:
                 blocked = True  # backing off after a failure; the daemon's timer comes back
                 break
-            grown = self._grow(pool, state, decision, started, writeback)
+            grown = self._grow(pool, state, decision, started, look, writeback)
             if grown is None:
                 blocked = True
                 break
             status, data_fs = grown, None  # the file grew: look again
             started = self.clock()
             self._note_mode(pool, state, status)
-        blocked |= self._note_backing(pool, state, status, data_fs)
+        blocked |= self._note_backing(
+            pool, state, status, data_fs or look.figures(str(pool.settings.data_file))
+        )
         if blocked:
             if state.refused_since is None:
                 state.refused_since = self.clock()
@@ -317,26 +343,44 @@ class Extender:
         pool: Pool,
         state: PoolState,
         status: ThinPoolStatus,
-        data_fs: BackingFs,
+        look: BackingLook,
         writeback: WritebackState | None,
     ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
-        meta_fs = self._backing(str(settings.metadata_file))
-        meta = decide_metadata(status, settings, meta_fs, state.history, writeback)
+
+        def metadata(fs: BackingFs) -> Decision:
+            return decide_metadata(status, settings, fs, state.history, writeback)
+
+        def data(fs: BackingFs) -> Decision:
+            return decide_data(
+                status,
+                settings,
+                fs,
+                state.history,
+                table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
+                writeback=writeback,
+            )
+
+        meta = self._decide_on(look, str(settings.metadata_file), metadata)
         self._note_refusal(pool, state, meta, status)
         if isinstance(meta, Grow):
             return meta
-        data = decide_data(
-            status,
-            settings,
-            data_fs,
-            state.history,
-            table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
-            writeback=writeback,
-        )
-        self._note_refusal(pool, state, data, status)
-        return data
+        decision = self._decide_on(look, str(settings.data_file), data)
+        self._note_refusal(pool, state, decision, status)
+        return decision
+
+    @staticmethod
+    def _decide_on(
+        look: BackingLook, path: str, decide: Callable[[BackingFs], Decision]
+    ) -> Decision:
+        """Decide on the pass's figures for path; when its filesystem's room limits the
+        decision, decide again on fresh figures of every file there (others' promises may be
+        one check old, and overstated)."""
+        decision = decide(look.figures(path))
+        if _room_bound(decision) and look.look_again(path):
+            decision = decide(look.figures(path))
+        return decision
 
     # -- execution -------------------------------------------------------------------------
 
@@ -346,6 +390,7 @@ class Extender:
         state: PoolState,
         decision: Grow,
         started: float,
+        look: BackingLook,
         writeback: WritebackState | None = None,
     ) -> ThinPoolStatus | None:
         """Execute one growth; return the status after it, or None if it failed (logged).
@@ -377,11 +422,17 @@ class Extender:
             files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False,
                        identity=(loop.backing_dev, loop.backing_inode))  # fmt: skip
         except ThinwatchError as exc:
+            look.changed(path)  # a failed preallocation may still have taken blocks
             self._note_failure(pool, state, decision.target, exc)
             return None
         steps["FILE_MS"] = self.clock()
         state.unfinished = decision
-        return self._finish_growth(pool, state, decision, started, steps, writeback)
+        try:
+            return self._finish_growth(pool, state, decision, started, steps, writeback)
+        finally:
+            # The file is larger now, whether the kernel sees it yet or not: looked at again for
+            # the rest of the pass, once the writers waiting for this growth are served.
+            look.changed(path)
 
     def _finish_growth(
         self,
@@ -473,14 +524,14 @@ class Extender:
         )
 
     def _note_backing(
-        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs | None
+        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs
     ) -> bool:
         """Say once when the data file's filesystem reaches its reserve while the pool still
         promises blocks (its writes will fail with EIO); return whether that is the case.
 
-        data_fs is this check's look at it, if still current (None after a growth)."""
+        data_fs is this check's look at it: after a failed growth, the one from before it (a
+        look after it would only add a second failure to say)."""
         path = str(pool.settings.data_file)
-        data_fs = data_fs or self._backing(path)
         short = backing_shortfall(status, pool.settings, data_fs, pool.block_bytes)
         if bool(short) != state.backing_short:
             state.backing_short = bool(short)
@@ -605,25 +656,3 @@ class Extender:
             text += ": the pool has failed; its metadata needs thin_check and thin_repair"
         event(level, MessageId.POOL_MODE_CHANGED, text,
               pool_fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip
-
-    # -- the backing filesystem ------------------------------------------------------------
-
-    def _backing(self, path: str) -> BackingFs:
-        """Return the filesystem figures the policy needs for path (statvfs + stats)."""
-        files = self.kernel.files
-        space = files.space(path)
-        info = files.inspect(path)
-        if info is None:
-            raise KernelError("stat", path, errno.ENOENT, "the pool file is gone")
-        promised = 0
-        for other in self.all_files():
-            if other == path:
-                continue
-            try:
-                other_info = files.inspect(other)
-            except ThinwatchError:
-                continue
-            if other_info is not None and other_info.dev == info.dev:
-                promised += max(0, other_info.size - other_info.allocated)
-        return BackingFs(space.free, space.total, info.size, info.allocated, promised,
-                         os.path.dirname(path))  # fmt: skip

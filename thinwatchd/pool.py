@@ -40,6 +40,7 @@ from thinwatchd.kernel.api import (
 )
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId, event
+from thinwatchd.loop_index import LoopIndex
 from thinwatchd.policy import low_water_mark
 from thinwatchd.pool_files import check_distinct_files, prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
@@ -287,13 +288,17 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
 
 
 def _loop_for(
-    kernel: Kernel, path: str, *, attach: bool, direct_io: bool = True
+    kernel: Kernel, index: LoopIndex, path: str, *, attach: bool, direct_io: bool = True
 ) -> LoopDevice | None:
     """Return the loop device backing path, attaching one if allowed; finish a capacity change."""
     loops = kernel.loops
-    loop = loops.find(path)
+    loop = index.find(path)
     if loop is None:
-        return loops.attach(path, direct_io=direct_io) if attach else None
+        if not attach:
+            return None
+        loop = loops.attach(path, direct_io=direct_io)
+        index.add(loop)
+        return loop
     info = kernel.files.inspect(path)
     file_size, loop_size = (info.size if info else 0), loops.size(loop)
     if file_size > loop_size:
@@ -321,17 +326,23 @@ def _wanted_table(
 
 
 def activate(
-    settings: PoolSettings, kernel: Kernel, check_metadata: MetadataChecker | None = None
+    settings: PoolSettings,
+    kernel: Kernel,
+    check_metadata: MetadataChecker | None = None,
+    loops: LoopIndex | None = None,
 ) -> Pool:
     """Bring the configured pool up: create, adopt or recreate it, finishing interrupted growth.
 
-    Raise PoolMismatchError if a device of that name exists but is not this pool (it is left
+    loops is the pass's index of loop devices, shared by the pools activated together (one
+    scan for all of them); without it, this activation scans for itself. Raise
+    PoolMismatchError if a device of that name exists but is not this pool (it is left
     untouched), PoolSetupError if the files are inconsistent, KernelError on a kernel failure.
     """
-    dm, loops = kernel.dm, kernel.loops
+    dm = kernel.dm
+    index = loops if loops is not None else LoopIndex(kernel.loops, kernel.files)
     info = dm.info(settings.name)
     if info is not None and info.active_present:
-        return _adopt(settings, kernel)
+        return _adopt(settings, kernel, index)
     if info is not None and (info.open_count or info.uuid):
         raise PoolMismatchError(
             f"pool {settings.name}: a device of that name exists with no active table and is "
@@ -346,10 +357,10 @@ def activate(
                     settings.name)  # fmt: skip
     new = prepare_files(settings, kernel.files)
     meta_loop = _loop_for(
-        kernel, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
+        kernel, index, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
     )
     data_loop = _loop_for(
-        kernel, str(settings.data_file), attach=True, direct_io=settings.direct_io
+        kernel, index, str(settings.data_file), attach=True, direct_io=settings.direct_io
     )
     assert meta_loop is not None and data_loop is not None
     if not new and check_metadata is not None:
@@ -362,7 +373,7 @@ def activate(
     how = Activation.CREATED if new else Activation.RECREATED
     placeholder = _wanted_table(settings, meta_loop, data_loop, settings.low_water_mark)
     pool = Pool(settings, data_loop, meta_loop, placeholder, 0, how)
-    length = pool.length_for(loops.size(data_loop))
+    length = pool.length_for(kernel.loops.size(data_loop))
     if length == 0:
         raise PoolSetupError(
             f"pool {settings.name}: data file {settings.data_file} is smaller than one block"
@@ -390,7 +401,7 @@ def activate(
     return pool
 
 
-def _adopt(settings: PoolSettings, kernel: Kernel) -> Pool:
+def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex) -> Pool:
     """Adopt a running pool device after checking it is this pool; finish interrupted work."""
     dm, name = kernel.dm, settings.name
     active = dm.table(name)
@@ -401,8 +412,8 @@ def _adopt(settings: PoolSettings, kernel: Kernel) -> Pool:
             f"left untouched. Rename the pool in the config or remove that device"
         )
     current = parse_pool_table(active[0].params)
-    meta_loop = _loop_for(kernel, str(settings.metadata_file), attach=False)
-    data_loop = _loop_for(kernel, str(settings.data_file), attach=False)
+    meta_loop = _loop_for(kernel, index, str(settings.metadata_file), attach=False)
+    data_loop = _loop_for(kernel, index, str(settings.data_file), attach=False)
     wanted = {
         "metadata_dev": (meta_loop, settings.metadata_file),
         "data_dev": (data_loop, settings.data_file),

@@ -307,15 +307,25 @@ class FakeKernel:
 
     # -- loop ------------------------------------------------------------------------------
 
+    def list_loops(self) -> list[LoopDevice]:
+        """Every bound loop, lowest index first, as the real scan finds them: one
+        LOOP_GET_STATUS64 per loop (kernel/loop.py opens each loop and asks it)."""
+        found = []
+        for index in sorted(self.loops):
+            self._enter("LOOP_GET_STATUS64", f"/dev/loop{index}")
+            found.append(self._loop_record(self.loops[index]))
+        return found
+
     def find(self, path: str) -> LoopDevice | None:
-        self._enter("LOOP_GET_STATUS64", path)
+        # As the real LoopControl.find: a scan of every loop per call, so the calls recorded
+        # grow with the loops attached (what a lookup per pool costs the real kernel).
         try:
             st = os.stat(path)
         except FileNotFoundError:
             return None
-        for lo in self.loops.values():
-            if (lo.st_dev, lo.st_ino) == (st.st_dev, st.st_ino):
-                return self._loop_record(lo)
+        for loop in self.list_loops():
+            if (loop.backing_dev, loop.backing_inode) == (st.st_dev, st.st_ino):
+                return loop
         return None
 
     def attach(self, path: str, *, direct_io: bool = False) -> LoopDevice:

@@ -135,8 +135,14 @@ class LoopDevice:
 class LoopControlApi(Protocol):
     """The loop-device ioctls thinwatchd uses."""
 
+    def list_loops(self) -> list[LoopDevice]:
+        """Return every bound loop device, lowest index first (a LOOP_GET_STATUS64 per loop)."""
+
     def find(self, path: str) -> LoopDevice | None:
-        """Return the loop device backed by this file (same st_dev and st_ino), if any."""
+        """Return the loop device backed by this file (same st_dev and st_ino), if any.
+
+        A scan of every loop per call: a lookup of many files goes through a LoopIndex.
+        """
 
     def attach(self, path: str, *, direct_io: bool = False) -> LoopDevice:
         """Attach the file to a free loop device (LOOP_CONFIGURE, or SET_FD + SET_STATUS64)."""

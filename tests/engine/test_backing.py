@@ -1,0 +1,145 @@
+"""Each backing file and filesystem looked at once per pass (backing.py), and no decision taken
+on a figure that is stale: what other pools promise, what a growth earlier in the pass took.
+
+Two pools share one filesystem whose free space the tests set (the fake kernel's files are
+real, their filesystem is not theirs alone).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.engine.fake_kernel import FakeKernel
+from tests.engine.test_growth import Clock
+from thinwatchd.daemon import Daemon
+from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import FsSpace
+from thinwatchd.kernel.fs import Files
+from thinwatchd.notify import Notifier
+from thinwatchd.pool import Kernel
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+
+MiB = 1024**2
+
+
+class SharedFilesystem(Files):
+    """Files whose statvfs says: `capacity` bytes, less what the pool files allocated, plus
+    `extra` (what the rest of the filesystem holds or frees)."""
+
+    def __init__(self, inner: Files, root: Path, capacity: int) -> None:
+        super().__init__(inner.sys)
+        self.root = root
+        self.capacity = capacity
+        self.extra = 0
+
+    def free(self) -> int:
+        files = [*self.root.glob("*.data"), *self.root.glob("*.meta")]
+        return self.capacity - sum(os.stat(p).st_blocks * 512 for p in files) + self.extra
+
+    def space(self, path: str) -> FsSpace:
+        self.sys.statvfs(path)  # counted, and failable, as the real one
+        return FsSpace(self.free(), self.capacity)
+
+
+def start(
+    tmp_path: Path, kernel: Kernel, capacity: int, **pool: object
+) -> tuple[Daemon, SharedFilesystem]:
+    shared = SharedFilesystem(kernel.files, tmp_path, capacity)  # type: ignore[arg-type]
+    kernel.files = shared
+    pools = {
+        name: {
+            "data_file": f"{tmp_path}/{name}.data",
+            "metadata_file": f"{tmp_path}/{name}.meta",
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 16,
+            "reserve": 0,
+            **pool,
+        }
+        for name in ("a", "b")
+    }
+    config = tmp_path / "config.yaml"
+    daemon = {"check_interval": "1h", "metrics_file": f"{tmp_path}/metrics.prom"}
+    config.write_text(yaml.safe_dump({"daemon": daemon, "pools": pools}))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    d.start()
+    return d, shared
+
+
+def to_mark(fake: FakeKernel, d: Daemon, name: str) -> None:
+    """Write pool name down to its low-water mark: the kernel's event is pending."""
+    status = parse_pool_status(fake.status(name)[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    fake.write_blocks(name, status.data_free - d.pools[name].pool.table.low_water_mark)
+
+
+def test_an_event_decides_on_fresh_promises_when_room_is_short(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Pool b's holes were last looked at by start-up; since, 16 MiB were written into them.
+    When the room left decides a's growth, b is looked at again: a grows by its whole step."""
+    d, shared = start(tmp_path, kernel, capacity=8 * 1024 * MiB)
+    with open(tmp_path / "b.data", "r+b") as f:  # what b's loop writes into its holes
+        f.write(b"\1" * 16 * MiB)
+    # Room for a's step of 1 GiB (64 MiB -> 1088 MiB) with 8 MiB to spare, beyond what is
+    # promised: a's own holes, b's 48 MiB and the two metadata files (16 MiB more by b's last
+    # look: with that figure, a would grow by 1016 MiB only).
+    promised = 64 * MiB + 48 * MiB + 2 * 8 * MiB
+    shared.extra = 1024 * MiB + 8 * MiB + promised - shared.free()
+    to_mark(fake, d, "a")
+    calls = len(fake.calls)
+    d._check_events()
+    assert os.stat(tmp_path / "a.data").st_size == 1088 * MiB
+    assert f"lstat {tmp_path}/b.data" in fake.calls[calls:]  # looked at again: room was short
+
+
+def test_an_event_takes_others_promises_from_their_last_look(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """With room to spare, an event on a looks at a's files, not at b's."""
+    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
+    to_mark(fake, d, "a")
+    calls = len(fake.calls)
+    d._check_events()
+    assert os.stat(tmp_path / "a.data").st_size > 64 * MiB
+    looked = [c for c in fake.calls[calls:] if c.startswith(("lstat", "statvfs"))]
+    assert not [c for c in looked if "/b." in c], looked
+
+
+PREALLOCATED = {
+    "preallocate": True,
+    "data_size": "8MiB",
+    "metadata_size": "2MiB",
+    "data": {"step": "16MiB", "step_percent": "0%", "adaptive_low_water": False},
+}
+
+
+def test_a_growth_earlier_in_a_pass_is_seen_by_the_next_pool(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Two preallocated pools grow in one event pass with room for 24 MiB: the second one
+    sees what the first took (statvfs again after a growth), and gets the 8 MiB left."""
+    d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, **PREALLOCATED)
+    assert shared.free() == 24 * MiB
+    to_mark(fake, d, "a")
+    to_mark(fake, d, "b")
+    d._check_events()
+    sizes = sorted(os.stat(tmp_path / f"{name}.data").st_size for name in ("a", "b"))
+    assert sizes == [16 * MiB, 24 * MiB]
+    assert shared.free() == 0
+
+
+@pytest.mark.parametrize("free", [100 * MiB, 3 * MiB])
+def test_metrics_give_the_free_space_the_last_pass_saw(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, free: int
+) -> None:
+    d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
+    shared.extra = free - shared.free()
+    d._reconcile(d.pools["a"])  # a pass of a only: b's filesystem is the same one
+    metrics = (tmp_path / "metrics.prom").read_text()
+    for name in ("a", "b"):
+        assert f'thinwatchd_backing_fs_free_bytes{{pool="{name}"}} {free}' in metrics

@@ -1,0 +1,310 @@
+"""Cost follows the work (issue 9): what start-up, a safety check and a dm event cost with 1, 10,
+100 and 1,000 pools, counted in kernel calls.
+
+FakeKernel.calls records every dm and loop ioctl and every file syscall (FaultySyscalls), so a
+count here is what the daemon asks of the real kernel; the fake's loop scan records one
+LOOP_GET_STATUS64 per loop, as kernel/loop.py makes one per loop. A 1-pool daemon is the yardstick:
+with N pools, a check may cost N times its check, an event on k pools k times its event, each
+plus a small constant (SLACK). Besides:
+
+- statvfs once per backing filesystem per pass (every pool here is on tmp_path's), and once more
+  after each growth on it (the grown file took space from it);
+- the metrics file and STATUS= once per pass, not once per pool (a writeback watch that grows
+  several pools before their dirty pages land is one pass too);
+- loop devices found through one scan per pass: a restart adopting N pools scans the loops once;
+- a check of 1,000 pools well inside systemd's WatchdogSec=30s.
+
+Each size is one daemon (module-scoped) measured once per kind of pass; the tests read those
+measurements. The files are made before start-up, sparse: creating 2,000 files with their fsyncs
+would time the disk, not the daemon (their creation is tests/engine/test_pool_lifecycle.py's).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.engine.conftest import FakeNodes
+from tests.engine.fake_kernel import FakeKernel, FakePageCache
+from tests.engine.test_growth import Clock
+from thinwatchd import daemon as daemon_module
+from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.events import EventLoop
+from thinwatchd.kernel.fs import Files
+from thinwatchd.notify import Notifier
+from thinwatchd.pool import Kernel
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+
+MiB = 1024**2
+SIZES = (1, 10, 100, 1000)
+EVENT_SIZES = (1, 10)  # pools a dm event names (those of them a daemon has)
+CHECK_INTERVAL = 3600.0  # seconds: the tests fire the check themselves
+#: Calls a pass may cost beyond N times the 1-pool figure.
+SLACK = 8
+#: The watchdog is 30 s; a check must leave it most of that.
+CHECK_SECONDS = 10.0
+
+#: Writes of each metrics file, by path (every bed writes its own).
+metrics_writes: collections.Counter[Path] = collections.Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def counting_metrics() -> Iterator[None]:
+    """Count the metrics file's writes; one worker thread (the beds outlive one_worker's patch)."""
+    write = daemon_module.write_atomically
+
+    def counted(path: Path, text: str) -> None:
+        metrics_writes[path] += 1
+        write(path, text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(daemon_module, "write_atomically", counted)
+        patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+        yield
+
+
+class CountingNotifier(Notifier):
+    """Counts STATUS= updates asked for (sent or not: the line is built for each)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.statuses = 0
+
+    def status(self, text: str) -> bool:
+        self.statuses += 1
+        return super().status(text)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one pass cost."""
+
+    calls: list[str]
+    metrics_writes: int
+    statuses: int
+    seconds: float
+
+    def count(self, op: str) -> int:
+        return sum(1 for c in self.calls if c.split(" ", 1)[0] == op)
+
+    def summary(self) -> str:
+        ops = collections.Counter(c.split(" ", 1)[0] for c in self.calls)
+        return f"{len(self.calls)} calls in {self.seconds:.2f} s: {dict(ops.most_common())}"
+
+
+def pool_config(root: Path, name: str) -> dict[str, object]:
+    """A small pool: 4 MiB of data in 64 KiB blocks, grown by 4 MiB at its 1 MiB mark (few
+    keys: 1,000 pools stay under the config's 20,000 values)."""
+    return {
+        "data_file": f"{root}/{name}.data",
+        "metadata_file": f"{root}/{name}.meta",
+        "data_size": "4MiB",
+        "metadata_size": "2MiB",
+        "low_water_mark": 16,
+        "reserve": 0,
+        "data": {"step": "4MiB"},
+    }
+
+
+def make_file(path: str, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+class Bed:
+    """N pools on one filesystem, started, then adopted by a second daemon (a restart)."""
+
+    def __init__(self, root: Path, n: int, cache: bool = False) -> None:
+        self.n = n
+        self.root = root
+        self.names = [f"p{i:04d}" for i in range(n)]
+        self.fake = FakeKernel()
+        # A page cache makes the marks hold its dirty limit (and the pools grow to twice that).
+        self.cache = FakePageCache(self.fake, dirty_limit=4 * MiB) if cache else None
+        files = Files(self.fake.syscalls)
+        self.kernel = Kernel(self.fake, self.fake, FakeNodes(), files, memory=self.cache)
+        self.clock = Clock()
+        self.metrics = root / "metrics.prom"
+        pools = {name: pool_config(root, name) for name in self.names}
+        for name in self.names:
+            make_file(f"{root}/{name}.meta", 2 * MiB)
+            make_file(f"{root}/{name}.data", 4 * MiB)
+        self.config = root / "config.yaml"
+        daemon = {"check_interval": f"{CHECK_INTERVAL:g}s", "metrics_file": str(self.metrics)}
+        self.config.write_text(yaml.safe_dump({"daemon": daemon, "pools": pools}))
+        self.daemon = self._new_daemon()
+        self.started = self.measure(self.daemon.start)
+        self.daemon.workers.close()
+        self.daemon.loop.close()
+        self.daemon = self._new_daemon()
+        self.adopted = self.measure(self.daemon.start)
+        self.daemon._schedule_check()
+        self._events: dict[int, Cost] = {}
+
+    def _new_daemon(self) -> Daemon:
+        self.notifier = CountingNotifier()
+        return Daemon(self.config, self.kernel, notifier=self.notifier, loop=EventLoop(self.clock))
+
+    def close(self) -> None:
+        self.daemon.workers.close()
+        self.daemon.loop.close()
+        self.fake.close()
+
+    def measure(self, action: Callable[[], object]) -> Cost:
+        calls, writes = len(self.fake.calls), metrics_writes[self.metrics]
+        statuses = self.notifier.statuses
+        started = time.monotonic()
+        action()
+        seconds = time.monotonic() - started
+        return Cost(
+            self.fake.calls[calls:],
+            metrics_writes[self.metrics] - writes,
+            self.notifier.statuses - statuses,
+            seconds,
+        )
+
+    def _check(self) -> None:
+        """The safety timer's pass over every pool."""
+        self.clock.now += CHECK_INTERVAL
+        self.daemon.loop.run_once(max_wait=0)
+
+    @functools.cached_property
+    def check(self) -> Cost:
+        """One safety check of the N pools, idle (after a first one settled anything due)."""
+        self._check()
+        return self.measure(self._check)
+
+    def event(self, k: int) -> Cost:
+        """One dm event read after k pools reached their low-water mark (each then grows)."""
+        if k not in self._events:
+            names = self.names[-k:]
+            for name in names:
+                status = parse_pool_status(self.fake.status(name)[0].params)
+                assert isinstance(status, ThinPoolWorkingStatus)
+                mark = self.daemon.pools[name].pool.table.low_water_mark
+                self.fake.write_blocks(name, status.data_free - mark)
+            grown = {name: self.daemon.pools[name].state.growths["data"] for name in names}
+            self.clock.now += 1
+            self._events[k] = self.measure(self.daemon._check_events)
+            for name in names:
+                assert self.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+        return self._events[k]
+
+
+def _bed(tmp_path_factory: pytest.TempPathFactory, n: int, cache: bool = False) -> Iterator[Bed]:
+    bed = Bed(tmp_path_factory.mktemp(f"pools{n}-"), n, cache)
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+@pytest.fixture(scope="module", params=SIZES, ids=lambda n: f"{n}pools")
+def bed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    yield from _bed(tmp_path_factory, request.param)
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """The yardstick: a daemon with one pool."""
+    yield from _bed(tmp_path_factory, 1)
+
+
+# -- a safety check ------------------------------------------------------------------------
+
+
+def test_a_check_costs_calls_in_proportion_to_the_pools(bed: Bed, one: Bed) -> None:
+    limit = len(one.check.calls) * bed.n + SLACK
+    assert len(bed.check.calls) <= limit, bed.check.summary()
+
+
+def test_a_check_looks_at_the_filesystem_once(bed: Bed) -> None:
+    assert bed.check.count("statvfs") == 1, bed.check.summary()
+
+
+def test_a_check_writes_metrics_and_status_once(bed: Bed) -> None:
+    assert (bed.check.metrics_writes, bed.check.statuses) == (1, 1)
+
+
+def test_a_check_finishes_well_inside_the_watchdog(bed: Bed) -> None:
+    assert bed.check.seconds < CHECK_SECONDS, bed.check.summary()
+
+
+# -- a dm event ----------------------------------------------------------------------------
+
+
+def test_an_event_costs_calls_in_proportion_to_the_pools_it_names(bed: Bed, one: Bed) -> None:
+    for k in (k for k in EVENT_SIZES if k <= bed.n):
+        cost = bed.event(k)
+        limit = len(one.event(1).calls) * k + SLACK
+        assert len(cost.calls) <= limit, f"{k} of {bed.n} pools: {cost.summary()}"
+
+
+def test_an_event_looks_at_the_filesystem_once_and_after_each_growth(bed: Bed) -> None:
+    for k in (k for k in EVENT_SIZES if k <= bed.n):
+        cost = bed.event(k)
+        assert cost.count("statvfs") <= 1 + k, f"{k} of {bed.n} pools: {cost.summary()}"
+
+
+def test_an_event_writes_metrics_and_status_once(bed: Bed) -> None:
+    for k in (k for k in EVENT_SIZES if k <= bed.n):
+        cost = bed.event(k)
+        assert (cost.metrics_writes, cost.statuses) == (1, 1), f"{k} of {bed.n} pools"
+
+
+# -- start-up and restart ------------------------------------------------------------------
+
+
+def test_start_up_costs_calls_in_proportion_to_the_pools(bed: Bed, one: Bed) -> None:
+    limit = len(one.started.calls) * bed.n + SLACK
+    assert len(bed.started.calls) <= limit, bed.started.summary()
+
+
+def test_a_restart_finds_every_loop_through_one_scan(bed: Bed, one: Bed) -> None:
+    """Adopting N running pools: one LOOP_GET_STATUS64 per loop, not per loop and lookup."""
+    assert bed.adopted.count("LOOP_GET_STATUS64") <= 2 * bed.n, bed.adopted.summary()
+    limit = len(one.adopted.calls) * bed.n + SLACK
+    assert len(bed.adopted.calls) <= limit, bed.adopted.summary()
+
+
+# -- the writeback watch -------------------------------------------------------------------
+
+
+@pytest.fixture
+def cached(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    """10 pools watched with a page cache: each grows to twice the mark that holds the dirty
+    limit (tens of MiB, sparse)."""
+    yield from _bed(tmp_path_factory, 10, cache=True)
+
+
+def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> None:
+    """Dirty pages that threaten every pool at once: each grows before they land, in one pass."""
+    bed, cache = cached, cached.cache
+    assert cache is not None
+    bed.daemon._schedule_writeback_watch()
+    status = parse_pool_status(bed.fake.status(bed.names[0])[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    mark = bed.daemon.pools[bed.names[0]].pool.table.low_water_mark
+    cache.dirty((status.data_free - mark) * 64 * 1024 + MiB)  # a cp, all of it still dirty
+    grown = {name: bed.daemon.pools[name].state.growths["data"] for name in bed.names}
+
+    def watch() -> None:
+        bed.clock.now += WRITEBACK_WATCH_SECONDS
+        bed.daemon.loop.run_once(max_wait=0)
+
+    cost = bed.measure(watch)
+    for name in bed.names:
+        assert bed.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+    assert (cost.metrics_writes, cost.statuses) == (1, 1), cost.summary()
+    assert cost.count("statvfs") <= 1 + bed.n, cost.summary()

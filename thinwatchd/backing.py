@@ -1,0 +1,182 @@
+"""The pools' backing files and filesystems as the policy sees them, each looked at once a pass.
+
+How far a pool file may grow depends on every pool file on its filesystem: the unwritten part
+of each sparse one is promised (policy.BackingFs.promised_elsewhere). Stat-ing every pool file
+for each pool, and a statvfs per pool file, made one check of N pools O(N²) syscalls (5 million
+for 1,000 pools: longer than the watchdog, on the fake kernel). Instead, BackingFiles keeps the
+last look at every pool file between passes, and what they promise summed per filesystem
+(st_dev). A pass (BackingLook: a dm event, a safety check, a writeback watch, a retry) then:
+
+- looks at a pool's own file once (lstat), and again after it grew it;
+- looks at each filesystem once (statvfs), and again after a growth on it (a preallocated
+  growth took space that the next pool's figures must not count as free);
+- takes the other files' promises from their last look, at most one safety check old: a survey
+  pass (the check) looks at every pool file once, so an event costs the pools it names and not
+  all the others. Since that look, writers can only have filled holes, so the promise is
+  overstated (holes that discards punched since are the exception: the next check sees them).
+  When the filesystem's room limits a decision, it is taken again after a fresh look at every
+  file there (look_again): no growth is made smaller, or refused, for a stale figure.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from thinwatchd.errors import KernelError, ThinwatchError
+from thinwatchd.kernel.api import FileInfo, FilesApi, FsSpace
+from thinwatchd.policy import BackingFs
+
+__all__ = ["BackingFiles", "BackingLook"]
+
+
+def _promise(info: FileInfo | None) -> int:
+    """What a sparse file may still claim from its filesystem: apparent minus allocated size."""
+    return 0 if info is None else max(0, info.size - info.allocated)
+
+
+@dataclass
+class _Look:
+    info: FileInfo | None  # None: missing or unreadable when looked at (promises nothing)
+    at: int  # the pass that looked (0: stale, to be looked at again)
+
+
+class BackingFiles:
+    """Every pool file's last look, and each filesystem's, kept between passes."""
+
+    def __init__(self, files: FilesApi) -> None:
+        self.files = files
+        self._files: dict[str, _Look] = {}
+        self._unseen: set[str] = set()  # watched, never looked at
+        self._promised: dict[int, int] = {}  # st_dev -> what its pool files promise
+        self._spaces: dict[int, tuple[int, FsSpace]] = {}  # st_dev -> (pass, statvfs)
+        self._passes = itertools.count(1)
+
+    def watch(self, paths: Iterable[str]) -> None:
+        """Count these files' promises from the next pass on (a pool that was just built)."""
+        self._unseen.update(p for p in paths if p not in self._files)
+
+    def new_pass(self, *, survey: bool = False) -> BackingLook:
+        """Start a pass; a survey (the safety check) looks at every pool file once."""
+        return BackingLook(self, next(self._passes), survey)
+
+    def free(self, path: str) -> int | None:
+        """Return the free bytes of path's filesystem as last looked at (None: never)."""
+        look = self._files.get(path)
+        if look is None or look.info is None:
+            return None
+        space = self._spaces.get(look.info.dev)
+        return None if space is None else space[1].free
+
+    # -- the pass's work -------------------------------------------------------------------
+
+    def _store(self, path: str, info: FileInfo | None, at: int) -> None:
+        old = self._files.get(path)
+        if old is not None and old.info is not None:
+            self._promised[old.info.dev] -= _promise(old.info)
+        if info is not None:
+            self._promised[info.dev] = self._promised.get(info.dev, 0) + _promise(info)
+        self._files[path] = _Look(info, at)
+        self._unseen.discard(path)
+
+    def _look_other(self, path: str, at: int) -> None:
+        """Look at another pool's file; one that cannot be looked at promises nothing (its own
+        pool's check says why)."""
+        try:
+            info = self.files.inspect(path)
+        except ThinwatchError:
+            info = None
+        self._store(path, info, at)
+
+    def _look_unseen(self, at: int) -> None:
+        for path in list(self._unseen):
+            self._look_other(path, at)
+
+    def _survey(self, at: int) -> None:
+        for path in [p for p, look in self._files.items() if look.at != at]:
+            self._look_other(path, at)
+
+    def _own(self, path: str, at: int) -> FileInfo:
+        """Return the pool's own file as this pass sees it; raise if it cannot be looked at."""
+        look = self._files.get(path)
+        if look is not None and look.at == at and look.info is not None:
+            return look.info
+        info = self.files.inspect(path)
+        self._store(path, info, at)
+        if info is None:
+            raise KernelError("stat", path, errno.ENOENT, "the pool file is gone")
+        return info
+
+    def _space(self, path: str, dev: int, at: int) -> FsSpace:
+        seen = self._spaces.get(dev)
+        if seen is not None and seen[0] == at:
+            return seen[1]
+        space = self.files.space(path)
+        self._spaces[dev] = (at, space)
+        return space
+
+    def _changed(self, path: str, at: int) -> None:
+        look = self._files.get(path)
+        if look is not None and look.info is not None and look.info.dev in self._spaces:
+            self._spaces[look.info.dev] = (0, self._spaces[look.info.dev][1])
+        # Now, for every pool after it in the pass; a failure here is its own pool's to say,
+        # at its next look.
+        self._look_other(path, at)
+
+    def _look_again(self, path: str, at: int) -> bool:
+        own = self._files.get(path)
+        if own is None or own.info is None:
+            return False
+        dev = own.info.dev
+        stale = [
+            p
+            for p, look in self._files.items()
+            if look.at != at and look.info is not None and look.info.dev == dev
+        ]
+        for other in stale:
+            self._look_other(other, at)
+        return bool(stale)
+
+
+class BackingLook:
+    """One pass's view of the backing files: what BackingFiles says, looked at as needed."""
+
+    def __init__(self, files: BackingFiles, at: int, survey: bool) -> None:
+        self._files = files
+        self._at = at
+        self._to_survey = survey
+
+    def figures(self, path: str) -> BackingFs:
+        """Return the filesystem figures the policy needs for the pool file path.
+
+        Raise KernelError if the file or its filesystem cannot be looked at (ENOENT: gone).
+        """
+        files, at = self._files, self._at
+        files._look_unseen(at)
+        if self._to_survey:
+            self._to_survey = False
+            files._survey(at)
+        own = files._own(path, at)
+        space = files._space(path, own.dev, at)
+        promised = files._promised.get(own.dev, 0) - _promise(own)
+        return BackingFs(
+            free_bytes=space.free,
+            total_bytes=space.total,
+            file_size=own.size,
+            file_allocated=own.allocated,
+            promised_elsewhere=max(0, promised),
+            path=os.path.dirname(path),
+        )
+
+    def changed(self, path: str) -> None:
+        """The pass changed path (grew it): look at it again now, and at its filesystem when
+        figures are next asked for."""
+        self._files._changed(path, self._at)
+
+    def look_again(self, path: str) -> bool:
+        """Look again at every file on path's filesystem not yet looked at in this pass; return
+        whether there was any (whether figures(path) may now say something else)."""
+        return self._files._look_again(path, self._at)
