@@ -207,7 +207,8 @@ class Extender:
             return False
         landed = max(0, writeback.written - state.written_at_status)
         free = status.data_free * pool.block_bytes - landed
-        return writeback_threatens(free, pool.table.low_water_mark * pool.block_bytes, writeback)
+        mark = pool.table.low_water_mark * pool.block_bytes
+        return writeback_threatens(free, mark, writeback, state.history.amplification)
 
     # -- the reconcile loop ----------------------------------------------------------------
 
@@ -245,6 +246,9 @@ class Extender:
         writeback = self.writeback()
         status = pool.read_status(dm)
         state.written_at_status = None if writeback is None else writeback.written
+        if writeback is not None and isinstance(status, ThinPoolWorkingStatus):
+            used = status.data_used * pool.block_bytes
+            state.history = state.history.record_landing(used, writeback.written)
         if self._adopt_outside_change(pool, state, status):
             # Suspended by someone else: no growth, no retune; when_full's clock runs if room
             # was already lacking.
@@ -407,11 +411,12 @@ class Extender:
         if writeback is not None:
             # What the reload will wait for: the pool's suspend drains its writeback backlog.
             log.debug(
-                "pool %s: %s growth decided with Dirty %d, Writeback %d bytes",
+                "pool %s: %s growth decided with Dirty %d, Writeback %d bytes, x%.2f",
                 pool.name,
                 decision.target,
                 writeback.dirty,
                 writeback.writeback,
+                state.history.amplification,
             )
         try:
             # No fsync: before dm-thin commits the superblock that records the new size it

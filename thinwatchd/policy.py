@@ -34,6 +34,7 @@ __all__ = [
     "ADAPTIVE_MARGIN_BYTES",
     "ASSUMED_GROWTH_SECONDS",
     "LULL_WRITEBACK_BYTES",
+    "MAX_AMPLIFICATION",
     "SAFETY_FACTOR",
     "BackingFs",
     "Decision",
@@ -69,6 +70,9 @@ LULL_WRITEBACK_BYTES = 16 * 1024**2
 ASSUMED_GROWTH_SECONDS = 0.5
 #: calc_metadata_threshold(): min(1024 blocks = 4 MiB, a quarter of the metadata device).
 _KERNEL_META_WATERMARK = 1024
+#: Amplification is measured over at least this much writeback, and never taken above this.
+_MIN_LANDING_BYTES = 16 * 1024**2
+MAX_AMPLIFICATION = 4.0
 _HISTORY_WINDOW = 60.0  # seconds of fill samples kept
 _MIN_RATE_SPAN = 0.25  # seconds; shorter spans give noisy rates
 _MAX_SAMPLES = 64
@@ -107,11 +111,31 @@ class FillHistory:
         tuple[float, int], ...
     ] = ()  # (monotonic seconds, data used bytes), oldest first
     growth_seconds: float | None = None  # event-to-resumed time of the last growth
+    #: Pool bytes allocated per byte of page-cache writeback (small files, filesystem metadata
+    #: and whole pool blocks for partial writes make it more than 1), and the (data used bytes,
+    #: WritebackState.written) it was last measured from.
+    amplification: float = 1.0
+    landing: tuple[int, int] | None = None
 
     def record(self, now: float, used_bytes: int) -> FillHistory:
         """Return this history with a sample added and samples out of the window dropped."""
         kept = tuple(s for s in self.samples if 0 <= now - s[0] <= _HISTORY_WINDOW)
         return replace(self, samples=(*kept[-(_MAX_SAMPLES - 1) :], (now, used_bytes)))
+
+    def record_landing(self, used_bytes: int, written: int) -> FillHistory:
+        """Return this history with the amplification measured since the last landing.
+
+        written is global (every filesystem's writeback), so the measure errs low when others
+        write too; direct writers err it high. Spans under _MIN_LANDING_BYTES keep accumulating.
+        """
+        if self.landing is None or used_bytes < self.landing[0] or written < self.landing[1]:
+            return replace(self, landing=(used_bytes, written))
+        grown, landed = used_bytes - self.landing[0], written - self.landing[1]
+        if landed < _MIN_LANDING_BYTES:
+            return self
+        measured = min(MAX_AMPLIFICATION, max(1.0, grown / landed))
+        blended = max(1.0, (self.amplification + measured) / 2)
+        return replace(self, amplification=blended, landing=(used_bytes, written))
 
     def record_growth(self, seconds: float) -> FillHistory:
         """Return this history with a measured growth duration."""
@@ -261,7 +285,9 @@ def low_water_mark(
     )
 
 
-def writeback_threatens(free_bytes: int, mark_bytes: int, writeback: WritebackState) -> bool:
+def writeback_threatens(
+    free_bytes: int, mark_bytes: int, writeback: WritebackState, amplification: float = 1.0
+) -> bool:
     """Return whether to grow a pool with free_bytes now, before the kernel's event.
 
     When the page cache's dirty and in-flight data, once written back, would take the pool
@@ -269,10 +295,11 @@ def writeback_threatens(free_bytes: int, mark_bytes: int, writeback: WritebackSt
     all of it. Grow early instead, at a moment with little under writeback (a lull: under a
     cp they come every few tenths of a second). Without one, the kernel's event at the mark
     still comes; the mark holds the whole burst, so waiting costs no space, only speed.
+    amplification (FillHistory's) is how many pool bytes one byte written back becomes.
     """
     return (
         writeback.pending > 0
-        and free_bytes <= mark_bytes + writeback.pending
+        and free_bytes <= mark_bytes + writeback.pending * amplification
         and writeback.writeback <= LULL_WRITEBACK_BYTES
     )
 
@@ -369,7 +396,9 @@ def decide_data(
     elif free <= max(mark, table_mark):
         why = f"{format_bytes(free * bb)} free <= low-water mark "
         why += format_bytes(max(mark, table_mark) * bb)
-    elif early is not None and writeback_threatens(free * bb, max(mark, table_mark) * bb, early):
+    elif early is not None and writeback_threatens(
+        free * bb, max(mark, table_mark) * bb, early, history.amplification
+    ):
         why = f"{format_bytes(free * bb)} free <= low-water mark {format_bytes(mark * bb)} + "
         why += f"{format_bytes(early.pending)} dirty or under writeback, "
         why += f"{format_bytes(early.writeback)} of it in flight"

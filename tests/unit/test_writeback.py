@@ -12,6 +12,7 @@ from thinwatchd.policy import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
     LULL_WRITEBACK_BYTES,
+    MAX_AMPLIFICATION,
     BackingFs,
     FillHistory,
     Grow,
@@ -198,3 +199,24 @@ def test_writeback_threatens() -> None:
     assert not writeback_threatens(10 * MiB, 480 * MiB, sample())  # nothing pending
     in_flight = replace(wb, writeback=LULL_WRITEBACK_BYTES + 1)
     assert not writeback_threatens(480 * MiB, 480 * MiB, in_flight)  # wait for a lull
+
+
+def test_amplification_is_measured_from_what_landed() -> None:
+    """Small files allocate whole pool blocks: 24 MiB written back became 36 MiB of pool."""
+    h = FillHistory().record_landing(100 * MiB, 1000 * MiB)
+    assert h.amplification == 1.0
+    assert h.record_landing(110 * MiB, 1008 * MiB) == h  # under 16 MiB landed: keep counting
+    h = h.record_landing(136 * MiB, 1024 * MiB)
+    assert h.amplification == (1.0 + 1.5) / 2 and h.landing == (136 * MiB, 1024 * MiB)
+    # Other filesystems' writeback makes it read below 1: never below 1.
+    assert h.record_landing(137 * MiB, 2024 * MiB).amplification >= 1.0
+    # A direct writer beside the page cache makes it read high: capped.
+    assert h.record_landing(10 * GiB, 1040 * MiB).amplification <= MAX_AMPLIFICATION
+    # fstrim or a restart of the counters: start again.
+    assert h.record_landing(50 * MiB, 2000 * MiB).landing == (50 * MiB, 2000 * MiB)
+
+
+def test_amplified_writeback_threatens_earlier() -> None:
+    wb = sample(dirty=100 * MiB)
+    assert not writeback_threatens(600 * MiB, 480 * MiB, wb)
+    assert writeback_threatens(600 * MiB, 480 * MiB, wb, amplification=1.25)
