@@ -5,6 +5,8 @@ of a few hundred MiB is several bursts; the pool starts at 64 MiB with a 16 MiB 
 128 MiB steps. The daemon must size its mark from the kernel's nr_dirty_threshold, grow the
 pool while the burst is still dirty, and never let the pool run out of space (the kernel log's
 "switching pool to out-of-data-space"). Every byte written reads back after the caches drop.
+Then small files each fsynced, a tar extraction, deletes and fstrim: the space goes back to the
+pool and to the host's file (its st_blocks).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.kernel.harness import (
 )
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.memory import Memory
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.writeback import PAGE_BYTES, parse_writeback
 
 pytestmark = pytest.mark.kernel
@@ -86,6 +89,12 @@ def _write_files(directory: Path, count: int, size: int) -> dict[str, str]:
                 digest.update(block)
         sums[name] = digest.hexdigest()
     return sums
+
+
+def _pool_used(dm: DeviceMapper, pool: str) -> int:
+    status = parse_pool_status(dm.status(pool, noflush=False)[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    return status.data_used
 
 
 def _read_sums(directory: Path, names: list[str]) -> dict[str, str]:
@@ -158,6 +167,33 @@ def test_a_filesystem_writing_through_the_page_cache_never_finds_the_pool_full(
         subprocess.run(["mount", thin, str(mount)], check=True, timeout=60)
         mounted = True
         assert _read_sums(mount, sorted(sums)) == sums
+        # Many small files, each fsynced (a pool commit each), and a tar extraction.
+        small = mount / "small"
+        small.mkdir()
+        for index in range(200):
+            with open(small / f"s{index}", "wb") as out:
+                out.write(os.urandom(4096 * (1 + index % 16)))
+                out.flush()
+                os.fsync(out.fileno())
+        tarball = directory / "include.tar"
+        subprocess.run(
+            ["tar", "-cf", str(tarball), "-C", "/usr/include", "linux"], check=True, timeout=300
+        )
+        (mount / "tree").mkdir()
+        subprocess.run(
+            ["tar", "-xf", str(tarball), "-C", str(mount / "tree")], check=True, timeout=300
+        )
+        os.sync()
+        # Deletes, then fstrim: the space goes back to the pool and to the host's file.
+        used_before, allocated_before = _pool_used(dm, pool), os.stat(data).st_blocks * 512
+        for name in sorted(sums)[: FILES * 3 // 4]:
+            (mount / name).unlink()
+        os.sync()
+        subprocess.run(["fstrim", str(mount)], check=True, timeout=300)
+        freed = (used_before - _pool_used(dm, pool)) * 64 * 1024
+        released = allocated_before - os.stat(data).st_blocks * 512
+        assert freed >= FILES * 3 // 4 * FILE_BYTES * 9 // 10, (used_before, freed)
+        assert released >= FILES * 3 // 4 * FILE_BYTES * 9 // 10, (allocated_before, released)
         assert OUT_OF_SPACE not in klog.text()
     finally:
         if mounted:
