@@ -137,58 +137,35 @@ def test_a_growth_leaves_twice_the_burst_free() -> None:
 
 def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
     wb = sample(limit=256 * MiB)
-    mark = low_water_mark(TIGHT, 40000, FillHistory(), wb)
-    free = mark + 200 * MiB // BB  # 200 MiB above the mark
-    used = 40000 - free
-    quiet = decide_data(
-        status(used, 40000),
-        TIGHT,
-        fs_for(40000 * BB),
-        FillHistory(),
-        table_mark=mark,
-        writeback=replace(wb, dirty=150 * MiB),
-    )
-    assert isinstance(quiet, NoAction), quiet
+    total = 40000
+    mark = low_water_mark(TIGHT, total, FillHistory(), wb)
+    used = total - (mark + 200 * MiB // BB)  # 200 MiB above the mark
+
+    def decide(
+        writeback: WritebackState, used: int = used, settings: PoolSettings = TIGHT
+    ) -> object:
+        return decide_data(
+            status(used, total),
+            settings,
+            fs_for(total * BB),
+            FillHistory(),
+            table_mark=mark,
+            writeback=writeback,
+        )
+
+    assert isinstance(decide(replace(wb, dirty=150 * MiB)), NoAction)
     burst = replace(wb, dirty=200 * MiB, writeback=10 * MiB)
-    d = decide_data(
-        status(used, 40000),
-        TIGHT,
-        fs_for(40000 * BB),
-        FillHistory(),
-        table_mark=mark,
-        writeback=burst,
-    )
+    d = decide(burst)
     assert isinstance(d, Grow), d
     assert "dirty or under writeback" in d.reason
     # The same, with 60 MiB in flight: a growth now would wait for it; the next lull comes.
     draining = replace(burst, dirty=150 * MiB, writeback=60 * MiB)
-    wait = decide_data(
-        status(used, 40000),
-        TIGHT,
-        fs_for(40000 * BB),
-        FillHistory(),
-        table_mark=mark,
-        writeback=draining,
-    )
-    assert isinstance(wait, NoAction), wait
+    assert isinstance(decide(draining), NoAction)
     # At the mark itself nothing waits: the kernel's event came, the burst must fit now.
-    at_mark = decide_data(
-        status(40000 - mark, 40000),
-        TIGHT,
-        fs_for(40000 * BB),
-        FillHistory(),
-        table_mark=mark,
-        writeback=draining,
-    )
-    assert isinstance(at_mark, Grow), at_mark
+    assert isinstance(decide(draining, used=total - mark), Grow)
     # Off with the adaptive mark: only the configured mark and the kernel's event count.
     off = replace(TIGHT, data=replace(TIGHT.data, adaptive_low_water=False))
-    assert isinstance(
-        decide_data(
-            status(used, 40000), off, fs_for(40000 * BB), FillHistory(), 256, writeback=burst
-        ),
-        NoAction,
-    )
+    assert isinstance(decide(burst, settings=off), NoAction)
 
 
 def test_writeback_threatens() -> None:
