@@ -50,7 +50,6 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -58,9 +57,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.workloads import clock_mark, clock_offset
+
 MiB = 1 << 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CLOCK_MARK = "thinwatchd-bench clock"
 LOW_WATER = "reached low water mark for data device"
 GROWING = "growing the data device"
 OUT_OF_SPACE = "switching pool to out-of-data-space"
@@ -128,25 +128,6 @@ def proc_status(pid: int, key: str) -> int:
     """A number from /proc/<pid>/status (VmRSS and VmHWM are in KiB)."""
     m = re.search(rf"^{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(m.group(1)) if m else 0
-
-
-def clock_mark() -> None:
-    """Write the wall-clock time into the kernel log, to map daemon log times onto it."""
-    fd = os.open("/dev/kmsg", os.O_WRONLY)
-    try:
-        os.write(fd, f"{CLOCK_MARK} {time.time():.6f}\n".encode())
-    finally:
-        os.close(fd)
-
-
-def clock_offset(records: list[tuple[float, str]]) -> float | None:
-    """Wall time minus kernel-log time, from our clock marks (their median), or None."""
-    offsets = []
-    for ts, message in records:
-        if message.startswith(CLOCK_MARK):
-            with contextlib.suppress(ValueError, IndexError):
-                offsets.append(float(message.split()[2]) - ts)
-    return statistics.median(offsets) if offsets else None
 
 
 def log_time(line: str) -> float | None:
