@@ -203,6 +203,7 @@ class Extender:
             or state.written_at_status is None
             or "data" in state.refusals  # said already; the safety check comes back
             or state.retry_at is not None  # backing off; its timer comes back
+            or state.suspended_said  # an operator's suspend: nothing grows it until resumed
         ):
             return False
         landed = max(0, writeback.written - state.written_at_status)

@@ -243,3 +243,18 @@ def test_a_lull_lets_the_early_growth_go(
     tick(wb_daemon, clock)
     assert managed.state.growths["data"] == before + 1
     assert sum(LOW_WATER in line for line in fake.kernel_log) == 0
+
+
+def test_a_pool_an_operator_suspended_is_not_checked_at_every_tick(
+    fake: FakeKernel, cache: FakePageCache, wb_daemon: Daemon, clock: Clock
+) -> None:
+    managed = wb_daemon.pools["pool"]
+    fake.suspend("pool")  # dmsetup suspend
+    wb_daemon._pass([managed])  # a check notices the suspend and says it once
+    assert managed.state.suspended_said
+    cache.dirty(free_bytes(fake))  # would threaten it
+    fake.calls.clear()
+    for _ in range(10):
+        tick(wb_daemon, clock)
+    assert [c for c in fake.calls if not c.startswith("open /proc/")] == []
+    assert fake.info("pool") is not None and fake.info("pool").suspended  # left as it was
