@@ -11,6 +11,7 @@ events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) a
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import signal
@@ -25,6 +26,7 @@ from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
+from thinwatchd.kernel.api import LoopDevice
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
@@ -97,6 +99,7 @@ class Daemon:
         self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
         self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
         self._reload_pending = False
+        self._owners: dict[str, tuple[ManagedPool, LoopDevice, str]] | None = None
         self.workers = Workers(self.loop)
         self.extender = Extender(kernel, self.loop.time)
 
@@ -195,6 +198,7 @@ class Daemon:
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
+        self._owners = None  # its loops are new
         self.extender.watch(pool)
         try:
             status = pool.read_status(self.kernel.dm)
@@ -353,29 +357,55 @@ class Daemon:
             return
         if device is None or device.action not in ("remove", "change"):
             return
-        dm_name, node = device.get("DM_NAME"), device.device_node
-        loops = self._loop_index()
-        for managed in list(self.pools.values()):
-            pool = managed.pool
-            files = {
-                pool.data_loop.path: pool.settings.data_file,
-                pool.meta_loop.path: pool.settings.metadata_file,
-            }
-            if device.action == "remove" and (dm_name == pool.name or node in files):
-                self._lost(managed, loops)
-            elif device.action == "change" and node in files:
-                self._check_loop(managed, node, str(files[node]), loops)
-
-    def _check_loop(self, managed: ManagedPool, node: str, path: str, loops: LoopIndex) -> None:
-        try:
-            loop = loops.find(path)
-        except ThinwatchError as exc:
-            log.error("pool %s: cannot check %s: %s", managed.pool.name, node, exc)
+        named = self.pools.get(device.get("DM_NAME") or "")
+        if device.action == "remove" and named is not None:
+            self._lost(named)
             return
-        if loop is None or loop.path != node:
-            log.error("pool %s: %s no longer backs %s (detached or replaced by someone else); "
-                      "the pool keeps its device open, but growth will fail until restart",
-                      managed.pool.name, node, path)  # fmt: skip
+        owner = self._loop_owners().get(device.device_node or "")
+        if owner is None:
+            return  # not one of ours: one dict lookup, however many pools there are
+        managed, loop, path = owner
+        if device.action == "remove":
+            self._lost(managed)
+        else:
+            self._check_loop(managed, loop, path)
+
+    def _loop_owners(self) -> dict[str, tuple[ManagedPool, LoopDevice, str]]:
+        """Every pool loop's node, with its pool and backing file (rebuilt after a pool is
+        registered: the only time a pool's loops change)."""
+        if self._owners is None:
+            self._owners = {}
+            for managed in self.pools.values():
+                pool = managed.pool
+                for loop, path in (
+                    (pool.data_loop, pool.settings.data_file),
+                    (pool.meta_loop, pool.settings.metadata_file),
+                ):
+                    self._owners[loop.path] = (managed, loop, str(path))
+        return self._owners
+
+    def _check_loop(self, managed: ManagedPool, loop: LoopDevice, path: str) -> None:
+        """A pool loop changed (our own growth's LOOP_SET_CAPACITY, most often): check that it
+        still backs the pool file, and that the file at path is still that one. Two syscalls
+        on that loop and file, not a scan of every loop."""
+        name = managed.pool.name
+        try:
+            self.kernel.loops.size(loop)  # ENXIO if unbound or bound to another file
+            info = self.kernel.files.inspect(path)
+        except KernelError as exc:
+            if exc.errno != errno.ENXIO:
+                log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
+                return
+            info = None
+        except ThinwatchError as exc:
+            log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
+            return
+        else:
+            if info is not None and info.identity == (loop.backing_dev, loop.backing_inode):
+                return
+        log.error("pool %s: %s no longer backs %s (detached or replaced by someone else); "
+                  "the pool keeps its device open, but growth will fail until restart",
+                  name, loop.path, path)  # fmt: skip
 
     def _pass(
         self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False

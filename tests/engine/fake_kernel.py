@@ -339,14 +339,22 @@ class FakeKernel:
         self.loops[index] = FakeLoop(index, path, st.st_dev, st.st_ino, st.st_size)
         return self._loop_record(self.loops[index])
 
+    def _verified(self, op: str, loop: LoopDevice) -> FakeLoop:
+        """The loop, if it still backs the file it was attached to: ENXIO otherwise, as the
+        real LoopControl's LOOP_GET_STATUS64 check before each ioctl on a loop."""
+        self._enter(op, loop.path)
+        lo = self.loops.get(loop.index)
+        if lo is None or (lo.st_dev, lo.st_ino) != (loop.backing_dev, loop.backing_inode):
+            what = "is not bound" if lo is None else "now backs another file"
+            raise KernelError(op, loop.path, errno.ENXIO, what)
+        return lo
+
     def set_capacity(self, loop: LoopDevice) -> None:
-        self._enter("LOOP_SET_CAPACITY", loop.path)
-        lo = self.loops[loop.index]
+        lo = self._verified("LOOP_SET_CAPACITY", loop)
         lo.capacity = os.stat(lo.path).st_size
 
     def size(self, loop: LoopDevice) -> int:
-        self._enter("BLKGETSIZE64", loop.path)
-        return self.loops[loop.index].capacity
+        return self._verified("BLKGETSIZE64", loop).capacity
 
     def detach(self, loop: LoopDevice) -> None:
         del self.loops[loop.index]

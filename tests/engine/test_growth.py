@@ -314,6 +314,47 @@ def test_udev_change_of_our_own_growth_does_no_work(
     assert fake.calls == []
 
 
+def test_udev_change_of_a_loop_that_still_backs_its_file_is_two_calls(
+    watched: tuple[Daemon, FakeMonitor], fake: FakeKernel, caplog: pytest.LogCaptureFixture
+) -> None:
+    d, monitor = watched
+    loop = d.pools["pool"].pool.data_loop
+    fake.calls.clear()
+    monitor.send(FakeUdevDevice("change", loop.path))  # our growth's LOOP_SET_CAPACITY
+    d.loop.run_once(max_wait=1)
+    assert [c.split()[0] for c in fake.calls] == ["BLKGETSIZE64", "lstat"], fake.calls
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("how", ["detached", "rebound", "file replaced"])
+def test_udev_change_of_a_loop_that_no_longer_backs_its_file_is_said(
+    watched: tuple[Daemon, FakeMonitor],
+    fake: FakeKernel,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    how: str,
+) -> None:
+    d, monitor = watched
+    pool = d.pools["pool"].pool
+    loop, path = pool.data_loop, pool.settings.data_file
+    if how == "file replaced":  # the loop keeps the old inode; the path names a new one
+        path.rename(tmp_path / "old-data")
+        path.write_bytes(b"")
+    else:
+        fake.detach(loop)
+        if how == "rebound":  # someone else's file on the same loop number
+            other = tmp_path / "other"
+            other.write_bytes(b"")
+            assert fake.attach(str(other)).index == loop.index
+    monitor.send(FakeUdevDevice("change", loop.path))
+    d.loop.run_once(max_wait=1)
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert said == [
+        f"pool pool: {loop.path} no longer backs {path} (detached or replaced by someone "
+        "else); the pool keeps its device open, but growth will fail until restart"
+    ]
+
+
 def test_start_reconciles_each_pool_once(
     tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
 ) -> None:

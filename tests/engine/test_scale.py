@@ -34,7 +34,7 @@ import yaml
 
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
-from tests.engine.test_growth import Clock
+from tests.engine.test_growth import Clock, FakeUdevDevice
 from thinwatchd import daemon as daemon_module
 from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
@@ -276,6 +276,42 @@ def test_a_restart_finds_every_loop_through_one_scan(bed: Bed, one: Bed) -> None
     assert bed.adopted.count("LOOP_GET_STATUS64") <= 2 * bed.n, bed.adopted.summary()
     limit = len(one.adopted.calls) * bed.n + SLACK
     assert len(bed.adopted.calls) <= limit, bed.adopted.summary()
+
+
+# -- udev events ---------------------------------------------------------------------------
+
+
+class OneUdevEvent:
+    """A udev monitor with one event to read (as pyudev.Monitor.poll(timeout=0) gives it)."""
+
+    def __init__(self, device: FakeUdevDevice) -> None:
+        self.device: FakeUdevDevice | None = device
+
+    def poll(self, timeout: float = 0) -> FakeUdevDevice | None:
+        device, self.device = self.device, None
+        return device
+
+
+def udev_event(bed: Bed, action: str, node: str) -> Cost:
+    bed.daemon.udev_monitor = OneUdevEvent(FakeUdevDevice(action, node))
+    return bed.measure(bed.daemon._on_udev)
+
+
+def test_a_change_of_a_pool_loop_costs_the_same_with_any_number_of_pools(
+    bed: Bed, one: Bed
+) -> None:
+    """Each growth's LOOP_SET_CAPACITY (and each attach at start-up) sends a udev "change" of
+    the loop: checking it must not scan every loop or walk every pool (with 200 pools that was
+    47 s of CPU after READY=1)."""
+    node = bed.daemon.pools[bed.names[-1]].pool.data_loop.path
+    cost = udev_event(bed, "change", node)
+    yardstick = udev_event(one, "change", one.daemon.pools[one.names[0]].pool.data_loop.path)
+    assert len(cost.calls) == len(yardstick.calls) <= 2, cost.summary()
+    assert cost.count("LOOP_GET_STATUS64") == 0, cost.summary()
+
+
+def test_a_change_of_another_device_costs_nothing(bed: Bed) -> None:
+    assert udev_event(bed, "change", "/dev/sda1").calls == []
 
 
 # -- the writeback watch -------------------------------------------------------------------
