@@ -16,6 +16,9 @@ last look at every pool file between passes, and what they promise summed per fi
   overstated (holes that discards punched since are the exception: the next check sees them).
   When the filesystem's room limits a decision, it is taken again after a fresh look at every
   file there (look_again): no growth is made smaller, or refused, for a stale figure.
+
+Pools are reconciled in worker threads side by side, sharing a pass: one lock serializes the
+looks (each is one lstat or statvfs; a growth itself runs outside it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,22 +58,26 @@ class BackingFiles:
         self._promised: dict[int, int] = {}  # st_dev -> what its pool files promise
         self._spaces: dict[int, tuple[int, FsSpace]] = {}  # st_dev -> (pass, statvfs)
         self._passes = itertools.count(1)
+        self.lock = threading.RLock()
 
     def watch(self, paths: Iterable[str]) -> None:
         """Count these files' promises from the next pass on (a pool that was just built)."""
-        self._unseen.update(p for p in paths if p not in self._files)
+        with self.lock:
+            self._unseen.update(p for p in paths if p not in self._files)
 
     def new_pass(self, *, survey: bool = False) -> BackingLook:
         """Start a pass; a survey (the safety check) looks at every pool file once."""
-        return BackingLook(self, next(self._passes), survey)
+        with self.lock:
+            return BackingLook(self, next(self._passes), survey)
 
     def free(self, path: str) -> int | None:
         """Return the free bytes of path's filesystem as last looked at (None: never)."""
-        look = self._files.get(path)
-        if look is None or look.info is None:
-            return None
-        space = self._spaces.get(look.info.dev)
-        return None if space is None else space[1].free
+        with self.lock:
+            look = self._files.get(path)
+            if look is None or look.info is None:
+                return None
+            space = self._spaces.get(look.info.dev)
+            return None if space is None else space[1].free
 
     # -- the pass's work -------------------------------------------------------------------
 
@@ -155,13 +163,14 @@ class BackingLook:
         Raise KernelError if the file or its filesystem cannot be looked at (ENOENT: gone).
         """
         files, at = self._files, self._at
-        files._look_unseen(at)
-        if self._to_survey:
-            self._to_survey = False
-            files._survey(at)
-        own = files._own(path, at)
-        space = files._space(path, own.dev, at)
-        promised = files._promised.get(own.dev, 0) - _promise(own)
+        with files.lock:
+            files._look_unseen(at)
+            if self._to_survey:
+                self._to_survey = False
+                files._survey(at)
+            own = files._own(path, at)
+            space = files._space(path, own.dev, at)
+            promised = files._promised.get(own.dev, 0) - _promise(own)
         return BackingFs(
             free_bytes=space.free,
             total_bytes=space.total,
@@ -174,9 +183,11 @@ class BackingLook:
     def changed(self, path: str) -> None:
         """The pass changed path (grew it): look at it again now, and at its filesystem when
         figures are next asked for."""
-        self._files._changed(path, self._at)
+        with self._files.lock:
+            self._files._changed(path, self._at)
 
     def look_again(self, path: str) -> bool:
         """Look again at every file on path's filesystem not yet looked at in this pass; return
         whether there was any (whether figures(path) may now say something else)."""
-        return self._files._look_again(path, self._at)
+        with self._files.lock:
+            return self._files._look_again(path, self._at)

@@ -7,6 +7,12 @@ petting the watchdog and growing the other pools meanwhile; pools start side by 
 loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all pools), udev
 events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
 (stop; pools stay up, their consumers depend on them).
+
+The loop only decides which pools to look at. Each pool's reconcile (status read, growth)
+runs in a worker thread of its own, side by side with the others', and reports back on the
+loop: a growth's resume waits for its pool's I/O to drain, and one pool's drain, or a stalled
+backing filesystem, must not hold up another pool's growth. One reconcile per pool at a time;
+an event for a pool being reconciled is served by one more reconcile after it.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.workers import Workers
 
-__all__ = ["Daemon", "ManagedPool"]
+__all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -53,6 +59,14 @@ _FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
 
 #: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
 _EVENT_RETRY_SECONDS = 1.0
+#: Pools reconciled at once, each in a thread of its own: a growth's resume blocks until its
+#: pool's in-flight I/O drains (hundreds of ms under writeback), so growths of pools that fall
+#: due together must not queue behind each other's drains, nor behind a pool whose backing
+#: filesystem stalls. The GIL is released in every ioctl and file syscall they wait in.
+RECONCILE_THREADS = 32
+#: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
+#: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
+STOP_WAIT_SECONDS = 20.0
 #: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
 #: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
 WRITEBACK_WATCH_SECONDS = 0.2
@@ -66,6 +80,32 @@ class ManagedPool:
     state: PoolState = field(default_factory=PoolState)
     retry: Timer | None = None  # the backoff timer of a failed growth
     error: str | None = None  # the last error logged for this pool, to say each one once
+    # Asked for while a reconcile of it was running (an event, a check): one more after it,
+    # timed from the earliest wake-up that asked.
+    again: bool = False
+    again_woke: float | None = None
+
+
+class _Pass:
+    """The reconciles of one pass still running: STATUS= and the metrics file are written once,
+    when the last is done (a pass counts as running until it has submitted all of them)."""
+
+    def __init__(self, publish: Callable[[], None]) -> None:
+        self._publish = publish
+        self._open = 1
+
+    def add(self) -> None:
+        self._open += 1
+
+    def done(self) -> None:
+        self._open -= 1
+        if self._open == 0:
+            self._publish()
+
+
+def reconcile_workers(loop: EventLoop) -> Workers:
+    """The worker threads that reconcile pools (tests swap in ones that run inline)."""
+    return Workers(loop, max_threads=RECONCILE_THREADS)
 
 
 class Daemon:
@@ -100,7 +140,9 @@ class Daemon:
         self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
         self._reload_pending = False
         self._owners: dict[str, tuple[ManagedPool, LoopDevice, str]] | None = None
-        self.workers = Workers(self.loop)
+        self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
+        self.reconcilers = reconcile_workers(self.loop)  # checks and growths, per pool
+        self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
 
     # -- start-up --------------------------------------------------------------------------
@@ -133,6 +175,7 @@ class Daemon:
                 raise failures[settings.name]
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self._check_events()
+        self.reconcilers.run_until_idle()
         self._started = True
         if self._reload_pending:
             self._reload_pending = False
@@ -243,15 +286,28 @@ class Daemon:
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
+            self._finish_reconciles()
         finally:
             self.workers.close()
+            self.reconcilers.close()
             loop.close()
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""
+        self._stopping = True
         self.notifier.stopping()
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
+
+    def _finish_reconciles(self) -> None:
+        """Let growths in flight finish before the process exits (nothing new starts)."""
+        try:
+            self.reconcilers.run_until_idle(timeout=STOP_WAIT_SECONDS)
+        except TimeoutError:
+            names = ", ".join(sorted(self.reconcilers.keys()))
+            log.error("stopping while pool(s) %s are still being checked or grown after %g s "
+                      "(a stalled backing filesystem?); if one is left suspended, the next "
+                      "start resumes it", names, STOP_WAIT_SECONDS)  # fmt: skip
 
     def _schedule_check(self) -> None:
         assert self.settings is not None
@@ -410,37 +466,62 @@ class Daemon:
     def _pass(
         self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
     ) -> None:
-        """Reconcile pools in one pass: each backing file and filesystem is looked at once for
-        all of them, and STATUS= and the metrics file are updated once at the end, so a pass
-        costs the pools it names. A survey (the safety check) also looks at every pool file."""
+        """Reconcile pools in one pass, each in its own worker thread, side by side: each
+        backing file and filesystem is looked at once for all of them, and STATUS= and the
+        metrics file are updated once, when the last is done, so a pass costs the pools it
+        names. A survey (the safety check) also looks at every pool file."""
         pools = list(pools)
-        if not pools:
+        if not pools or self._stopping:
             return
         look = self.extender.new_pass(survey=survey)
+        reconciles = _Pass(self._publish)
         for managed in pools:
-            self._reconcile_in(look, managed, woke)
-        self._publish()
+            self._reconcile_in(look, managed, woke, reconciles)
+        reconciles.done()
 
     def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
         """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
         self._pass([managed], woke)
 
-    def _reconcile_in(self, look: BackingLook, managed: ManagedPool, woke: float | None) -> None:
-        if self.workers.busy(managed.pool.name):
+    def _reconcile_in(
+        self, look: BackingLook, managed: ManagedPool, woke: float | None, reconciles: _Pass
+    ) -> None:
+        name = managed.pool.name
+        if self.workers.busy(name):
             return  # being rebuilt in a worker; checked when that is done
+        if self.reconcilers.busy(name):
+            # Its status may have moved since that reconcile read it: once more after it.
+            managed.again = True
+            if woke is not None:
+                managed.again_woke = min(woke, managed.again_woke or woke)
+            return
+        reconciles.add()
+        self.reconcilers.submit(
+            name,
+            functools.partial(self.extender.reconcile, managed.pool, managed.state, woke, look),
+            functools.partial(self._reconciled, managed, reconciles),
+        )
+
+    def _reconciled(
+        self, managed: ManagedPool, reconciles: _Pass, _status: object, error: BaseException | None
+    ) -> None:
+        """On the loop, after a pool's reconcile: every failure but one is the extender's to
+        say and retry; ENXIO (KernelError: the device is gone) is ours, to rebuild it."""
         try:
-            # Every failure but one is the extender's to say and retry: ENXIO, the device gone.
-            self.extender.reconcile(managed.pool, managed.state, woke, look)
-        except KernelError:
-            self._lost(managed)
-        except Exception:  # a bug must not stop the other pools from being watched
-            managed.state.failures += 1
-            log.critical("pool %s: internal error", managed.pool.name, exc_info=True)
-        else:
-            if managed.error is not None:
+            if isinstance(error, KernelError):
+                self._lost(managed)
+            elif error is not None:  # a bug must not stop the other pools from being watched
+                managed.state.failures += 1
+                log.critical("pool %s: internal error", managed.pool.name, exc_info=error)
+            elif managed.error is not None:
                 log.info("pool %s: checked without error again", managed.pool.name)
                 managed.error = None
-        self._schedule_retry(managed)
+            self._schedule_retry(managed)
+        finally:
+            reconciles.done()
+        if managed.again and self.pools.get(managed.pool.name) is managed:
+            woke, managed.again, managed.again_woke = managed.again_woke, False, None
+            self._pass([managed], woke)
 
     def _pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
         """Count an error; log it when it differs from the pool's last one (once, not per check)."""
@@ -471,8 +552,8 @@ class Daemon:
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
-        if self.workers.busy(name):
-            return
+        if self._stopping or self.workers.busy(name) or self.reconcilers.busy(name):
+            return  # a reconcile that finds the device gone comes back here
         try:
             if self.kernel.dm.info(name) is not None:
                 return

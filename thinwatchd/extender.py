@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from thinwatchd.backing import BackingFiles, BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
+from thinwatchd.kernel.api import MemoryApi
 from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import (
     BackingFs,
@@ -138,7 +140,9 @@ def _step_ms(started: float, marks: dict[str, float]) -> dict[str, float]:
 
 
 class Extender:
-    """Keeps pools from running out of space, one reconcile at a time."""
+    """Keeps pools from running out of space: one reconcile per pool at a time, and those of
+    different pools in threads side by side (they share the backing look and the writeback
+    sample, each behind a lock; a pool's own state is its reconcile's alone)."""
 
     def __init__(self, kernel: Kernel, clock: Callable[[], float] = time.monotonic) -> None:
         self.kernel = kernel
@@ -146,6 +150,7 @@ class Extender:
         # Every pool file watched: their unwritten sparse space counts as promised.
         self.backing = BackingFiles(kernel.files)
         self._sample: tuple[float, WritebackState | None] | None = None
+        self._sample_lock = threading.Lock()  # pools are reconciled in threads side by side
         self._writeback_error: str | None = None  # the last failed read, said once
 
     # -- passes ----------------------------------------------------------------------------
@@ -171,6 +176,10 @@ class Extender:
         memory = self.kernel.memory
         if memory is None:
             return None
+        with self._sample_lock:
+            return self._writeback(memory)
+
+    def _writeback(self, memory: MemoryApi) -> WritebackState | None:
         now = self.clock()
         if self._sample is not None and now - self._sample[0] < WRITEBACK_SAMPLE_SECONDS:
             return self._sample[1]

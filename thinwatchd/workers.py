@@ -59,6 +59,10 @@ class Workers:
         """Return whether a job for key is running (its result not yet delivered)."""
         return key in self._running
 
+    def keys(self) -> list[str]:
+        """Return the keys of the jobs running (their results not yet delivered)."""
+        return list(self._running)
+
     def submit(self, key: str, job: Callable[[], Any], done: Done) -> bool:
         """Run job() in a thread, then done(result, error) on the loop; False if key is busy."""
         if key in self._running:

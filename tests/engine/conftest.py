@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,10 +32,47 @@ class FakeNodes:
         dm.resume(name)
 
 
+class InlineWorkers:
+    """Stands in for the daemon's reconcile Workers: each job runs at once on the caller's
+    thread and its result reaches done before submit returns, so a test sees a pass's growths
+    done when the pass returns. The daemon's threads, side by side, are test_concurrency.py's."""
+
+    def __init__(self, loop: object = None) -> None:
+        self._running: set[str] = set()
+
+    def busy(self, key: str) -> bool:
+        return key in self._running
+
+    def keys(self) -> list[str]:
+        return list(self._running)
+
+    def submit(self, key: str, job: Callable[[], Any], done: Callable[..., None]) -> bool:
+        if key in self._running:
+            return False
+        self._running.add(key)
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = job()
+        except BaseException as exc:  # delivered to done, as Workers does
+            error = exc
+        finally:
+            self._running.discard(key)
+        done(result, error)
+        return True
+
+    def run_until_idle(self, timeout: float | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """FakeKernel is not thread-safe: activations run in one worker thread, one at a time."""
+    """Activations run in one worker thread, one at a time; reconciles inline (InlineWorkers)."""
     monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+    monkeypatch.setattr("thinwatchd.daemon.reconcile_workers", InlineWorkers)
 
 
 @pytest.fixture

@@ -16,14 +16,20 @@ the real kernel by tests/contract/):
 - Loop devices capture the backing file size at attach and at LOOP_SET_CAPACITY only.
 - File syscalls are the real ones on real files (``FakeKernel.syscalls``), through the same hook:
   any dm, loop or file call can be made to fail with any errno (``fail``).
+- Thread-safe: the daemon reconciles pools in threads side by side, so every call runs under
+  one lock, except a pool's drain at resume (``draining``: the real suspend waits for that
+  pool's in-flight I/O only) and a file syscall made to stall (``stall``), which wait outside
+  it, so other pools' calls go on meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from thinwatchd.errors import KernelError
@@ -55,6 +61,7 @@ class FaultySyscalls(Syscalls):
         self.kernel = kernel
 
     def _enter(self, op: str, target: str) -> None:
+        self.kernel._wait_if_stalled(op, target)
         self.kernel._inject(op, target, OSError)
 
 
@@ -129,6 +136,20 @@ class FakeKernel:
         self.faults: list[Fault] = []
         self.kernel_log: list[str] = []
         self.syscalls = FaultySyscalls(self)
+        self.lock = threading.RLock()
+        # Pool name -> what its resume waits for first, outside the lock (a slow drain).
+        self.draining: dict[str, Callable[[], object]] = {}
+        self._stalls: list[tuple[str, str, Callable[[], object]]] = []
+
+    def stall(self, op: str, target: str, wait: Callable[[], object]) -> None:
+        """Make file syscalls op on paths containing target call wait() first, outside the lock
+        (a backing filesystem that stalls)."""
+        self._stalls.append((op, target, wait))
+
+    def _wait_if_stalled(self, op: str, target: str) -> None:
+        for stalled_op, stalled_target, wait in list(self._stalls):
+            if op == stalled_op and stalled_target in target:
+                wait()
 
     def close(self) -> None:
         os.close(self._pipe_r)
@@ -250,6 +271,12 @@ class FakeKernel:
         self._get("DM_DEV_SUSPEND", name).suspended = True
 
     def resume(self, name: str, cookie: int = 0) -> bool:
+        drain = self.draining.get(name)
+        if drain is not None:
+            drain()
+        return self._resume(name, cookie)
+
+    def _resume(self, name: str, cookie: int) -> bool:
         dev = self._get("DM_DEV_RESUME", name)
         if dev.inactive is None:
             if dev.active is None:
@@ -531,6 +558,27 @@ class FakeKernel:
         return self.global_events > self._armed_at
 
 
+def _serialized(method: Callable[..., object]) -> Callable[..., object]:
+    @functools.wraps(method)
+    def locked(self: FakeKernel | FakePageCache, *args: object, **kwargs: object) -> object:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def _serialize(cls: type, unlocked: tuple[str, ...] = ()) -> None:
+    """Run every method of cls under its instance's lock, but those named (they wait first)."""
+    for name, member in list(vars(cls).items()):
+        if isinstance(member, staticmethod | classmethod | property):
+            continue
+        if callable(member) and not name.startswith("__") and name not in unlocked:
+            setattr(cls, name, _serialized(member))
+
+
+_serialize(FakeKernel, unlocked=("resume", "stall", "_wait_if_stalled"))
+
+
 class FakePageCache:
     """The page cache as MemoryApi sees it: /proc/meminfo and /proc/vmstat texts, from counters
     the tests move the way a filesystem on a thin volume does.
@@ -544,6 +592,7 @@ class FakePageCache:
 
     def __init__(self, kernel: FakeKernel, dirty_limit: int = 256 * 1024**2) -> None:
         self.kernel = kernel
+        self.lock = kernel.lock
         self.dirty_bytes = 0
         self.writeback_bytes = 0
         self.dirty_limit = dirty_limit
@@ -583,3 +632,6 @@ class FakePageCache:
         self.writeback_bytes -= moved
         self.written_pages += moved // self.PAGE
         return self.kernel.write_blocks(pool, moved // block_bytes)
+
+
+_serialize(FakePageCache)

@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 import thinwatchd
-from tests.engine.conftest import FakeNodes
+from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, Fault, FaultySyscalls
 from thinwatchd.daemon import Daemon
 from thinwatchd.errors import ConfigError, PoolMismatchError, ThinwatchError
@@ -237,17 +237,18 @@ class SyncWorkers:
 
 
 def _use_sync_workers(d: Daemon) -> None:
-    """Swap the daemon's thread workers (if it has them) for SyncWorkers."""
-    threaded = getattr(d, "workers", None)
-    if threaded is None:
-        return
-    threaded.close()
-    for name in ("_wake_r", "_wake_w"):  # no thread ever ran: its pipe can go now
-        fd = getattr(threaded, name, None)
-        if isinstance(fd, int):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    """Swap the daemon's thread workers for SyncWorkers (builds) and InlineWorkers
+    (reconciles): recordings are made outside the tests' fixtures, which do the latter."""
+    for attr in ("workers", "reconcilers"):
+        threaded = getattr(d, attr)
+        threaded.close()
+        for name in ("_wake_r", "_wake_w"):  # no thread ever ran: its pipe can go now
+            fd = getattr(threaded, name, None)
+            if isinstance(fd, int):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
     d.workers = SyncWorkers(d.loop)  # type: ignore[assignment]
+    d.reconcilers = InlineWorkers()  # type: ignore[assignment]
 
 
 def pool_config(root: Path, directory: str, **overrides: object) -> dict[str, object]:

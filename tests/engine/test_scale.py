@@ -32,16 +32,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engine.conftest import FakeNodes
+from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, FakeUdevDevice
 from thinwatchd import daemon as daemon_module
-from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.daemon import RECONCILE_THREADS, WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.fs import Files
 from thinwatchd.notify import Notifier
 from thinwatchd.pool import Kernel
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.workers import Workers
 
 MiB = 1024**2
 SIZES = (1, 10, 100, 1000)
@@ -68,6 +69,7 @@ def counting_metrics() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(daemon_module, "write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+        patch.setattr(daemon_module, "reconcile_workers", InlineWorkers)
         yield
 
 
@@ -239,6 +241,22 @@ def test_a_check_writes_metrics_and_status_once(bed: Bed) -> None:
 
 def test_a_check_finishes_well_inside_the_watchdog(bed: Bed) -> None:
     assert bed.check.seconds < CHECK_SECONDS, bed.check.summary()
+
+
+def test_a_check_in_the_daemons_threads_costs_the_same(bed: Bed) -> None:
+    """The check above, its reconciles in the daemon's own threads as it runs them (the other
+    tests run them inline, for exact counts): the same calls, one publication, in time."""
+    d, inline = bed.daemon, bed.daemon.reconcilers
+    inline_calls = len(bed.check.calls)
+    d.reconcilers = Workers(d.loop, max_threads=RECONCILE_THREADS)
+    try:
+        cost = bed.measure(lambda: (bed._check(), d.reconcilers.run_until_idle(CHECK_SECONDS)))
+    finally:
+        d.reconcilers.close()
+        d.reconcilers = inline
+    assert len(cost.calls) == inline_calls, cost.summary()
+    assert (cost.metrics_writes, cost.statuses) == (1, 1)
+    assert cost.seconds < CHECK_SECONDS, cost.summary()
 
 
 # -- a dm event ----------------------------------------------------------------------------

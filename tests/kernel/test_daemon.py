@@ -26,6 +26,7 @@ from tests.kernel.harness import (
     MiB,
     create_thin,
     dd_zero,
+    kernel_lines,
     read_checksum,
     scratch_dir,
     teardown,
@@ -314,6 +315,87 @@ def test_a_filesystem_reaching_its_reserve_is_said_before_the_loop_fails(env: En
         teardown(env.dm, env.devices, [])
         env.devices.clear()
         teardown(env.dm, [], [mnt / "data", mnt / "metadata"])
+
+
+def event_nr(dm: DeviceMapper, name: str) -> int:
+    info = dm.info(name)
+    assert info is not None, name
+    return info.event_nr
+
+
+def test_a_frozen_backing_filesystem_holds_up_no_other_pool(env: Env) -> None:
+    """Pool b's filesystem is frozen (fsfreeze) when b reaches its mark: b's growth waits for
+    the thaw in a thread of its own, while pool a, filled meanwhile by a direct writer, grows as
+    usual. Grown one after the other, a would wait for the thaw and its writer find it full."""
+    other = f"{env.pool}-b"
+    fixed = {"adaptive_low_water": False, "step": "64MiB", "step_percent": "0%"}
+
+    def pool(directory: Path) -> dict[str, object]:
+        return {
+            "data_file": str(directory / "data"), "metadata_file": str(directory / "metadata"),
+            "data_size": "64MiB", "metadata_size": "8MiB", "low_water_mark": 256, "data": fixed,
+            "reserve": "32MiB",
+        }  # fmt: skip
+
+    with small_filesystem(env, "frozen", 512 * MiB) as mnt:
+        env.devices.append(other)
+        config = write_config(
+            env.directory / "config.yaml",
+            {env.pool: pool(env.directory), other: pool(mnt)},
+            check_interval="60s",
+        )
+        daemon = env.daemon(config)
+        thin_a = env.thin(size=1 * GiB)
+        env.devices.insert(0, f"{other}-thin0")
+        thin_b = create_thin(env.dm, other, f"{other}-thin0", 0, 1 * GiB)
+        try:
+            _s, code, err = dd_zero(thin_b, 40)  # 8 MiB short of b's 16 MiB mark
+            assert code == 0, err
+            subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+            thawed = False
+            try:
+                before = event_nr(env.dm, other)
+                writer_b = subprocess.Popen(  # crosses b's mark, then waits for the thaw
+                    ["dd", "if=/dev/zero", f"of={thin_b}", "bs=1M", "count=16", "seek=40",
+                     "oflag=direct"], stderr=subprocess.PIPE,
+                )  # fmt: skip
+                deadline = time.monotonic() + 10
+                while event_nr(env.dm, other) == before and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert event_nr(env.dm, other) != before, "b's low-water event never came"
+                time.sleep(0.5)  # b's growth is under way, stalled on the frozen filesystem
+                result: list[tuple[float, int, str]] = []
+                writer_a = threading.Thread(target=lambda: result.append(dd_zero(thin_a, 256)))
+                writer_a.start()
+                writer_a.join(60)
+                finished_while_frozen = bool(result)
+            finally:
+                subprocess.run(["fsfreeze", "-u", str(mnt)], check=False)
+                thawed = True
+            writer_a.join(60)
+            assert writer_b.wait(60) == 0, writer_b.stderr.read() if writer_b.stderr else ""
+            assert thawed and finished_while_frozen, (
+                "a's writer waited for b's filesystem to thaw:\n" + daemon.log()
+            )
+            _seconds, code, err = result[0]
+            assert code == 0, err
+            assert not kernel_lines(env.klog, OUT_OF_SPACE), daemon.log()
+            deadline = time.monotonic() + 20  # b's growth goes on from where it stalled
+            while time.monotonic() < deadline:
+                status_b = parse_pool_status(env.dm.status(other)[0].params)
+                assert isinstance(status_b, ThinPoolWorkingStatus)
+                if status_b.data_total * 64 * 1024 > 64 * MiB:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError("b never grew after the thaw:\n" + daemon.log())
+            assert env.status().data_total * 64 * 1024 >= 256 * MiB
+            assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()
+        finally:
+            daemon.stop()
+            teardown(env.dm, env.devices, [])
+            env.devices.clear()
+            teardown(env.dm, [], [mnt / "data", mnt / "metadata", env.data, env.metadata])
 
 
 @pytest.mark.parametrize("stopped_after", ["file", "loop", "table"])

@@ -1,0 +1,233 @@
+"""No pool waits behind another (issue 9): reconciles run in the daemon's own threads here.
+
+A growth's resume blocks until its pool's in-flight I/O drains (hundreds of ms under writeback),
+and a backing filesystem can stall any syscall on it. Growths that fall due together must
+overlap, and a pool stuck on either must not hold up the others' growths, events or checks.
+FakeKernel's ``draining`` and ``stall`` hooks wait outside its lock, as the real kernel waits
+for that pool's I/O only. On the real kernel: tests/kernel/test_daemon.py (a frozen filesystem).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.engine.fake_kernel import FakeKernel
+from thinwatchd import daemon as daemon_module
+from thinwatchd.daemon import Daemon
+from thinwatchd.events import EventLoop
+from thinwatchd.notify import Notifier
+from thinwatchd.pool import Kernel, Pool
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+
+NAMES = ("a", "b")
+#: Long enough for a growth on the fake kernel many times over; a test that waits this long
+#: has failed.
+PATIENCE = 5.0
+
+
+@pytest.fixture(autouse=True)
+def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Overrides conftest's: builds in one thread, reconciles in the daemon's own threads."""
+    monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, kernel: Kernel) -> Iterator[Daemon]:
+    """Two pools, each in a directory of its own, on a real clock."""
+    pools = {
+        name: {
+            "data_file": f"{tmp_path}/{name}/data",
+            "metadata_file": f"{tmp_path}/{name}/metadata",
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 16,
+            "reserve": 0,
+        }
+        for name in NAMES
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"daemon": {"check_interval": "1h"}, "pools": pools}))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop())
+    d.start()
+    yield d
+    if d.loop._selector.get_map() is not None:  # not closed by run()
+        d.reconcilers.run_until_idle(timeout=PATIENCE)
+        d.reconcilers.close()
+        d.workers.close()
+        d.loop.close()
+
+
+def to_mark(fake: FakeKernel, d: Daemon, name: str) -> None:
+    """Write to pool name until its low-water event fires."""
+    status = parse_pool_status(fake.status(name)[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    fake.write_blocks(name, status.data_free - d.pools[name].pool.table.low_water_mark)
+    assert fake.events_pending()
+
+
+def growths(d: Daemon, name: str) -> int:
+    return d.pools[name].state.growths["data"]
+
+
+def serve_until(d: Daemon, done: Callable[[], bool], why: str) -> float:
+    """Run the daemon's loop until done(); return the seconds it took."""
+    started = time.monotonic()
+    while not done():
+        assert time.monotonic() - started < PATIENCE, why
+        d.loop.run_once(max_wait=0.01)
+    return time.monotonic() - started
+
+
+def no_internal_errors(caplog: pytest.LogCaptureFixture) -> None:
+    assert not [r for r in caplog.records if r.levelno >= logging.CRITICAL], caplog.text
+
+
+def test_growths_that_fall_due_together_overlap(
+    fake: FakeKernel, daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each resume waits until the other's has started too: one after the other, the first
+    would wait forever (the barrier breaks and that growth fails)."""
+    both = threading.Barrier(len(NAMES), timeout=PATIENCE)
+    for name in NAMES:
+        fake.draining[name] = both.wait
+        to_mark(fake, daemon, name)
+    daemon._check_events()
+    serve_until(daemon, lambda: all(growths(daemon, n) == 1 for n in NAMES), "not both grown")
+    assert not both.broken
+    no_internal_errors(caplog)
+
+
+def test_a_pool_whose_drain_stalls_holds_up_no_other(
+    fake: FakeKernel, daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    released = threading.Event()
+    fake.draining["b"] = lambda: released.wait(PATIENCE)
+    to_mark(fake, daemon, "b")
+    daemon._check_events()  # b's growth starts, and waits in its drain
+    to_mark(fake, daemon, "a")
+    daemon._check_events()
+    serve_until(daemon, lambda: growths(daemon, "a") == 1, "a waited behind b's drain")
+    assert daemon.reconcilers.busy("b") and growths(daemon, "b") == 0
+    to_mark(fake, daemon, "a")  # a second event of a while b still waits: served too
+    daemon._check_events()
+    serve_until(daemon, lambda: growths(daemon, "a") == 2, "a's second event waited")
+    released.set()
+    serve_until(daemon, lambda: growths(daemon, "b") == 1, "b never grew")
+    no_internal_errors(caplog)
+
+
+def test_a_stalled_backing_filesystem_holds_up_no_other_pool(
+    fake: FakeKernel, daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    thawed = threading.Event()
+    fake.stall("open", f"{tmp_path}/a/", lambda: thawed.wait(PATIENCE))  # the growth opens it
+    to_mark(fake, daemon, "a")
+    to_mark(fake, daemon, "b")
+    daemon._check_events()  # one pass, a first: a's growth stalls on its filesystem
+    serve_until(daemon, lambda: growths(daemon, "b") == 1, "b waited behind a's filesystem")
+    assert growths(daemon, "a") == 0
+    thawed.set()
+    serve_until(daemon, lambda: growths(daemon, "a") == 1, "a never grew")
+    no_internal_errors(caplog)
+
+
+def test_an_event_during_a_growth_is_served_after_it(
+    fake: FakeKernel, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's event fires once per resume: one that comes while a reconcile of the pool
+    runs (and may have read its status already) must lead to one more, not be dropped."""
+    reconciled: list[str] = []
+    reconcile = daemon.extender.reconcile
+
+    def counted(pool: Pool, *args: Any) -> object:
+        reconciled.append(pool.name)
+        return reconcile(pool, *args)
+
+    monkeypatch.setattr(daemon.extender, "reconcile", counted)
+    entered, released = threading.Event(), threading.Event()
+    fake.draining["a"] = lambda: (entered.set(), released.wait(PATIENCE))
+    to_mark(fake, daemon, "a")
+    daemon._check_events()
+    serve_until(daemon, entered.is_set, "a's growth did not start")
+    fake._event(fake.devices["a"])  # another event (its metadata, a mode change...)
+    daemon._check_events()  # while a's reconcile runs: kept for after it
+    assert reconciled == ["a"]
+    del fake.draining["a"]
+    released.set()
+    serve_until(daemon, lambda: reconciled == ["a", "a"], "the event was dropped")
+    serve_until(daemon, lambda: not daemon.reconcilers.busy("a"), "never settled")
+    assert growths(daemon, "a") == 1
+
+
+def test_a_pass_publishes_once_when_its_last_reconcile_is_done(
+    fake: FakeKernel, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    published: list[int] = []
+    monkeypatch.setattr(daemon, "_publish", lambda: published.append(sum(
+        growths(daemon, n) for n in NAMES)))  # fmt: skip
+    both = threading.Barrier(len(NAMES), timeout=PATIENCE)
+    for name in NAMES:
+        fake.draining[name] = both.wait
+        to_mark(fake, daemon, name)
+    daemon._check_events()
+    serve_until(daemon, lambda: bool(published), "never published")
+    daemon.reconcilers.run_until_idle(timeout=PATIENCE)
+    assert published == [2]  # once, with both growths in it
+
+
+def run_and_stop(daemon: Daemon, stop_after: float) -> float:
+    """Run the daemon (as the service does) and stop it after stop_after s; return how long
+    stopping took."""
+    stopped: list[float] = []
+
+    def stop() -> None:
+        stopped.append(time.monotonic())
+        daemon.stop()
+
+    daemon.loop.call_later(stop_after, stop)
+    daemon.run()
+    return time.monotonic() - stopped[0]
+
+
+def test_a_stop_lets_a_growth_in_flight_finish(fake: FakeKernel, daemon: Daemon) -> None:
+    """SIGTERM between a growth's suspend and its resume must not leave the pool suspended."""
+    released = threading.Event()
+
+    def drain() -> None:
+        released.wait(PATIENCE)
+
+    fake.draining["a"] = drain
+    to_mark(fake, daemon, "a")  # run() reads the event at once, and a's growth waits
+    threading.Timer(0.3, released.set).start()
+    took = run_and_stop(daemon, stop_after=0.1)
+    assert took >= 0.15, "stopped without waiting for the growth"
+    assert growths(daemon, "a") == 1
+    info = fake.info("a")
+    assert info is not None and not info.suspended
+
+
+def test_a_stop_waits_for_a_stalled_growth_only_so_long(
+    fake: FakeKernel,
+    daemon: Daemon,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(daemon_module, "STOP_WAIT_SECONDS", 0.3)
+    released = threading.Event()
+    fake.draining["a"] = lambda: released.wait(PATIENCE)
+    to_mark(fake, daemon, "a")
+    try:
+        took = run_and_stop(daemon, stop_after=0.1)
+    finally:
+        released.set()
+    assert took < PATIENCE / 2
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(said) == 1 and "pool(s) a are still being checked or grown" in said[0], said
