@@ -6,7 +6,10 @@ and grows the other pools must not wait for that. A job runs in a thread of a sm
 it ends, a byte on a pipe wakes the loop, which calls the job's ``done`` callback there, so
 daemon state is only ever touched from the loop's thread.
 
-Jobs are keyed (by pool name): one job per key at a time.
+Jobs are keyed (by pool name): one job per key at a time. Threads are started as jobs wait for
+one, up to max_threads; with stuck_after, a job that has run that long stops counting against
+it (a thread stuck on a stalled filesystem must not hold up the jobs queued behind it), up to
+THREAD_CAP threads in all. Few threads by default: every thread woken costs CPU on each pass.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from thinwatchd.events import EventLoop
+from thinwatchd.events import EventLoop, Timer
 
 __all__ = ["Workers"]
 
@@ -28,6 +32,8 @@ log = logging.getLogger("thinwatchd")
 
 #: Jobs running at once; more wait their turn (udev waits overlap, thin_checks share the CPUs).
 MAX_THREADS = 8
+#: Threads at most, stuck ones included.
+THREAD_CAP = 256
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -44,13 +50,21 @@ class _Job:
 class Workers:
     """Runs keyed jobs in threads and reports each result on the event loop."""
 
-    def __init__(self, loop: EventLoop, max_threads: int | None = None) -> None:
+    def __init__(
+        self, loop: EventLoop, max_threads: int | None = None, stuck_after: float | None = None
+    ) -> None:
         self._loop = loop
         self._max_threads = max_threads or MAX_THREADS
+        self._stuck_after = stuck_after
         # Daemon threads: a stop (SIGTERM) must not wait for a thin_check to finish.
         self._threads: list[threading.Thread] = []
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._running: dict[str, _Job] = {}
+        self._lock = threading.Lock()  # the counts below, kept by the threads too
+        self._waiting = 0  # jobs queued, not yet taken by a thread
+        self._idle = 0  # threads waiting for a job
+        self._since: dict[int, float | None] = {}  # thread -> when its current job started
+        self._review: Timer | None = None
         self._finished: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         loop.add_reader(self._wake_r, self._deliver)
@@ -58,6 +72,11 @@ class Workers:
     def busy(self, key: str) -> bool:
         """Return whether a job for key is running (its result not yet delivered)."""
         return key in self._running
+
+    @property
+    def threads(self) -> int:
+        """Return how many threads were started (they wait for jobs until close)."""
+        return len(self._threads)
 
     def keys(self) -> list[str]:
         """Return the keys of the jobs running (their results not yet delivered)."""
@@ -69,11 +88,10 @@ class Workers:
             return False
         item = _Job(key, job, done)
         self._running[key] = item
+        with self._lock:
+            self._waiting += 1
         self._queue.put(item)
-        if len(self._threads) < min(self._max_threads, len(self._running)):
-            thread = threading.Thread(target=self._work, name="thinwatchd-job", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._staff()
         return True
 
     def run_until_idle(self, timeout: float | None = None) -> None:
@@ -87,6 +105,8 @@ class Workers:
 
     def close(self) -> None:
         """Stop the threads once their current job ends; undelivered results are dropped."""
+        if self._review is not None:
+            self._review.cancel()
         for _ in self._threads:
             self._queue.put(None)
         # The pipe stays open: a thread finishing its last job still writes to it (closing it
@@ -95,13 +115,56 @@ class Workers:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _spare(self) -> int:
+        """Return how many threads may still be started."""
+        live = len(self._threads)
+        if self._stuck_after is not None:
+            now = time.monotonic()
+            live -= sum(
+                1
+                for since in list(self._since.values())
+                if since is not None and now - since >= self._stuck_after
+            )
+        return max(0, min(self._max_threads - live, THREAD_CAP - len(self._threads)))
+
+    def _staff(self) -> None:
+        """Start a thread for each job no idle thread will take, as far as _spare allows; if
+        some must still wait, look again once a busy thread may count as stuck."""
+        with self._lock:
+            unserved = self._waiting - self._idle
+        for _ in range(min(unserved, self._spare()) if unserved > 0 else 0):
+            thread = threading.Thread(target=self._work, name="thinwatchd-job", daemon=True)
+            self._since[id(thread)] = None
+            thread.start()
+            self._threads.append(thread)
+            unserved -= 1
+        if unserved > 0 and self._stuck_after is not None and self._review is None:
+            self._review = self._loop.call_later(self._stuck_after, self._look_again)
+
+    def _look_again(self) -> None:
+        self._review = None
+        if self._running:
+            self._staff()
+
     def _work(self) -> None:
         """A worker thread: run jobs until told to stop, waking the loop after each."""
-        while (job := self._queue.get()) is not None:
+        me = id(threading.current_thread())
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+                if job is not None:
+                    self._waiting -= 1
+            if job is None:
+                return
+            self._since[me] = time.monotonic()
             try:
                 job.result = job.run()
             except BaseException as exc:  # delivered to the loop, which decides
                 job.error = exc
+            self._since[me] = None
             self._finished.put(job)
             with contextlib.suppress(OSError):
                 os.write(self._wake_w, b"!")

@@ -26,6 +26,7 @@ from thinwatchd.events import EventLoop
 from thinwatchd.notify import Notifier
 from thinwatchd.pool import Kernel, Pool
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.workers import Workers
 
 NAMES = ("a", "b")
 #: Long enough for a growth on the fake kernel many times over; a test that waits this long
@@ -40,7 +41,21 @@ def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, kernel: Kernel) -> Iterator[Daemon]:
+def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The daemon's reconcile threads: its own ("default"), or "one" that counts as stuck after
+    0.1 s (a stalled pool's thread must not hold up the pools queued behind it)."""
+    which = getattr(request, "param", "default")
+    if which == "one":
+        monkeypatch.setattr(daemon_module, "RECONCILE_THREADS", 1)
+        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 0.1)
+    return str(which)
+
+
+both_thread_counts = pytest.mark.parametrize("threads", ["default", "one"], indirect=True)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, kernel: Kernel, threads: str) -> Iterator[Daemon]:
     """Two pools, each in a directory of its own, on a real clock."""
     pools = {
         name: {
@@ -90,6 +105,7 @@ def no_internal_errors(caplog: pytest.LogCaptureFixture) -> None:
     assert not [r for r in caplog.records if r.levelno >= logging.CRITICAL], caplog.text
 
 
+@both_thread_counts
 def test_growths_that_fall_due_together_overlap(
     fake: FakeKernel, daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -105,6 +121,7 @@ def test_growths_that_fall_due_together_overlap(
     no_internal_errors(caplog)
 
 
+@both_thread_counts
 def test_a_pool_whose_drain_stalls_holds_up_no_other(
     fake: FakeKernel, daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -124,6 +141,7 @@ def test_a_pool_whose_drain_stalls_holds_up_no_other(
     no_internal_errors(caplog)
 
 
+@both_thread_counts
 def test_a_stalled_backing_filesystem_holds_up_no_other_pool(
     fake: FakeKernel, daemon: Daemon, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -231,3 +249,20 @@ def test_a_stop_waits_for_a_stalled_growth_only_so_long(
     assert took < PATIENCE / 2
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(said) == 1 and "pool(s) a are still being checked or grown" in said[0], said
+
+
+def test_a_burst_of_quick_jobs_wakes_few_threads() -> None:
+    """A safety check submits every pool at once: most take a millisecond, and each thread
+    woken costs CPU, so no more than max_threads are started for them."""
+    loop = EventLoop()
+    workers = Workers(loop, max_threads=4, stuck_after=0.5)
+    done: list[int] = []
+    try:
+        for i in range(64):
+            workers.submit(str(i), lambda i=i: i, lambda result, _error: done.append(result))
+        workers.run_until_idle(timeout=PATIENCE)
+        assert sorted(done) == list(range(64))
+        assert workers.threads <= 4
+    finally:
+        workers.close()
+        loop.close()
