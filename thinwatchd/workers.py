@@ -65,6 +65,7 @@ class Workers:
         self._idle = 0  # threads waiting for a job
         self._since: dict[int, float | None] = {}  # thread -> when its current job started
         self._review: Timer | None = None
+        self._start_failed = False  # said once until a thread starts again
         self._finished: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         loop.add_reader(self._wake_r, self._deliver)
@@ -135,11 +136,20 @@ class Workers:
         for _ in range(min(unserved, self._spare()) if unserved > 0 else 0):
             thread = threading.Thread(target=self._work, name="thinwatchd-job", daemon=True)
             self._since[id(thread)] = None
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError as exc:  # EAGAIN: the unit's TasksMax=, the host's pid_max
+                del self._since[id(thread)]
+                if not self._start_failed:
+                    log.warning("cannot start a worker thread (%s); %d job(s) wait for the %d "
+                                "running", exc, unserved, len(self._threads))  # fmt: skip
+                self._start_failed = True
+                break
+            self._start_failed = False
             self._threads.append(thread)
             unserved -= 1
-        if unserved > 0 and self._stuck_after is not None and self._review is None:
-            self._review = self._loop.call_later(self._stuck_after, self._look_again)
+        if unserved > 0 and self._review is None and (self._stuck_after or self._start_failed):
+            self._review = self._loop.call_later(self._stuck_after or 1.0, self._look_again)
 
     def _look_again(self) -> None:
         self._review = None

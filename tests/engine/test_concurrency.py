@@ -266,3 +266,31 @@ def test_a_burst_of_quick_jobs_wakes_few_threads() -> None:
     finally:
         workers.close()
         loop.close()
+
+
+def test_a_thread_that_cannot_start_is_said_once_and_started_later(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """EAGAIN from clone (the unit's TasksMax=, the host's pid_max): the jobs wait, not fail."""
+    start, refusals = threading.Thread.start, [3]
+
+    def refused(thread: threading.Thread) -> None:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    loop = EventLoop()
+    workers = Workers(loop, max_threads=2, stuck_after=0.1)
+    done: list[str] = []
+    try:
+        for key in ("a", "b"):
+            workers.submit(key, lambda key=key: key, lambda result, _error: done.append(result))
+        workers.run_until_idle(timeout=PATIENCE)
+    finally:
+        workers.close()
+        loop.close()
+    assert sorted(done) == ["a", "b"] and refusals == [0]
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(said) == 1 and "cannot start a worker thread" in said[0], said
