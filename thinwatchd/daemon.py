@@ -65,6 +65,9 @@ _EVENT_RETRY_SECONDS = 1.0
 #: and file syscall they wait in. Few threads: each woken costs CPU on every safety check
 #: (with 32, a 64-pool daemon idled at 1.5x the CPU of 8, under TCG).
 RECONCILE_THREADS = 8
+#: Safety-check reconciles at once (hundreds, each a millisecond): threads contending for the
+#: GIL cost more than the checks.
+SURVEY_THREADS = 1
 #: A reconcile running this long (a stalled backing filesystem, a drain under heavy writeback)
 #: no longer counts against RECONCILE_THREADS: the pools queued behind it get a thread.
 STUCK_SECONDS = 0.5
@@ -109,7 +112,12 @@ class _Pass:
 
 def reconcile_workers(loop: EventLoop) -> Workers:
     """The worker threads that reconcile pools (tests swap in ones that run inline)."""
-    return Workers(loop, max_threads=RECONCILE_THREADS, stuck_after=STUCK_SECONDS)
+    return Workers(
+        loop,
+        max_threads=RECONCILE_THREADS,
+        stuck_after=STUCK_SECONDS,
+        background_threads=SURVEY_THREADS,
+    )
 
 
 class Daemon:
@@ -480,7 +488,7 @@ class Daemon:
         look = self.extender.new_pass(survey=survey)
         reconciles = _Pass(self._publish)
         for managed in pools:
-            self._reconcile_in(look, managed, woke, reconciles)
+            self._reconcile_in(look, managed, woke, reconciles, survey)
         reconciles.done()
 
     def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
@@ -488,12 +496,21 @@ class Daemon:
         self._pass([managed], woke)
 
     def _reconcile_in(
-        self, look: BackingLook, managed: ManagedPool, woke: float | None, reconciles: _Pass
+        self,
+        look: BackingLook,
+        managed: ManagedPool,
+        woke: float | None,
+        reconciles: _Pass,
+        survey: bool,
     ) -> None:
+        """Submit one pool's reconcile: a survey's in the background lane (one thread, taken
+        after every event's), an event's in the urgent lane."""
         name = managed.pool.name
         if self.workers.busy(name):
             return  # being rebuilt in a worker; checked when that is done
         if self.reconcilers.busy(name):
+            if survey or self.reconcilers.hurry(name):
+                return  # one is running, or one that has not read the status yet is moved up
             # Its status may have moved since that reconcile read it: once more after it.
             managed.again = True
             if woke is not None:
@@ -504,6 +521,7 @@ class Daemon:
             name,
             functools.partial(self.extender.reconcile, managed.pool, managed.state, woke, look),
             functools.partial(self._reconciled, managed, reconciles),
+            background=survey,
         )
 
     def _reconciled(

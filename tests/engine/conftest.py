@@ -46,7 +46,12 @@ class InlineWorkers:
     def keys(self) -> list[str]:
         return list(self._running)
 
-    def submit(self, key: str, job: Callable[[], Any], done: Callable[..., None]) -> bool:
+    def hurry(self, key: str) -> bool:
+        return False  # nothing ever waits for a thread here
+
+    def submit(
+        self, key: str, job: Callable[[], Any], done: Callable[..., None], background: bool = False
+    ) -> bool:
         if key in self._running:
             return False
         self._running.add(key)

@@ -48,6 +48,8 @@ def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     if which == "one":
         monkeypatch.setattr(daemon_module, "RECONCILE_THREADS", 1)
         monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 0.1)
+    elif which == "never stuck":
+        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 60.0)
     return str(which)
 
 
@@ -294,3 +296,60 @@ def test_a_thread_that_cannot_start_is_said_once_and_started_later(
     assert sorted(done) == ["a", "b"] and refusals == [0]
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(said) == 1 and "cannot start a worker thread" in said[0], said
+
+
+@pytest.mark.parametrize("threads", ["never stuck"], indirect=True)
+def test_an_event_moves_its_pool_up_from_a_stalled_safety_check(
+    fake: FakeKernel, daemon: Daemon
+) -> None:
+    """The safety check's reconciles go one at a time (a background lane). One stalls (a's
+    growth, in its drain); b, queued behind it, reaches its mark: b's event moves b's reconcile
+    up, rather than leaving it behind a's."""
+    released = threading.Event()
+    fake.draining["a"] = lambda: released.wait(PATIENCE)
+    to_mark(fake, daemon, "a")  # the check, not its event, finds a at its mark
+    daemon._pass(list(daemon.pools.values()), survey=True)
+    serve_until(daemon, lambda: daemon.reconcilers.busy("b"), "no check of b")
+    to_mark(fake, daemon, "b")
+    daemon._check_events()
+    try:
+        serve_until(daemon, lambda: growths(daemon, "b") == 1, "b waited behind a's check")
+        assert growths(daemon, "a") == 0
+    finally:
+        released.set()
+    serve_until(daemon, lambda: growths(daemon, "a") == 1, "a never grew")
+
+
+def test_a_safety_check_runs_in_one_thread_and_events_go_first() -> None:
+    """Background jobs (a check's) run one at a time and wake one thread; an urgent job (an
+    event's) gets a thread of its own while they wait."""
+    loop = EventLoop()
+    workers = Workers(loop, max_threads=8, stuck_after=PATIENCE * 2, background_threads=1)
+    held = threading.Event()
+    done: list[str] = []
+
+    def record(result: str, _error: BaseException | None) -> None:
+        done.append(result)
+
+    try:
+        workers.submit("held", lambda: held.wait(PATIENCE) and "held", record, background=True)
+        for i in range(63):
+            workers.submit(f"check{i}", lambda i=i: f"check{i}", record, background=True)
+        workers.submit("event", lambda: "event", record)
+        serve = time.monotonic()
+        while "event" not in done:
+            assert time.monotonic() - serve < PATIENCE, "the event waited behind the check"
+            loop.run_once(max_wait=0.01)
+        assert done == ["event"] and workers.threads == 2
+        assert workers.hurry("check5") and not workers.hurry("held")
+        while "check5" not in done:  # moved up: taken by the idle thread, the lane still held
+            assert time.monotonic() - serve < PATIENCE, "a hurried job still waited"
+            loop.run_once(max_wait=0.01)
+        assert done == ["event", "check5"]
+        held.set()
+        workers.run_until_idle(timeout=PATIENCE)
+        assert done[2:4] == ["held", "check0"] and len(done) == 65 and workers.threads == 2
+    finally:
+        held.set()
+        workers.close()
+        loop.close()
