@@ -17,7 +17,12 @@ with a daemon of its own (one instance per host) and its pools' files on the scr
 - ``B1`` and ``W8``, the controls (``--no-controls``: none): B's pools with A's one writer (the
   pool count alone), and as many pools as B has writers, each written (the writers alone);
 - ``C``: ``--idle-pools`` pools (0: none): start-up and idle CPU only, if the time budget
-  (``--budget-s``) still allows it.
+  (``--budget-s``) still allows it;
+- ``F1`` and ``F8``, the floor (``--no-floor``: none): no daemon, pools built by ioctl
+  (bench/fill_bench.py's ManualPool), pre-sized for their writer; 1, then ``--writers``, writers
+  of ``--b-mib``, and one thread per pool doing the four growth steps by ioctl (ftruncate,
+  LOOP_SET_CAPACITY, TABLE_LOAD, resume) every 0.25 s while its writer runs. The ratio F8 / F1
+  is what the load alone does to a growth, with no daemon to blame.
 
 After READY=1 every phase first waits (up to ``--settle-cap``) until the daemon has read every
 kernel uevent queued on its udev monitor's netlink socket (/proc/net/netlink): start-up's loop
@@ -517,7 +522,46 @@ def phase(
     return out
 
 
+def floor_phase(dm: Any, directory: Path, label: str, writers: int, mib: int) -> dict[str, Any]:
+    """Growth-step times by ioctl (no daemon) while writers fill their pools."""
+    import threading
+
+    from bench.fill_bench import ManualPool, dd
+
+    say(f"{label}: {writers} pool(s) by ioctl, {writers} writer(s) of {mib} MiB")
+    pools = [ManualPool(dm, directory, (mib + 256) * MiB, 32768, True) for _ in range(writers)]
+    times: list[float] = []
+    try:
+        running = [threading.Thread(target=dd, args=(p.thin, mib)) for p in pools]
+
+        def grow(pool: Any, writer: threading.Thread) -> None:
+            time.sleep(0.2)
+            while writer.is_alive():
+                times.append(pool.grow(64 * MiB) * 1000)
+                time.sleep(0.25)
+
+        growers = [
+            threading.Thread(target=grow, args=pair) for pair in zip(pools, running, strict=True)
+        ]
+        started = time.monotonic()
+        for t in running + growers:
+            t.start()
+        for t in running + growers:
+            t.join()
+        wall = time.monotonic() - started
+    finally:
+        for pool in pools:
+            pool.close()
+    out = {"phase": label, "pools": writers, "floor_ms": dist(times), "wall_s": round(wall, 1)}
+    say(f"{label}: {len(times)} growths by ioctl, ms {out['floor_ms']}")
+    return out
+
+
 # -- summary ------------------------------------------------------------------------------------
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "-"
 
 
 def e2g_of(phases: list[dict[str, Any]]) -> list[float]:
@@ -638,6 +682,17 @@ def summarize(result: dict[str, Any]) -> str:
             f"| {max(passes.values(), default=0)} ({shared}) | {fmt(per, 1)} "
             f"| {w['mib_per_s']} |"
         )
+    floors = result.get("floor") or []
+    if len(floors) == 2:
+        f1, fn = (f["floor_ms"] for f in floors)
+        lines += ["", "Floor, no daemon (four growth steps by ioctl, as often as every 0.25 s per "
+                  "pool, while the writers run): " + "; ".join(
+                      f"{f['phase']} p50 / p90 / p99 / max {fmt(f['floor_ms']['p50'])} / "
+                      f"{fmt(f['floor_ms']['p90'])} / {fmt(f['floor_ms']['p99'])} / "
+                      f"{fmt(f['floor_ms']['max'])} ms ({f['floor_ms']['n']} growths)"
+                      for f in floors)
+                  + f"; {floors[1]['phase']} / F1: p50 {ratio(fn['p50'], f1['p50'])}, p99 "
+                  f"{ratio(fn['p99'], f1['p99'])}."]  # fmt: skip
     env = result.get("env", {})
     lines += [
         "",
@@ -673,6 +728,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=780.0,
         help="skip phase C if it would end the run later than this",
     )
+    parser.add_argument("--no-floor", action="store_true", help="skip F1 and F8 (no daemon)")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--writer-deadline", type=float, default=300.0)
     args = parser.parse_args(argv)
@@ -742,6 +798,11 @@ def main() -> None:
             else:
                 result["skipped_c"] = f"{elapsed:.0f} s gone, C needs ~{need:.0f} s"
                 say(f"phase C skipped: {result['skipped_c']}")
+        if not args.no_floor:
+            result["floor"] = [
+                floor_phase(dm, directory, "F1", 1, args.b_mib),
+                floor_phase(dm, directory, f"F{args.writers}", args.writers, args.b_mib),
+            ]
         save()
     with contextlib.suppress(OSError):
         directory.rmdir()
