@@ -233,9 +233,13 @@ class Workers:
                 if job.background:
                     self._in_background.remove(job)
                     self._ready.notify()
+                # A background job's result can wait for the last one queued: waking the loop
+                # for each costs more than the jobs (two context switches and the GIL, each).
+                quiet = job.background and bool(self._background)
             self._finished.put(job)
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"!")
+            if not quiet:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"!")
 
     def _deliver(self) -> None:
         """On the loop: call done for every finished job."""
