@@ -9,10 +9,11 @@ events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) a
 (stop; pools stay up, their consumers depend on them).
 
 The loop only decides which pools to look at. Each pool's reconcile (status read, growth)
-runs in a worker thread of its own, side by side with the others', and reports back on the
+runs in a worker thread (workers.py), side by side with the others', and reports back on the
 loop: a growth's resume waits for its pool's I/O to drain, and one pool's drain, or a stalled
-backing filesystem, must not hold up another pool's growth. One reconcile per pool at a time;
-an event for a pool being reconciled is served by one more reconcile after it.
+backing filesystem, must not hold up another pool's growth. An event's reconciles go first; the
+safety check's run one at a time behind them. One reconcile per pool at a time; an event for a
+pool being reconciled is served by one more reconcile after it.
 """
 
 from __future__ import annotations
