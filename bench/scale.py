@@ -21,8 +21,9 @@ with a daemon of its own (one instance per host) and its pools' files on the scr
 - ``F1`` and ``F8``, the floor (``--no-floor``: none): no daemon, pools built by ioctl
   (bench/fill_bench.py's ManualPool), pre-sized for their writer; 1, then ``--writers``, writers
   of ``--b-mib``, and one thread per pool doing the four growth steps by ioctl (ftruncate,
-  LOOP_SET_CAPACITY, TABLE_LOAD, resume) every 0.25 s while its writer runs. The ratio F8 / F1
-  is what the load alone does to a growth, with no daemon to blame.
+  LOOP_SET_CAPACITY, TABLE_LOAD, resume) every ``--floor-every`` s while its writer runs. The
+  ratio F8 / F1 is what the load alone does to a growth, with no daemon to blame
+  (``--only-floor``: these phases alone).
 
 After READY=1 every phase first waits (up to ``--settle-cap``) until the daemon has read every
 kernel uevent queued on its udev monitor's netlink socket (/proc/net/netlink): start-up's loop
@@ -522,8 +523,11 @@ def phase(
     return out
 
 
-def floor_phase(dm: Any, directory: Path, label: str, writers: int, mib: int) -> dict[str, Any]:
-    """Growth-step times by ioctl (no daemon) while writers fill their pools."""
+def floor_phase(
+    dm: Any, directory: Path, label: str, writers: int, mib: int, every: float
+) -> dict[str, Any]:
+    """Growth-step times by ioctl (no daemon) while writers fill their pools, each pool grown
+    every `every` seconds (the daemon's B grows each of its 8 written pools every 5-6 s)."""
     import threading
 
     from bench.fill_bench import ManualPool, dd
@@ -538,7 +542,7 @@ def floor_phase(dm: Any, directory: Path, label: str, writers: int, mib: int) ->
             time.sleep(0.2)
             while writer.is_alive():
                 times.append(pool.grow(64 * MiB) * 1000)
-                time.sleep(0.25)
+                time.sleep(every)
 
         growers = [
             threading.Thread(target=grow, args=pair) for pair in zip(pools, running, strict=True)
@@ -685,7 +689,8 @@ def summarize(result: dict[str, Any]) -> str:
     floors = result.get("floor") or []
     if len(floors) == 2:
         f1, fn = (f["floor_ms"] for f in floors)
-        lines += ["", "Floor, no daemon (four growth steps by ioctl, as often as every 0.25 s per "
+        every = result["args"].get("floor_every", 0.25)
+        lines += ["", f"Floor, no daemon (four growth steps by ioctl, every {every:g} s per "
                   "pool, while the writers run): " + "; ".join(
                       f"{f['phase']} p50 / p90 / p99 / max {fmt(f['floor_ms']['p50'])} / "
                       f"{fmt(f['floor_ms']['p90'])} / {fmt(f['floor_ms']['p99'])} / "
@@ -729,6 +734,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip phase C if it would end the run later than this",
     )
     parser.add_argument("--no-floor", action="store_true", help="skip F1 and F8 (no daemon)")
+    parser.add_argument(
+        "--floor-every", type=float, default=2.0, help="seconds between a floor pool's growths"
+    )
+    parser.add_argument("--only-floor", action="store_true", help="no daemon phases")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--writer-deadline", type=float, default=300.0)
     args = parser.parse_args(argv)
@@ -778,14 +787,16 @@ def main() -> None:
             save()
             return phases[-1]
 
-        run("A", 1, 1, args.a_mib, True)
-        b = run("B", args.pools, args.writers, args.b_mib, True)
-        if not args.no_a2:
+        b: dict[str, Any] = {}
+        if not args.only_floor:
+            run("A", 1, 1, args.a_mib, True)
+            b = run("B", args.pools, args.writers, args.b_mib, True)
+        if not args.no_a2 and not args.only_floor:
             run("A2", 1, 1, args.a_mib, False)
-        if not args.no_controls:
+        if not args.no_controls and not args.only_floor:
             run("B1", args.pools, 1, args.a_mib, False)  # the pool count alone
             run("W8", args.writers, args.writers, args.b_mib, False)  # the writers alone
-        if args.idle_pools:
+        if args.idle_pools and not args.only_floor:
             # start-up and teardown linear in the pools, the settle (the uevent backlog read
             # after READY=1) quadratic, with a margin
             n = args.idle_pools / args.pools
@@ -800,8 +811,10 @@ def main() -> None:
                 say(f"phase C skipped: {result['skipped_c']}")
         if not args.no_floor:
             result["floor"] = [
-                floor_phase(dm, directory, "F1", 1, args.b_mib),
-                floor_phase(dm, directory, f"F{args.writers}", args.writers, args.b_mib),
+                floor_phase(dm, directory, "F1", 1, args.b_mib, args.floor_every),
+                floor_phase(
+                    dm, directory, f"F{args.writers}", args.writers, args.b_mib, args.floor_every
+                ),
             ]
         save()
     with contextlib.suppress(OSError):

@@ -35,6 +35,7 @@ __all__ = [
     "ASSUMED_GROWTH_SECONDS",
     "LULL_WRITEBACK_BYTES",
     "MAX_AMPLIFICATION",
+    "MAX_PLANNED_GROWTH_SECONDS",
     "SAFETY_FACTOR",
     "BackingFs",
     "Decision",
@@ -68,6 +69,10 @@ ADAPTIVE_CAP_BYTES = 16 * 1024**3
 LULL_WRITEBACK_BYTES = 16 * 1024**2
 #: Growth time assumed while none has been measured (the measured floor is ~0.1 s under load).
 ASSUMED_GROWTH_SECONDS = 0.5
+#: A longer growth was stalled (a frozen backing filesystem, seconds behind other work) and says
+#: nothing about the next: one that took 60 s made the next step fill rate x 60 s (7.7 GiB for
+#: a 64 MiB pool). The slowest measured under load was 1.4 s (heavy writeback).
+MAX_PLANNED_GROWTH_SECONDS = 5.0
 #: calc_metadata_threshold(): min(1024 blocks = 4 MiB, a quarter of the metadata device).
 _KERNEL_META_WATERMARK = 1024
 #: Amplification is measured over at least this much writeback, and never taken above this.
@@ -245,7 +250,7 @@ def _min_total_clear(used: int, percent: float) -> int:
 
 
 def _growth_seconds(history: FillHistory) -> float:
-    return history.growth_seconds or ASSUMED_GROWTH_SECONDS
+    return min(history.growth_seconds or ASSUMED_GROWTH_SECONDS, MAX_PLANNED_GROWTH_SECONDS)
 
 
 def _base_mark(

@@ -13,6 +13,7 @@ from thinwatchd.policy import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
     ASSUMED_GROWTH_SECONDS,
+    MAX_PLANNED_GROWTH_SECONDS,
     SAFETY_FACTOR,
     BackingFs,
     Decision,
@@ -314,6 +315,18 @@ def test_adaptive_mark_is_capped() -> None:
     h = writer(rate=100 * GiB, growth=30.0)  # a glitch: a growth stalled for 30 s
     assert low_water_mark(settings_, 1024, h) == ADAPTIVE_CAP_BYTES // BB
     assert low_water_mark(pool(low_water_mark=10**9), 1024, h) == 10**9  # the floor is the user's
+
+
+def test_a_stalled_growth_does_not_balloon_the_next() -> None:
+    """A growth that waited 60 s behind a frozen filesystem plans the next one as if it had
+    taken MAX_PLANNED_GROWTH_SECONDS: seen once as 64 MiB -> 7.8 GiB at 100 MiB/s."""
+    settings_ = pool(low_water_mark=16, data=DataGrowth(step=64 * MiB, adaptive_low_water=False))
+    stalled = writer(100 * MiB, growth=60.0)
+    capped = replace(stalled, growth_seconds=MAX_PLANNED_GROWTH_SECONDS)
+    now = status(1020, 1024)
+    d = grow(decide_data(now, settings_, fs_for(64 * MiB), stalled))
+    assert d == grow(decide_data(now, settings_, fs_for(64 * MiB), capped))
+    assert d.new_size <= 64 * MiB + 100 * MiB * MAX_PLANNED_GROWTH_SECONDS + 64 * MiB
 
 
 def test_fast_writer_gets_a_bigger_growth() -> None:
