@@ -79,6 +79,12 @@ class BackingFiles:
             space = self._spaces.get(look.info.dev)
             return None if space is None else space[1].free
 
+    def allocated(self, path: str) -> int | None:
+        """Return the bytes path takes on its filesystem as last looked at (None: never)."""
+        with self.lock:
+            look = self._files.get(path)
+            return None if look is None or look.info is None else look.info.allocated
+
     # -- the pass's work -------------------------------------------------------------------
 
     def _store(self, path: str, info: FileInfo | None, at: int) -> None:

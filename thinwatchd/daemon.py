@@ -691,11 +691,12 @@ class Daemon:
         out = []
         for managed in self.pools.values():
             pool, state = managed.pool, managed.state
-            free = self.extender.backing.free(str(pool.settings.data_file))
+            data_file = str(pool.settings.data_file)
             out.append(PoolMetrics(
                 pool.name, pool.block_bytes, state.status, state.growths["data"],
                 state.growths["metadata"], state.failures,
-                state.last_growth.seconds if state.last_growth else None, free,
+                state.last_growth.seconds if state.last_growth else None,
+                self.extender.backing.free(data_file), self.extender.backing.allocated(data_file),
             ))  # fmt: skip
         return out
 

@@ -100,9 +100,14 @@ class PoolState:
     event_nr: int = -1
 
 
-def pool_fields(pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
-    """Return the structured journal fields describing a pool's state."""
+def pool_fields(
+    pool: Pool, status: ThinPoolStatus | None, allocated: int | None = None
+) -> dict[str, object]:
+    """Return the structured journal fields describing a pool's state; allocated is what its
+    data file takes on disk (beyond the data in use: what discards would give back)."""
     fields: dict[str, object] = {"POOL": pool.name}
+    if allocated is not None:
+        fields["DATA_FILE_ALLOCATED_BYTES"] = allocated
     if isinstance(status, ThinPoolWorkingStatus):
         usage = status.usage_bytes(pool.block_bytes)
         fields |= {
@@ -154,6 +159,11 @@ class Extender:
         self._writeback_error: str | None = None  # the last failed read, said once
 
     # -- passes ----------------------------------------------------------------------------
+
+    def _fields(self, pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
+        """pool_fields, with the data file's allocated bytes as last looked at."""
+        allocated = self.backing.allocated(str(pool.settings.data_file))
+        return pool_fields(pool, status, allocated)
 
     def watch(self, pool: Pool) -> None:
         """Count the pool's files among those that share its filesystems (a pool just built)."""
@@ -493,7 +503,7 @@ class Extender:
             logging.INFO,
             MessageId.DATA_GROWN if data else MessageId.METADATA_GROWN,
             f"{describe(decision)}; done in {seconds * 1000:.0f} ms",
-            pool_fields(pool, status)
+            self._fields(pool, status)
             | {
                 "TARGET": decision.target,
                 "OLD_SIZE_BYTES": decision.old_size,
@@ -535,7 +545,7 @@ class Extender:
             logging.ERROR,
             MessageId.GROWTH_FAILED,
             f"{what}; retrying with backoff (next in {delay:g} s)",
-            pool_fields(pool, state.status) | {"TARGET": target},
+            self._fields(pool, state.status) | {"TARGET": target},
         )
 
     def _note_backing(
@@ -558,7 +568,7 @@ class Extender:
                     f"pool may still write {format_bytes(short)} into holes of that file; those "
                     f"writes will fail with EIO. Free space there or lower "
                     f"pools.{pool.name}.reserve; when_full applies meanwhile",
-                    pool_fields(pool, status) | {"SHORTFALL_BYTES": short},
+                    self._fields(pool, status) | {"SHORTFALL_BYTES": short},
                 )
             else:
                 log.info("pool %s: the filesystem under %s has room again", pool.name, path)
@@ -617,7 +627,7 @@ class Extender:
                 logging.ERROR if error else logging.INFO,
                 MessageId.POOL_MODE_CHANGED,
                 f"pool {pool.name}: switched to {policy.value}: {why}",
-                pool_fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
+                self._fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
             )
 
     # -- reporting -------------------------------------------------------------------------
@@ -636,7 +646,7 @@ class Extender:
                     logging.ERROR,
                     MessageId.GROWTH_REFUSED,
                     describe(decision),
-                    pool_fields(pool, status) | {"TARGET": target, "REASON": key},
+                    self._fields(pool, status) | {"TARGET": target, "REASON": key},
                 )
         elif before is not None and isinstance(decision, (Grow, NoAction)):
             del state.refusals[target]
@@ -670,4 +680,4 @@ class Extender:
             level = logging.CRITICAL
             text += ": the pool has failed; its metadata needs thin_check and thin_repair"
         event(level, MessageId.POOL_MODE_CHANGED, text,
-              pool_fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip
+              self._fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip

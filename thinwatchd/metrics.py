@@ -34,6 +34,7 @@ class PoolMetrics:
     failures: int
     last_growth_seconds: float | None
     backing_fs_free_bytes: int | None
+    data_file_allocated_bytes: int | None = None
 
 
 def _escape(value: str) -> str:
@@ -96,6 +97,15 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 "Duration of the last growth.",
                 p.name,
                 p.last_growth_seconds,
+            )
+        if p.data_file_allocated_bytes is not None:
+            add(
+                "thinwatchd_data_file_allocated_bytes",
+                "gauge",
+                "Bytes the data file takes on its filesystem; beyond thinwatchd_data_used_bytes, "
+                "what discards (fstrim) would give back.",
+                p.name,
+                p.data_file_allocated_bytes,
             )
         if p.backing_fs_free_bytes is not None:
             add(

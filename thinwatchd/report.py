@@ -12,7 +12,11 @@ from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
 from thinwatchd.units import SECTOR_BYTES, format_bytes
 
-__all__ = ["PoolReport", "format_table", "pool_report"]
+__all__ = ["RECLAIM_HINT_BYTES", "PoolReport", "format_table", "pool_report"]
+
+#: Allocated beyond the data in use, from which the table says how to give it back (and at
+#: least a tenth of what the file takes).
+RECLAIM_HINT_BYTES = 1024**3
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class PoolReport:
     needs_check: bool | None = None
     data_file: str = ""
     data_file_size: int | None = None
+    data_file_allocated: int | None = None  # what the file takes on disk (st_blocks)
+    reclaimable: int | None = None  # allocated beyond the data in use: what discards give back
     backing_fs_free: int | None = None
     error: str | None = None
 
@@ -43,15 +49,17 @@ class PoolReport:
 def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     """Return the live report for one configured pool; never raises for a pool-level problem."""
     size: int | None = None
+    allocated: int | None = None
     free: int | None = None
     try:
-        size = os.stat(settings.data_file).st_size
+        st = os.stat(settings.data_file)
+        size, allocated = st.st_size, st.st_blocks * 512
         free = Files().space(str(settings.data_file)).free
     except (OSError, ThinwatchError):
         pass
     base = PoolReport(
         settings.name, False, "absent", data_file=str(settings.data_file),
-        data_file_size=size, backing_fs_free=free,
+        data_file_size=size, data_file_allocated=allocated, backing_fs_free=free,
     )  # fmt: skip
     try:
         info = dm.info(settings.name)
@@ -68,8 +76,10 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     if not isinstance(status, ThinPoolWorkingStatus):
         return replace(base, active=True, mode=str(status))
     block = params.data_block_size * SECTOR_BYTES
+    used = status.usage_bytes(block).data_used
     return replace(
         base,
+        reclaimable=None if allocated is None else max(0, allocated - used),
         active=True,
         mode="suspended" if info.suspended else status.mode.value,
         **status.usage_bytes(block)._asdict(),
@@ -91,7 +101,7 @@ def _pct(value: float | None) -> str:
 
 def format_table(reports: list[PoolReport]) -> str:
     """Return an lvs-like table, one line per pool."""
-    rows = [("POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "FS FREE")]
+    rows = [("POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "ALLOCATED", "FS FREE")]
     for r in reports:
         mode = r.mode + (",needs_check" if r.needs_check else "")
         rows.append(
@@ -102,6 +112,7 @@ def format_table(reports: list[PoolReport]) -> str:
                 _pct(r.metadata_percent),
                 mode,
                 _size(r.data_file_size),
+                _size(r.data_file_allocated),
                 _size(r.backing_fs_free),
             )
         )
@@ -113,4 +124,16 @@ def format_table(reports: list[PoolReport]) -> str:
     for r in reports:
         if r.error:
             lines.append(f"{r.name}: {r.error}")
+        elif _worth_reclaiming(r):
+            lines.append(
+                f"{r.name}: {_size(r.reclaimable)} of {r.data_file} is allocated beyond the "
+                f"{_size(r.data_used)} in use; fstrim the filesystems on its thin volumes (for "
+                "containerd's devmapper snapshotter: discard_blocks = true) to give it back"
+            )
     return "\n".join(lines)
+
+
+def _worth_reclaiming(r: PoolReport) -> bool:
+    if r.reclaimable is None or r.data_file_allocated is None:
+        return False
+    return r.reclaimable >= max(RECLAIM_HINT_BYTES, r.data_file_allocated // 10)

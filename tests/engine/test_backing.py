@@ -7,6 +7,7 @@ real, their filesystem is not theirs alone).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import FsSpace
 from thinwatchd.kernel.fs import Files
+from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
 from thinwatchd.pool import Kernel
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
@@ -143,3 +145,30 @@ def test_metrics_give_the_free_space_the_last_pass_saw(
     metrics = (tmp_path / "metrics.prom").read_text()
     for name in ("a", "b"):
         assert f'thinwatchd_backing_fs_free_bytes{{pool="{name}"}} {free}' in metrics
+
+
+def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What each data file takes on disk, beside the data in use: the difference is what
+    discards would give back (issue 10)."""
+    caplog.set_level(logging.INFO, logger="thinwatchd")
+    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
+    with open(tmp_path / "b.data", "r+b") as f:  # what b's loop wrote: 3 MiB allocated
+        f.write(b"\1" * 3 * MiB)
+        f.flush()
+        os.fsync(f.fileno())
+    to_mark(fake, d, "a")
+    d._pass(list(d.pools.values()), survey=True)  # a grows; every file is looked at
+    metrics = (tmp_path / "metrics.prom").read_text()
+    for name in ("a", "b"):
+        allocated = os.stat(tmp_path / f"{name}.data").st_blocks * 512
+        line = f'thinwatchd_data_file_allocated_bytes{{pool="{name}"}} {allocated}'
+        assert line in metrics, metrics
+    assert os.stat(tmp_path / "b.data").st_blocks * 512 >= 3 * MiB
+    (grown,) = [
+        r.journal_fields  # type: ignore[attr-defined]
+        for r in caplog.records
+        if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN
+    ]
+    assert int(grown["DATA_FILE_ALLOCATED_BYTES"]) == os.stat(tmp_path / "a.data").st_blocks * 512

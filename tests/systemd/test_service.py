@@ -150,6 +150,12 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     (pool,) = report["pools"]
     assert pool["data_total"] == st.data_total * 65536 and pool["data_used"] == st.data_used * 65536
     assert pool["mode"] == "rw"
+    # What the data file takes on disk, beside the data in use (discards give the rest back).
+    allocated = (service.directory / "data").stat().st_blocks * 512
+    assert pool["data_file_allocated"] == allocated >= pool["data_used"]
+    assert pool["reclaimable"] == allocated - pool["data_used"]
+    assert f"thinwatchd_data_file_allocated_bytes{label} {allocated}" in metrics
+    assert "DATA_FILE_ALLOCATED_BYTES" in grown[-1], grown[-1]
 
 
 def test_reload_changes_policy_and_survives_a_broken_edit(service: Service) -> None:
