@@ -697,6 +697,7 @@ class Daemon:
                 state.growths["metadata"], state.failures,
                 state.last_growth.seconds if state.last_growth else None,
                 self.extender.backing.free(data_file), self.extender.backing.allocated(data_file),
+                pool.settings.data.max_size, tuple(sorted(state.refusals)),
             ))  # fmt: skip
         return out
 

@@ -35,6 +35,8 @@ class PoolMetrics:
     last_growth_seconds: float | None
     backing_fs_free_bytes: int | None
     data_file_allocated_bytes: int | None = None
+    data_max_bytes: int | None = None  # pools.<name>.data.max_size (None: no cap)
+    refused: tuple[str, ...] = ()  # targets ("data", "metadata") whose growth is refused now
 
 
 def _escape(value: str) -> str:
@@ -97,6 +99,24 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 "Duration of the last growth.",
                 p.name,
                 p.last_growth_seconds,
+            )
+        if p.data_max_bytes is not None:
+            add(
+                "thinwatchd_data_max_bytes",
+                "gauge",
+                "The pool's cap (data.max_size): it never grows past this.",
+                p.name,
+                p.data_max_bytes,
+            )
+        for target in ("data", "metadata"):
+            add(
+                "thinwatchd_growth_refused",
+                "gauge",
+                "1 while growth is refused (cap reached, backing filesystem at its reserve, "
+                "needs_check, read-only).",
+                p.name,
+                int(target in p.refused),
+                target=target,
             )
         if p.data_file_allocated_bytes is not None:
             add(

@@ -154,6 +154,28 @@ def test_cap_refuses_once_and_switches_to_error_after_grace(
     assert os.stat(tmp_path / "data").st_size == 64 * MiB  # never past max_size
 
 
+def test_metrics_say_when_growth_is_refused_and_the_cap(
+    tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
+) -> None:
+    """What the shipped alert rules (monitoring/) watch: the cap, and a refused growth."""
+    config = write_config(
+        tmp_path / "c.yaml",
+        tmp_path,
+        daemon={"metrics_file": f"{tmp_path}/m.prom"},
+        data={"max_size": "128MiB"},
+    )
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d.start()
+    refused = 'thinwatchd_growth_refused{pool="pool",target="data"}'
+    assert f"{refused} 0" in (tmp_path / "m.prom").read_text()
+    fill(fake, d, clock, 120 * MiB // BLOCK)  # past the mark of the capped 128 MiB
+    d._reconcile(d.pools["pool"])
+    metrics = (tmp_path / "m.prom").read_text()
+    assert f"{refused} 1" in metrics
+    assert 'thinwatchd_growth_refused{pool="pool",target="metadata"} 0' in metrics
+    assert f'thinwatchd_data_max_bytes{{pool="pool"}} {128 * MiB}' in metrics
+
+
 def test_failed_resume_leaves_pool_resumed_on_old_size(
     fake: FakeKernel, daemon: Daemon, clock: Clock, tmp_path: Path
 ) -> None:

@@ -117,7 +117,7 @@ def test_start_returns_after_ready_with_the_node(service: Service) -> None:
 
 
 def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> None:
-    service.write_config()
+    service.write_config(data={"max_size": "16GiB"})  # a cap far away, for its metric
     run("systemctl", "start", UNIT)
     thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 2048 * MiB)
     _seconds, code, err = dd_zero(thin, 600)
@@ -156,6 +156,11 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     assert pool["reclaimable"] == allocated - pool["data_used"]
     assert f"thinwatchd_data_file_allocated_bytes{label} {allocated}" in metrics
     assert "DATA_FILE_ALLOCATED_BYTES" in grown[-1], grown[-1]
+    assert f"thinwatchd_data_max_bytes{label} {16 * 1024**3}" in metrics
+    assert f'thinwatchd_growth_refused{{pool="{service.pool}",target="data"}} 0' in metrics
+    out = os.environ.get("THINWATCHD_VM_OUT")
+    if out:  # a real daemon's file: monitoring/sample.prom was recorded so
+        Path(out, "metrics-sample.prom").write_text(metrics)
 
 
 def test_reload_changes_policy_and_survives_a_broken_edit(service: Service) -> None:
