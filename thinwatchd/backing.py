@@ -79,6 +79,15 @@ class BackingFiles:
             space = self._spaces.get(look.info.dev)
             return None if space is None else space[1].free
 
+    def space(self, path: str) -> tuple[int, FsSpace] | None:
+        """Return (st_dev, statvfs) of path's filesystem as last looked at (None: never)."""
+        with self.lock:
+            look = self._files.get(path)
+            if look is None or look.info is None:
+                return None
+            space = self._spaces.get(look.info.dev)
+            return None if space is None else (look.info.dev, space[1])
+
     def allocated(self, path: str) -> int | None:
         """Return the bytes path takes on its filesystem as last looked at (None: never)."""
         with self.lock:

@@ -38,6 +38,7 @@ from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
+from thinwatchd.policy import full_in
 from thinwatchd.pool import (
     Activation,
     Kernel,
@@ -48,6 +49,7 @@ from thinwatchd.pool import (
 )
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
+from thinwatchd.units import format_duration
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
@@ -119,6 +121,29 @@ def reconcile_workers(loop: EventLoop) -> Workers:
         stuck_after=STUCK_SECONDS,
         background_threads=SURVEY_THREADS,
     )
+
+
+#: STATUS= names the pool that runs out of room soonest, if within this.
+_SAY_FULL_WITHIN_SECONDS = 86400.0
+
+
+def _soonest_full(figures: list[PoolMetrics]) -> tuple[float, str, str] | None:
+    """Return (seconds, pool, what) for the soonest cap or filesystem reserve within a day."""
+    soonest: tuple[float, str, str] | None = None
+    for m in figures:
+        if m.full_in is None:
+            continue
+        for seconds, what in (
+            (m.full_in.cap, " at its cap"),
+            (m.full_in.backing_fs, "'s filesystem at its reserve"),
+        ):
+            if (
+                seconds is not None
+                and seconds <= _SAY_FULL_WITHIN_SECONDS
+                and (soonest is None or seconds < soonest[0])
+            ):
+                soonest = (seconds, m.name, what)
+    return soonest
 
 
 class Daemon:
@@ -663,8 +688,9 @@ class Daemon:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def status_line(self) -> str:
-        """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data'."""
+    def status_line(self, figures: list[PoolMetrics] | None = None) -> str:
+        """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data;
+        docker-pool's filesystem at its reserve in 3 h 20 min' (figures: metrics(), if made)."""
         worst: tuple[float, str] | None = None
         for name, managed in self.pools.items():
             status = managed.state.status
@@ -676,34 +702,59 @@ class Daemon:
         text = f"{n} pool{'s' if n != 1 else ''}"
         if worst is not None:
             text += f", fullest {worst[1]} {worst[0]:.0f}% data"
+        soonest = _soonest_full(self.metrics() if figures is None else figures)
+        if soonest is not None:
+            seconds, name, what = soonest
+            text += f"; {name}{what} in {format_duration(seconds)}"
         if self.config_error:
             text += f"; config rejected: {self.config_error}"
         return text
 
     def _publish(self) -> None:
-        self.notifier.status(self.status_line())
+        figures = self.metrics()
+        self.notifier.status(self.status_line(figures))
         if self.settings is not None and self.settings.daemon.metrics_file is not None:
-            self._write_metrics(self.settings.daemon.metrics_file)
+            self._write_metrics(self.settings.daemon.metrics_file, figures)
 
     def metrics(self) -> list[PoolMetrics]:
         """Return every pool's figures as of the last pass: its filesystem's free space as that
-        pass saw it (no syscall here: publishing N pools after each pass made passes O(N²))."""
-        out = []
+        pass saw it (no syscall here: publishing N pools after each pass made passes O(N²)),
+        and when it runs out of room at the fill rates measured (every pool on a filesystem
+        fills it)."""
+        backing = self.extender.backing
+        seen = []
+        fs_rates: dict[int, float] = {}
         for managed in self.pools.values():
+            data_file = str(managed.pool.settings.data_file)
+            rate = managed.state.history.fill_rate()
+            space = backing.space(data_file)
+            if space is not None and rate:
+                fs_rates[space[0]] = fs_rates.get(space[0], 0.0) + rate
+            seen.append((managed, data_file, rate, space))
+        out = []
+        for managed, data_file, rate, space in seen:
             pool, state = managed.pool, managed.state
-            data_file = str(pool.settings.data_file)
+            status = state.status
+            used = status.data_used * pool.block_bytes if isinstance(
+                status, ThinPoolWorkingStatus) else 0  # fmt: skip
+            full = full_in(
+                pool.settings, used, rate,
+                None if space is None else space[1].free,
+                0 if space is None else space[1].total,
+                None if space is None else fs_rates.get(space[0]),
+            )  # fmt: skip
             out.append(PoolMetrics(
-                pool.name, pool.block_bytes, state.status, state.growths["data"],
+                pool.name, pool.block_bytes, status, state.growths["data"],
                 state.growths["metadata"], state.failures,
                 state.last_growth.seconds if state.last_growth else None,
-                self.extender.backing.free(data_file), self.extender.backing.allocated(data_file),
-                pool.settings.data.max_size, tuple(sorted(state.refusals)),
+                None if space is None else space[1].free, backing.allocated(data_file),
+                pool.settings.data.max_size, tuple(sorted(state.refusals)), rate, full,
             ))  # fmt: skip
         return out
 
-    def _write_metrics(self, path: Path) -> None:
+    def _write_metrics(self, path: Path, figures: list[PoolMetrics]) -> None:
         try:
-            write_atomically(path, render(self.metrics()))
+            write_atomically(path, render(figures))
         except OSError as exc:
             if not self._metrics_failed:
                 log.warning("cannot write metrics to %s: %s", path, exc.strerror or exc)

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from thinwatchd.policy import FullIn
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 
 __all__ = ["PoolMetrics", "render", "write_atomically"]
@@ -37,6 +38,8 @@ class PoolMetrics:
     data_file_allocated_bytes: int | None = None
     data_max_bytes: int | None = None  # pools.<name>.data.max_size (None: no cap)
     refused: tuple[str, ...] = ()  # targets ("data", "metadata") whose growth is refused now
+    fill_rate: float | None = None  # data bytes/s, as last measured
+    full_in: FullIn | None = None  # when the cap and the filesystem's reserve are reached
 
 
 def _escape(value: str) -> str:
@@ -118,6 +121,29 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 int(target in p.refused),
                 target=target,
             )
+        if p.fill_rate is not None:
+            add(
+                "thinwatchd_fill_rate_bytes_per_second",
+                "gauge",
+                "How fast the pool's data grew lately (the steepest of the last minute).",
+                p.name,
+                p.fill_rate,
+            )
+        for metric, seconds, help_text in (
+            (
+                "thinwatchd_seconds_to_cap",
+                None if p.full_in is None else p.full_in.cap,
+                "Seconds until the pool's data reaches data.max_size at its fill rate.",
+            ),
+            (
+                "thinwatchd_seconds_to_backing_fs_reserve",
+                None if p.full_in is None else p.full_in.backing_fs,
+                "Seconds until the data file's filesystem reaches the pool's reserve, at the "
+                "fill rates of every pool on it.",
+            ),
+        ):
+            if seconds is not None:
+                add(metric, "gauge", help_text, p.name, seconds)
         if p.data_file_allocated_bytes is not None:
             add(
                 "thinwatchd_data_file_allocated_bytes",

@@ -40,6 +40,7 @@ __all__ = [
     "BackingFs",
     "Decision",
     "FillHistory",
+    "FullIn",
     "Grow",
     "NoAction",
     "RefusalReason",
@@ -49,8 +50,11 @@ __all__ = [
     "decide_data",
     "decide_metadata",
     "describe",
+    "full_in",
     "low_water_mark",
     "no_space_mode",
+    "reserve_bytes",
+    "seconds_until",
     "writeback_threatens",
 ]
 
@@ -96,8 +100,7 @@ class BackingFs:
 
     def reserve(self, settings: PoolSettings) -> int:
         """Return the bytes to keep free: max(reserve, reserve_percent of the filesystem)."""
-        share = math.ceil(self.total_bytes * Fraction(settings.reserve_percent) / 100)
-        return max(settings.reserve, share)
+        return reserve_bytes(settings, self.total_bytes)
 
     def promised(self) -> int:
         """Return what sparse files may still claim: apparent minus allocated sizes."""
@@ -157,6 +160,50 @@ class FillHistory:
         t1, u1 = self.samples[-1]
         rates = [(u1 - u0) / (t1 - t0) for t0, u0 in self.samples[:-1] if t1 - t0 >= _MIN_RATE_SPAN]
         return max(0.0, *rates) if rates else None
+
+
+def reserve_bytes(settings: PoolSettings, fs_total: int) -> int:
+    """Return the bytes to keep free on a filesystem of fs_total bytes: max(reserve,
+    reserve_percent of it)."""
+    return max(settings.reserve, math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
+
+
+@dataclass(frozen=True)
+class FullIn:
+    """When a pool runs out of room at the measured fill rates, in seconds from now (0: there
+    already; None: not filling, or no cap)."""
+
+    cap: float | None  # its data reaches data.max_size
+    backing_fs: float | None  # its backing filesystem reaches this pool's reserve
+
+
+def full_in(
+    settings: PoolSettings,
+    used: int,
+    rate: float | None,
+    fs_free: int | None,
+    fs_total: int,
+    fs_rate: float | None,
+) -> FullIn:
+    """Return when the pool, using used bytes and filling at rate bytes/s, meets its cap, and
+    when its filesystem (fs_free bytes free, filled at fs_rate by every pool on it) meets the
+    reserve."""
+    cap = settings.data.max_size
+    fs = None
+    if fs_free is not None:
+        room = fs_free - reserve_bytes(settings, fs_total)
+        fs = seconds_until(max(0, room), 0, fs_rate)
+    return FullIn(None if cap is None else seconds_until(cap, used, rate), fs)
+
+
+def seconds_until(limit: int, used: int, rate: float | None) -> float | None:
+    """Return the seconds until used bytes reach limit at rate bytes/s: 0 when there already,
+    None when nothing is filling it (no rate measured, or none)."""
+    if used >= limit:
+        return 0.0
+    if rate is None or rate <= 0:
+        return None
+    return (limit - used) / rate
 
 
 class RefusalReason(StrEnum):

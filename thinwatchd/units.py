@@ -41,6 +41,18 @@ META_BLOCK_BYTES = 4096
 META_BLOCK_SECTORS = META_BLOCK_BYTES // SECTOR_BYTES
 
 
+def format_duration(seconds: float) -> str:
+    """Return a rough duration for people: '45 s', '12 min', '3 h 20 min', '4 days'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f} min"
+    if seconds < 2 * 86400:
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours:.0f} h {rest // 60:.0f} min"
+    return f"{seconds // 86400:.0f} days"
+
+
 def bytes_to_sectors(size: int) -> Sectors:
     """Return whole sectors in size bytes (rounded down)."""
     return Sectors(size // SECTOR_BYTES)

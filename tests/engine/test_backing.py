@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,36 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
         if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN
     ]
     assert int(grown["DATA_FILE_ALLOCATED_BYTES"]) == os.stat(tmp_path / "a.data").st_blocks * 512
+
+
+def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Two pools on one filesystem, filling at 1 and 3 MiB/s: it reaches their reserve (0
+    here) at 4 MiB/s, and STATUS= says when, for the one with a cap sooner (issue 10)."""
+    d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
+    d.pools["a"].pool.settings = replace(
+        d.pools["a"].pool.settings,
+        data=replace(d.pools["a"].pool.settings.data, max_size=1024 * MiB),
+    )
+    lines: list[str] = []
+    d.notifier.status = lambda text: lines.append(text) or True  # type: ignore[method-assign]
+    clock = d.loop._clock  # the engine tests' Clock
+    for _ in range(3):  # ten seconds apart: 10 MiB into a, 30 MiB into b
+        fake.write_blocks("a", 10 * MiB // (64 * 1024))
+        fake.write_blocks("b", 30 * MiB // (64 * 1024))
+        clock.now += 10
+        d._pass(list(d.pools.values()), survey=True)
+    shared.extra = 1200 * MiB - shared.free()  # 1,200 MiB free: 300 s at 4 MiB/s
+    d._pass(list(d.pools.values()), survey=True)
+    metrics = (tmp_path / "metrics.prom").read_text()
+    assert f'thinwatchd_fill_rate_bytes_per_second{{pool="b"}} {float(3 * MiB)!r}' in metrics
+    for name in ("a", "b"):
+        assert f'thinwatchd_seconds_to_backing_fs_reserve{{pool="{name}"}} 300.0' in metrics
+    # a: 1,024 MiB cap, 30 MiB used (and whatever start-up wrote), at 1 MiB/s
+    used = parse_pool_status(fake.status("a")[0].params)
+    assert isinstance(used, ThinPoolWorkingStatus)
+    to_cap = (1024 * MiB - used.data_used * 64 * 1024) / MiB
+    assert f'thinwatchd_seconds_to_cap{{pool="a"}} {to_cap!r}' in metrics
+    assert 'thinwatchd_seconds_to_cap{pool="b"}' not in metrics  # no cap
+    assert lines[-1].endswith("; a's filesystem at its reserve in 5 min"), lines[-1]

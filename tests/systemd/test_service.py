@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +49,13 @@ def journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
     out = run("journalctl", "-u", UNIT, "-o", "json", "--since", since,
               f"MESSAGE_ID={message_id.value}", "--no-pager", check=False).stdout  # fmt: skip
     return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def sample(metrics: str, series: str) -> float:
+    """Return the value of one series in a metrics file's text."""
+    found = re.search(rf"^{re.escape(series)} (\S+)$", metrics, re.MULTILINE)
+    assert found is not None, f"{series} is not in:\n{metrics}"
+    return float(found[1])
 
 
 def show(prop: str) -> str:
@@ -158,6 +166,12 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     assert "DATA_FILE_ALLOCATED_BYTES" in grown[-1], grown[-1]
     assert f"thinwatchd_data_max_bytes{label} {16 * 1024**3}" in metrics
     assert f'thinwatchd_growth_refused{{pool="{service.pool}",target="data"}} 0' in metrics
+    # Time to full, at the fill rate measured during the fill (the last minute's steepest).
+    rate = sample(metrics, f"thinwatchd_fill_rate_bytes_per_second{label}")
+    to_cap = sample(metrics, f"thinwatchd_seconds_to_cap{label}")
+    assert rate > 0 and to_cap == pytest.approx((16 * 1024**3 - st.data_used * 65536) / rate)
+    assert f"thinwatchd_seconds_to_backing_fs_reserve{label} " in metrics
+    assert "at its" in show("StatusText"), show("StatusText")  # the soonest, within a day
     out = os.environ.get("THINWATCHD_VM_OUT")
     if out:  # a real daemon's file: monitoring/sample.prom was recorded so
         Path(out, "metrics-sample.prom").write_text(metrics)

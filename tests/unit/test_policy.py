@@ -18,6 +18,7 @@ from thinwatchd.policy import (
     BackingFs,
     Decision,
     FillHistory,
+    FullIn,
     Grow,
     NoAction,
     RefusalReason,
@@ -25,8 +26,10 @@ from thinwatchd.policy import (
     decide_data,
     decide_metadata,
     describe,
+    full_in,
     low_water_mark,
     no_space_mode,
+    seconds_until,
 )
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
@@ -679,3 +682,23 @@ def test_fill_with_small_marks_adapts(settings_: PoolSettings) -> None:
     log, episodes = simulate(2 * GiB, settings_, growth=0.5)
     assert all(grown == 0 for grown in episodes), log
     assert growths(log) <= 8, log
+
+
+# --- time to full --------------------------------------------------------------------------------
+
+
+def test_time_to_the_cap_and_to_the_filesystems_reserve() -> None:
+    capped = pool(data=DataGrowth(max_size=100 * GiB), reserve=1 * GiB)
+    full = full_in(capped, 60 * GiB, 10 * MiB, 30 * GiB, 1024 * GiB, 20 * MiB)
+    assert full == FullIn(cap=40 * GiB / (10 * MiB), backing_fs=29 * GiB / (20 * MiB))
+    # reserve_percent: 5 % of 1 TiB is more than 1 GiB
+    share = full_in(replace(capped, reserve_percent=5.0), 0, None, 60 * GiB, 1024 * GiB, MiB)
+    assert share.backing_fs == pytest.approx((60 - 51.2) * GiB / MiB)
+
+
+def test_time_to_full_when_already_there_or_not_filling() -> None:
+    capped = pool(data=DataGrowth(max_size=100 * GiB), reserve=1 * GiB)
+    assert full_in(capped, 100 * GiB, None, GiB // 2, TiB, None) == FullIn(0.0, 0.0)
+    assert full_in(capped, 1 * GiB, 0.0, 10 * GiB, TiB, None) == FullIn(None, None)
+    assert full_in(pool(), 1 * GiB, MiB, None, 0, None) == FullIn(None, None)  # no cap, fs unseen
+    assert seconds_until(10, 4, 2.0) == 3.0

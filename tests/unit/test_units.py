@@ -13,6 +13,7 @@ from thinwatchd.units import (
     MAX_SIZE_BYTES,
     bytes_to_sectors,
     format_bytes,
+    format_duration,
     parse_duration,
     parse_percent,
     parse_size,
@@ -210,3 +211,9 @@ def test_parse_duration_rejects(value: object, fragment: str) -> None:
     with pytest.raises(ValueError) as caught:
         parse_duration(value)  # type: ignore[arg-type]
     assert fragment in str(caught.value)
+
+
+def test_durations_read_roughly() -> None:
+    assert [format_duration(s) for s in (45, 720, 3 * 3600 + 1200, 5 * 86400)] == [
+        "45 s", "12 min", "3 h 20 min", "5 days"
+    ]  # fmt: skip
