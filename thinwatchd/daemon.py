@@ -49,7 +49,7 @@ from thinwatchd.pool import (
 )
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import format_duration
+from thinwatchd.units import format_bytes, format_duration
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
@@ -90,6 +90,7 @@ class ManagedPool:
     state: PoolState = field(default_factory=PoolState)
     retry: Timer | None = None  # the backoff timer of a failed growth
     error: str | None = None  # the last error logged for this pool, to say each one once
+    warned_full: set[str] = field(default_factory=set)  # limits said to be near (FULL_SOON)
     # Asked for while a reconcile of it was running (an event, a check): one more after it,
     # timed from the earliest wake-up that asked.
     again: bool = False
@@ -712,9 +713,42 @@ class Daemon:
 
     def _publish(self) -> None:
         figures = self.metrics()
+        self._warn_full_soon(figures)
         self.notifier.status(self.status_line(figures))
         if self.settings is not None and self.settings.daemon.metrics_file is not None:
             self._write_metrics(self.settings.daemon.metrics_file, figures)
+
+    def _warn_full_soon(self, figures: list[PoolMetrics]) -> None:
+        """Warn once per pool and limit when it is predicted to be reached within the horizon;
+        again only after the estimate has been beyond twice the horizon (no flapping)."""
+        horizon = self.settings.daemon.warn_full_within if self.settings is not None else 0.0
+        if horizon <= 0:
+            return
+        for m in figures:
+            managed = self.pools.get(m.name)
+            if managed is None or m.full_in is None:
+                continue
+            for limit, seconds, what in (
+                ("cap", m.full_in.cap, "its cap (data.max_size)"),
+                ("backing_fs", m.full_in.backing_fs, "its filesystem's reserve"),
+            ):
+                said = limit in managed.warned_full
+                if seconds is None or seconds > 2 * horizon:
+                    managed.warned_full.discard(limit)
+                elif seconds <= horizon and not said:
+                    managed.warned_full.add(limit)
+                    event(
+                        logging.WARNING,
+                        MessageId.FULL_SOON,
+                        f"pool {m.name} reaches {what} in about {format_duration(seconds)} at "
+                        f"{format_bytes(int(m.fill_rate or 0))}/s",
+                        pool_fields(managed.pool, m.status, m.data_file_allocated_bytes)
+                        | {
+                            "LIMIT": limit,
+                            "SECONDS_LEFT": round(seconds),
+                            "FILL_RATE_BYTES_PER_SECOND": round(m.fill_rate or 0),
+                        },
+                    )
 
     def metrics(self) -> list[PoolMetrics]:
         """Return every pool's figures as of the last pass: its filesystem's free space as that

@@ -86,6 +86,9 @@ class DaemonSettings:
     check_interval: float = 10.0  # seconds between safety re-checks of every pool
     metrics_file: Path | None = None  # Prometheus textfile; None disables
     log_level: str = "info"  # debug | info | warning | error
+    # Warn (once) when a pool is predicted to meet its cap or its filesystem's reserve within
+    # this many seconds at the measured fill rates; 0: never.
+    warn_full_within: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -175,11 +175,11 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
     assert int(grown["DATA_FILE_ALLOCATED_BYTES"]) == os.stat(tmp_path / "a.data").st_blocks * 512
 
 
-def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
+def filling(
     fake: FakeKernel, kernel: Kernel, tmp_path: Path
-) -> None:
-    """Two pools on one filesystem, filling at 1 and 3 MiB/s: it reaches their reserve (0
-    here) at 4 MiB/s, and STATUS= says when, for the one with a cap sooner (issue 10)."""
+) -> tuple[Daemon, SharedFilesystem, list[str]]:
+    """Two pools on one filesystem, a capped at 1,024 MiB, filling at 1 and 3 MiB/s for 30 s;
+    1,200 MiB free then (300 s at 4 MiB/s). Return the daemon, its filesystem and STATUS=."""
     d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
     d.pools["a"].pool.settings = replace(
         d.pools["a"].pool.settings,
@@ -193,8 +193,16 @@ def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
         fake.write_blocks("b", 30 * MiB // (64 * 1024))
         clock.now += 10
         d._pass(list(d.pools.values()), survey=True)
-    shared.extra = 1200 * MiB - shared.free()  # 1,200 MiB free: 300 s at 4 MiB/s
+    shared.extra = 1200 * MiB - shared.free()
     d._pass(list(d.pools.values()), survey=True)
+    return d, shared, lines
+
+
+def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """It reaches their reserve (0 here) at 4 MiB/s, and STATUS= says when (issue 10)."""
+    _, _, lines = filling(fake, kernel, tmp_path)
     metrics = (tmp_path / "metrics.prom").read_text()
     assert f'thinwatchd_fill_rate_bytes_per_second{{pool="b"}} {float(3 * MiB)!r}' in metrics
     for name in ("a", "b"):
@@ -206,3 +214,26 @@ def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
     assert f'thinwatchd_seconds_to_cap{{pool="a"}} {to_cap!r}' in metrics
     assert 'thinwatchd_seconds_to_cap{pool="b"}' not in metrics  # no cap
     assert lines[-1].endswith("; a's filesystem at its reserve in 5 min"), lines[-1]
+
+
+def test_the_journal_warns_once_when_a_pool_is_full_soon(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="thinwatchd")
+
+    def warned() -> list[tuple[str, str]]:
+        return [
+            (r.journal_fields["POOL"], r.journal_fields["LIMIT"])  # type: ignore[attr-defined]
+            for r in caplog.records
+            if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.FULL_SOON
+        ]
+
+    d, shared, _ = filling(fake, kernel, tmp_path)  # within the default hour: a's cap too
+    assert sorted(warned()) == [("a", "backing_fs"), ("a", "cap"), ("b", "backing_fs")]
+    d._pass(list(d.pools.values()), survey=True)
+    assert len(warned()) == 3  # once
+    shared.extra += 64 * 1024 * MiB  # room for hours: forgotten...
+    d._pass(list(d.pools.values()), survey=True)
+    shared.extra -= 64 * 1024 * MiB  # ...and near again: said again
+    d._pass(list(d.pools.values()), survey=True)
+    assert sorted(warned()[3:]) == [("a", "backing_fs"), ("b", "backing_fs")]

@@ -172,6 +172,8 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     assert rate > 0 and to_cap == pytest.approx((16 * 1024**3 - st.data_used * 65536) / rate)
     assert f"thinwatchd_seconds_to_backing_fs_reserve{label} " in metrics
     assert "at its" in show("StatusText"), show("StatusText")  # the soonest, within a day
+    soon = journal(MessageId.FULL_SOON, service.since)  # the cap: minutes away, within 1 h
+    assert [e["LIMIT"] for e in soon if e["LIMIT"] == "cap"] == ["cap"], service.logs()
     out = os.environ.get("THINWATCHD_VM_OUT")
     if out:  # a real daemon's file: monitoring/sample.prom was recorded so
         Path(out, "metrics-sample.prom").write_text(metrics)
