@@ -384,7 +384,7 @@ _DAEMON: dict[str, Parser] = {
     "check_interval": _within(_duration, lambda s: 1 <= s <= 3600, "1s to 1h"),
     "metrics_file": _optional(_file),
     "log_level": lambda v: _one_of(v.lower() if isinstance(v, str) else v, LOG_LEVELS, "a level"),
-    "warn_full_within": _within(_duration, lambda s: 0 <= s <= 30 * 86400, "0s to 30d"),
+    "warn_full_within": _within(_duration, lambda s: 0 <= s <= 720 * 3600, "0s to 720h"),
 }
 _FILE_KEYS = ("data_file", "metadata_file")
 _FIELD_NAMES = {"threshold": "threshold_percent"}  # YAML key -> dataclass field, where they differ

@@ -41,6 +41,9 @@ log = logging.getLogger("thinwatchd")
 MAX_THREADS = 8
 #: Threads at most, stuck ones included.
 THREAD_CAP = 256
+#: Background results are delivered at least this often while background jobs remain (a job
+#: that stalls must not hold back the results of those that ran before it).
+BACKGROUND_DELIVERY_SECONDS = 0.05
 
 Done = Callable[[Any, BaseException | None], None]
 
@@ -84,6 +87,7 @@ class Workers:
         self._in_progress: set[_Job] = set()  # every job a thread runs (one per thread)
         self._closing = False
         self._review: Timer | None = None
+        self._drain: Timer | None = None  # delivers background results while any remain
         self._start_failed = False  # said once until a thread starts again
 
     @property
@@ -111,6 +115,8 @@ class Workers:
             (self._background if background else self._urgent).append(item)
             if not background or len(self._in_background) < self._background_threads:
                 self._ready.notify()  # else a background job's end makes room, and notifies
+        if background and self._drain is None:
+            self._drain = self._loop.call_later(BACKGROUND_DELIVERY_SECONDS, self._drain_due)
         self._staff()
         return True
 
@@ -142,8 +148,9 @@ class Workers:
 
     def close(self) -> None:
         """Stop the threads once their current job ends; undelivered results are dropped."""
-        if self._review is not None:
-            self._review.cancel()
+        for timer in (self._review, self._drain):
+            if timer is not None:
+                timer.cancel()
         with self._ready:
             self._closing = True
             self._ready.notify_all()
@@ -194,6 +201,15 @@ class Workers:
         if waiting and self._review is None and (self._stuck_after or self._start_failed):
             self._review = self._loop.call_later(self._stuck_after or 1.0, self._look_again)
 
+    def _drain_due(self) -> None:
+        """Deliver the background results so far; come back while background jobs remain."""
+        self._drain = None
+        self._deliver()
+        with self._ready:
+            remaining = bool(self._background or self._in_background)
+        if remaining:
+            self._drain = self._loop.call_later(BACKGROUND_DELIVERY_SECONDS, self._drain_due)
+
     def _look_again(self) -> None:
         self._review = None
         if self._running:
@@ -233,8 +249,9 @@ class Workers:
                 if job.background:
                     self._in_background.remove(job)
                     self._ready.notify()
-                # A background job's result can wait for the last one queued: waking the loop
-                # for each costs more than the jobs (two context switches and the GIL, each).
+                # A background job's result can wait for the last one queued, or the drain
+                # timer: waking the loop for each costs more than the jobs (two context
+                # switches and the GIL, each).
                 quiet = job.background and bool(self._background)
             self._finished.put(job)
             if not quiet:

@@ -353,3 +353,32 @@ def test_a_safety_check_runs_in_one_thread_and_events_go_first() -> None:
         held.set()
         workers.close()
         loop.close()
+
+
+def test_a_stalled_background_job_holds_back_no_earlier_result() -> None:
+    """Background results wait for the lane to empty, to wake the loop once: a job behind them
+    that stalls must not keep them (and their pools) undelivered."""
+    loop = EventLoop()
+    workers = Workers(loop, max_threads=8, stuck_after=PATIENCE * 2, background_threads=1)
+    stalled, queued = threading.Event(), threading.Event()
+    done: list[str] = []
+    try:
+        workers.submit(  # ends once the stalled job is queued behind it
+            "first", lambda: queued.wait(PATIENCE) and "first", lambda r, _e: done.append(r),
+            background=True,
+        )  # fmt: skip
+        workers.submit(
+            "stalled", lambda: stalled.wait(PATIENCE) and "stalled",
+            lambda r, _e: done.append(r), background=True,
+        )  # fmt: skip
+        queued.set()
+        serve = time.monotonic()
+        while "first" not in done:
+            assert time.monotonic() - serve < PATIENCE / 2, "held back by the stalled job"
+            loop.run_once(max_wait=0.01)
+        assert not workers.busy("first") and workers.busy("stalled")
+    finally:
+        stalled.set()
+        workers.run_until_idle(timeout=PATIENCE)
+        workers.close()
+        loop.close()
