@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from thinwatchd.errors import (
     PoolSetupError,
     ThinwatchError,
 )
+from thinwatchd.estimates import ESTIMATES_NAME, read_estimates
 from thinwatchd.instance_lock import (
     DEFAULT_LOCK_PATH,
     InstanceLockedError,
@@ -57,15 +59,22 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="where to log (auto: the journal when started by systemd)",
     )
-    run.add_argument(
-        "--lock-file",
-        type=Path,
-        default=DEFAULT_LOCK_PATH,
-        help=f"the lock that keeps a second instance out (default {DEFAULT_LOCK_PATH})",
-    )
     check = sub.add_parser("check-config", help="validate the config file and exit")
     status = sub.add_parser("status", help="show each pool's live state")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    lock_help = {
+        run: "the lock that keeps a second instance out; the estimates for status are written "
+        f"beside it, as {ESTIMATES_NAME}",
+        status: f"the running daemon's lock; its fill rates and time to full are read from "
+        f"{ESTIMATES_NAME} beside it",
+    }
+    for command, text in lock_help.items():
+        command.add_argument(
+            "--lock-file",
+            type=Path,
+            default=DEFAULT_LOCK_PATH,
+            help=f"{text} (default {DEFAULT_LOCK_PATH})",
+        )
     for command in (run, check, status):
         # Also after the command; SUPPRESS leaves the top-level value unless it is given here.
         command.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
@@ -79,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return _check_config(args.config)
         if args.command == "status":
-            return _status(args.config, as_json=args.json)
+            estimates = args.lock_file.with_name(ESTIMATES_NAME)
+            return _status(args.config, estimates, as_json=args.json)
         return _run(args.config, args.log_target, args.lock_file)
     except ConfigError as exc:
         print(f"thinwatchd: {exc.located(printable_path(args.config))}", file=sys.stderr)
@@ -112,9 +122,9 @@ def _check_config(path: Path) -> int:
     return 0
 
 
-def _status(path: Path, *, as_json: bool) -> int:
+def _status(path: Path, estimates_path: Path, *, as_json: bool) -> int:
     from thinwatchd.kernel.dm import DeviceMapper
-    from thinwatchd.report import format_table, pool_report
+    from thinwatchd.report import format_table, pool_report, with_estimate
 
     settings = load_settings(path)
     try:
@@ -125,10 +135,14 @@ def _status(path: Path, *, as_json: bool) -> int:
         return exit_code
     with dm:
         reports = [pool_report(dm, p) for p in settings.pools]
+    # Fresh: written within a few of the daemon's safety checks (it writes after every pass).
+    fresh = 3 * settings.daemon.check_interval + 30
+    estimates = read_estimates(estimates_path, time.time(), fresh) or {}
+    reports = [with_estimate(r, estimates.get(r.name)) for r in reports]
     if as_json:
         print(json.dumps({"pools": [r.as_json() for r in reports]}, indent=2))
     else:
-        print(format_table(reports))
+        print(format_table(reports, str(estimates_path)))
     return 0 if all(r.active for r in reports) else 1
 
 
@@ -137,10 +151,10 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
     settings = load_settings(path)  # fail fast, before touching the kernel
     setup_logging(settings.daemon.log_level, target=log_target)
     with hold_instance_lock(lock_path):  # before any pool is touched; held until we return
-        return _run_locked(path)
+        return _run_locked(path, lock_path.with_name(ESTIMATES_NAME))
 
 
-def _run_locked(path: Path) -> int:
+def _run_locked(path: Path, estimates: Path) -> int:
     from thinwatchd.daemon import Daemon
     from thinwatchd.runtime import open_kernel, udev_monitor
     from thinwatchd.thincheck import thin_check
@@ -151,7 +165,13 @@ def _run_locked(path: Path) -> int:
         message, exit_code = _kernel_refused(exc, "run")
         log.error("cannot open the kernel interfaces: %s", message)
         return exit_code
-    daemon = Daemon(path, kernel, check_metadata=thin_check, udev_monitor=udev_monitor())
+    daemon = Daemon(
+        path,
+        kernel,
+        check_metadata=thin_check,
+        udev_monitor=udev_monitor(),
+        estimates_file=estimates,
+    )
     try:
         daemon.start()
     except ConfigError:

@@ -23,14 +23,17 @@ import functools
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from thinwatchd.advisories import advise, soonest_full
 from thinwatchd.backing import BackingLook
 from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
+from thinwatchd.estimates import render_estimates
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
 from thinwatchd.kernel.api import LoopDevice
@@ -49,7 +52,7 @@ from thinwatchd.pool import (
 )
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import format_bytes, format_duration
+from thinwatchd.units import format_duration
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
@@ -90,7 +93,7 @@ class ManagedPool:
     state: PoolState = field(default_factory=PoolState)
     retry: Timer | None = None  # the backoff timer of a failed growth
     error: str | None = None  # the last error logged for this pool, to say each one once
-    warned_full: set[str] = field(default_factory=set)  # limits said to be near (FULL_SOON)
+    said: set[str] = field(default_factory=set)  # advisories in force, said once (advisories.py)
     # Asked for while a reconcile of it was running (an event, a check): one more after it,
     # timed from the earliest wake-up that asked.
     again: bool = False
@@ -124,29 +127,6 @@ def reconcile_workers(loop: EventLoop) -> Workers:
     )
 
 
-#: STATUS= names the pool that runs out of room soonest, if within this.
-_SAY_FULL_WITHIN_SECONDS = 86400.0
-
-
-def _soonest_full(figures: list[PoolMetrics]) -> tuple[float, str, str] | None:
-    """Return (seconds, pool, what) for the soonest cap or filesystem reserve within a day."""
-    soonest: tuple[float, str, str] | None = None
-    for m in figures:
-        if m.full_in is None:
-            continue
-        for seconds, what in (
-            (m.full_in.cap, " at its cap"),
-            (m.full_in.backing_fs, "'s filesystem at its reserve"),
-        ):
-            if (
-                seconds is not None
-                and seconds <= _SAY_FULL_WITHIN_SECONDS
-                and (soonest is None or seconds < soonest[0])
-            ):
-                soonest = (seconds, m.name, what)
-    return soonest
-
-
 class Daemon:
     """Owns the pools, the event loop and the conversation with systemd."""
 
@@ -159,6 +139,7 @@ class Daemon:
         loop: EventLoop | None = None,
         check_metadata: MetadataChecker | None = None,
         udev_monitor: Any = None,
+        estimates_file: Path | None = None,
     ) -> None:
         self.config_path = config_path
         self.kernel = kernel
@@ -166,11 +147,12 @@ class Daemon:
         self.loop = loop or EventLoop()
         self.check_metadata = check_metadata
         self.udev_monitor = udev_monitor
+        self.estimates_file = estimates_file  # for `thinwatchd status` (estimates.py)
         self.settings: Settings | None = None
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
-        self._metrics_failed = False
+        self._write_failed: set[str] = set()  # published files whose last write failed
         self._event_error: str | None = None  # the last dm event-read error logged
         self._event_retry: Timer | None = None
         self._watchdog_started = False
@@ -703,7 +685,7 @@ class Daemon:
         text = f"{n} pool{'s' if n != 1 else ''}"
         if worst is not None:
             text += f", fullest {worst[1]} {worst[0]:.0f}% data"
-        soonest = _soonest_full(self.metrics() if figures is None else figures)
+        soonest = soonest_full(self.metrics() if figures is None else figures)
         if soonest is not None:
             seconds, name, what = soonest
             text += f"; {name}{what} in {format_duration(seconds)}"
@@ -713,42 +695,19 @@ class Daemon:
 
     def _publish(self) -> None:
         figures = self.metrics()
-        self._warn_full_soon(figures)
+        self._advise(figures)
         self.notifier.status(self.status_line(figures))
         if self.settings is not None and self.settings.daemon.metrics_file is not None:
-            self._write_metrics(self.settings.daemon.metrics_file, figures)
+            self._write(self.settings.daemon.metrics_file, render(figures), "metrics")
+        if self.estimates_file is not None:
+            self._write(self.estimates_file, render_estimates(figures, time.time()), "estimates")
 
-    def _warn_full_soon(self, figures: list[PoolMetrics]) -> None:
-        """Warn once per pool and limit when it is predicted to be reached within the horizon;
-        again only after the estimate has been beyond twice the horizon (no flapping)."""
+    def _advise(self, figures: list[PoolMetrics]) -> None:
         horizon = self.settings.daemon.warn_full_within if self.settings is not None else 0.0
-        if horizon <= 0:
-            return
         for m in figures:
             managed = self.pools.get(m.name)
-            if managed is None or m.full_in is None:
-                continue
-            for limit, seconds, what in (
-                ("cap", m.full_in.cap, "its cap (data.max_size)"),
-                ("backing_fs", m.full_in.backing_fs, "its filesystem's reserve"),
-            ):
-                said = limit in managed.warned_full
-                if seconds is None or seconds > 2 * horizon:
-                    managed.warned_full.discard(limit)
-                elif seconds <= horizon and not said:
-                    managed.warned_full.add(limit)
-                    event(
-                        logging.WARNING,
-                        MessageId.FULL_SOON,
-                        f"pool {m.name} reaches {what} in about {format_duration(seconds)} at "
-                        f"{format_bytes(int(m.fill_rate or 0))}/s",
-                        pool_fields(managed.pool, m.status, m.data_file_allocated_bytes)
-                        | {
-                            "LIMIT": limit,
-                            "SECONDS_LEFT": round(seconds),
-                            "FILL_RATE_BYTES_PER_SECOND": round(m.fill_rate or 0),
-                        },
-                    )
+            if managed is not None:
+                advise(m, managed.pool, managed.said, horizon)
 
     def metrics(self) -> list[PoolMetrics]:
         """Return every pool's figures as of the last pass: its filesystem's free space as that
@@ -786,12 +745,13 @@ class Daemon:
             ))  # fmt: skip
         return out
 
-    def _write_metrics(self, path: Path, figures: list[PoolMetrics]) -> None:
+    def _write(self, path: Path, text: str, what: str) -> None:
+        """Replace a published file; say a failure once until a write succeeds again."""
         try:
-            write_atomically(path, render(figures))
+            write_atomically(path, text)
         except OSError as exc:
-            if not self._metrics_failed:
-                log.warning("cannot write metrics to %s: %s", path, exc.strerror or exc)
-            self._metrics_failed = True
+            if what not in self._write_failed:
+                log.warning("cannot write %s to %s: %s", what, path, exc.strerror or exc)
+            self._write_failed.add(what)
         else:
-            self._metrics_failed = False
+            self._write_failed.discard(what)

@@ -34,6 +34,7 @@ class MessageId(enum.StrEnum):
     CHANGED_OUTSIDE = "9b3a35f2169f4b30a4549131855bddbf"
     BACKING_FS_LOW = "98127a65fa8b4f80944a947f37c7637e"
     FULL_SOON = "126ac4407baf4839bd759b76db675260"
+    SPACE_RECLAIMABLE = "9beb66023ffe4a81af6f5a610feb59d1"
 
 
 def event(

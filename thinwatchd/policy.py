@@ -36,6 +36,7 @@ __all__ = [
     "LULL_WRITEBACK_BYTES",
     "MAX_AMPLIFICATION",
     "MAX_PLANNED_GROWTH_SECONDS",
+    "RECLAIM_HINT_BYTES",
     "SAFETY_FACTOR",
     "BackingFs",
     "Decision",
@@ -55,6 +56,7 @@ __all__ = [
     "no_space_mode",
     "reserve_bytes",
     "seconds_until",
+    "worth_reclaiming",
     "writeback_threatens",
 ]
 
@@ -194,6 +196,19 @@ def full_in(
         room = fs_free - reserve_bytes(settings, fs_total)
         fs = seconds_until(max(0, room), 0, fs_rate)
     return FullIn(None if cap is None else seconds_until(cap, used, rate), fs)
+
+
+#: Allocated beyond the data in use, from which people are told how to give it back (and at
+#: least a tenth of what the file takes).
+RECLAIM_HINT_BYTES = 1024**3
+
+
+def worth_reclaiming(allocated: int, used: int, *, said: bool = False) -> bool:
+    """Return True if a data file taking allocated bytes on disk for used bytes of pool data
+    holds enough that discards would give back to be worth saying; once said, it stays so
+    until half that (no flapping around the threshold)."""
+    floor = max(RECLAIM_HINT_BYTES, allocated // 10)
+    return allocated - used >= (floor // 2 if said else floor)
 
 
 def seconds_until(limit: int, used: int, rate: float | None) -> float | None:

@@ -6,17 +6,15 @@ import os
 from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.errors import ThinwatchError
+from thinwatchd.estimates import Estimate
 from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import Files
+from thinwatchd.policy import worth_reclaiming
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
-from thinwatchd.units import SECTOR_BYTES, format_bytes
+from thinwatchd.units import SECTOR_BYTES, format_bytes, format_duration
 
-__all__ = ["RECLAIM_HINT_BYTES", "PoolReport", "format_table", "pool_report"]
-
-#: Allocated beyond the data in use, from which the table says how to give it back (and at
-#: least a tenth of what the file takes).
-RECLAIM_HINT_BYTES = 1024**3
+__all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +38,11 @@ class PoolReport:
     data_file_allocated: int | None = None  # what the file takes on disk (st_blocks)
     reclaimable: int | None = None  # allocated beyond the data in use: what discards give back
     backing_fs_free: int | None = None
+    # From the running daemon (estimates.py); None when it measured none, or none is known.
+    estimated: bool = False  # the daemon's estimates were read for this pool
+    fill_rate_bytes_per_second: float | None = None
+    seconds_to_cap: float | None = None
+    seconds_to_backing_fs_reserve: float | None = None
     error: str | None = None
 
     def as_json(self) -> dict[str, object]:
@@ -91,6 +94,19 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     )
 
 
+def with_estimate(report: PoolReport, estimate: Estimate | None) -> PoolReport:
+    """Return report with the daemon's estimate for its pool (None: the daemon has none)."""
+    if estimate is None:
+        return report
+    return replace(
+        report,
+        estimated=True,
+        fill_rate_bytes_per_second=estimate.fill_rate_bytes_per_second,
+        seconds_to_cap=estimate.seconds_to_cap,
+        seconds_to_backing_fs_reserve=estimate.seconds_to_backing_fs_reserve,
+    )
+
+
 def _size(value: int | None) -> str:
     return "-" if value is None else format_bytes(value)
 
@@ -99,9 +115,30 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_table(reports: list[PoolReport]) -> str:
-    """Return an lvs-like table, one line per pool."""
-    rows = [("POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "ALLOCATED", "FS FREE")]
+def _until(r: PoolReport, seconds: float | None) -> str:
+    """'?' without the daemon's estimates; '-' when it sees nothing filling (or no cap)."""
+    if not r.estimated:
+        return "?"
+    return "-" if seconds is None else format_duration(seconds)
+
+
+def format_table(reports: list[PoolReport], estimates_from: str | None = None) -> str:
+    """Return an lvs-like table, one line per pool; estimates_from names where the daemon's
+    estimates would be, for the line that explains a '?'."""
+    rows = [
+        (
+            "POOL",
+            "SIZE",
+            "DATA%",
+            "META%",
+            "MODE",
+            "FILE",
+            "ALLOCATED",
+            "FS FREE",
+            "CAP IN",
+            "FS FULL IN",
+        )
+    ]
     for r in reports:
         mode = r.mode + (",needs_check" if r.needs_check else "")
         rows.append(
@@ -114,6 +151,8 @@ def format_table(reports: list[PoolReport]) -> str:
                 _size(r.data_file_size),
                 _size(r.data_file_allocated),
                 _size(r.backing_fs_free),
+                _until(r, r.seconds_to_cap),
+                _until(r, r.seconds_to_backing_fs_reserve),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -130,10 +169,15 @@ def format_table(reports: list[PoolReport]) -> str:
                 f"{_size(r.data_used)} in use; fstrim the filesystems on its thin volumes (for "
                 "containerd's devmapper snapshotter: discard_blocks = true) to give it back"
             )
+    if estimates_from is not None and any(r.active and not r.estimated for r in reports):
+        lines.append(
+            f"?: no estimate from a running thinwatchd (none fresh in {estimates_from}); "
+            "CAP IN and FS FULL IN need its measured fill rate"
+        )
     return "\n".join(lines)
 
 
 def _worth_reclaiming(r: PoolReport) -> bool:
-    if r.reclaimable is None or r.data_file_allocated is None:
+    if r.data_file_allocated is None or r.data_used is None:
         return False
-    return r.reclaimable >= max(RECLAIM_HINT_BYTES, r.data_file_allocated // 10)
+    return worth_reclaiming(r.data_file_allocated, r.data_used)

@@ -18,6 +18,7 @@ import yaml
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock
 from thinwatchd.daemon import Daemon
+from thinwatchd.estimates import read_estimates
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import FsSpace
 from thinwatchd.kernel.fs import Files
@@ -237,3 +238,65 @@ def test_the_journal_warns_once_when_a_pool_is_full_soon(
     shared.extra -= 64 * 1024 * MiB  # ...and near again: said again
     d._pass(list(d.pools.values()), survey=True)
     assert sorted(warned()[3:]) == [("a", "backing_fs"), ("b", "backing_fs")]
+
+
+def test_the_journal_says_once_how_to_give_back_what_the_data_file_holds_unused(
+    fake: FakeKernel,
+    kernel: Kernel,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deletes without discards leave the file's blocks allocated: said once, with the bytes,
+    when it is 1 GiB and a tenth of the file; again only after it fell under half of that."""
+    caplog.set_level(logging.INFO, logger="thinwatchd")
+    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
+    status = parse_pool_status(fake.status("a")[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    used = status.data_used * 64 * 1024
+    on_disk = {"a": used}
+    monkeypatch.setattr(d.extender.backing, "allocated", lambda path: on_disk[Path(path).stem])
+
+    def hinted() -> list[int]:
+        return [
+            int(r.journal_fields["RECLAIMABLE_BYTES"])  # type: ignore[attr-defined]
+            for r in caplog.records
+            if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.SPACE_RECLAIMABLE
+        ]
+
+    def settle(allocated: int) -> list[int]:
+        on_disk["a"] = used + allocated
+        on_disk["b"] = 0
+        d._pass(list(d.pools.values()), survey=True)
+        return hinted()
+
+    assert settle(1024 * MiB - 1) == []  # under the threshold
+    assert settle(1024 * MiB) == [1024 * MiB]
+    assert settle(3000 * MiB) == [1024 * MiB]  # once
+    assert settle(600 * MiB) == [1024 * MiB]  # over half: still in force, not said
+    assert settle(1100 * MiB) == [1024 * MiB]
+    assert settle(500 * MiB) == [1024 * MiB]  # under half: forgotten...
+    assert settle(1100 * MiB) == [1024 * MiB, 1100 * MiB]  # ...so said again
+
+
+def test_the_estimates_for_status_are_written_after_each_pass(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What `thinwatchd status` shows as CAP IN and FS FULL IN (read in another process)."""
+    d, _, _ = filling(fake, kernel, tmp_path)
+    d.estimates_file = tmp_path / "estimates.json"
+    d._pass(list(d.pools.values()), survey=True)
+    now = os.stat(d.estimates_file).st_mtime
+    estimates = read_estimates(d.estimates_file, now, max_age=60)
+    assert estimates is not None
+    assert estimates["b"].fill_rate_bytes_per_second == 3 * MiB
+    assert estimates["b"].seconds_to_backing_fs_reserve == pytest.approx(300, abs=2)
+    assert estimates["b"].seconds_to_cap is None  # no cap
+    assert estimates["a"].seconds_to_cap is not None
+    # A write that fails is said once, not at every pass.
+    d.estimates_file = tmp_path / "gone" / "estimates.json"
+    caplog.set_level(logging.WARNING, logger="thinwatchd")
+    for _ in range(3):
+        d._pass(list(d.pools.values()), survey=True)
+    said = [r.getMessage() for r in caplog.records if "cannot write estimates" in r.getMessage()]
+    assert len(said) == 1, said

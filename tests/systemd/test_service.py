@@ -172,6 +172,14 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     assert rate > 0 and to_cap == pytest.approx((16 * 1024**3 - st.data_used * 65536) / rate)
     assert f"thinwatchd_seconds_to_backing_fs_reserve{label} " in metrics
     assert "at its" in show("StatusText"), show("StatusText")  # the soonest, within a day
+    # `status` runs apart from the daemon: the estimates come from the file it writes beside
+    # its lock, in the unit's RuntimeDirectory.
+    assert pool["estimated"] is True and pool["fill_rate_bytes_per_second"] > 0, pool
+    # (Later than the metrics above, by a pass or more: the rate has eased since the writer ended.)
+    assert pool["seconds_to_cap"] > 0 and pool["seconds_to_backing_fs_reserve"] > 0
+    table = run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG), "status").stdout
+    header, row = table.splitlines()[:2]
+    assert "?" not in row[header.index("CAP IN") :] and " min" in row, table
     soon = journal(MessageId.FULL_SOON, service.since)  # the cap: minutes away, within 1 h
     assert [e["LIMIT"] for e in soon if e["LIMIT"] == "cap"] == ["cap"], service.logs()
     out = os.environ.get("THINWATCHD_VM_OUT")

@@ -1,8 +1,11 @@
-"""The status table: what the data file takes on disk, and when to say how to give it back."""
+"""The status table: what the data file takes on disk, when to say how to give it back, and
+the running daemon's time-to-full estimates."""
 
 from __future__ import annotations
 
-from thinwatchd.report import RECLAIM_HINT_BYTES, PoolReport, format_table
+from thinwatchd.estimates import Estimate
+from thinwatchd.policy import RECLAIM_HINT_BYTES
+from thinwatchd.report import PoolReport, format_table, with_estimate
 
 GiB = 1024**3
 
@@ -19,7 +22,8 @@ def report(used: int, allocated: int) -> PoolReport:
 def test_the_table_shows_what_the_data_file_takes_on_disk() -> None:
     header, row = format_table([report(2 * GiB, 2 * GiB)]).splitlines()
     assert header.split() == [
-        "POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "ALLOCATED", "FS", "FREE"
+        "POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "ALLOCATED", "FS", "FREE", "CAP", "IN",
+        "FS", "FULL", "IN",
     ]  # fmt: skip
     assert row.split()[6] == "2.0GiB"
 
@@ -37,3 +41,25 @@ def test_a_little_slack_is_not_worth_a_word() -> None:
     small = report(1 * GiB, 1 * GiB + RECLAIM_HINT_BYTES - 1)
     relative = report(20 * GiB, 20 * GiB + RECLAIM_HINT_BYTES)  # under a tenth of 21 GiB
     assert len(format_table([small, relative]).splitlines()) == 3
+
+
+def test_the_daemons_estimates_are_shown_in_the_table_and_json() -> None:
+    estimate = Estimate(
+        fill_rate_bytes_per_second=50e6, seconds_to_cap=None, seconds_to_backing_fs_reserve=12_000
+    )
+    shown = with_estimate(report(2 * GiB, 2 * GiB), estimate)
+    header, row = format_table([shown], "/run/thinwatchd/estimates.json").splitlines()
+    cap_in, fs_full_in = header.index("CAP IN"), header.index("FS FULL IN")
+    assert row[cap_in:fs_full_in].strip() == "-"  # no cap
+    assert row[fs_full_in:] == "3 h 20 min"
+    doc = shown.as_json()
+    assert doc["fill_rate_bytes_per_second"] == 50e6
+    assert doc["seconds_to_backing_fs_reserve"] == 12_000 and doc["seconds_to_cap"] is None
+
+
+def test_without_a_running_daemon_the_estimates_are_unknown_and_the_table_says_why() -> None:
+    lines = format_table([report(2 * GiB, 2 * GiB)], "/run/thinwatchd/estimates.json").splitlines()
+    assert lines[1].split()[-2:] == ["?", "?"]
+    assert lines[-1].startswith("?: no estimate from a running thinwatchd (none fresh in "
+                                "/run/thinwatchd/estimates.json)")  # fmt: skip
+    assert report(2 * GiB, 2 * GiB).as_json()["estimated"] is False
