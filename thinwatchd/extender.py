@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from thinwatchd.backing import BackingFiles, BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
-from thinwatchd.kernel.api import MemoryApi
+from thinwatchd.kernel.api import Kernel, MemoryApi
 from thinwatchd.logs import MessageId, event
 from thinwatchd.policy import (
     BackingFs,
@@ -44,7 +44,7 @@ from thinwatchd.policy import (
     no_space_mode,
     writeback_threatens,
 )
-from thinwatchd.pool import Kernel, Pool, ensure_resumed
+from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.status import (
     PoolMode,
     ThinPoolFailed,

@@ -20,7 +20,7 @@ import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 from thinwatchd.errors import (
     KernelError,
@@ -32,13 +32,11 @@ from thinwatchd.errors import (
 from thinwatchd.kernel.api import (
     DeviceMapperApi,
     DmInfo,
-    FilesApi,
-    LoopControlApi,
+    Kernel,
     LoopDevice,
-    MemoryApi,
+    MetadataChecker,
     Target,
 )
-from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.policy import low_water_mark
@@ -56,7 +54,6 @@ from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
 __all__ = [
     "Activation",
-    "Kernel",
     "Pool",
     "PoolSetupError",
     "activate",
@@ -65,35 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("thinwatchd")
-
-
-class DeviceNodes(Protocol):
-    """Keeps /dev/mapper/<name> in step with the kernel (udev sync, or mknod without udev)."""
-
-    def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
-        """Resume name and return once /dev/mapper/<name> exists."""
-
-    def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
-        """Resume name without waiting for udev (the node already exists)."""
-
-
-class MetadataChecker(Protocol):
-    """Runs thin_check on a metadata device before a pool is activated over it."""
-
-    def __call__(self, metadata_path: str) -> str | None:
-        """Return None if the metadata is sound (or no checker is installed), else the report."""
-
-
-@dataclass
-class Kernel:
-    """The kernel interfaces a pool needs."""
-
-    dm: DeviceMapperApi
-    loops: LoopControlApi
-    nodes: DeviceNodes
-    files: FilesApi = field(default_factory=Files)
-    #: Dirty-memory counters for writeback-aware marks; None: marks ignore writeback.
-    memory: MemoryApi | None = None
 
 
 class Activation(enum.Enum):

@@ -6,11 +6,11 @@ import logging
 import os
 from typing import Any
 
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.memory import Memory
 from thinwatchd.kernel.nodes import UdevNodes
-from thinwatchd.pool import Kernel
 
 __all__ = ["open_kernel", "udev_monitor"]
 

@@ -37,12 +37,10 @@ __all__ = [
     "ThinPoolStatus",
     "ThinPoolTable",
     "ThinPoolWorkingStatus",
-    "ThinStatus",
     "UsageBytes",
     "device_number",
     "parse_pool_status",
     "parse_pool_table",
-    "parse_thin_status",
     "table_differences",
 ]
 
@@ -269,33 +267,6 @@ def parse_pool_status(text: str) -> ThinPoolStatus:
     )
 
 
-@dataclass(frozen=True)
-class ThinStatus:
-    """A thin volume's status: mapped sectors and the highest mapped sector (None for '-')."""
-
-    mapped_sectors: int
-    highest_mapped_sector: int | None
-
-    def __str__(self) -> str:
-        highest = "-" if self.highest_mapped_sector is None else str(self.highest_mapped_sector)
-        return f"{self.mapped_sectors} {highest}"
-
-
-def parse_thin_status(text: str) -> ThinStatus | ThinPoolFailed | ThinPoolErrored:
-    """Return the typed form of a thin volume's INFO status line; raise StatusParseError."""
-    tokens = text.split()
-    if tokens == ["Fail"]:
-        return ThinPoolFailed()
-    if tokens == ["Error"]:
-        return ThinPoolErrored()
-    if len(tokens) != 2:
-        field = ("mapped_sectors", "highest_mapped_sector", "end of line")[min(len(tokens), 2)]
-        raise StatusParseError(field, min(len(tokens), 2), "".join(tokens[2:3]), text)
-    mapped = _uint("mapped_sectors", 0, tokens[0], text)
-    highest = None if tokens[1] == "-" else _uint("highest_mapped_sector", 1, tokens[1], text)
-    return ThinStatus(mapped, highest)
-
-
 def device_number(rdev: int) -> str:
     """Return a device number as the kernel prints it in tables ('major:minor')."""
     return f"{_os.major(rdev)}:{_os.minor(rdev)}"
@@ -360,10 +331,6 @@ class ThinPoolTable:
     def with_low_water_mark(self, blocks: int) -> ThinPoolTable:
         """Return this table with another low-water mark (data blocks)."""
         return replace(self, low_water_mark=blocks)
-
-    def with_devices(self, metadata_dev: str, data_dev: str) -> ThinPoolTable:
-        """Return this table naming other devices."""
-        return replace(self, metadata_dev=metadata_dev, data_dev=data_dev)
 
     def with_no_space_policy(self, policy: NoSpacePolicy) -> ThinPoolTable:
         """Return this table with error_if_no_space added or removed."""

@@ -18,8 +18,7 @@ from typing import Protocol
 
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.kernel.api import DeviceMapperApi, LoopControlApi, Target
-from thinwatchd.pool import Kernel
+from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopControlApi, Target
 
 BLOCK_BYTES = 64 * 1024
 

@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.kernel.api import DeviceMapperApi
+from thinwatchd.kernel.api import DeviceMapperApi, Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.pool import Kernel
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2

@@ -20,11 +20,10 @@ from tests.engine.test_growth import Clock
 from thinwatchd.daemon import Daemon
 from thinwatchd.estimates import read_estimates
 from thinwatchd.events import EventLoop
-from thinwatchd.kernel.api import FsSpace
+from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2

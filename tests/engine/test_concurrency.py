@@ -23,8 +23,9 @@ from tests.engine.fake_kernel import FakeKernel
 from thinwatchd import daemon as daemon_module
 from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel, Pool
+from thinwatchd.pool import Pool
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
 

@@ -46,10 +46,11 @@ from tests.engine.fake_kernel import FakeKernel, Fault, FaultySyscalls
 from thinwatchd.daemon import Daemon
 from thinwatchd.errors import ConfigError, PoolMismatchError, ThinwatchError
 from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel, PoolSetupError
+from thinwatchd.pool import PoolSetupError
 
 MiB = 1024**2
 HEADER = 4096

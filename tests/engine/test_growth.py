@@ -12,9 +12,9 @@ import yaml
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel
 from thinwatchd.status import ThinPoolWorkingStatus
 
 MiB = 1024**2

@@ -13,11 +13,11 @@ from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock, status, write_config
 from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
-from thinwatchd.kernel.api import FsSpace
+from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel, PoolSetupError, activate
+from thinwatchd.pool import PoolSetupError, activate
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2

@@ -9,7 +9,8 @@ import pytest
 
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.errors import KernelError, PoolMismatchError
-from thinwatchd.pool import Activation, Kernel, PoolSetupError, activate
+from thinwatchd.kernel.api import Kernel
+from thinwatchd.pool import Activation, PoolSetupError, activate
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus
 

@@ -38,9 +38,9 @@ from tests.engine.test_growth import Clock, FakeUdevDevice
 from thinwatchd import daemon as daemon_module
 from thinwatchd.daemon import RECONCILE_THREADS, WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
 

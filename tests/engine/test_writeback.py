@@ -17,9 +17,9 @@ from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, status, write_config
 from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import Kernel
 
 MiB = 1024**2
 BLOCK = 64 * 1024

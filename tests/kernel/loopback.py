@@ -20,6 +20,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.api import LoopDevice
 from thinwatchd.kernel.dm import DeviceMapper
+from thinwatchd.kernel.dm_abi import COOKIE_MAGIC
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.udev_sync import UdevSync
 
@@ -37,6 +38,18 @@ def unique(stem: str) -> str:
 def scratch_dir() -> Path:
     """Return THINWATCHD_SCRATCH (the VM's ext4 disk), or a temporary directory."""
     return Path(os.environ.get("THINWATCHD_SCRATCH") or tempfile.gettempdir())
+
+
+def semaphores_left() -> list[int]:
+    """Return the keys of libdm cookie semaphores that exist now (/proc/sysvipc/sem)."""
+    keys = []
+    with open("/proc/sysvipc/sem", encoding="ascii") as f:
+        next(f, None)
+        for line in f:
+            key = int(line.split()[0]) & 0xFFFFFFFF
+            if key >> 16 == COOKIE_MAGIC:
+                keys.append(key)
+    return keys
 
 
 def open_dm() -> DeviceMapper:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.loopback import Devices, open_dm, unique
+from tests.kernel.loopback import Devices, open_dm, semaphores_left, unique
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import udev_sync
 from thinwatchd.kernel.api import Target
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.kernel
 
 
 def our_semaphores() -> set[int]:
-    return set(UdevSync.semaphores_left())
+    return set(semaphores_left())
 
 
 def udevcomplete(cookie: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.loopback import Devices, open_dm, unique
+from tests.kernel.loopback import Devices, open_dm, semaphores_left, unique
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.udev_sync import UdevSync
@@ -72,13 +72,13 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
         assert props["DM_UDEV_PRIMARY_SOURCE_FLAG"] == "1"  # links survive udevadm trigger
         assert props["DM_UDEV_DISABLE_OTHER_RULES_FLAG"] == "1"  # nothing probes a pool
         assert props.get("DM_UDEV_DISABLE_DM_RULES_FLAG", "") != "1"
-        assert UdevSync.semaphores_left() == []
+        assert semaphores_left() == []
 
         # a resume that changes the size (RESIZE=1 uevent), as a pool growth does
         dm.load_table(name, [Target(0, 16, "error", "")])
         with udev.transaction(name) as cookie:
             assert dm.resume(name, cookie) is True
-        assert link.is_symlink() and UdevSync.semaphores_left() == []
+        assert link.is_symlink() and semaphores_left() == []
 
         # no uevent (already active, nothing loaded): the protocol must not wait
         start = time.monotonic()
@@ -88,7 +88,7 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
 
         devices.remove(name)
         assert not link.exists() and not link.is_symlink(), "link still there after remove"
-        assert UdevSync.semaphores_left() == []
+        assert semaphores_left() == []
     finally:
         devices.remove_all()
     assert udevd_log_since(since) == []
@@ -114,7 +114,7 @@ def test_without_notify_rules_the_monitor_fallback_waits(
         assert not link.is_symlink()
     finally:
         devices.remove_all()
-    assert UdevSync.semaphores_left() == []
+    assert semaphores_left() == []
     assert udevd_log_since(since) == []
 
 

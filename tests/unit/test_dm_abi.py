@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from collections.abc import Callable
 
 import pytest
@@ -356,21 +355,3 @@ def test_table_status_parses_the_reply_and_grows() -> None:
     fake = FakeIoctl({Cmd.TABLE_STATUS: status})
     assert DeviceMapper(fd=-1, ioctl=fake).table("pool")[1] == Target(65536, 8, "error", "")
     assert [h.data_size for _c, h, _r in fake.calls] == [1024, 2048]
-
-
-def test_deps_and_target_version() -> None:
-    def deps(hdr: DmHeader, buf: bytearray) -> None:
-        data = u32(2) + u32(0) + u64(os.makedev(7, 0)) + u64(os.makedev(7, 1))
-        buf[312 : 312 + len(data)] = data
-        answer(buf, hdr, data_size=312 + len(data))
-
-    def version(hdr: DmHeader, buf: bytearray) -> None:
-        assert hdr.name == "thin-pool"
-        data = struct.pack("=I3I", 0, 1, 22, 0) + b"thin-pool\0"
-        buf[312 : 312 + len(data)] = data
-        answer(buf, hdr, data_size=312 + len(data))
-
-    fake = FakeIoctl({Cmd.TABLE_DEPS: deps, Cmd.GET_TARGET_VERSION: version})
-    dm = DeviceMapper(fd=-1, ioctl=fake)
-    assert dm.deps("pool") == [os.makedev(7, 0), os.makedev(7, 1)]
-    assert dm.target_version("thin-pool") == (1, 22, 0)

@@ -18,11 +18,9 @@ from thinwatchd.status import (
     ThinPoolFailed,
     ThinPoolTable,
     ThinPoolWorkingStatus,
-    ThinStatus,
     device_number,
     parse_pool_status,
     parse_pool_table,
-    parse_thin_status,
     table_differences,
 )
 from thinwatchd.units import DataBlocks, MetaBlocks
@@ -175,30 +173,6 @@ def test_any_bad_token_is_named(s: ThinPoolWorkingStatus, data: st.DataObject) -
     assert info.value.value == tokens[index]
 
 
-# thin_status(): "<mapped sectors> <highest mapped sector|->", or Fail / Error.
-@pytest.mark.parametrize(
-    ("line", "expected"),
-    [
-        ("2048 2047", ThinStatus(2048, 2047)),
-        ("0 -", ThinStatus(0, None)),
-        ("Fail", ThinPoolFailed()),
-        ("Error", ThinPoolErrored()),
-    ],
-)
-def test_thin_status(line: str, expected: object) -> None:
-    assert parse_thin_status(line) == expected
-    assert str(expected) == line
-
-
-@pytest.mark.parametrize(
-    ("line", "index", "value"), [("", 0, ""), ("1", 1, ""), ("1 2 3", 2, "3"), ("a -", 0, "a")]
-)
-def test_bad_thin_status(line: str, index: int, value: str) -> None:
-    with pytest.raises(StatusParseError) as info:
-        parse_thin_status(line)
-    assert (info.value.index, info.value.value) == (index, value)
-
-
 # --- tables ---------------------------------------------------------------------------------
 
 
@@ -286,7 +260,6 @@ def test_table_helpers() -> None:
     assert queued.no_space_policy is NoSpacePolicy.QUEUE
     assert queued.with_no_space_policy(NoSpacePolicy.ERROR) == t.canonical()
     assert t.with_low_water_mark(7).low_water_mark == 7
-    assert t.with_devices("/dev/loop3", "/dev/loop4").params().startswith("/dev/loop3 /dev/loop4 ")
 
 
 def test_table_differences() -> None:

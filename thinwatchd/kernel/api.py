@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
     "DeviceMapperApi",
+    "DeviceNodes",
     "DmDevice",
     "DmInfo",
     "FileInfo",
     "FilesApi",
     "FsSpace",
+    "Kernel",
     "LoopControlApi",
     "LoopDevice",
     "MemoryApi",
+    "MetadataChecker",
     "Target",
 ]
 
@@ -227,3 +230,38 @@ class MemoryApi(Protocol):
 
     def writeback_texts(self) -> tuple[str, str]:
         """Return the texts of /proc/meminfo and /proc/vmstat; KernelError if unreadable."""
+
+
+class DeviceNodes(Protocol):
+    """Keeps /dev/mapper/<name> in step with the kernel (udev sync, or mknod without udev)."""
+
+    def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
+        """Resume name and return once /dev/mapper/<name> exists."""
+
+    def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
+        """Resume name without waiting for udev (the node already exists)."""
+
+
+class MetadataChecker(Protocol):
+    """Runs thin_check on a metadata device before a pool is activated over it."""
+
+    def __call__(self, metadata_path: str) -> str | None:
+        """Return None if the metadata is sound (or no checker is installed), else the report."""
+
+
+@dataclass
+class Kernel:
+    """The kernel interfaces a pool needs."""
+
+    dm: DeviceMapperApi
+    loops: LoopControlApi
+    nodes: DeviceNodes
+    files: FilesApi = field(default_factory=lambda: _real_files())
+    #: Dirty-memory counters for writeback-aware marks; None: marks ignore writeback.
+    memory: MemoryApi | None = None
+
+
+def _real_files() -> FilesApi:
+    from thinwatchd.kernel.fs import Files  # here, not at the top: fs.py imports this module
+
+    return Files()

@@ -272,22 +272,6 @@ class DeviceMapper:
         """Return the kernel's dm ioctl interface version (DM_VERSION)."""
         return self._ioctl(_abi.Command.VERSION, "version")[0].version
 
-    def target_version(self, target_type: str) -> tuple[int, int, int] | None:
-        """Return a target type's version, loading its module if needed; None if unknown.
-
-        DM_GET_TARGET_VERSION (interface 4.41+); the kernel request_module()s "dm-<type>".
-        """
-        try:
-            _h, data = self._ioctl(
-                _abi.Command.GET_TARGET_VERSION, "target_version", name=target_type
-            )
-        except KernelError as exc:
-            if exc.errno == _errno.EINVAL:
-                return None
-            raise
-        _next, v0, v1, v2 = _abi.TARGET_VERSIONS.unpack_from(data)
-        return v0, v1, v2
-
     def list_devices(self) -> list[DmDevice]:
         """Return every dm device with its event_nr, from one DM_LIST_DEVICES (needs 4.37)."""
         return parse_name_list(self._ioctl(_abi.Command.LIST_DEVICES, "list_devices")[1])
@@ -409,16 +393,6 @@ class DeviceMapper:
         flags = _abi.DmFlag.NOFLUSH if noflush else _abi.DmFlag(0)
         out, data = self._ioctl(_abi.Command.TABLE_STATUS, "status", name=name, flags=flags)
         return parse_targets(data, out.target_count)
-
-    def deps(self, name: str) -> list[int]:
-        """Return the dev_t of every device the ACTIVE table uses (DM_TABLE_DEPS)."""
-        check_name(name)
-        _h, data = self._ioctl(_abi.Command.TABLE_DEPS, "deps", name=name)
-        if len(data) < _abi.TARGET_DEPS_HEAD.size:
-            return []
-        count, _pad = _abi.TARGET_DEPS_HEAD.unpack_from(data)
-        at, step = _abi.TARGET_DEPS_HEAD.size, _abi.TARGET_DEPS_DEV.size
-        return [_abi.TARGET_DEPS_DEV.unpack_from(data, at + step * i)[0] for i in range(count)]
 
     def wait(self, name: str, event_nr: int) -> int:
         """Block until the device's event_nr differs from event_nr (DM_DEV_WAIT); return it.

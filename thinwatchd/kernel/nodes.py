@@ -16,7 +16,7 @@ log = logging.getLogger("thinwatchd")
 
 
 class UdevNodes:
-    """Implements pool.DeviceNodes over UdevSync."""
+    """Implements api.DeviceNodes over UdevSync."""
 
     def __init__(self, udev: UdevSync | None = None) -> None:
         self.udev = udev or UdevSync()
@@ -43,7 +43,3 @@ class UdevNodes:
     def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
         """Resume name without waiting for udev: for a resize, the node is already there."""
         dm.resume(name, cookie=self._nowait_cookie)
-
-    def removed(self, name: str) -> None:
-        """Drop the node we made for a removed device (no-op under udev)."""
-        self.udev.remove_node(name)

@@ -34,7 +34,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel.dm_abi import COOKIE_MAGIC, UDEV_FLAGS_SHIFT, UdevFlag
 from thinwatchd.kernel.fs import make_node
 
-__all__ = ["POOL_UDEV_FLAGS", "PUBLIC_UDEV_FLAGS", "Cookie", "UdevSync"]
+__all__ = ["POOL_UDEV_FLAGS", "Cookie", "UdevSync"]
 
 _log = _logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ POOL_UDEV_FLAGS = (
     | UdevFlag.DISABLE_DISK_RULES
     | UdevFlag.DISABLE_OTHER_RULES
 )
-#: For a device others consume (a thin volume): every rule runs.
-PUBLIC_UDEV_FLAGS = UdevFlag.PRIMARY_SOURCE | UdevFlag.DISABLE_LIBRARY_FALLBACK
 
 # sys/ipc.h, sys/sem.h (x86-64 glibc; checked with a C program on Debian 12)
 _IPC_CREAT, _IPC_EXCL, _IPC_NOWAIT, _IPC_RMID = 0o1000, 0o2000, 0o4000, 0
@@ -296,15 +294,3 @@ class UdevSync:
             return False
         except OSError as exc:
             raise KernelError("unlink", path, exc.errno or _errno.EIO) from exc
-
-    @staticmethod
-    def semaphores_left() -> list[int]:
-        """Return the keys of libdm cookie semaphores that exist now (/proc/sysvipc/sem)."""
-        keys = []
-        with open("/proc/sysvipc/sem", encoding="ascii") as f:
-            next(f, None)
-            for line in f:
-                key = int(line.split()[0]) & 0xFFFFFFFF
-                if key >> 16 == COOKIE_MAGIC:
-                    keys.append(key)
-        return keys
