@@ -31,6 +31,12 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
+from thinwatchd.status import (
+    MAX_BLOCK_SECTORS,
+    MIN_BLOCK_SECTORS,
+    Feature,
+    valid_block_size,
+)
 from thinwatchd.strict_yaml import load_strict_yaml
 from thinwatchd.units import (
     DURATION_HINT,
@@ -57,11 +63,10 @@ __all__ = [
 
 #: The thin-pool feature args a pool may list. read_only is not among them: a read-only pool
 #: allocates nothing, so there would be nothing to grow and every write to a thin volume fails.
-FEATURES = ("skip_block_zeroing", "ignore_discard", "no_discard_passdown", "error_if_no_space")
+FEATURES = tuple(f.value for f in Feature if f is not Feature.READ_ONLY)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: lvm2's minimum pool metadata size; the kernel needs room for its superblock and space maps.
 METADATA_MIN_BYTES = 2 * 1024**2
-_BLOCK_MIN, _BLOCK_MAX, _BLOCK_STEP = 128, 2097152, 128  # sectors (drivers/md/dm-thin.c)
 #: The largest config file read. The example, documenting every key, is 8 KiB. libyaml parses a
 #: MiB in milliseconds and strict_yaml caps the values, so even a hostile file fails fast.
 MAX_CONFIG_BYTES = 1024**2
@@ -290,10 +295,12 @@ def _block_size(value: object) -> int:
         with contextlib.suppress(ValueError):
             size = parse_size(value)
             sectors = size // SECTOR_BYTES if size % SECTOR_BYTES == 0 else None
-    if sectors is None or sectors % _BLOCK_STEP or not _BLOCK_MIN <= sectors <= _BLOCK_MAX:
+    if sectors is None or not valid_block_size(sectors):
+        lo, hi = MIN_BLOCK_SECTORS, MAX_BLOCK_SECTORS
+        lo_kib, hi_gib = lo * SECTOR_BYTES // 1024, hi * SECTOR_BYTES // 1024**3
         raise _Invalid(
-            "is not a valid block size; use 128 to 2097152 sectors in steps of 128, "
-            "or a size from 64KiB to 1GiB in steps of 64KiB"
+            f"is not a valid block size; use {lo} to {hi} sectors in steps of {lo}, or a size "
+            f"from {lo_kib}KiB to {hi_gib}GiB in steps of {lo_kib}KiB"
         )
     return sectors
 
@@ -331,10 +338,10 @@ def _one_of(value: object, allowed: tuple[str, ...], what: str, where: str = "")
     raise _Invalid(message, shown=True, where=where)
 
 
-def _features(value: object) -> tuple[str, ...]:
+def _features(value: object) -> tuple[Feature, ...]:
     if not isinstance(value, list):
         raise _Invalid("is not a list; use one like [skip_block_zeroing], or [] for none")
-    features: list[str] = []
+    features: list[Feature] = []
     for index, item in enumerate(value):
         if item == "read_only":
             message = "'read_only' is not allowed: a read-only pool cannot allocate, so cannot grow"
@@ -343,7 +350,7 @@ def _features(value: object) -> tuple[str, ...]:
             raise _Invalid(
                 f"{item!r} is listed twice; list it once", shown=True, where=f"[{index}]"
             )
-        features.append(str(item))
+        features.append(Feature(item))
     return tuple(features)
 
 

@@ -46,6 +46,7 @@ from thinwatchd.policy import (
 )
 from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.status import (
+    NoSpacePolicy,
     PoolMode,
     ThinPoolFailed,
     ThinPoolStatus,
@@ -617,7 +618,7 @@ class Extender:
             log.info("pool %s: low-water mark raised to %d blocks", pool.name,
                      table.low_water_mark)  # fmt: skip
         if policy is not old.no_space_policy:
-            error = policy.value == "error_if_no_space"
+            error = policy is NoSpacePolicy.ERROR
             why = (
                 "no room to grow; writers now get ENOSPC instead of hanging"
                 if error

@@ -19,6 +19,7 @@ from typing import Literal
 
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
+    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
@@ -576,7 +577,7 @@ def no_space_mode(settings: PoolSettings, refused_since: float | None, now: floa
     with no Grow or NoAction since, or None. After when_full.error_after seconds of that, writers
     get ENOSPC instead of hanging; once growth is possible again, the configured policy returns.
     """
-    if "error_if_no_space" in settings.features:
+    if Feature.ERROR_IF_NO_SPACE in settings.features:
         return NoSpacePolicy.ERROR
     after = settings.when_full.error_after
     if refused_since is None or after is None or now - refused_since < after:

@@ -43,12 +43,13 @@ from thinwatchd.policy import low_water_mark
 from thinwatchd.pool_files import check_distinct_files, prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
+    ThinPoolLine,
     ThinPoolStatus,
     ThinPoolTable,
     ThinPoolWorkingStatus,
     device_number,
     parse_pool_status,
-    parse_pool_table,
+    thin_pool_target,
 )
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
@@ -94,7 +95,7 @@ class Pool:
 
     def target(self, length: int, table: ThinPoolTable | None = None) -> Target:
         """Return the thin-pool target line for a table of length sectors."""
-        return Target(0, length, "thin-pool", (table or self.table).params())
+        return ThinPoolLine(length, table or self.table).to_target()
 
     def length_for(self, data_bytes: int) -> int:
         """Return the table length (sectors, whole blocks) for a data device of data_bytes."""
@@ -108,10 +109,10 @@ class Pool:
         data device: an fsync of the data file with every dirty page a writer has in it.
         Measured under a full-speed writer: 170 ms per status read, and a stall for the writer.
         """
-        targets = dm.status(self.name, noflush=True)
-        if len(targets) != 1 or targets[0].target_type != "thin-pool":
+        target = thin_pool_target(dm.status(self.name, noflush=True))
+        if target is None:
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
-        return parse_pool_status(targets[0].params)
+        return parse_pool_status(target.params)
 
     def live_length(self, dm: DeviceMapperApi, at_least: int = 0) -> int:
         """Return the active table's length as the kernel has it now, adopting outside changes.
@@ -123,13 +124,13 @@ class Pool:
         PoolMismatchError if the table is no longer this pool's (other devices or block size):
         it is left untouched.
         """
-        active = dm.table(self.name)
-        if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].start != 0:
+        line = ThinPoolLine.from_targets(dm.table(self.name))
+        if line is None:
             raise PoolMismatchError(
                 f"pool {self.name}: its active table is no longer one thin-pool (someone reloaded "
                 f"it); left untouched. Inspect it with dmsetup table {self.name}"
             )
-        live = parse_pool_table(active[0].params)
+        live = line.table
         ours = (self.table.metadata_dev, self.table.data_dev, self.table.data_block_size)
         if (live.metadata_dev, live.data_dev, live.data_block_size) != ours:
             raise PoolMismatchError(
@@ -138,7 +139,7 @@ class Pool:
                 f"{ours[1]}, {ours[2]} (someone reloaded it); left untouched. Restore it or "
                 f"restart thinwatchd to adopt it"
             )
-        length = active[0].length
+        length = line.length
         if length != self.length and length >= at_least:
             event(
                 logging.WARNING,
@@ -225,9 +226,9 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     # Each figure is one more candidate; one that cannot be read is no reason to stop here.
     try:
         lengths.add(pool.length_for(_retrying(lambda: kernel.loops.size(pool.data_loop))))
-        active = _retrying(lambda: dm.table(name))
-        if len(active) == 1 and active[0].target_type == "thin-pool":
-            lengths.add(active[0].length)
+        active = thin_pool_target(_retrying(lambda: dm.table(name)))
+        if active is not None:
+            lengths.add(active.length)
     except ThinwatchError as exc:
         failure = exc
     for length in sorted(lengths - {0}, reverse=True):
@@ -373,13 +374,14 @@ def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex) -> Pool:
     """Adopt a running pool device after checking it is this pool; finish interrupted work."""
     dm, name = kernel.dm, settings.name
     active = dm.table(name)
-    if len(active) != 1 or active[0].target_type != "thin-pool" or active[0].start != 0:
+    line = ThinPoolLine.from_targets(active)
+    if line is None:
         kinds = ", ".join(t.target_type for t in active) or "none"
         raise PoolMismatchError(
             f"pool {name}: device {name} exists but is not a thin-pool (targets: {kinds}); "
             f"left untouched. Rename the pool in the config or remove that device"
         )
-    current = parse_pool_table(active[0].params)
+    current = line.table
     meta_loop = _loop_for(kernel, index, str(settings.metadata_file), attach=False)
     data_loop = _loop_for(kernel, index, str(settings.data_file), attach=False)
     wanted = {

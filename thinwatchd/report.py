@@ -11,7 +11,12 @@ from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import Files
 from thinwatchd.policy import worth_reclaiming
 from thinwatchd.settings import PoolSettings
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
+from thinwatchd.status import (
+    ThinPoolLine,
+    ThinPoolWorkingStatus,
+    parse_pool_status,
+    thin_pool_target,
+)
 from thinwatchd.units import SECTOR_BYTES, format_bytes, format_duration
 
 __all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]
@@ -68,12 +73,13 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
         info = dm.info(settings.name)
         if info is None or not info.active_present:
             return base
-        targets = dm.status(settings.name, noflush=True)  # no commit: see Pool.read_status
-        table = dm.table(settings.name)
-        if len(targets) != 1 or targets[0].target_type != "thin-pool":
+        # noflush: no metadata commit (see Pool.read_status)
+        target = thin_pool_target(dm.status(settings.name, noflush=True))
+        line = ThinPoolLine.from_targets(dm.table(settings.name))
+        if target is None or line is None:
             return replace(base, active=True, mode="not-a-thin-pool")
-        status = parse_pool_status(targets[0].params)
-        params = parse_pool_table(table[0].params)
+        status = parse_pool_status(target.params)
+        params = line.table
     except ThinwatchError as exc:
         return replace(base, mode="unknown", error=str(exc))
     if not isinstance(status, ThinPoolWorkingStatus):

@@ -11,6 +11,7 @@ from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.memory import Memory
 from thinwatchd.kernel.nodes import UdevNodes
+from thinwatchd.kernel.udev_sync import UDEV_CONTROL
 
 __all__ = ["open_kernel", "udev_monitor"]
 
@@ -29,7 +30,7 @@ def udev_monitor() -> Any:
     """
     import pyudev
 
-    source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+    source = "udev" if os.path.exists(UDEV_CONTROL) else "kernel"
     try:
         monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source=source)
         monitor.filter_by("block")

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinwatchd.status import Feature
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DaemonSettings",
@@ -69,7 +71,7 @@ class PoolSettings:
     metadata_size: int = 2 * GiB  # initial size of a new metadata file
     data_block_size: int = 128  # sectors; 128..2097152, a multiple of 128
     low_water_mark: int = 32768  # data blocks; the floor of the adaptive mark
-    features: tuple[str, ...] = ("skip_block_zeroing",)
+    features: tuple[Feature, ...] = (Feature.SKIP_BLOCK_ZEROING,)
     preallocate: bool = False  # fallocate new space instead of leaving it sparse
     direct_io: bool = True  # loop devices bypass the page cache (cheap flushes, no double cache)
     reserve: int = 1 * GiB  # keep this much free on the backing filesystem (bytes)

@@ -19,21 +19,27 @@ features it was given in its own fixed order (emit_flags), with a trailing space
 from __future__ import annotations
 
 import os as _os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import ClassVar, NamedTuple, TypeVar
 
 from thinwatchd.errors import StatusParseError
+from thinwatchd.kernel.api import Target
 from thinwatchd.units import META_BLOCK_BYTES, DataBlocks, MetaBlocks
 
 __all__ = [
-    "FEATURE_ORDER",
+    "MAX_BLOCK_SECTORS",
     "MAX_FEATURE_ARGS",
+    "MIN_BLOCK_SECTORS",
+    "THIN_POOL",
     "DiscardMode",
+    "Feature",
     "NoSpacePolicy",
     "PoolMode",
     "ThinPoolErrored",
     "ThinPoolFailed",
+    "ThinPoolLine",
     "ThinPoolStatus",
     "ThinPoolTable",
     "ThinPoolWorkingStatus",
@@ -42,21 +48,36 @@ __all__ = [
     "parse_pool_status",
     "parse_pool_table",
     "table_differences",
+    "thin_pool_target",
+    "valid_block_size",
 ]
 
-#: The order emit_flags() prints features in; a reloaded table reads back in this order.
-FEATURE_ORDER = (
-    "skip_block_zeroing",
-    "ignore_discard",
-    "no_discard_passdown",
-    "read_only",
-    "error_if_no_space",
-)
+#: The target type of a pool's table line.
+THIN_POOL = "thin-pool"
 #: parse_pool_features() reads the count through dm_arg {0, 4}: more is rejected at load.
 MAX_FEATURE_ARGS = 4
-#: pool_ctr(): DATA_DEV_BLOCK_SIZE_MIN_SECTORS / _MAX_SECTORS.
-_MIN_BLOCK_SECTORS = 128
-_MAX_BLOCK_SECTORS = 2097152
+#: pool_ctr(): DATA_DEV_BLOCK_SIZE_MIN_SECTORS / _MAX_SECTORS; a multiple of the minimum.
+MIN_BLOCK_SECTORS = 128
+MAX_BLOCK_SECTORS = 2097152
+
+
+def valid_block_size(sectors: int) -> bool:
+    """Return True if pool_ctr() takes a data block size of this many sectors."""
+    return MIN_BLOCK_SECTORS <= sectors <= MAX_BLOCK_SECTORS and sectors % MIN_BLOCK_SECTORS == 0
+
+
+class Feature(StrEnum):
+    """The thin-pool table's feature args, in the order emit_flags() prints them (a reloaded
+    table reads back in this order)."""
+
+    SKIP_BLOCK_ZEROING = "skip_block_zeroing"
+    IGNORE_DISCARD = "ignore_discard"
+    NO_DISCARD_PASSDOWN = "no_discard_passdown"
+    READ_ONLY = "read_only"
+    ERROR_IF_NO_SPACE = "error_if_no_space"
+
+
+_FEATURE_NAMES = frozenset(f.value for f in Feature)
 
 
 class PoolMode(StrEnum):
@@ -80,7 +101,7 @@ class NoSpacePolicy(StrEnum):
     """What the pool does with writes when out of data space."""
 
     QUEUE = "queue_if_no_space"
-    ERROR = "error_if_no_space"
+    ERROR = "error_if_no_space"  # the status word is the feature's name
 
 
 class UsageBytes(NamedTuple):
@@ -284,17 +305,22 @@ class ThinPoolTable:
     data_dev: str
     data_block_size: int  # sectors
     low_water_mark: int  # data blocks
-    features: tuple[str, ...] = ()
+    features: tuple[Feature, ...] = ()
 
     def __post_init__(self) -> None:
         bs = self.data_block_size
-        if not _MIN_BLOCK_SECTORS <= bs <= _MAX_BLOCK_SECTORS or bs % _MIN_BLOCK_SECTORS:
-            raise ValueError(f"data_block_size {bs} is not a multiple of 128 in 128..2097152")
+        if not valid_block_size(bs):
+            raise ValueError(
+                f"data_block_size {bs} is not a multiple of {MIN_BLOCK_SECTORS} in "
+                f"{MIN_BLOCK_SECTORS}..{MAX_BLOCK_SECTORS}"
+            )
         if self.low_water_mark < 0:
             raise ValueError(f"low_water_mark {self.low_water_mark} is negative")
-        unknown = [f for f in self.features if f not in FEATURE_ORDER]
+        unknown = [f for f in self.features if f not in _FEATURE_NAMES]
         if unknown:
             raise ValueError(f"unknown thin-pool feature {unknown[0]!r}")
+        # Members, also when given as the words (as a caller or the kernel's text has them).
+        object.__setattr__(self, "features", tuple(Feature(f) for f in self.features))
         if len(set(self.features)) != len(self.features):
             raise ValueError(f"duplicate thin-pool feature in {self.features}")
         if len(self.features) > MAX_FEATURE_ARGS:
@@ -311,7 +337,7 @@ class ThinPoolTable:
     @property
     def no_space_policy(self) -> NoSpacePolicy:
         """Return the no-space policy this table asks for."""
-        if "error_if_no_space" in self.features:
+        if Feature.ERROR_IF_NO_SPACE in self.features:
             return NoSpacePolicy.ERROR
         return NoSpacePolicy.QUEUE
 
@@ -326,7 +352,7 @@ class ThinPoolTable:
 
     def canonical(self) -> ThinPoolTable:
         """Return this table with its features in the order the kernel prints them."""
-        return replace(self, features=tuple(f for f in FEATURE_ORDER if f in self.features))
+        return replace(self, features=tuple(f for f in Feature if f in self.features))
 
     def with_low_water_mark(self, blocks: int) -> ThinPoolTable:
         """Return this table with another low-water mark (data blocks)."""
@@ -334,9 +360,11 @@ class ThinPoolTable:
 
     def with_no_space_policy(self, policy: NoSpacePolicy) -> ThinPoolTable:
         """Return this table with error_if_no_space added or removed."""
-        rest = tuple(f for f in self.features if f != "error_if_no_space")
+        rest: tuple[Feature, ...] = tuple(
+            f for f in self.features if f is not Feature.ERROR_IF_NO_SPACE
+        )
         if policy is NoSpacePolicy.ERROR:
-            rest += ("error_if_no_space",)
+            rest += (Feature.ERROR_IF_NO_SPACE,)
         return replace(self, features=rest).canonical()
 
 
@@ -351,10 +379,10 @@ def parse_pool_table(params: str) -> ThinPoolTable:
     if len(tokens) < 4:
         raise StatusParseError(names[len(tokens)], len(tokens), "", params)
     bs = _uint(names[2], 2, tokens[2], params)
-    if not _MIN_BLOCK_SECTORS <= bs <= _MAX_BLOCK_SECTORS or bs % _MIN_BLOCK_SECTORS:
+    if not valid_block_size(bs):
         raise StatusParseError(names[2], 2, tokens[2], params)
     lwm = _uint(names[3], 3, tokens[3], params)
-    features: list[str] = []
+    features: list[Feature] = []
     if len(tokens) > 4:
         count = _uint(names[4], 4, tokens[4], params)
         if count > MAX_FEATURE_ARGS or len(tokens) < 5 + count:
@@ -363,12 +391,38 @@ def parse_pool_table(params: str) -> ThinPoolTable:
             raise StatusParseError("end of line", 5 + count, tokens[5 + count], params)
         for index in range(5, 5 + count):
             name = tokens[index].lower()
-            if name not in FEATURE_ORDER or name in features:
+            if name not in _FEATURE_NAMES or name in features:
                 raise StatusParseError("feature", index, tokens[index], params)
-            features.append(name)
+            features.append(Feature(name))
     if tokens[0] == tokens[1]:  # pool_ctr refuses the same device twice
         raise StatusParseError(names[1], 1, tokens[1], params)
     return ThinPoolTable(tokens[0], tokens[1], bs, lwm, tuple(features))
+
+
+def thin_pool_target(targets: Sequence[Target]) -> Target | None:
+    """Return the one thin-pool line, from sector 0, of a pool device's table or status; None
+    if the device holds anything else (an operator's dmsetup reload, another tool's device)."""
+    if len(targets) == 1 and targets[0].target_type == THIN_POOL and targets[0].start == 0:
+        return targets[0]
+    return None
+
+
+@dataclass(frozen=True)
+class ThinPoolLine:
+    """A pool device's whole table: one thin-pool target of length sectors from sector 0."""
+
+    length: int  # sectors
+    table: ThinPoolTable
+
+    @classmethod
+    def from_targets(cls, targets: Sequence[Target]) -> ThinPoolLine | None:
+        """Return the line a table holds (parsed: StatusParseError), None if not a pool's."""
+        target = thin_pool_target(targets)
+        return None if target is None else cls(target.length, parse_pool_table(target.params))
+
+    def to_target(self) -> Target:
+        """Return the line to load."""
+        return Target(0, self.length, THIN_POOL, self.table.params())
 
 
 def _device_key(dev: str) -> tuple[int, int] | str:

@@ -189,7 +189,7 @@ def teardown(dm: DeviceMapper, names: list[str], files: list[Path]) -> None:
                     raise
                 time.sleep(0.1)
         with contextlib.suppress(Exception):
-            nodes.removed(name)
+            nodes.udev.remove_node(name)  # without udev, the node we made
     loops = LoopControl()
     for path in files:
         with contextlib.suppress(Exception):

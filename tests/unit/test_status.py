@@ -9,19 +9,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from thinwatchd.errors import StatusParseError
+from thinwatchd.kernel.api import Target
 from thinwatchd.status import (
-    FEATURE_ORDER,
     DiscardMode,
+    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
     ThinPoolFailed,
+    ThinPoolLine,
     ThinPoolTable,
     ThinPoolWorkingStatus,
     device_number,
     parse_pool_status,
     parse_pool_table,
     table_differences,
+    thin_pool_target,
 )
 from thinwatchd.units import DataBlocks, MetaBlocks
 
@@ -235,7 +238,7 @@ def test_bad_table_names_the_token(params: str, field: str, index: int, value: s
         {"low_water_mark": -1},
         {"features": ("frobnicate",)},
         {"features": ("read_only", "read_only")},
-        {"features": FEATURE_ORDER},  # five: the kernel takes at most four
+        {"features": tuple(Feature)},  # five: the kernel takes at most four
         {"metadata_dev": ""},
         {"data_dev": "/dev/loop 1"},
     ],
@@ -289,7 +292,7 @@ def tables(draw: st.DrawFn) -> ThinPoolTable:
     meta, data = draw(devs), draw(devs)
     if meta == data:
         data = "/dev/loop-data"
-    features = draw(st.permutations(FEATURE_ORDER))[: draw(st.integers(0, 4))]
+    features = draw(st.permutations(list(Feature)))[: draw(st.integers(0, 4))]
     return ThinPoolTable(
         meta, data, 128 * draw(st.integers(1, 16384)), draw(uints), tuple(features)
     )
@@ -311,3 +314,25 @@ def test_any_bad_table_token_is_named(t: ThinPoolTable, data: st.DataObject) -> 
     with pytest.raises(StatusParseError) as info:
         parse_pool_table(" ".join(tokens))
     assert info.value.index == index
+
+
+def test_a_pools_table_is_one_thin_pool_line_from_sector_0() -> None:
+    params = "7:0 7:1 128 32768 1 skip_block_zeroing"
+    target = Target(0, 2048, "thin-pool", params)
+    line = ThinPoolLine.from_targets([target])
+    table = ThinPoolTable("7:0", "7:1", 128, 32768, (Feature.SKIP_BLOCK_ZEROING,))
+    assert line == ThinPoolLine(2048, table)
+    assert line.to_target() == target
+    for others in (
+        [],
+        [target, Target(2048, 8, "error", "")],  # a second line (an operator's dmsetup)
+        [Target(8, 2048, "thin-pool", params)],
+        [Target(0, 2048, "linear", "7:0 0")],
+    ):
+        assert thin_pool_target(others) is None and ThinPoolLine.from_targets(others) is None
+
+
+def test_features_are_members_whatever_the_caller_gave() -> None:
+    table = ThinPoolTable("7:0", "7:1", 128, 0, ("error_if_no_space",))
+    assert table.features == (Feature.ERROR_IF_NO_SPACE,)
+    assert table.with_no_space_policy(NoSpacePolicy.QUEUE).features == ()

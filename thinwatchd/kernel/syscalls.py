@@ -9,15 +9,15 @@ is exercised with every error the kernel can return there.
 from __future__ import annotations
 
 import ctypes as _ctypes
-import ctypes.util as _ctypes_util
 import os as _os
+
+from thinwatchd.kernel.libc import libc as _libc
 
 __all__ = ["FALLOC_FL_KEEP_SIZE", "Syscalls"]
 
 #: include/uapi/linux/falloc.h: allocate without changing the file size.
 FALLOC_FL_KEEP_SIZE = 0x01
 
-_libc = _ctypes.CDLL(_ctypes_util.find_library("c"), use_errno=True)
 _libc.fallocate.argtypes = [_ctypes.c_int, _ctypes.c_int, _ctypes.c_int64, _ctypes.c_int64]
 _libc.fallocate.restype = _ctypes.c_int
 

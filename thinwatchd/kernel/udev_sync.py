@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib as _contextlib
 import ctypes as _ctypes
-import ctypes.util as _ctypes_util
 import errno as _errno
 import logging as _logging
 import os as _os
@@ -33,8 +32,12 @@ from typing import Any
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.dm_abi import COOKIE_MAGIC, UDEV_FLAGS_SHIFT, UdevFlag
 from thinwatchd.kernel.fs import make_node
+from thinwatchd.kernel.libc import libc as _libc
 
-__all__ = ["POOL_UDEV_FLAGS", "Cookie", "UdevSync"]
+__all__ = ["POOL_UDEV_FLAGS", "UDEV_CONTROL", "Cookie", "UdevSync"]
+
+#: Exists while systemd-udevd runs: without it, nobody would process a cookie's uevent.
+UDEV_CONTROL = "/run/udev/control"
 
 _log = _logging.getLogger(__name__)
 
@@ -82,7 +85,6 @@ _SIGNATURES: dict[str, tuple[list[Any], Any]] = {
         _ctypes.c_int,
     ),
 }
-_libc = _ctypes.CDLL(_ctypes_util.find_library("c"), use_errno=True)
 for _name, (_args, _res) in _SIGNATURES.items():
     getattr(_libc, _name).argtypes, getattr(_libc, _name).restype = _args, _res
 
@@ -128,7 +130,7 @@ class UdevSync:
     """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
 
     def __init__(
-        self, *, dev_dir: str = "/dev", udev_control: str = "/run/udev/control",
+        self, *, dev_dir: str = "/dev", udev_control: str = UDEV_CONTROL,
         timeout: float = 30.0, flags: UdevFlag = POOL_UDEV_FLAGS,
         rule_dirs: tuple[str, ...] = _RULE_DIRS,
     ) -> None:  # fmt: skip
