@@ -49,6 +49,7 @@ INSTALLED = [  # what scripts/install makes, and enable
     Path("/opt/thinwatchd"),
     Path("/usr/local/bin/thinwatchd"),
     Path(f"/etc/systemd/system/{UNIT}"),
+    Path("/etc/systemd/system/containerd.service.d/thinwatchd.conf"),  # containerd is installed
     Path("/etc/thinwatchd"),
 ]
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
