@@ -254,6 +254,23 @@ def clock_offset(records: list[tuple[float, str]]) -> float | None:
     return statistics.median(offsets) if offsets else None
 
 
+def mkfs_mount(device: str, fs: str, mountpoint: Path) -> None:
+    """Make fs on device and mount it at mountpoint (also used by bench/peers.py)."""
+    if fs == "ext4":
+        # No discard at mkfs, lazy init, and no lazy-init thread after mount: the workload's
+        # writes are the only ones (containerd formats with nodiscard too).
+        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+             device])  # fmt: skip
+        opts = "noinit_itable"
+    elif fs == "xfs":
+        run(["mkfs.xfs", "-q", "-f", "-K", device])  # -K: no discard at mkfs
+        opts = "defaults"
+    else:
+        raise SystemExit(f"unknown filesystem {fs!r}")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    run(["mount", "-t", fs, "-o", opts, device, str(mountpoint)])
+
+
 # -- one pool with the daemon -------------------------------------------------------------------
 
 
@@ -311,19 +328,7 @@ class Pool:
         }
 
     def mkfs_mount(self, fs: str, mountpoint: Path) -> None:
-        if fs == "ext4":
-            # No discard at mkfs, lazy init, and no lazy-init thread after mount: the workload's
-            # writes are the only ones (containerd formats with nodiscard too).
-            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-                 self.thin])  # fmt: skip
-            opts = "noinit_itable"
-        elif fs == "xfs":
-            run(["mkfs.xfs", "-q", "-f", "-K", self.thin])  # -K: no discard at mkfs
-            opts = "defaults"
-        else:
-            raise SystemExit(f"unknown filesystem {fs!r}")
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        run(["mount", "-t", fs, "-o", opts, self.thin, str(mountpoint)])
+        mkfs_mount(self.thin, fs, mountpoint)
         self.mounted = mountpoint
 
     def close(self) -> None:
