@@ -186,8 +186,14 @@ def filling(
         data=replace(d.pools["a"].pool.settings.data, max_size=1024 * MiB),
     )
     lines: list[str] = []
-    d.notifier.status = lambda text: lines.append(text) or True  # type: ignore[method-assign]
-    clock = d.loop._clock  # the engine tests' Clock
+
+    def status(text: str) -> bool:
+        lines.append(text)
+        return True
+
+    d.notifier.status = status  # type: ignore[method-assign]
+    clock = d.loop._clock
+    assert isinstance(clock, Clock)  # the engine tests' Clock
     for _ in range(3):  # ten seconds apart: 10 MiB into a, 30 MiB into b
         fake.write_blocks("a", 10 * MiB // (64 * 1024))
         fake.write_blocks("b", 30 * MiB // (64 * 1024))

@@ -35,6 +35,11 @@ NAMES = ("a", "b")
 PATIENCE = 5.0
 
 
+def returning(value: str | int) -> Callable[[], str | int]:
+    """A job that returns value."""
+    return lambda: value
+
+
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Overrides conftest's: builds in one thread, reconciles in the daemon's own threads."""
@@ -174,7 +179,12 @@ def test_an_event_during_a_growth_is_served_after_it(
 
     monkeypatch.setattr(daemon.extender, "reconcile", counted)
     entered, released = threading.Event(), threading.Event()
-    fake.draining["a"] = lambda: (entered.set(), released.wait(PATIENCE))
+
+    def drain() -> None:
+        entered.set()
+        released.wait(PATIENCE)
+
+    fake.draining["a"] = drain
     to_mark(fake, daemon, "a")
     daemon._check_events()
     serve_until(daemon, entered.is_set, "a's growth did not start")
@@ -262,7 +272,7 @@ def test_a_burst_of_quick_jobs_wakes_few_threads() -> None:
     done: list[int] = []
     try:
         for i in range(64):
-            workers.submit(str(i), lambda i=i: i, lambda result, _error: done.append(result))
+            workers.submit(str(i), returning(i), lambda result, _error: done.append(result))
         workers.run_until_idle(timeout=PATIENCE)
         assert sorted(done) == list(range(64))
         assert workers.threads <= 4
@@ -289,7 +299,7 @@ def test_a_thread_that_cannot_start_is_said_once_and_started_later(
     done: list[str] = []
     try:
         for key in ("a", "b"):
-            workers.submit(key, lambda key=key: key, lambda result, _error: done.append(result))
+            workers.submit(key, returning(key), lambda result, _error: done.append(result))
         workers.run_until_idle(timeout=PATIENCE)
     finally:
         workers.close()
@@ -335,7 +345,7 @@ def test_a_safety_check_runs_in_one_thread_and_events_go_first() -> None:
     try:
         workers.submit("held", lambda: held.wait(PATIENCE) and "held", record, background=True)
         for i in range(63):
-            workers.submit(f"check{i}", lambda i=i: f"check{i}", record, background=True)
+            workers.submit(f"check{i}", returning(f"check{i}"), record, background=True)
         workers.submit("event", lambda: "event", record)
         serve = time.monotonic()
         while "event" not in done:

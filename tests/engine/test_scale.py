@@ -40,6 +40,7 @@ from thinwatchd.daemon import RECONCILE_THREADS, WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
+from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
@@ -60,14 +61,14 @@ metrics_writes: collections.Counter[Path] = collections.Counter()
 @pytest.fixture(scope="module", autouse=True)
 def counting_metrics() -> Iterator[None]:
     """Count the metrics file's writes; one worker thread (the beds outlive one_worker's patch)."""
-    write = daemon_module.write_atomically
+    write = write_atomically
 
     def counted(path: Path, text: str) -> None:
         metrics_writes[path] += 1
         write(path, text)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(daemon_module, "write_atomically", counted)
+        patch.setattr("thinwatchd.daemon.write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
         patch.setattr(daemon_module, "reconcile_workers", InlineWorkers)
         yield
@@ -250,7 +251,12 @@ def test_a_check_in_the_daemons_threads_costs_the_same(bed: Bed) -> None:
     inline_calls = len(bed.check.calls)
     d.reconcilers = Workers(d.loop, max_threads=RECONCILE_THREADS)
     try:
-        cost = bed.measure(lambda: (bed._check(), d.reconcilers.run_until_idle(CHECK_SECONDS)))
+
+        def check_threaded() -> None:
+            bed._check()
+            d.reconcilers.run_until_idle(CHECK_SECONDS)
+
+        cost = bed.measure(check_threaded)
     finally:
         d.reconcilers.close()
         d.reconcilers = inline

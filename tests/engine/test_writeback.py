@@ -257,4 +257,5 @@ def test_a_pool_an_operator_suspended_is_not_checked_at_every_tick(
     for _ in range(10):
         tick(wb_daemon, clock)
     assert [c for c in fake.calls if not c.startswith("open /proc/")] == []
-    assert fake.info("pool") is not None and fake.info("pool").suspended  # left as it was
+    info = fake.info("pool")
+    assert info is not None and info.suspended  # left as it was

@@ -31,6 +31,7 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
+from thinwatchd.status import Feature
 from thinwatchd.strict_yaml import MAX_VALUES
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
@@ -104,7 +105,7 @@ def test_every_value_form() -> None:
         metadata_size=100 * MiB,
         data_block_size=2048,
         low_water_mark=10,  # read as written, not as YAML 1.1 octal
-        features=("ignore_discard", "error_if_no_space"),
+        features=(Feature.IGNORE_DISCARD, Feature.ERROR_IF_NO_SPACE),
         preallocate=True,
         reserve=4 * KiB,
         reserve_percent=5.0,
