@@ -41,7 +41,7 @@ from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
-from thinwatchd.policy import full_in
+from thinwatchd.policy import GrowthTarget, full_in
 from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
@@ -730,8 +730,8 @@ class Daemon:
                 None if space is None else fs_rates.get(space[0]),
             )  # fmt: skip
             out.append(PoolMetrics(
-                pool.name, pool.block_bytes, status, state.growths["data"],
-                state.growths["metadata"], state.failures,
+                pool.name, pool.block_bytes, status, state.growths[GrowthTarget.DATA],
+                state.growths[GrowthTarget.METADATA], state.failures,
                 state.last_growth.seconds if state.last_growth else None,
                 None if space is None else space[1].free, backing.allocated(data_file),
                 pool.settings.data.max_size, tuple(sorted(state.refusals)), rate, full,

@@ -33,6 +33,7 @@ from thinwatchd.policy import (
     Decision,
     FillHistory,
     Grow,
+    GrowthTarget,
     NoAction,
     RefusalReason,
     Refuse,
@@ -48,7 +49,6 @@ from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.status import (
     NoSpacePolicy,
     PoolMode,
-    ThinPoolFailed,
     ThinPoolStatus,
     ThinPoolWorkingStatus,
 )
@@ -84,9 +84,10 @@ class PoolState:
 
     history: FillHistory = field(default_factory=FillHistory)
     refused_since: float | None = None  # no room for data (refused, failed, fs at reserve)
-    refusals: dict[str, str] = field(default_factory=dict)  # target -> reason, to log changes once
-    mode: str | None = None  # last pool mode seen, to log changes once
-    growths: dict[str, int] = field(default_factory=lambda: {"data": 0, "metadata": 0})
+    refusals: dict[GrowthTarget, str] = field(default_factory=dict)  # reason, to log changes once
+    mode: PoolMode | None = None  # the pool's mode when last seen, to log changes once
+    needs_check: bool = False  # and whether it needed thin_check
+    growths: dict[GrowthTarget, int] = field(default_factory=lambda: dict.fromkeys(GrowthTarget, 0))
     failures: int = 0
     failing: str | None = None  # the error of the current streak of failed growths
     failed_attempts: int = 0  # growths failed in a row
@@ -116,10 +117,9 @@ def pool_fields(
             "DATA_TOTAL_BYTES": usage.data_total,
             "METADATA_USED_BYTES": usage.metadata_used,
             "METADATA_TOTAL_BYTES": usage.metadata_total,
-            "POOL_MODE": status.mode.value,
         }
-    elif status is not None:
-        fields["POOL_MODE"] = str(status)
+    if status is not None:
+        fields["POOL_MODE"] = status.mode.value
     return fields
 
 
@@ -221,7 +221,7 @@ class Extender:
             not pool.settings.data.adaptive_low_water
             or not isinstance(status, ThinPoolWorkingStatus)
             or state.written_at_status is None
-            or "data" in state.refusals  # said already; the safety check comes back
+            or GrowthTarget.DATA in state.refusals  # said already; the safety check comes back
             or state.retry_at is not None  # backing off; its timer comes back
             or state.suspended_said  # an operator's suspend: nothing grows it until resumed
         ):
@@ -425,7 +425,7 @@ class Extender:
         would grow the file by another step per failed attempt.
         """
         settings, files = pool.settings, self.kernel.files
-        data = decision.target == "data"
+        data = decision.target is GrowthTarget.DATA
         path = str(settings.data_file if data else settings.metadata_file)
         loop = pool.data_loop if data else pool.meta_loop
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
@@ -470,7 +470,7 @@ class Extender:
         writeback: WritebackState | None = None,
     ) -> ThinPoolStatus | None:
         """Make the kernel see a grown file: LOOP_SET_CAPACITY, then load and resume."""
-        data = decision.target == "data"
+        data = decision.target is GrowthTarget.DATA
         steps = steps if steps is not None else {"DECIDE_MS": self.clock()}
         try:
             self.kernel.loops.set_capacity(pool.data_loop if data else pool.meta_loop)
@@ -655,30 +655,25 @@ class Extender:
 
     def _note_mode(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
         """Log each change of the pool's mode (and needs_check) once, with what to do about it."""
-        working = isinstance(status, ThinPoolWorkingStatus)
-        mode = (
-            status.mode.value
-            if isinstance(status, ThinPoolWorkingStatus | ThinPoolFailed)
-            else str(status)
-        )
-        needs_check = working and status.needs_check  # type: ignore[union-attr]
-        digest = f"{mode}{',needs_check' if needs_check else ''}"
-        if digest == state.mode:
+        mode = status.mode
+        needs_check = isinstance(status, ThinPoolWorkingStatus) and status.needs_check
+        if (mode, needs_check) == (state.mode, state.needs_check):
             return
         first = state.mode is None
-        state.mode = digest
-        if first and digest == PoolMode.WRITE.value:
+        state.mode, state.needs_check = mode, needs_check
+        healthy = mode is PoolMode.WRITE and not needs_check
+        if first and healthy:
             return
-        level = logging.INFO if digest == PoolMode.WRITE.value else logging.ERROR
-        text = f"pool {pool.name} is now in mode {mode}"
+        level = logging.INFO if healthy else logging.ERROR
+        text = f"pool {pool.name} is now in mode {mode.value}"
         if needs_check:
             text += (
                 " and its metadata needs checking (needs_check): the kernel will neither write "
                 "nor grow it. Stop its users, deactivate it and run thin_check, then thin_repair "
                 "if that fails; see the kernel log for the metadata error"
             )
-        if mode == PoolMode.FAIL.value:
+        if mode is PoolMode.FAIL:
             level = logging.CRITICAL
             text += ": the pool has failed; its metadata needs thin_check and thin_repair"
-        event(level, MessageId.POOL_MODE_CHANGED, text,
-              self._fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip
+        fields = self._fields(pool, status) | {"NEEDS_CHECK": int(needs_check)}
+        event(level, MessageId.POOL_MODE_CHANGED, text, fields)

@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from fractions import Fraction
-from typing import Literal
 
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
@@ -44,10 +43,10 @@ __all__ = [
     "FillHistory",
     "FullIn",
     "Grow",
+    "GrowthTarget",
     "NoAction",
     "RefusalReason",
     "Refuse",
-    "Target",
     "backing_shortfall",
     "decide_data",
     "decide_metadata",
@@ -61,7 +60,13 @@ __all__ = [
     "writeback_threatens",
 ]
 
-Target = Literal["data", "metadata"]
+
+class GrowthTarget(StrEnum):
+    """What a decision grows: the pool's data or its metadata (their files and devices)."""
+
+    DATA = "data"
+    METADATA = "metadata"
+
 
 #: The adaptive mark covers this many growth durations of writing at the measured fill rate.
 SAFETY_FACTOR = 4
@@ -238,7 +243,7 @@ class NoAction:
     """Nothing to do for this target."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     reason: str
 
 
@@ -247,7 +252,7 @@ class Grow:
     """Grow the target's file to new_size bytes and reload with low_water_mark (data blocks)."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     old_size: int
     new_size: int
     low_water_mark: int
@@ -260,7 +265,7 @@ class Refuse:
     """A growth is needed but must not or cannot happen."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     reason: RefusalReason
     detail: str
 
@@ -372,7 +377,7 @@ def writeback_threatens(
     )
 
 
-def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None:
+def _blocked(status: ThinPoolStatus, pool: str, target: GrowthTarget) -> Refuse | None:
     if isinstance(status, ThinPoolFailed):
         detail = "the pool has failed (status 'Fail'); it needs thin_check and thin_repair"
         return Refuse(pool, target, RefusalReason.FAILED, detail)
@@ -383,7 +388,7 @@ def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None
 
 
 def _unfit(
-    status: ThinPoolWorkingStatus, pool: str, target: Target, meta_ok: bool
+    status: ThinPoolWorkingStatus, pool: str, target: GrowthTarget, meta_ok: bool
 ) -> Refuse | None:
     if status.needs_check:
         detail = "needs_check is set; the kernel will not grow it before thin_check/thin_repair"
@@ -398,7 +403,7 @@ def _unfit(
 
 def _fit(
     settings: PoolSettings,
-    target: Target,
+    target: GrowthTarget,
     fs: BackingFs,
     current: int,
     wanted: int,
@@ -412,7 +417,7 @@ def _fit(
         new, limited = cap // unit * unit, RefusalReason.AT_MAX_SIZE
         if new <= current:
             detail = f"{target} is {format_bytes(current)}, at its limit of {format_bytes(cap)}"
-            if target == "metadata" and cap >= METADATA_MAX_BYTES:
+            if target is GrowthTarget.METADATA and cap >= METADATA_MAX_BYTES:
                 detail += " (the most the kernel can use)"
             return Refuse(name, target, RefusalReason.AT_MAX_SIZE, detail)
     fits = (fs.file_size + fs.room(settings)) // unit * unit
@@ -449,7 +454,7 @@ def decide_data(
     as used).
     """
     pool = settings.name
-    if (refusal := _blocked(status, pool, "data")) is not None:
+    if (refusal := _blocked(status, pool, GrowthTarget.DATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
     bb = settings.data_block_size * SECTOR_BYTES
@@ -472,8 +477,10 @@ def decide_data(
         why += f"{format_bytes(early.writeback)} of it in flight"
     else:
         why = f"{format_bytes(free * bb)} free of {format_bytes(total * bb)}"
-        return NoAction(pool, "data", f"{why}, above the mark of {format_bytes(mark * bb)}")
-    if (refusal := _unfit(status, pool, "data", meta_ok=False)) is not None:
+        return NoAction(
+            pool, GrowthTarget.DATA, f"{why}, above the mark of {format_bytes(mark * bb)}"
+        )
+    if (refusal := _unfit(status, pool, GrowthTarget.DATA, meta_ok=False)) is not None:
         return refusal
     base = _base_mark(settings, history, writeback)
     filling = math.ceil((history.fill_rate() or 0.0) * _growth_seconds(history))
@@ -484,13 +491,13 @@ def decide_data(
         (used + 2 * base) * bb + filling,
         _min_total_clear(used, thr) * bb + filling,
     )
-    fitted = _fit(settings, "data", fs, current, wanted, bb, settings.data.max_size)
+    fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
     if isinstance(fitted, Refuse):
         return fitted
     new, limited = fitted
     return Grow(
         pool,
-        "data",
+        GrowthTarget.DATA,
         current,
         new,
         low_water_mark(settings, new // bb, history, writeback),
@@ -514,7 +521,7 @@ def decide_metadata(
     metadata space may grow its metadata: that is what brings it back to write mode.
     """
     pool = settings.name
-    if (refusal := _blocked(status, pool, "metadata")) is not None:
+    if (refusal := _blocked(status, pool, GrowthTarget.METADATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
     mb = META_BLOCK_BYTES
@@ -529,8 +536,8 @@ def decide_metadata(
         why = f"metadata usage {status.meta_percent:.1f}% >= {thr:g}%"
     else:
         why = f"{format_bytes(free * mb)} metadata free of {format_bytes(total * mb)}"
-        return NoAction(pool, "metadata", why)
-    if (refusal := _unfit(status, pool, "metadata", meta_ok=True)) is not None:
+        return NoAction(pool, GrowthTarget.METADATA, why)
+    if (refusal := _unfit(status, pool, GrowthTarget.METADATA, meta_ok=True)) is not None:
         return refusal
     current = max(total * mb, _ceil_to(fs.file_size, mb))
     step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
@@ -540,13 +547,13 @@ def decide_metadata(
         _min_total_below(used, thr) * mb,
     )
     cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
-    fitted = _fit(settings, "metadata", fs, current, wanted, mb, cap)
+    fitted = _fit(settings, GrowthTarget.METADATA, fs, current, wanted, mb, cap)
     if isinstance(fitted, Refuse):
         return fitted
     new, limited = fitted
     # The reload that picks up the new size carries the data mark too.
     mark = low_water_mark(settings, status.data_total, history, writeback)
-    return Grow(pool, "metadata", current, new, mark, why, limited)
+    return Grow(pool, GrowthTarget.METADATA, current, new, mark, why, limited)
 
 
 def backing_shortfall(

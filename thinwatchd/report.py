@@ -83,7 +83,7 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     except ThinwatchError as exc:
         return replace(base, mode="unknown", error=str(exc))
     if not isinstance(status, ThinPoolWorkingStatus):
-        return replace(base, active=True, mode=str(status))
+        return replace(base, active=True, mode=status.mode.value)
     block = params.data_block_size * SECTOR_BYTES
     used = status.usage_bytes(block).data_used
     return replace(

@@ -81,12 +81,13 @@ _FEATURE_NAMES = frozenset(f.value for f in Feature)
 
 
 class PoolMode(StrEnum):
-    """The pool mode field; FAIL stands for the whole-line ``Fail`` status."""
+    """The pool mode field; FAIL and ERROR stand for the whole-line ``Fail`` and ``Error``."""
 
     WRITE = "rw"
     OUT_OF_DATA_SPACE = "out_of_data_space"
     READ_ONLY = "ro"  # PM_READ_ONLY or PM_OUT_OF_METADATA_SPACE
     FAIL = "Fail"
+    ERROR = "Error"  # not a mode the pool is in: its metadata could not be read for the status
 
 
 class DiscardMode(StrEnum):
@@ -193,6 +194,8 @@ class ThinPoolFailed:
 class ThinPoolErrored:
     """The status ``Error``: the kernel could not read the pool metadata for the status."""
 
+    mode: ClassVar[PoolMode] = PoolMode.ERROR
+
     def __str__(self) -> str:
         return "Error"
 
@@ -263,7 +266,7 @@ def parse_pool_status(text: str) -> ThinPoolStatus:
     data_used, data_total = _ratio(names[2], 2, token(2), text)
     held = None if token(3) == "-" else _uint(names[3], 3, tokens[3], text)
     mode = _enum(PoolMode, names[4], 4, token(4), text)
-    if mode is PoolMode.FAIL:  # 'Fail' is a whole line, never a field
+    if mode in (PoolMode.FAIL, PoolMode.ERROR):  # whole lines, never a field
         raise StatusParseError(names[4], 4, tokens[4], text)
     discard = _enum(DiscardMode, names[5], 5, token(5), text)
     no_space = _enum(NoSpacePolicy, names[6], 6, token(6), text)

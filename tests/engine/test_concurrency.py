@@ -25,6 +25,7 @@ from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.notify import Notifier
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Pool
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
@@ -97,7 +98,7 @@ def to_mark(fake: FakeKernel, d: Daemon, name: str) -> None:
 
 
 def growths(d: Daemon, name: str) -> int:
-    return d.pools[name].state.growths["data"]
+    return d.pools[name].state.growths[GrowthTarget.DATA]
 
 
 def serve_until(d: Daemon, done: Callable[[], bool], why: str) -> float:

@@ -42,6 +42,7 @@ from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
 
@@ -197,11 +198,15 @@ class Bed:
                 assert isinstance(status, ThinPoolWorkingStatus)
                 mark = self.daemon.pools[name].pool.table.low_water_mark
                 self.fake.write_blocks(name, status.data_free - mark)
-            grown = {name: self.daemon.pools[name].state.growths["data"] for name in names}
+            grown = {
+                name: self.daemon.pools[name].state.growths[GrowthTarget.DATA] for name in names
+            }
             self.clock.now += 1
             self._events[k] = self.measure(self.daemon._check_events)
             for name in names:
-                assert self.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+                assert (
+                    self.daemon.pools[name].state.growths[GrowthTarget.DATA] == grown[name] + 1
+                ), name
         return self._events[k]
 
 
@@ -357,7 +362,7 @@ def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> Non
     assert isinstance(status, ThinPoolWorkingStatus)
     mark = bed.daemon.pools[bed.names[0]].pool.table.low_water_mark
     cache.dirty((status.data_free - mark) * 64 * 1024 + MiB)  # a cp, all of it still dirty
-    grown = {name: bed.daemon.pools[name].state.growths["data"] for name in bed.names}
+    grown = {name: bed.daemon.pools[name].state.growths[GrowthTarget.DATA] for name in bed.names}
 
     def watch() -> None:
         bed.clock.now += WRITEBACK_WATCH_SECONDS
@@ -365,6 +370,6 @@ def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> Non
 
     cost = bed.measure(watch)
     for name in bed.names:
-        assert bed.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+        assert bed.daemon.pools[name].state.growths[GrowthTarget.DATA] == grown[name] + 1, name
     assert (cost.metrics_writes, cost.statuses) == (1, 1), cost.summary()
     assert cost.count("statvfs") <= 1 + bed.n, cost.summary()

@@ -20,6 +20,7 @@ from thinwatchd.policy import (
     FillHistory,
     FullIn,
     Grow,
+    GrowthTarget,
     NoAction,
     RefusalReason,
     Refuse,
@@ -451,13 +452,13 @@ def test_no_space_mode(
 
 
 def test_describe() -> None:
-    assert describe(NoAction("p", "data", "fine")) == "data of p needs no growth: fine"
-    g = Grow("p", "metadata", 64 * MiB, 320 * MiB, 32768, "why")
+    assert describe(NoAction("p", GrowthTarget.DATA, "fine")) == "data of p needs no growth: fine"
+    g = Grow("p", GrowthTarget.METADATA, 64 * MiB, 320 * MiB, 32768, "why")
     assert describe(g) == (
         "growing metadata of p from 64.0MiB to 320.0MiB (+256.0MiB): why; "
         "low-water mark 32768 blocks"
     )
-    r = Refuse("p", "data", RefusalReason.FAILED, "broken")
+    r = Refuse("p", GrowthTarget.DATA, RefusalReason.FAILED, "broken")
     assert describe(r) == "cannot grow data of p: broken"
 
 

@@ -95,7 +95,7 @@ def test_fail_line(line: str) -> None:
 
 def test_error_line() -> None:
     assert parse_pool_status("Error") == ThinPoolErrored()
-    assert str(ThinPoolErrored()) == "Error"
+    assert str(ThinPoolErrored()) == "Error" and ThinPoolErrored().mode is PoolMode.ERROR
 
 
 def test_empty_data_pool_counts_as_full() -> None:
@@ -151,7 +151,10 @@ def working_statuses(draw: st.DrawFn) -> ThinPoolWorkingStatus:
         data_used=DataBlocks(draw(st.integers(0, data_total))),
         data_total=DataBlocks(data_total),
         held_root=draw(st.none() | uints),
-        mode=draw(st.sampled_from([m for m in PoolMode if m is not PoolMode.FAIL])),
+        # FAIL and ERROR are whole lines, never the mode field of a working status
+        mode=draw(
+            st.sampled_from([PoolMode.WRITE, PoolMode.OUT_OF_DATA_SPACE, PoolMode.READ_ONLY])
+        ),
         discard=draw(st.sampled_from(DiscardMode)),
         no_space_policy=draw(st.sampled_from(NoSpacePolicy)),
         needs_check=draw(st.booleans()),
@@ -342,3 +345,10 @@ def test_features_are_members_whatever_the_caller_gave() -> None:
     table = ThinPoolTable("7:0", "7:1", 128, 0, (Feature.ERROR_IF_NO_SPACE,))
     assert table.features == (Feature.ERROR_IF_NO_SPACE,)
     assert table.with_no_space_policy(NoSpacePolicy.QUEUE).features == ()
+
+
+@pytest.mark.parametrize("word", ["Fail", "Error"])
+def test_a_whole_line_word_is_never_a_mode_field(word: str) -> None:
+    with pytest.raises(StatusParseError) as info:
+        parse_pool_status(f"0 1/2 3/4 - {word} discard_passdown queue_if_no_space - 5 ")
+    assert (info.value.index, info.value.value) == (4, word)
