@@ -26,7 +26,6 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, DmInfo, Target
 from thinwatchd.kernel.fs import open_device_node
-from thinwatchd.kernel.udev_sync import Cookie
 
 __all__ = [
     "CONTROL_PATH",
@@ -298,12 +297,11 @@ class DeviceMapper:
         check_name(name, uuid=uuid)
         return self._info(self._ioctl(_abi.Command.DEV_CREATE, "create", name=name, uuid=uuid)[0])
 
-    def remove(self, name: str, cookie: int = 0) -> None:
-        """Remove the device and both its tables (DM_DEV_REMOVE); emits a 'remove' uevent.
+    def remove(self, name: str, cookie: int = 0) -> bool:
+        """Remove the device and both its tables (DM_DEV_REMOVE); return UEVENT_GENERATED.
 
-        cookie is a udev cookie (UdevSync.transaction); a Cookie learns whether a uevent was
-        generated. EBUSY (device open) is retried a few times, 0.2 s apart, then raised.
-        ENXIO: no such device.
+        The 'remove' uevent carries cookie (UdevSync.synced). EBUSY (device open) is retried a
+        few times, 0.2 s apart, then raised. ENXIO: no such device.
         """
         check_name(name)
         attempt = 1
@@ -316,8 +314,7 @@ class DeviceMapper:
                     raise
                 attempt += 1
                 _time.sleep(_REMOVE_DELAY)
-        if isinstance(cookie, Cookie):
-            cookie.record(bool(out.flags & _abi.DmFlag.UEVENT_GENERATED))
+        return bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
 
     def load_table(self, name: str, targets: Sequence[Target], *, read_only: bool = False) -> None:
         """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed.
@@ -359,7 +356,7 @@ class DeviceMapper:
 
         DM_DEV_SUSPEND without SUSPEND: the kernel suspends (noflush/skip_lockfs apply to that
         suspend), swaps the INACTIVE table into the ACTIVE slot, resumes and emits a 'change'
-        uevent carrying cookie (RESIZE=1 if the size changed). A Cookie records the result.
+        uevent carrying cookie (RESIZE=1 if the size changed; see UdevSync.synced).
         """
         check_name(name)
         flags = _abi.DmFlag(0)
@@ -368,10 +365,7 @@ class DeviceMapper:
         out, _ = self._ioctl(
             _abi.Command.DEV_SUSPEND, "resume", name=name, flags=flags, event_nr=cookie
         )
-        generated = bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
-        if isinstance(cookie, Cookie):
-            cookie.record(generated)
-        return generated
+        return bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
 
     def table(self, name: str, *, inactive: bool = False) -> list[Target]:
         """Return the ACTIVE table (or the INACTIVE one); DM_TABLE_STATUS with STATUS_TABLE.
