@@ -21,7 +21,7 @@ import yaml
 from yaml.reader import ReaderError
 
 from thinwatchd.errors import ConfigError
-from thinwatchd.names import validate_dm_name
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
     DaemonSettings,
@@ -468,11 +468,12 @@ def _daemon(raw: object) -> DaemonSettings:
     return DaemonSettings(**_parse_leaves(leaves, _DAEMON))
 
 
-def _pool(name: str, raw: object, defaults: _Layer) -> PoolSettings:
+def _pool(key: str, raw: object, defaults: _Layer) -> PoolSettings:
     """Build one pool from its keys over the defaults, then check how the keys relate."""
-    problem = validate_dm_name(name)
-    if problem:
-        raise ConfigError("pools", f"{name!r} cannot be a device-mapper name: {problem}")
+    try:
+        name = pool_name(key)
+    except ValueError as exc:
+        raise ConfigError("pools", str(exc)) from None
     path = f"pools.{name}"
     own_top, own_sections = _read_layer(raw, path)
     top = defaults[0] | own_top

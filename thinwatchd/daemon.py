@@ -621,7 +621,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def _merge(self, new: Settings) -> Settings:
-        wanted = {p.name: p for p in new.pools}
+        wanted: dict[str, PoolSettings] = {p.name: p for p in new.pools}
         for name, managed in self.pools.items():
             if name not in wanted:
                 log.warning(

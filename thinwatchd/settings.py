@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from thinwatchd.kernel.names import PoolName
 from thinwatchd.status import Feature
 
 __all__ = [
@@ -64,7 +65,7 @@ class NoSpaceSettings:
 class PoolSettings:
     """One pool (``pools.<name>``). Defaults are Docker 0.7's loopback pool."""
 
-    name: str
+    name: PoolName  # validated: config.py makes it with kernel.names.pool_name_problem
     data_file: Path
     metadata_file: Path
     data_size: int = 100 * GiB  # initial size of a new data file

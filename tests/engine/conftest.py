@@ -12,6 +12,7 @@ import pytest
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel
 from thinwatchd.kernel.fs import Files
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2
@@ -95,7 +96,7 @@ def kernel(fake: FakeKernel) -> Kernel:
 def pool_settings(tmp_path: Path) -> PoolSettings:
     """A small pool: 64 MiB data, 8 MiB metadata, 64 KiB blocks, mark 16 blocks (1 MiB)."""
     return PoolSettings(
-        name="pool",
+        name=pool_name("pool"),
         data_file=tmp_path / "data",
         metadata_file=tmp_path / "metadata",
         data_size=64 * MiB,

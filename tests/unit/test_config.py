@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from thinwatchd import strict_yaml
 from thinwatchd.config import MAX_CONFIG_BYTES, build_settings, load_settings, parse_settings
 from thinwatchd.errors import EX_CONFIG, ConfigError
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
     DaemonSettings,
@@ -52,7 +53,7 @@ def only_pool(text: str) -> PoolSettings:
 
 
 def default_pool(name: str = "p", data: str = DATA, meta: str = META) -> PoolSettings:
-    return PoolSettings(name=name, data_file=Path(data), metadata_file=Path(meta))
+    return PoolSettings(name=pool_name(name), data_file=Path(data), metadata_file=Path(meta))
 
 
 # --- What loads ---------------------------------------------------------------------------------

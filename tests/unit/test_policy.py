@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.policy import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
@@ -52,7 +53,7 @@ from thinwatchd.units import DataBlocks, MetaBlocks
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 BB = 64 * KiB  # default data block: 128 sectors
 
-POOL = PoolSettings("docker-pool", Path("/var/lib/data"), Path("/var/lib/meta"))
+POOL = PoolSettings(pool_name("docker-pool"), Path("/var/lib/data"), Path("/var/lib/meta"))
 NO_HISTORY = FillHistory()
 
 

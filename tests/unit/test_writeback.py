@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from thinwatchd.errors import StatusParseError
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.policy import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
@@ -51,7 +52,7 @@ pgpgin 411212
 """
 
 TIGHT = PoolSettings(
-    "p",
+    pool_name("p"),
     Path("/var/lib/d"),
     Path("/var/lib/m"),
     low_water_mark=256,

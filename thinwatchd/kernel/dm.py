@@ -26,6 +26,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, DmInfo, Target
 from thinwatchd.kernel.fs import open_device_node
+from thinwatchd.kernel.names import name_problem
 
 __all__ = [
     "CONTROL_PATH",
@@ -106,11 +107,9 @@ def unpack_header(buf: bytes | bytearray) -> DmHeader:
 
 def check_name(name: str, *, uuid: str = "") -> None:
     """Raise ValueError unless the kernel would accept name (and uuid) for a device."""
-    raw = _encode(name)
-    if not raw or b"/" in raw or b"\0" in raw or name in ("control", ".", ".."):
-        raise ValueError(f"invalid dm device name {name!r}: empty, '/', NUL, control, . or ..")
-    if len(raw) >= _abi.DM_NAME_LEN:
-        raise ValueError(f"dm device name {name!r} is over {_abi.DM_NAME_LEN - 1} bytes")
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"invalid dm device name {name!r}: {problem}")
     if len(_encode(uuid)) >= _abi.DM_UUID_LEN or "\0" in uuid:
         raise ValueError(f"dm uuid {uuid!r} is over {_abi.DM_UUID_LEN - 1} bytes or has NUL")
 
