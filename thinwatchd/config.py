@@ -48,6 +48,7 @@ from thinwatchd.units import (
     parse_duration,
     parse_percent,
     parse_size,
+    show_value,
 )
 
 __all__ = [
@@ -163,7 +164,7 @@ def parse_settings(text: str, source: str) -> Settings:
     if data is None:
         raise ConfigError("", f"{source} is empty; it needs at least a pools: section")
     if not isinstance(data, dict):
-        raise ConfigError("", f"{source}: the top level must be a mapping, not {_show(data)}")
+        raise ConfigError("", f"{source}: the top level must be a mapping, not {show_value(data)}")
     return build_settings(data)
 
 
@@ -205,18 +206,6 @@ class _Invalid(Exception):
 
 
 Parser = Callable[[object], Any]
-
-
-def _show(value: object) -> str:
-    """Return value as YAML would spell it, shortened, for an error message."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, dict | list):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    if isinstance(value, int) and value.bit_length() > 256:
-        return "a very large number"
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _via(parse: Callable[[str | int | float], Any], what: str, hint: str) -> Parser:
@@ -334,7 +323,7 @@ def _one_of(value: object, allowed: tuple[str, ...], what: str, where: str = "")
         return value
     close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
     guess = f" (did you mean {close[0]!r}?)" if close else ""
-    message = f"{_show(value)} is not {what}; use one of {', '.join(allowed)}{guess}"
+    message = f"{show_value(value)} is not {what}; use one of {', '.join(allowed)}{guess}"
     raise _Invalid(message, shown=True, where=where)
 
 
@@ -412,10 +401,10 @@ def _mapping(value: object, path: str, what: str) -> dict[str, object]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(path, f"{_show(value)} is not a mapping; use a mapping {what}")
+        raise ConfigError(path, f"{show_value(value)} is not a mapping; use a mapping {what}")
     for key in value:
         if not isinstance(key, str):
-            raise ConfigError(path, f"key {_show(key)} is not a string; quote it")
+            raise ConfigError(path, f"key {show_value(key)} is not a string; quote it")
     return value
 
 
@@ -456,7 +445,7 @@ def _parse_leaves(leaves: dict[str, _Leaf], parsers: dict[str, Parser]) -> dict[
             parsed[_FIELD_NAMES.get(key, key)] = parsers[key](value)
         except _Invalid as e:
             raise ConfigError(
-                path + e.where, str(e) if e.shown else f"{_show(value)} {e}"
+                path + e.where, str(e) if e.shown else f"{show_value(value)} {e}"
             ) from None
     return parsed
 
@@ -493,7 +482,7 @@ def _pool(key: str, raw: object, defaults: _Layer) -> PoolSettings:
         """Return the error for key_path, saying where the value came from."""
         leaf = leaves.get(key_path.rpartition(".")[2])
         inherited = f" (from {leaf.path})" if leaf and leaf.path.startswith("defaults.") else ""
-        shown = _show(leaf.value) + inherited if leaf else "the default"
+        shown = show_value(leaf.value) + inherited if leaf else "the default"
         return ConfigError(f"{path}.{key_path}", f"{shown} {problem}")
 
     # The kernel ignores a partial last block, so data sizes are rounded down to whole blocks.
