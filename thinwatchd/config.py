@@ -31,13 +31,8 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
-from thinwatchd.status import (
-    MAX_BLOCK_SECTORS,
-    MIN_BLOCK_SECTORS,
-    Feature,
-    valid_block_size,
-)
 from thinwatchd.strict_yaml import load_strict_yaml
+from thinwatchd.table import MAX_BLOCK_SECTORS, MIN_BLOCK_SECTORS, Feature, valid_block_size
 from thinwatchd.units import (
     DURATION_HINT,
     META_BLOCK_BYTES,

@@ -46,12 +46,7 @@ from thinwatchd.policy import (
     writeback_threatens,
 )
 from thinwatchd.pool import Pool, ensure_resumed
-from thinwatchd.status import (
-    NoSpacePolicy,
-    PoolMode,
-    ThinPoolStatus,
-    ThinPoolWorkingStatus,
-)
+from thinwatchd.status import NoSpacePolicy, PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes
 from thinwatchd.writeback import WritebackState, parse_writeback
 

@@ -18,7 +18,6 @@ from fractions import Fraction
 
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
-    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
@@ -26,6 +25,7 @@ from thinwatchd.status import (
     ThinPoolStatus,
     ThinPoolWorkingStatus,
 )
+from thinwatchd.table import Feature
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, MetaBlocks, format_bytes
 from thinwatchd.writeback import WritebackState
 

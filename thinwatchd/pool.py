@@ -42,15 +42,8 @@ from thinwatchd.loop_index import LoopIndex
 from thinwatchd.policy import low_water_mark
 from thinwatchd.pool_files import check_distinct_files, prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
-from thinwatchd.status import (
-    ThinPoolLine,
-    ThinPoolStatus,
-    ThinPoolTable,
-    ThinPoolWorkingStatus,
-    device_number,
-    parse_pool_status,
-    thin_pool_target,
-)
+from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.table import ThinPoolLine, ThinPoolTable, device_number, thin_pool_target
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
 
 __all__ = [

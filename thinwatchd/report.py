@@ -11,12 +11,8 @@ from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import Files
 from thinwatchd.policy import worth_reclaiming
 from thinwatchd.settings import PoolSettings
-from thinwatchd.status import (
-    ThinPoolLine,
-    ThinPoolWorkingStatus,
-    parse_pool_status,
-    thin_pool_target,
-)
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.table import ThinPoolLine, thin_pool_target
 from thinwatchd.units import SECTOR_BYTES, format_bytes, format_duration
 
 __all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]

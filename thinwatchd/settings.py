@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thinwatchd.kernel.names import PoolName
-from thinwatchd.status import Feature
+from thinwatchd.table import Feature
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",

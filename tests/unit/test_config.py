@@ -32,8 +32,8 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
-from thinwatchd.status import Feature
 from thinwatchd.strict_yaml import MAX_VALUES
+from thinwatchd.table import Feature
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"

@@ -12,16 +12,18 @@ from thinwatchd.errors import StatusParseError
 from thinwatchd.kernel.api import Target
 from thinwatchd.status import (
     DiscardMode,
-    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
     ThinPoolFailed,
+    ThinPoolWorkingStatus,
+    parse_pool_status,
+)
+from thinwatchd.table import (
+    Feature,
     ThinPoolLine,
     ThinPoolTable,
-    ThinPoolWorkingStatus,
     device_number,
-    parse_pool_status,
     parse_pool_table,
     table_differences,
     thin_pool_target,
