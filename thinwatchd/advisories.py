@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 
 from thinwatchd.extender import pool_fields
+from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.logs import MessageId, event
 from thinwatchd.metrics import PoolMetrics
-from thinwatchd.policy import worth_reclaiming
 from thinwatchd.pool import Pool
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes, format_duration

@@ -36,12 +36,13 @@ from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.estimates import render_estimates
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender, PoolState, pool_fields
+from thinwatchd.forecast import full_in
 from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
-from thinwatchd.policy import GrowthTarget, full_in
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus

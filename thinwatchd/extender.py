@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 
 from thinwatchd.backing import BackingFiles, BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
+from thinwatchd.forecast import FillHistory
 from thinwatchd.kernel.api import Kernel, MemoryApi
 from thinwatchd.logs import MessageId, event
+from thinwatchd.marks import low_water_mark, writeback_threatens
 from thinwatchd.policy import (
     BackingFs,
     Decision,
-    FillHistory,
     Grow,
     GrowthTarget,
     NoAction,
@@ -41,9 +42,7 @@ from thinwatchd.policy import (
     decide_data,
     decide_metadata,
     describe,
-    low_water_mark,
     no_space_mode,
-    writeback_threatens,
 )
 from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.status import NoSpacePolicy, PoolMode, ThinPoolStatus, ThinPoolWorkingStatus

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinwatchd.policy import FullIn, GrowthTarget
+from thinwatchd.forecast import FullIn
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 
 __all__ = ["PoolMetrics", "render", "write_atomically"]

@@ -39,7 +39,7 @@ from thinwatchd.kernel.api import (
 )
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
-from thinwatchd.policy import low_water_mark
+from thinwatchd.marks import low_water_mark
 from thinwatchd.pool_files import check_distinct_files, prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus, parse_pool_status

@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.errors import ThinwatchError
 from thinwatchd.estimates import Estimate
+from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import Files
-from thinwatchd.policy import worth_reclaiming
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import ThinPoolLine, thin_pool_target

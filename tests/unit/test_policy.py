@@ -9,17 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from thinwatchd.forecast import FillHistory, FullIn, full_in, seconds_until
 from thinwatchd.kernel.names import pool_name
-from thinwatchd.policy import (
+from thinwatchd.marks import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
     ASSUMED_GROWTH_SECONDS,
     MAX_PLANNED_GROWTH_SECONDS,
     SAFETY_FACTOR,
+    low_water_mark,
+)
+from thinwatchd.policy import (
     BackingFs,
     Decision,
-    FillHistory,
-    FullIn,
     Grow,
     GrowthTarget,
     NoAction,
@@ -28,10 +30,7 @@ from thinwatchd.policy import (
     decide_data,
     decide_metadata,
     describe,
-    full_in,
-    low_water_mark,
     no_space_mode,
-    seconds_until,
 )
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
