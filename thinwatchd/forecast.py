@@ -26,17 +26,9 @@ __all__ = [
 
 #: Amplification is measured over at least this much writeback, and never taken above this.
 _MIN_LANDING_BYTES = 16 * 1024**2
-
-
 MAX_AMPLIFICATION = 4.0
-
-
 _HISTORY_WINDOW = 60.0  # seconds of fill samples kept
-
-
 _MIN_RATE_SPAN = 0.25  # seconds; shorter spans give noisy rates
-
-
 _MAX_SAMPLES = 64
 
 

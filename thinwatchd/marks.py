@@ -31,27 +31,17 @@ __all__ = [
 
 #: The adaptive mark covers this many growth durations of writing at the measured fill rate.
 SAFETY_FACTOR = 4
-
-
 #: ...plus this, for event delivery jitter and rate spikes between samples.
 ADAPTIVE_MARGIN_BYTES = 32 * 1024**2
-
-
 #: The adaptive part never exceeds this (the configured mark may): a glitched measurement (one
 #: growth stalled for seconds) must not balloon the next growth. Fixed rather than relative to
 #: the pool so the mark a growth writes into the table is the mark the next check computes.
 ADAPTIVE_CAP_BYTES = 16 * 1024**3
-
-
 #: An early growth waits until at most this much is under writeback: the growth's suspend waits
 #: for the pool to take in everything in flight (about 0.3 s per 100 MiB in the test bed).
 LULL_WRITEBACK_BYTES = 16 * 1024**2
-
-
 #: Growth time assumed while none has been measured (the measured floor is ~0.1 s under load).
 ASSUMED_GROWTH_SECONDS = 0.5
-
-
 #: A longer growth was stalled (a frozen backing filesystem, seconds behind other work) and says
 #: nothing about the next: one that took 60 s made the next step fill rate x 60 s (7.7 GiB for
 #: a 64 MiB pool). The slowest measured under load was 1.4 s (heavy writeback).
