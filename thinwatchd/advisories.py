@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from thinwatchd.extender import pool_fields
 from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.logs import MessageId, event
 from thinwatchd.metrics import PoolMetrics
 from thinwatchd.pool import Pool
+from thinwatchd.pool_state import pool_fields
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes, format_duration
 

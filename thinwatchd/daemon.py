@@ -35,15 +35,17 @@ from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.estimates import render_estimates
 from thinwatchd.events import EventLoop, Timer
-from thinwatchd.extender import Extender, PoolState, pool_fields
+from thinwatchd.extender import Extender
 from thinwatchd.forecast import full_in
 from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
 from thinwatchd.metrics import PoolMetrics, render, write_atomically
 from thinwatchd.notify import Notifier
+from thinwatchd.page_cache import threatened
 from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
+from thinwatchd.pool_state import PoolState, pool_fields
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.units import format_duration
@@ -344,13 +346,13 @@ class Daemon:
             return
 
         def watch() -> None:
-            writeback = self.extender.writeback()
+            writeback = self.extender.page_cache.sample()
             if writeback is not None:
                 self._pass(
                     [
                         managed
                         for managed in list(self.pools.values())
-                        if self.extender.threatened(managed.pool, managed.state, writeback)
+                        if threatened(managed.pool, managed.state, writeback)
                     ]
                 )
             self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
