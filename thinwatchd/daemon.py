@@ -23,32 +23,26 @@ import functools
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from thinwatchd.advisories import advise, soonest_full
 from thinwatchd.backing import BackingLook
 from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
-from thinwatchd.estimates import render_estimates
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender
-from thinwatchd.forecast import full_in
 from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
-from thinwatchd.metrics import PoolMetrics, render, write_atomically
+from thinwatchd.metrics import PoolMetrics
 from thinwatchd.notify import Notifier
 from thinwatchd.page_cache import threatened
-from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
-from thinwatchd.pool_state import PoolState, pool_fields
+from thinwatchd.pool_state import ManagedPool, PoolState, pool_fields
+from thinwatchd.publish import Publisher, pool_figures, status_line
 from thinwatchd.settings import PoolSettings, Settings
-from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import format_duration
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
@@ -79,21 +73,6 @@ STOP_WAIT_SECONDS = 20.0
 #: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
 #: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
 WRITEBACK_WATCH_SECONDS = 0.2
-
-
-@dataclass
-class ManagedPool:
-    """A pool the daemon watches, with the extender's memory of it."""
-
-    pool: Pool
-    state: PoolState = field(default_factory=PoolState)
-    retry: Timer | None = None  # the backoff timer of a failed growth
-    error: str | None = None  # the last error logged for this pool, to say each one once
-    said: set[str] = field(default_factory=set)  # advisories in force, said once (advisories.py)
-    # Asked for while a reconcile of it was running (an event, a check): one more after it,
-    # timed from the earliest wake-up that asked.
-    again: bool = False
-    again_woke: float | None = None
 
 
 class _Pass:
@@ -143,12 +122,11 @@ class Daemon:
         self.loop = loop or EventLoop()
         self.check_metadata = check_metadata
         self.udev_monitor = udev_monitor
-        self.estimates_file = estimates_file  # for `thinwatchd status` (estimates.py)
         self.settings: Settings | None = None
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
-        self._write_failed: set[str] = set()  # published files whose last write failed
+        self.publisher = Publisher(self.notifier, estimates_file)
         self._event_error: str | None = None  # the last dm event-read error logged
         self._event_retry: Timer | None = None
         self._watchdog_started = False
@@ -668,86 +646,13 @@ class Daemon:
     # -- reporting -------------------------------------------------------------------------
 
     def status_line(self, figures: list[PoolMetrics] | None = None) -> str:
-        """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data;
-        docker-pool's filesystem at its reserve in 3 h 20 min' (figures: metrics(), if made)."""
-        worst: tuple[float, str] | None = None
-        for name, managed in self.pools.items():
-            status = managed.state.status
-            if isinstance(status, ThinPoolWorkingStatus) and (
-                worst is None or status.data_percent > worst[0]
-            ):
-                worst = (status.data_percent, name)
-        n = len(self.pools)
-        text = f"{n} pool{'s' if n != 1 else ''}"
-        if worst is not None:
-            text += f", fullest {worst[1]} {worst[0]:.0f}% data"
-        soonest = soonest_full(self.metrics() if figures is None else figures)
-        if soonest is not None:
-            seconds, name, what = soonest
-            text += f"; {name}{what} in {format_duration(seconds)}"
-        if self.config_error:
-            text += f"; config rejected: {self.config_error}"
-        return text
-
-    def _publish(self) -> None:
-        figures = self.metrics()
-        self._advise(figures)
-        self.notifier.status(self.status_line(figures))
-        if self.settings is not None and self.settings.daemon.metrics_file is not None:
-            self._write(self.settings.daemon.metrics_file, render(figures), "metrics")
-        if self.estimates_file is not None:
-            self._write(self.estimates_file, render_estimates(figures, time.time()), "estimates")
-
-    def _advise(self, figures: list[PoolMetrics]) -> None:
-        horizon = self.settings.daemon.warn_full_within if self.settings is not None else 0.0
-        for m in figures:
-            managed = self.pools.get(m.name)
-            if managed is not None:
-                advise(m, managed.pool, managed.said, horizon)
+        """Return the one-line STATUS= summary (figures: metrics(), if made)."""
+        figures = self.metrics() if figures is None else figures
+        return status_line(self.pools, figures, self.config_error)
 
     def metrics(self) -> list[PoolMetrics]:
-        """Return every pool's figures as of the last pass: its filesystem's free space as that
-        pass saw it (no syscall here: publishing N pools after each pass made passes O(N²)),
-        and when it runs out of room at the fill rates measured (every pool on a filesystem
-        fills it)."""
-        backing = self.extender.backing
-        seen = []
-        fs_rates: dict[int, float] = {}
-        for managed in self.pools.values():
-            data_file = str(managed.pool.settings.data_file)
-            rate = managed.state.history.fill_rate()
-            space = backing.space(data_file)
-            if space is not None and rate:
-                fs_rates[space[0]] = fs_rates.get(space[0], 0.0) + rate
-            seen.append((managed, data_file, rate, space))
-        out = []
-        for managed, data_file, rate, space in seen:
-            pool, state = managed.pool, managed.state
-            status = state.status
-            used = status.data_used * pool.block_bytes if isinstance(
-                status, ThinPoolWorkingStatus) else 0  # fmt: skip
-            full = full_in(
-                pool.settings, used, rate,
-                None if space is None else space[1].free,
-                0 if space is None else space[1].total,
-                None if space is None else fs_rates.get(space[0]),
-            )  # fmt: skip
-            out.append(PoolMetrics(
-                pool.name, pool.block_bytes, status, state.growths[GrowthTarget.DATA],
-                state.growths[GrowthTarget.METADATA], state.failures,
-                state.last_growth.seconds if state.last_growth else None,
-                None if space is None else space[1].free, backing.allocated(data_file),
-                pool.settings.data.max_size, tuple(sorted(state.refusals)), rate, full,
-            ))  # fmt: skip
-        return out
+        """Return every pool's figures as of the last pass (publish.pool_figures)."""
+        return pool_figures(self.pools.values(), self.extender.backing)
 
-    def _write(self, path: Path, text: str, what: str) -> None:
-        """Replace a published file; say a failure once until a write succeeds again."""
-        try:
-            write_atomically(path, text)
-        except OSError as exc:
-            if what not in self._write_failed:
-                log.warning("cannot write %s to %s: %s", what, path, exc.strerror or exc)
-            self._write_failed.add(what)
-        else:
-            self._write_failed.discard(what)
+    def _publish(self) -> None:
+        self.publisher.publish(self.pools, self.settings, self.metrics(), self.config_error)

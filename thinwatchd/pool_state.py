@@ -1,16 +1,17 @@
-"""What the daemon remembers about one pool between reconciles, and the journal fields that
-describe a pool's state."""
+"""What the daemon remembers about one pool between reconciles (PoolState: the extender's,
+ManagedPool: the daemon's), and the journal fields that describe a pool's state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from thinwatchd.events import Timer
 from thinwatchd.forecast import FillHistory
 from thinwatchd.policy import Grow, GrowthTarget
 from thinwatchd.pool import Pool
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 
-__all__ = ["GrowthRecord", "PoolState", "pool_fields"]
+__all__ = ["GrowthRecord", "ManagedPool", "PoolState", "pool_fields"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,18 @@ def pool_fields(
     if status is not None:
         fields["POOL_MODE"] = status.mode.value
     return fields
+
+
+@dataclass
+class ManagedPool:
+    """A pool the daemon watches, with the extender's memory of it."""
+
+    pool: Pool
+    state: PoolState = field(default_factory=PoolState)
+    retry: Timer | None = None  # the backoff timer of a failed growth
+    error: str | None = None  # the last error logged for this pool, to say each one once
+    said: set[str] = field(default_factory=set)  # advisories in force, said once (advisories.py)
+    # Asked for while a reconcile of it was running (an event, a check): one more after it,
+    # timed from the earliest wake-up that asked.
+    again: bool = False
+    again_woke: float | None = None

@@ -69,7 +69,7 @@ def counting_metrics() -> Iterator[None]:
         write(path, text)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("thinwatchd.daemon.write_atomically", counted)
+        patch.setattr("thinwatchd.publish.write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
         patch.setattr(daemon_module, "reconcile_workers", InlineWorkers)
         yield
