@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from thinwatchd.backing import BackingLook
 from thinwatchd.config import load_settings
 from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
@@ -42,10 +41,11 @@ from thinwatchd.page_cache import threatened
 from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
 from thinwatchd.pool_state import ManagedPool, PoolState, pool_fields
 from thinwatchd.publish import Publisher, pool_figures, status_line
+from thinwatchd.reconciles import Reconciles
 from thinwatchd.settings import PoolSettings, Settings
 from thinwatchd.workers import Workers
 
-__all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
+__all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -55,51 +55,12 @@ _FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
 
 #: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
 _EVENT_RETRY_SECONDS = 1.0
-#: Pools reconciled at once, each in a thread of its own: a growth's resume blocks until its
-#: pool's in-flight I/O drains (hundreds of ms under writeback), so growths of pools that fall
-#: due together must not queue behind each other's drains. The GIL is released in every ioctl
-#: and file syscall they wait in. Few threads: each woken costs CPU on every safety check
-#: (with 32, a 64-pool daemon idled at 1.5x the CPU of 8, under TCG).
-RECONCILE_THREADS = 8
-#: Safety-check reconciles at once (hundreds, each a millisecond): threads contending for the
-#: GIL cost more than the checks.
-SURVEY_THREADS = 1
-#: A reconcile running this long (a stalled backing filesystem, a drain under heavy writeback)
-#: no longer counts against RECONCILE_THREADS: the pools queued behind it get a thread.
-STUCK_SECONDS = 0.5
 #: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
 #: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
 STOP_WAIT_SECONDS = 20.0
 #: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
 #: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
 WRITEBACK_WATCH_SECONDS = 0.2
-
-
-class _Pass:
-    """The reconciles of one pass still running: STATUS= and the metrics file are written once,
-    when the last is done (a pass counts as running until it has submitted all of them)."""
-
-    def __init__(self, publish: Callable[[], None]) -> None:
-        self._publish = publish
-        self._open = 1
-
-    def add(self) -> None:
-        self._open += 1
-
-    def done(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            self._publish()
-
-
-def reconcile_workers(loop: EventLoop) -> Workers:
-    """The worker threads that reconcile pools (tests swap in ones that run inline)."""
-    return Workers(
-        loop,
-        max_threads=RECONCILE_THREADS,
-        stuck_after=STUCK_SECONDS,
-        background_threads=SURVEY_THREADS,
-    )
 
 
 class Daemon:
@@ -136,9 +97,16 @@ class Daemon:
         self._reload_pending = False
         self._owners: dict[str, tuple[ManagedPool, LoopDevice, str]] | None = None
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
-        self.reconcilers = reconcile_workers(self.loop)  # checks and growths, per pool
         self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
+        self.reconciles = Reconciles(
+            self.loop,
+            self.extender,
+            self.pools,
+            building=lambda name: self.workers.busy(name),  # late-bound, as the others
+            lost=lambda managed: self._lost(managed),
+            publish=lambda: self._publish(),  # late-bound: tests count publications
+        )
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -290,6 +258,7 @@ class Daemon:
     def stop(self) -> None:
         """Stop serving; the pools stay up."""
         self._stopping = True
+        self.reconciles.stopping = True  # no new pass
         self.notifier.stopping()
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
@@ -458,102 +427,6 @@ class Daemon:
                   "the pool keeps its device open, but growth will fail until restart",
                   name, loop.path, path)  # fmt: skip
 
-    def _pass(
-        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
-    ) -> None:
-        """Reconcile pools in one pass, each in its own worker thread, side by side: each
-        backing file and filesystem is looked at once for all of them, and STATUS= and the
-        metrics file are updated once, when the last is done, so a pass costs the pools it
-        names. A survey (the safety check) also looks at every pool file."""
-        pools = list(pools)
-        if not pools or self._stopping:
-            return
-        look = self.extender.new_pass(survey=survey)
-        reconciles = _Pass(self._publish)
-        for managed in pools:
-            self._reconcile_in(look, managed, woke, reconciles, survey)
-        reconciles.done()
-
-    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
-        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
-        self._pass([managed], woke)
-
-    def _reconcile_in(
-        self,
-        look: BackingLook,
-        managed: ManagedPool,
-        woke: float | None,
-        reconciles: _Pass,
-        survey: bool,
-    ) -> None:
-        """Submit one pool's reconcile: a survey's in the background lane (one thread, taken
-        after every event's), an event's in the urgent lane."""
-        name = managed.pool.name
-        if self.workers.busy(name):
-            return  # being rebuilt in a worker; checked when that is done
-        if self.reconcilers.busy(name):
-            if survey or self.reconcilers.hurry(name):
-                return  # one is running, or one that has not read the status yet is moved up
-            # Its status may have moved since that reconcile read it: once more after it.
-            managed.again = True
-            if woke is not None:
-                managed.again_woke = min(woke, managed.again_woke or woke)
-            return
-        reconciles.add()
-        self.reconcilers.submit(
-            name,
-            functools.partial(self.extender.reconcile, managed.pool, managed.state, woke, look),
-            functools.partial(self._reconciled, managed, reconciles),
-            background=survey,
-        )
-
-    def _reconciled(
-        self, managed: ManagedPool, reconciles: _Pass, _status: object, error: BaseException | None
-    ) -> None:
-        """On the loop, after a pool's reconcile: every failure but one is the extender's to
-        say and retry; ENXIO (KernelError: the device is gone) is ours, to rebuild it."""
-        try:
-            if isinstance(error, KernelError):
-                self._lost(managed)
-            elif error is not None:  # a bug must not stop the other pools from being watched
-                managed.state.failures += 1
-                log.critical("pool %s: internal error", managed.pool.name, exc_info=error)
-            elif managed.error is not None:
-                log.info("pool %s: checked without error again", managed.pool.name)
-                managed.error = None
-            self._schedule_retry(managed)
-        finally:
-            reconciles.done()
-        if managed.again and self.pools.get(managed.pool.name) is managed:
-            woke, managed.again, managed.again_woke = managed.again_woke, False, None
-            self._pass([managed], woke)
-
-    def _pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
-        """Count an error; log it when it differs from the pool's last one (once, not per check)."""
-        managed.state.failures += 1
-        if str(exc) != managed.error:
-            managed.error = str(exc)
-            log.error("pool %s: %s", managed.pool.name, exc)
-
-    def _schedule_retry(self, managed: ManagedPool) -> None:
-        """Come back for a pool whose growth failed when its backoff ends, not at the next
-        safety check (which may be too late for a writer)."""
-        retry_at = managed.state.retry_at
-        if retry_at is None:
-            return
-        retry_at = max(retry_at, self.loop.time())  # overdue: at the next pass, not never
-        if managed.retry is not None and not managed.retry.cancelled:
-            if managed.retry.when <= retry_at:
-                return
-            managed.retry.cancel()  # a new streak with a shorter backoff
-
-        def retry() -> None:
-            managed.retry = None
-            if self.pools.get(managed.pool.name) is managed:
-                self._reconcile(managed)
-
-        managed.retry = self.loop.call_at(retry_at, retry)
-
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
@@ -563,12 +436,31 @@ class Daemon:
             if self.kernel.dm.info(name) is not None:
                 return
         except ThinwatchError as exc:
-            self._pool_error(managed, exc)
+            self.reconciles.pool_error(managed, exc)
             return
         if name not in self._build_errors:  # said once, not at every failed retry
             log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         managed.state.unfinished = None  # the rebuild finishes any growth from the files
         self._activate(managed.pool.settings, managed.state, loops=loops)  # keep its history
+
+    @property
+    def reconcilers(self) -> Workers:
+        """The worker threads that reconcile pools: checks and growths, per pool."""
+        return self.reconciles.workers
+
+    @reconcilers.setter
+    def reconcilers(self, workers: Workers) -> None:
+        self.reconciles.workers = workers
+
+    def _pass(
+        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
+    ) -> None:
+        """Reconcile pools in one pass (Reconciles.run_pass)."""
+        self.reconciles.run_pass(pools, woke, survey=survey)
+
+    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
+        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
+        self._pass([managed], woke)
 
     # -- reload ----------------------------------------------------------------------------
 

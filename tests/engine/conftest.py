@@ -77,7 +77,7 @@ class InlineWorkers:
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Activations run in one worker thread, one at a time; reconciles inline (InlineWorkers)."""
     monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-    monkeypatch.setattr("thinwatchd.daemon.reconcile_workers", InlineWorkers)
+    monkeypatch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
 
 
 @pytest.fixture

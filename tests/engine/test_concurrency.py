@@ -53,10 +53,10 @@ def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     0.1 s (a stalled pool's thread must not hold up the pools queued behind it)."""
     which = getattr(request, "param", "default")
     if which == "one":
-        monkeypatch.setattr(daemon_module, "RECONCILE_THREADS", 1)
-        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 0.1)
+        monkeypatch.setattr("thinwatchd.reconciles.RECONCILE_THREADS", 1)
+        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 0.1)
     elif which == "never stuck":
-        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 60.0)
+        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 60.0)
     return str(which)
 
 

@@ -35,14 +35,14 @@ import yaml
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, FakeUdevDevice
-from thinwatchd import daemon as daemon_module
-from thinwatchd.daemon import RECONCILE_THREADS, WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
 from thinwatchd.policy import GrowthTarget
+from thinwatchd.reconciles import RECONCILE_THREADS
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
 
@@ -71,7 +71,7 @@ def counting_metrics() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("thinwatchd.publish.write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-        patch.setattr(daemon_module, "reconcile_workers", InlineWorkers)
+        patch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
         yield
 
 
