@@ -18,7 +18,6 @@ pool being reconciled is served by one more reconcile after it.
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import signal
@@ -29,17 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from thinwatchd.config import load_settings
-from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
+from thinwatchd.errors import ConfigError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender
-from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
+from thinwatchd.kernel.api import Kernel, MetadataChecker
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
+from thinwatchd.loop_watch import LoopOwners
 from thinwatchd.metrics import PoolMetrics
 from thinwatchd.notify import Notifier
 from thinwatchd.page_cache import threatened
-from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
-from thinwatchd.pool_state import ManagedPool, PoolState, pool_fields
+from thinwatchd.pool import Pool, activate, check_distinct_files
+from thinwatchd.pool_journal import announce
+from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.publish import Publisher, pool_figures, status_line
 from thinwatchd.reconciles import Reconciles
 from thinwatchd.settings import PoolSettings, Settings
@@ -95,7 +96,7 @@ class Daemon:
         self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
         self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
         self._reload_pending = False
-        self._owners: dict[str, tuple[ManagedPool, LoopDevice, str]] | None = None
+        self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
         self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
@@ -204,29 +205,13 @@ class Daemon:
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
-        self._owners = None  # its loops are new
+        self.loop_owners.forget()  # its loops are new
         self.extender.watch(pool)
         try:
             status = pool.read_status(self.kernel.dm)
         except ThinwatchError:
             status = None  # the first check reads it again, and says why it fails
-        fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
-        if pool.activation is Activation.CREATED:
-            event(
-                logging.INFO,
-                MessageId.POOL_CREATED,
-                f"pool {pool.name} created on {settings.data_file} and {settings.metadata_file}",
-                fields,
-            )
-        else:
-            how = (
-                "after a restart"
-                if pool.activation is Activation.ADOPTED
-                else "over its existing metadata"
-            )
-            event(logging.INFO, MessageId.POOL_ADOPTED, f"pool {pool.name} adopted {how}", fields)
-        for note in pool.recovered:
-            event(logging.WARNING, MessageId.POOL_RECOVERED, f"pool {pool.name}: {note}", fields)
+        announce(pool, status)
         return managed
 
     # -- running ---------------------------------------------------------------------------
@@ -381,51 +366,14 @@ class Daemon:
         if device.action == "remove" and named is not None:
             self._lost(named)
             return
-        owner = self._loop_owners().get(device.device_node or "")
+        owner = self.loop_owners.owner(self.pools.values(), device.device_node or "")
         if owner is None:
             return  # not one of ours: one dict lookup, however many pools there are
         managed, loop, path = owner
         if device.action == "remove":
             self._lost(managed)
         else:
-            self._check_loop(managed, loop, path)
-
-    def _loop_owners(self) -> dict[str, tuple[ManagedPool, LoopDevice, str]]:
-        """Every pool loop's node, with its pool and backing file (rebuilt after a pool is
-        registered: the only time a pool's loops change)."""
-        if self._owners is None:
-            self._owners = {}
-            for managed in self.pools.values():
-                pool = managed.pool
-                for loop, path in (
-                    (pool.data_loop, pool.settings.data_file),
-                    (pool.meta_loop, pool.settings.metadata_file),
-                ):
-                    self._owners[loop.path] = (managed, loop, str(path))
-        return self._owners
-
-    def _check_loop(self, managed: ManagedPool, loop: LoopDevice, path: str) -> None:
-        """A pool loop changed (our own growth's LOOP_SET_CAPACITY, most often): check that it
-        still backs the pool file, and that the file at path is still that one. Two syscalls
-        on that loop and file, not a scan of every loop."""
-        name = managed.pool.name
-        try:
-            self.kernel.loops.size(loop)  # ENXIO if unbound or bound to another file
-            info = self.kernel.files.inspect(path)
-        except KernelError as exc:
-            if exc.errno != errno.ENXIO:
-                log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
-                return
-            info = None
-        except ThinwatchError as exc:
-            log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
-            return
-        else:
-            if info is not None and info.identity == (loop.backing_dev, loop.backing_inode):
-                return
-        log.error("pool %s: %s no longer backs %s (detached or replaced by someone else); "
-                  "the pool keeps its device open, but growth will fail until restart",
-                  name, loop.path, path)  # fmt: skip
+            self.loop_owners.check(managed, loop, path)
 
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""

@@ -20,12 +20,12 @@ from thinwatchd.policy import (
     backing_shortfall,
     describe,
 )
-from thinwatchd.pool import Pool
+from thinwatchd.pool import Activation, Pool
 from thinwatchd.pool_state import PoolState, pool_fields
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes
 
-__all__ = ["RETRY_FIRST_SECONDS", "RETRY_MAX_SECONDS", "PoolJournal", "failure_key"]
+__all__ = ["RETRY_FIRST_SECONDS", "RETRY_MAX_SECONDS", "PoolJournal", "announce", "failure_key"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -41,6 +41,29 @@ def failure_key(exc: ThinwatchError) -> str:
     """What makes two failures "the same" for saying it once per streak: the errno, whatever
     step or file met it (one full disk fails the open, the stat and the statvfs alike)."""
     return f"errno {exc.errno}" if isinstance(exc, KernelError) else str(exc)
+
+
+def announce(pool: Pool, status: ThinPoolStatus | None) -> None:
+    """Say how a pool just registered came up (created, adopted, recreated), and what
+    interrupted work its activation finished."""
+    settings = pool.settings
+    fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
+    if pool.activation is Activation.CREATED:
+        event(
+            logging.INFO,
+            MessageId.POOL_CREATED,
+            f"pool {pool.name} created on {settings.data_file} and {settings.metadata_file}",
+            fields,
+        )
+    else:
+        how = (
+            "after a restart"
+            if pool.activation is Activation.ADOPTED
+            else "over its existing metadata"
+        )
+        event(logging.INFO, MessageId.POOL_ADOPTED, f"pool {pool.name} adopted {how}", fields)
+    for note in pool.recovered:
+        event(logging.WARNING, MessageId.POOL_RECOVERED, f"pool {pool.name}: {note}", fields)
 
 
 class PoolJournal:
