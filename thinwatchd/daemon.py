@@ -8,12 +8,8 @@ loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all p
 events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
 (stop; pools stay up, their consumers depend on them).
 
-The loop only decides which pools to look at. Each pool's reconcile (status read, growth)
-runs in a worker thread (workers.py), side by side with the others', and reports back on the
-loop: a growth's resume waits for its pool's I/O to drain, and one pool's drain, or a stalled
-backing filesystem, must not hold up another pool's growth. An event's reconciles go first; the
-safety check's run one at a time behind them. One reconcile per pool at a time; an event for a
-pool being reconciled is served by one more reconcile after it.
+The loop only decides which pools to look at; reconciles.py runs their reconciles in worker
+threads, side by side, and publish.py says what a pass found.
 """
 
 from __future__ import annotations
@@ -23,11 +19,11 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from thinwatchd.config import load_settings
+from thinwatchd.dm_events import DmEvents
 from thinwatchd.errors import ConfigError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
 from thinwatchd.extender import Extender
@@ -43,19 +39,14 @@ from thinwatchd.pool_journal import announce
 from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.publish import Publisher, pool_figures, status_line
 from thinwatchd.reconciles import Reconciles
-from thinwatchd.settings import PoolSettings, Settings
+from thinwatchd.settings import PoolSettings, Settings, keep_fixed
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
 
-#: Pool settings a reload cannot change on a running pool.
-_FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
 
-
-#: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
-_EVENT_RETRY_SECONDS = 1.0
 #: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
 #: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
 STOP_WAIT_SECONDS = 20.0
@@ -89,8 +80,6 @@ class Daemon:
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
         self.publisher = Publisher(self.notifier, estimates_file)
-        self._event_error: str | None = None  # the last dm event-read error logged
-        self._event_retry: Timer | None = None
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
         self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
@@ -100,6 +89,13 @@ class Daemon:
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
         self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
+        self.dm_events = DmEvents(
+            self.loop,
+            kernel.dm,
+            self.pools,
+            changed=lambda pools, woke: self._pass(pools, woke),
+            gone=lambda pools: self._lost_all(pools),
+        )
         self.reconciles = Reconciles(
             self.loop,
             self.extender,
@@ -198,7 +194,7 @@ class Daemon:
         current = next((p for p in pools if p.name == built.name), None)
         if current is None:
             return built  # removed from the config meanwhile: watched until the next restart
-        return replace(current, **{k: getattr(built, k) for k in _FIXED_KEYS})
+        return keep_fixed(built, current)[0]
 
     def _register(self, pool: Pool, state: PoolState | None) -> ManagedPool:
         """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
@@ -220,8 +216,7 @@ class Daemon:
         """Report ready and serve events until SIGTERM/SIGINT."""
         assert self.settings is not None
         loop = self.loop
-        if self._event_retry is None:  # else its timer adds the reader back
-            loop.add_reader(self.kernel.dm.fileno(), self._check_events)
+        self.dm_events.listen()
         if self.udev_monitor is not None:
             loop.add_reader(self.udev_monitor.fileno(), self._on_udev)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -304,48 +299,13 @@ class Daemon:
         pet()
 
     def _check_events(self) -> None:
-        """Re-arm the control fd, then reconcile each pool whose event_nr moved, in one pass.
+        """Reconcile, in one pass, each pool whose dm event_nr moved (dm_events.py)."""
+        self.dm_events.check()
 
-        If the kernel refuses either ioctl (ENOMEM, EINTR), say it once and come back soon:
-        an unarmed fd would stay readable (a busy loop), and an unread event would be lost.
-        """
-        woke = self.loop.time()
-        dm = self.kernel.dm
-        try:
-            dm.arm_poll()  # first: an event after this makes the fd readable again
-            seen = {d.name: d.event_nr for d in dm.list_devices()}
-        except ThinwatchError as exc:
-            self._event_read_failed(exc)
-            return
-        if self._event_error is not None:
-            log.info("dm events are read again")
-            self._event_error = None
-        changed, loops = [], self._loop_index()
-        for name, managed in list(self.pools.items()):
-            event_nr = seen.get(name)
-            if event_nr is None:
-                self._lost(managed, loops)
-            elif event_nr != managed.state.event_nr:
-                managed.state.event_nr = event_nr
-                changed.append(managed)
-        self._pass(changed, woke)
-
-    def _event_read_failed(self, exc: ThinwatchError) -> None:
-        fd = self.kernel.dm.fileno()
-        self.loop.remove_reader(fd)
-        if str(exc) != self._event_error:
-            self._event_error = str(exc)
-            log.error("cannot read dm events: %s; retrying every %g s, the timer checks "
-                      "meanwhile", exc, _EVENT_RETRY_SECONDS)  # fmt: skip
-
-        def again() -> None:
-            self._event_retry = None
-            self.loop.remove_reader(fd)
-            self.loop.add_reader(fd, self._check_events)
-            self._check_events()
-
-        if self._event_retry is None:
-            self._event_retry = self.loop.call_later(_EVENT_RETRY_SECONDS, again)
+    def _lost_all(self, pools: list[ManagedPool]) -> None:
+        loops = self._loop_index()  # one scan of the loops for every pool rebuilt
+        for managed in pools:
+            self._lost(managed, loops)
 
     def _on_udev(self) -> None:
         """A block device changed behind our back: a pool or one of its loops removed, a loop
@@ -451,8 +411,8 @@ class Daemon:
                     name,
                 )
                 continue
-            old, settings = managed.pool.settings, wanted[name]
-            fixed = [k for k in _FIXED_KEYS if getattr(old, k) != getattr(settings, k)]
+            old = managed.pool.settings
+            settings, fixed = keep_fixed(old, wanted[name])
             if fixed:
                 log.error(
                     "pool %s: pools.%s.%s cannot change on a running pool; keeping %s",
@@ -461,7 +421,6 @@ class Daemon:
                     fixed[0],
                     getattr(old, fixed[0]),
                 )
-                settings = replace(settings, **{k: getattr(old, k) for k in fixed})
             managed.pool.settings = settings
         try:
             check_distinct_files(list(new.pools), self.kernel.files)
