@@ -40,6 +40,7 @@ from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.publish import Publisher, pool_figures, status_line
 from thinwatchd.reconciles import Reconciles
 from thinwatchd.settings import PoolSettings, Settings, keep_fixed
+from thinwatchd.unbuilt import Unbuilt
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon"]
@@ -47,9 +48,6 @@ __all__ = ["Daemon"]
 log = logging.getLogger("thinwatchd")
 
 
-#: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
-#: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
-STOP_WAIT_SECONDS = 20.0
 #: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
 #: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
 WRITEBACK_WATCH_SECONDS = 0.2
@@ -82,8 +80,7 @@ class Daemon:
         self.publisher = Publisher(self.notifier, estimates_file)
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
-        self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
-        self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
+        self.unbuilt = Unbuilt()
         self._reload_pending = False
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
@@ -160,20 +157,9 @@ class Daemon:
                 if on_error is not None:
                     on_error(error or RuntimeError("no pool"))
                     return
-                if name not in self.pools:  # a new pool: retried by each safety check
-                    self._unbuilt[name] = settings
-                if isinstance(error, ThinwatchError):
-                    if str(error) != self._build_errors.get(name):
-                        log.error("pool %s: cannot build it: %s; retrying at each check", name,
-                                  error)  # fmt: skip
-                    self._build_errors[name] = str(error)
-                else:
-                    log.critical("pool %s: internal error while building it", name,
-                                 exc_info=error)  # fmt: skip
+                self.unbuilt.failed(settings, error, retry=name not in self.pools)
                 return
-            self._unbuilt.pop(name, None)
-            if self._build_errors.pop(name, None) is not None:
-                log.info("pool %s: built after earlier failures", name)
+            self.unbuilt.built(name)
             # A reload while it was being built may have changed its policy: apply the current
             # one (the files and block size it was built with stay, as for a running pool).
             pool.settings = self._current_settings(pool.settings)
@@ -229,7 +215,7 @@ class Daemon:
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
-            self._finish_reconciles()
+            self.reconciles.finish()
         finally:
             self.workers.close()
             self.reconcilers.close()
@@ -243,23 +229,13 @@ class Daemon:
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
 
-    def _finish_reconciles(self) -> None:
-        """Let growths in flight finish before the process exits (nothing new starts)."""
-        try:
-            self.reconcilers.run_until_idle(timeout=STOP_WAIT_SECONDS)
-        except TimeoutError:
-            names = ", ".join(sorted(self.reconcilers.keys()))
-            log.error("stopping while pool(s) %s are still being checked or grown after %g s "
-                      "(a stalled backing filesystem?); if one is left suspended, the next "
-                      "start resumes it", names, STOP_WAIT_SECONDS)  # fmt: skip
-
     def _schedule_check(self) -> None:
         assert self.settings is not None
 
         def check() -> None:
             self._pass(list(self.pools.values()), survey=True)
             loops = self._loop_index()
-            for settings in list(self._unbuilt.values()):
+            for settings in list(self.unbuilt.pending.values()):
                 if not self.workers.busy(settings.name):
                     self._activate(settings, loops=loops)
             self._schedule_check()
@@ -346,7 +322,7 @@ class Daemon:
         except ThinwatchError as exc:
             self.reconciles.pool_error(managed, exc)
             return
-        if name not in self._build_errors:  # said once, not at every failed retry
+        if name not in self.unbuilt.errors:  # said once, not at every failed retry
             log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         managed.state.unfinished = None  # the rebuild finishes any growth from the files
         self._activate(managed.pool.settings, managed.state, loops=loops)  # keep its history
@@ -427,9 +403,7 @@ class Daemon:
         except ThinwatchError as exc:
             log.error("new pools not built: %s", exc)
             return new
-        for name in list(self._unbuilt):
-            if name not in wanted:
-                del self._unbuilt[name]
+        self.unbuilt.keep_only(wanted)
         loops = self._loop_index()
         for name, settings in wanted.items():
             if name not in self.pools and not self.workers.busy(name):

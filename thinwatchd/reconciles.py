@@ -24,6 +24,7 @@ from thinwatchd.workers import Workers
 
 __all__ = [
     "RECONCILE_THREADS",
+    "STOP_WAIT_SECONDS",
     "STUCK_SECONDS",
     "SURVEY_THREADS",
     "Reconciles",
@@ -44,6 +45,9 @@ SURVEY_THREADS = 1
 #: A reconcile running this long (a stalled backing filesystem, a drain under heavy writeback)
 #: no longer counts against RECONCILE_THREADS: the pools queued behind it get a thread.
 STUCK_SECONDS = 0.5
+#: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
+#: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
+STOP_WAIT_SECONDS = 20.0
 
 
 class _Pass:
@@ -190,3 +194,17 @@ class Reconciles:
                 self.run_pass([managed])
 
         managed.retry = self.loop.call_at(retry_at, retry)
+
+    def finish(self) -> None:
+        """Let growths in flight finish before the process exits (nothing new starts)."""
+        try:
+            self.workers.run_until_idle(timeout=STOP_WAIT_SECONDS)
+        except TimeoutError:
+            names = ", ".join(sorted(self.workers.keys()))
+            log.error(
+                "stopping while pool(s) %s are still being checked or grown after %g s (a "
+                "stalled backing filesystem?); if one is left suspended, the next start "
+                "resumes it",
+                names,
+                STOP_WAIT_SECONDS,
+            )

@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd import daemon as daemon_module
 from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
@@ -252,7 +251,7 @@ def test_a_stop_waits_for_a_stalled_growth_only_so_long(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(daemon_module, "STOP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr("thinwatchd.reconciles.STOP_WAIT_SECONDS", 0.3)
     released = threading.Event()
     fake.draining["a"] = lambda: released.wait(PATIENCE)
     to_mark(fake, daemon, "a")
