@@ -221,9 +221,10 @@ class Extender:
             state.suspended_said = True
             log.warning(
                 "pool %s is suspended by someone else (dmsetup suspend?); its writers wait, "
-                "and it is not grown, until it is resumed (dmsetup resume %s)", pool.name,
+                "and it is not grown, until it is resumed (dmsetup resume %s)",
                 pool.name,
-            )  # fmt: skip
+                pool.name,
+            )
         return True
 
     def _decide(
@@ -308,8 +309,13 @@ class Extender:
             # superblock with FUA to the metadata device, and a flush of a loop device fsyncs its
             # file. So the size is durable before anything depends on it, and an fsync here
             # would only write back the writer's dirty pages while it waits.
-            files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False,
-                       identity=(loop.backing_dev, loop.backing_inode))  # fmt: skip
+            files.grow(
+                path,
+                decision.new_size,
+                preallocate=settings.preallocate,
+                sync=False,
+                identity=(loop.backing_dev, loop.backing_inode),
+            )
         except ThinwatchError as exc:
             look.changed(path)  # a failed preallocation may still have taken blocks
             self.journal.failure(pool, state, decision.target, exc)
@@ -345,12 +351,20 @@ class Extender:
             return None
         state.unfinished = None
         if state.failing is not None:
-            log.info("pool %s: %s grew again after %d failed attempt(s)", pool.name,
-                     decision.target, state.failed_attempts)  # fmt: skip
+            log.info(
+                "pool %s: %s grew again after %d failed attempt(s)",
+                pool.name,
+                decision.target,
+                state.failed_attempts,
+            )
         state.failing, state.failed_attempts, state.retry_at = None, 0, None
         seconds = self.clock() - started
-        log.debug("pool %s: %s growth steps (ms): %s", pool.name, decision.target,
-                  _step_ms(started, steps))  # fmt: skip
+        log.debug(
+            "pool %s: %s growth steps (ms): %s",
+            pool.name,
+            decision.target,
+            _step_ms(started, steps),
+        )
         record = GrowthRecord(decision.target, decision.old_size, decision.new_size, seconds)
         state.last_growth = record
         state.growths[decision.target] += 1

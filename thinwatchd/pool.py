@@ -200,9 +200,17 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
         # Blind: assume the worst (an inactive table, suspended). Clearing an empty slot and
         # reloading a running pool are harmless; leaving it suspended is not.
         info = DmInfo(
-            name, uuid="", dev=0, event_nr=0, open_count=0, target_count=0, suspended=True,
-            read_only=False, active_present=True, inactive_present=True,
-        )  # fmt: skip
+            name,
+            uuid="",
+            dev=0,
+            event_nr=0,
+            open_count=0,
+            target_count=0,
+            suspended=True,
+            read_only=False,
+            active_present=True,
+            inactive_present=True,
+        )
     if info is None:
         raise PoolSetupError(f"pool {name}: device disappeared")
     if info.inactive_present:
@@ -269,9 +277,14 @@ def _loop_for(
     elif file_size < loop_size:
         # Someone shrank the file under the loop: blocks past its end now fail with EIO. We
         # never shrink, and must not "fix" the loop to match: say so, loudly, and go on.
-        log.error("%s is %d bytes but its loop device %s is %d: the file was truncated behind "
-                  "thinwatchd's back; data past its end is gone and writes there will fail",
-                  path, file_size, loop.path, loop_size)  # fmt: skip
+        log.error(
+            "%s is %d bytes but its loop device %s is %d: the file was truncated behind "
+            "thinwatchd's back; data past its end is gone and writes there will fail",
+            path,
+            file_size,
+            loop.path,
+            loop_size,
+        )
     return loop
 
 
@@ -315,8 +328,9 @@ def activate(
         # What a crash between our DM_DEV_CREATE and the first resume leaves: unused, no uuid,
         # no active table. Nothing can depend on it; build the pool afresh.
         dm.remove(settings.name)
-        log.warning("pool %s: removed a table-less device left by an interrupted creation",
-                    settings.name)  # fmt: skip
+        log.warning(
+            "pool %s: removed a table-less device left by an interrupted creation", settings.name
+        )
     new = prepare_files(settings, kernel.files)
     meta_loop = _loop_for(
         kernel, index, str(settings.metadata_file), attach=True, direct_io=settings.direct_io

@@ -85,8 +85,7 @@ class PoolJournal:
         state.retry_at = self.clock() + delay
         key = failure_key(exc)
         if key == state.failing:
-            log.debug("pool %s: attempt %d failed again: %s", pool.name,
-                      state.failed_attempts, exc)  # fmt: skip
+            log.debug("pool %s: attempt %d failed again: %s", pool.name, state.failed_attempts, exc)
             return
         state.failing = key
         what = (

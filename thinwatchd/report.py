@@ -62,9 +62,14 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     except (OSError, ThinwatchError):
         pass
     base = PoolReport(
-        settings.name, False, "absent", data_file=str(settings.data_file),
-        data_file_size=size, data_file_allocated=allocated, backing_fs_free=free,
-    )  # fmt: skip
+        name=settings.name,
+        active=False,
+        mode="absent",
+        data_file=str(settings.data_file),
+        data_file_size=size,
+        data_file_allocated=allocated,
+        backing_fs_free=free,
+    )
     try:
         info = dm.info(settings.name)
         if info is None or not info.active_present:

@@ -62,8 +62,7 @@ def retune_table(
         return
     state.retune_failing = None
     if table.low_water_mark != old.low_water_mark:
-        log.info("pool %s: low-water mark raised to %d blocks", pool.name,
-                 table.low_water_mark)  # fmt: skip
+        log.info("pool %s: low-water mark raised to %d blocks", pool.name, table.low_water_mark)
     if policy is not old.no_space_policy:
         error = policy is NoSpacePolicy.ERROR
         why = (

@@ -15,10 +15,9 @@ import pytest
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import dm_abi
 from thinwatchd.kernel.api import DmDevice, Target
-from thinwatchd.kernel.dm import (
-    DeviceMapper,
+from thinwatchd.kernel.dm import DeviceMapper, check_name
+from thinwatchd.kernel.dm_structs import (
     DmHeader,
-    check_name,
     pack_header,
     pack_message,
     pack_targets,

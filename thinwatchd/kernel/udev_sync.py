@@ -114,10 +114,14 @@ class UdevSync:
     """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
 
     def __init__(
-        self, *, dev_dir: str = "/dev", udev_control: str = UDEV_CONTROL,
-        timeout: float = 30.0, flags: UdevFlag = POOL_UDEV_FLAGS,
+        self,
+        *,
+        dev_dir: str = "/dev",
+        udev_control: str = UDEV_CONTROL,
+        timeout: float = 30.0,
+        flags: UdevFlag = POOL_UDEV_FLAGS,
         rule_dirs: tuple[str, ...] = _RULE_DIRS,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.dev_dir = dev_dir
         self.udev_control = udev_control
         self.timeout = timeout
@@ -221,9 +225,11 @@ class UdevSync:
                     _log.warning("udev cookie %#x for %s: cannot remove: %s", cookie, name, exc)
         if not done and raise_timeout:
             raise KernelError(
-                "udev wait", name, _errno.ETIMEDOUT,
+                "udev wait",
+                name,
+                _errno.ETIMEDOUT,
                 f"cookie {cookie:#x} not completed by udev in {self.timeout:g}s",
-            )  # fmt: skip
+            )
 
     def _monitored(self, name: str, cookie: int, operation: UdevOperation) -> bool:
         """No 95-dm-notify.rules: wait for udev's processed uevent for name with our cookie.
