@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from thinwatchd.activation import activate
 from thinwatchd.config import load_settings
 from thinwatchd.dm_events import DmEvents
 from thinwatchd.errors import ConfigError, ThinwatchError
@@ -34,7 +35,8 @@ from thinwatchd.loop_watch import LoopOwners
 from thinwatchd.metrics import PoolMetrics
 from thinwatchd.notify import Notifier
 from thinwatchd.page_cache import threatened
-from thinwatchd.pool import Pool, activate, check_distinct_files
+from thinwatchd.pool import Pool
+from thinwatchd.pool_files import check_distinct_files
 from thinwatchd.pool_journal import announce
 from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.publish import Publisher, pool_figures, status_line

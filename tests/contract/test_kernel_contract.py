@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.contract.backends import Backend, backend
+from thinwatchd.activation import activate
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.names import pool_name
-from thinwatchd.pool import Pool, activate, ensure_resumed
+from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
 

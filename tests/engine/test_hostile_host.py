@@ -13,13 +13,14 @@ import pytest
 
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock, status, write_config
+from thinwatchd.activation import activate
 from thinwatchd.daemon import Daemon
+from thinwatchd.errors import PoolSetupError
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import PoolSetupError, activate
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2

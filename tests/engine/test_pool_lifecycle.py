@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.errors import KernelError, PoolMismatchError
+from thinwatchd.activation import activate
+from thinwatchd.errors import KernelError, PoolMismatchError, PoolSetupError
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.pool import Activation, PoolSetupError, activate
+from thinwatchd.pool import Activation
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus
 
