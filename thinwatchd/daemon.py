@@ -34,7 +34,7 @@ from thinwatchd.loop_index import LoopIndex
 from thinwatchd.loop_watch import LoopOwners
 from thinwatchd.metrics import PoolMetrics
 from thinwatchd.notify import Notifier
-from thinwatchd.page_cache import threatened
+from thinwatchd.page_cache import watch_writeback
 from thinwatchd.pool import Pool
 from thinwatchd.pool_files import check_distinct_files
 from thinwatchd.pool_journal import announce
@@ -48,11 +48,6 @@ from thinwatchd.workers import Workers
 __all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
-
-
-#: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
-#: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
-WRITEBACK_WATCH_SECONDS = 0.2
 
 
 class Daemon:
@@ -245,24 +240,8 @@ class Daemon:
         self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
 
     def _schedule_writeback_watch(self) -> None:
-        """Grow pools the page cache threatens before its dirty pages are written back: a
-        growth then stalls nobody, where one at the kernel's event waits for the whole burst."""
-        if self.kernel.memory is None:
-            return
-
-        def watch() -> None:
-            writeback = self.extender.page_cache.sample()
-            if writeback is not None:
-                self._pass(
-                    [
-                        managed
-                        for managed in list(self.pools.values())
-                        if threatened(managed.pool, managed.state, writeback)
-                    ]
-                )
-            self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
-
-        self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
+        if self.kernel.memory is not None:  # without the counters, nothing to watch
+            watch_writeback(self.loop, self.extender.page_cache, self.pools, self._pass)
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval

@@ -6,23 +6,33 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from thinwatchd.errors import ThinwatchError
+from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import MemoryApi
 from thinwatchd.marks import writeback_threatens
 from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Pool
-from thinwatchd.pool_state import PoolState
+from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.writeback import WritebackState, parse_writeback
 
-__all__ = ["WRITEBACK_SAMPLE_SECONDS", "PageCache", "threatened"]
+__all__ = [
+    "WRITEBACK_SAMPLE_SECONDS",
+    "WRITEBACK_WATCH_SECONDS",
+    "PageCache",
+    "threatened",
+    "watch_writeback",
+]
 
 log = logging.getLogger("thinwatchd")
 
 #: A writeback sample is reused for this long: one read per pass, not one per pool.
 WRITEBACK_SAMPLE_SECONDS = 0.05
+#: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
+#: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
+WRITEBACK_WATCH_SECONDS = 0.2
 
 
 class PageCache:
@@ -87,3 +97,22 @@ def threatened(pool: Pool, state: PoolState, writeback: WritebackState) -> bool:
     free = status.data_free * pool.block_bytes - landed
     mark = pool.table.low_water_mark * pool.block_bytes
     return writeback_threatens(free, mark, writeback, state.history.amplification)
+
+
+def watch_writeback(
+    loop: EventLoop,
+    page_cache: PageCache,
+    pools: Mapping[str, ManagedPool],
+    grow: Callable[[list[ManagedPool]], None],
+) -> None:
+    """Every WRITEBACK_WATCH_SECONDS, hand the pools the page cache threatens to grow: before
+    its dirty pages are written back, a growth stalls nobody, where one at the kernel's event
+    waits for the whole burst."""
+
+    def watch() -> None:
+        writeback = page_cache.sample()
+        if writeback is not None:
+            grow([m for m in list(pools.values()) if threatened(m.pool, m.state, writeback)])
+        loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
+
+    loop.call_later(WRITEBACK_WATCH_SECONDS, watch)

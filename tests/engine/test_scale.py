@@ -35,12 +35,13 @@ import yaml
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, FakeUdevDevice
-from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
+from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
 from thinwatchd.policy import GrowthTarget
 from thinwatchd.reconciles import RECONCILE_THREADS
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
