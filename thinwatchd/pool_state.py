@@ -18,7 +18,7 @@ __all__ = ["GrowthRecord", "ManagedPool", "PoolState", "pool_fields"]
 class GrowthRecord:
     """One completed growth."""
 
-    target: str
+    target: GrowthTarget
     old_size: int
     new_size: int
     seconds: float
