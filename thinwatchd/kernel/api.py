@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
@@ -256,12 +256,6 @@ class Kernel:
     dm: DeviceMapperApi
     loops: LoopControlApi
     nodes: DeviceNodes
-    files: FilesApi = field(default_factory=lambda: _real_files())
+    files: FilesApi
     #: Dirty-memory counters for writeback-aware marks; None: marks ignore writeback.
     memory: MemoryApi | None = None
-
-
-def _real_files() -> FilesApi:
-    from thinwatchd.kernel.fs import Files  # here, not at the top: fs.py imports this module
-
-    return Files()
