@@ -101,6 +101,7 @@ def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
         f"pool {m.name}: its data file {pool.settings.data_file} takes "
         f"{format_bytes(reclaimable)} more on disk than the {format_bytes(used)} of data in use; "
         "fstrim the filesystems on its thin volumes (containerd's devmapper snapshotter: "
-        "discard_blocks = true) to give it back to the host",
+        "discard_blocks = true) to give it back to the host; blocks of thin devices deleted "
+        "without a discard come back only with thin_trim while the pool is down",
         pool_fields(pool, m.status, allocated) | {"RECLAIMABLE_BYTES": reclaimable},
     )
