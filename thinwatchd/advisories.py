@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from thinwatchd.extender import pool_fields
+from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.logs import MessageId, event
 from thinwatchd.metrics import PoolMetrics
-from thinwatchd.policy import worth_reclaiming
 from thinwatchd.pool import Pool
+from thinwatchd.pool_state import pool_fields
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes, format_duration
 
@@ -101,6 +101,7 @@ def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
         f"pool {m.name}: its data file {pool.settings.data_file} takes "
         f"{format_bytes(reclaimable)} more on disk than the {format_bytes(used)} of data in use; "
         "fstrim the filesystems on its thin volumes (containerd's devmapper snapshotter: "
-        "discard_blocks = true) to give it back to the host",
+        "discard_blocks = true) to give it back to the host; blocks of thin devices deleted "
+        "without a discard come back only with thin_trim while the pool is down",
         pool_fields(pool, m.status, allocated) | {"RECLAIMABLE_BYTES": reclaimable},
     )

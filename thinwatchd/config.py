@@ -6,13 +6,10 @@ once. ``config.example.yaml`` documents every key.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import os
-import re
 import stat
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,10 +17,27 @@ from typing import Any, NamedTuple
 import yaml
 from yaml.reader import ReaderError
 
+from thinwatchd.config_values import (
+    LOG_LEVELS,
+    Invalid,
+    Parser,
+    block_size,
+    boolean,
+    duration_value,
+    features,
+    file_path,
+    low_water_blocks,
+    metadata_size,
+    one_of,
+    optional,
+    share,
+    size_or_share,
+    size_value,
+    within,
+)
 from thinwatchd.errors import ConfigError
-from thinwatchd.names import validate_dm_name
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import (
-    METADATA_MAX_BYTES,
     DaemonSettings,
     DataGrowth,
     MetadataGrowth,
@@ -31,42 +45,21 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
-from thinwatchd.status import (
-    MAX_BLOCK_SECTORS,
-    MIN_BLOCK_SECTORS,
-    Feature,
-    valid_block_size,
-)
 from thinwatchd.strict_yaml import load_strict_yaml
 from thinwatchd.units import (
-    DURATION_HINT,
-    META_BLOCK_BYTES,
-    PERCENT_HINT,
     SECTOR_BYTES,
-    SIZE_HINT,
     format_bytes,
-    parse_duration,
-    parse_percent,
-    parse_size,
+    show_value,
 )
 
 __all__ = [
-    "FEATURES",
-    "LOG_LEVELS",
     "MAX_CONFIG_BYTES",
-    "METADATA_MIN_BYTES",
     "build_settings",
     "load_settings",
     "parse_settings",
     "printable_path",
 ]
 
-#: The thin-pool feature args a pool may list. read_only is not among them: a read-only pool
-#: allocates nothing, so there would be nothing to grow and every write to a thin volume fails.
-FEATURES = tuple(f.value for f in Feature if f is not Feature.READ_ONLY)
-LOG_LEVELS = ("debug", "info", "warning", "error")
-#: lvm2's minimum pool metadata size; the kernel needs room for its superblock and space maps.
-METADATA_MIN_BYTES = 2 * 1024**2
 #: The largest config file read. The example, documenting every key, is 8 KiB. libyaml parses a
 #: MiB in milliseconds and strict_yaml caps the values, so even a hostile file fails fast.
 MAX_CONFIG_BYTES = 1024**2
@@ -163,7 +156,7 @@ def parse_settings(text: str, source: str) -> Settings:
     if data is None:
         raise ConfigError("", f"{source} is empty; it needs at least a pools: section")
     if not isinstance(data, dict):
-        raise ConfigError("", f"{source}: the top level must be a mapping, not {_show(data)}")
+        raise ConfigError("", f"{source}: the top level must be a mapping, not {show_value(data)}")
     return build_settings(data)
 
 
@@ -192,206 +185,44 @@ def build_settings(data: object) -> Settings:
     return Settings(daemon=daemon, pools=pools)
 
 
-# --- Single values: each parser takes the raw value and raises _Invalid ----------------------
-
-
-class _Invalid(Exception):
-    """A value is wrong; the caller adds the key path (and `where`, a suffix like "[2]")."""
-
-    def __init__(self, message: str, *, shown: bool = False, where: str = "") -> None:
-        super().__init__(message)
-        self.shown = shown  # the message already names the value
-        self.where = where
-
-
-Parser = Callable[[object], Any]
-
-
-def _show(value: object) -> str:
-    """Return value as YAML would spell it, shortened, for an error message."""
-    if value is None or isinstance(value, bool):
-        return {None: "null", True: "true", False: "false"}[value]
-    if isinstance(value, dict | list):
-        return "a mapping" if isinstance(value, dict) else "a list"
-    if isinstance(value, int) and value.bit_length() > 256:
-        return "a very large number"
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _via(parse: Callable[[str | int | float], Any], what: str, hint: str) -> Parser:
-    """Return a parser that applies a units parser, whose messages already name the value."""
-
-    def parser(value: object) -> Any:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise _Invalid(f"is not {what}; {hint}")
-        try:
-            return parse(value)
-        except ValueError as e:
-            raise _Invalid(str(e), shown=True) from None
-
-    return parser
-
-
-def _within(parse: Parser, ok: Callable[[Any], bool], allowed: str) -> Parser:
-    """Return a parser that also checks the parsed value's range."""
-
-    def parser(value: object) -> Any:
-        parsed = parse(value)
-        if not ok(parsed):
-            raise _Invalid(f"is out of range; use {allowed}")
-        return parsed
-
-    return parser
-
-
-_size = _via(parse_size, "a size", SIZE_HINT)
-_duration = _via(parse_duration, "a duration", DURATION_HINT)
-_percent = _via(parse_percent, "a percentage", PERCENT_HINT)
-
-
-def _size_or_share(share_key: str) -> Parser:
-    """Return a size parser that sends people who wrote a percentage to share_key."""
-
-    def parser(value: object) -> int:
-        if isinstance(value, str) and value.rstrip().endswith("%"):
-            raise _Invalid(f"is not a size; {SIZE_HINT}, or set {share_key}: {value.strip()}")
-        size: int = _size(value)
-        return size
-
-    return parser
-
-
-def _metadata_size(value: object) -> int:
-    size: int = _size(value)
-    size -= size % META_BLOCK_BYTES  # the kernel uses whole 4 KiB metadata blocks
-    if size < METADATA_MIN_BYTES:
-        raise _Invalid("is too small; use at least 2MiB")
-    if size > METADATA_MAX_BYTES:
-        most = f"{METADATA_MAX_BYTES // 1024}KiB, about {METADATA_MAX_BYTES / 1024**3:.2f}GiB"
-        raise _Invalid(f"is more than the kernel can use; use at most {most}")
-    return size
-
-
-def _share(value: object) -> float:
-    """Parse a percentage; a bare number below 1 is refused because it looks like a fraction."""
-    percent: float = _percent(value)
-    if 0 < percent < 1 and not (isinstance(value, str) and "%" in value):
-        raise _Invalid(f"is ambiguous; write {percent * 100:g}% or, for under 1%, {percent:g}%")
-    return percent
-
-
-def _whole(value: object) -> int | None:
-    """Return value as a whole number if it is one (YAML gives text, Python callers ints)."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]{1,20}\s*", value):
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _block_size(value: object) -> int:
-    """Parse data_block_size: a plain number is sectors, as in the table; with a unit, a size."""
-    sectors = _whole(value)
-    if isinstance(value, str) and sectors is None:
-        with contextlib.suppress(ValueError):
-            size = parse_size(value)
-            sectors = size // SECTOR_BYTES if size % SECTOR_BYTES == 0 else None
-    if sectors is None or not valid_block_size(sectors):
-        lo, hi = MIN_BLOCK_SECTORS, MAX_BLOCK_SECTORS
-        lo_kib, hi_gib = lo * SECTOR_BYTES // 1024, hi * SECTOR_BYTES // 1024**3
-        raise _Invalid(
-            f"is not a valid block size; use {lo} to {hi} sectors in steps of {lo}, or a size "
-            f"from {lo_kib}KiB to {hi_gib}GiB in steps of {lo_kib}KiB"
-        )
-    return sectors
-
-
-def _low_water_mark(value: object) -> int:
-    blocks = _whole(value)
-    if blocks is None or not 1 <= blocks < 2**63:
-        raise _Invalid("is not a number of data blocks; use 1 or more")
-    return blocks
-
-
-def _bool(value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("is not a boolean; use true or false")
-    return value
-
-
-def _file(value: object) -> Path:
-    absolute = isinstance(value, str) and value.startswith("/") and "\0" not in value
-    if not absolute or os.path.basename(str(value)) in ("", ".", ".."):  # not a directory
-        raise _Invalid("is not an absolute path to a file; use one like /srv/pool/data")
-    return Path(str(value))
-
-
-def _optional(parse: Parser) -> Parser:
-    return lambda value: None if value is None else parse(value)
-
-
-def _one_of(value: object, allowed: tuple[str, ...], what: str, where: str = "") -> str:
-    if isinstance(value, str) and value in allowed:
-        return value
-    close = difflib.get_close_matches(value, allowed, n=1) if isinstance(value, str) else []
-    guess = f" (did you mean {close[0]!r}?)" if close else ""
-    message = f"{_show(value)} is not {what}; use one of {', '.join(allowed)}{guess}"
-    raise _Invalid(message, shown=True, where=where)
-
-
-def _features(value: object) -> tuple[Feature, ...]:
-    if not isinstance(value, list):
-        raise _Invalid("is not a list; use one like [skip_block_zeroing], or [] for none")
-    features: list[Feature] = []
-    for index, item in enumerate(value):
-        if item == "read_only":
-            message = "'read_only' is not allowed: a read-only pool cannot allocate, so cannot grow"
-            raise _Invalid(message, shown=True, where=f"[{index}]")
-        if _one_of(item, FEATURES, "a thin-pool feature", f"[{index}]") in features:
-            raise _Invalid(
-                f"{item!r} is listed twice; list it once", shown=True, where=f"[{index}]"
-            )
-        features.append(Feature(item))
-    return tuple(features)
-
-
 # --- Sections and pools ------------------------------------------------------------------------
 
 _TOP: dict[str, Parser] = {
-    "data_file": _file,
-    "metadata_file": _file,
-    "data_size": _size,
-    "metadata_size": _metadata_size,
-    "data_block_size": _block_size,
-    "low_water_mark": _low_water_mark,
-    "features": _features,
-    "preallocate": _bool,
-    "direct_io": _bool,
-    "reserve": _size_or_share("reserve_percent"),
-    "reserve_percent": _within(_share, lambda p: p < 100, "0% to below 100%"),
+    "data_file": file_path,
+    "metadata_file": file_path,
+    "data_size": size_value,
+    "metadata_size": metadata_size,
+    "data_block_size": block_size,
+    "low_water_mark": low_water_blocks,
+    "features": features,
+    "preallocate": boolean,
+    "direct_io": boolean,
+    "reserve": size_or_share("reserve_percent"),
+    "reserve_percent": within(share, lambda p: p < 100, "0% to below 100%"),
 }
-_THRESHOLD = _within(_share, lambda p: 0 < p <= 100, "more than 0% and at most 100%")
+_THRESHOLD = within(share, lambda p: 0 < p <= 100, "more than 0% and at most 100%")
 _SECTIONS: dict[str, dict[str, Parser]] = {
     "data": {
         "threshold": _THRESHOLD,
-        "step": _size_or_share("step_percent"),
-        "step_percent": _share,
-        "max_size": _optional(_size),
-        "adaptive_low_water": _bool,
+        "step": size_or_share("step_percent"),
+        "step_percent": share,
+        "max_size": optional(size_value),
+        "adaptive_low_water": boolean,
     },
     "metadata": {
         "threshold": _THRESHOLD,
-        "step": _size_or_share("step_percent"),
-        "step_percent": _share,
-        "max_size": _metadata_size,
+        "step": size_or_share("step_percent"),
+        "step_percent": share,
+        "max_size": metadata_size,
     },
     # "never" and null both mean: keep queueing writes, as the kernel does by default.
-    "when_full": {"error_after": lambda v: None if v in (None, "never") else _duration(v)},
+    "when_full": {"error_after": lambda v: None if v in (None, "never") else duration_value(v)},
 }
 _DAEMON: dict[str, Parser] = {
-    "check_interval": _within(_duration, lambda s: 1 <= s <= 3600, "1s to 1h"),
-    "metrics_file": _optional(_file),
-    "log_level": lambda v: _one_of(v.lower() if isinstance(v, str) else v, LOG_LEVELS, "a level"),
-    "warn_full_within": _within(_duration, lambda s: 0 <= s <= 720 * 3600, "0s to 720h"),
+    "check_interval": within(duration_value, lambda s: 1 <= s <= 3600, "1s to 1h"),
+    "metrics_file": optional(file_path),
+    "log_level": lambda v: one_of(v.lower() if isinstance(v, str) else v, LOG_LEVELS, "a level"),
+    "warn_full_within": within(duration_value, lambda s: 0 <= s <= 720 * 3600, "0s to 720h"),
 }
 _FILE_KEYS = ("data_file", "metadata_file")
 _FIELD_NAMES = {"threshold": "threshold_percent"}  # YAML key -> dataclass field, where they differ
@@ -412,10 +243,10 @@ def _mapping(value: object, path: str, what: str) -> dict[str, object]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ConfigError(path, f"{_show(value)} is not a mapping; use a mapping {what}")
+        raise ConfigError(path, f"{show_value(value)} is not a mapping; use a mapping {what}")
     for key in value:
         if not isinstance(key, str):
-            raise ConfigError(path, f"key {_show(key)} is not a string; quote it")
+            raise ConfigError(path, f"key {show_value(key)} is not a string; quote it")
     return value
 
 
@@ -454,9 +285,9 @@ def _parse_leaves(leaves: dict[str, _Leaf], parsers: dict[str, Parser]) -> dict[
     for key, (value, path) in leaves.items():
         try:
             parsed[_FIELD_NAMES.get(key, key)] = parsers[key](value)
-        except _Invalid as e:
+        except Invalid as e:
             raise ConfigError(
-                path + e.where, str(e) if e.shown else f"{_show(value)} {e}"
+                path + e.where, str(e) if e.shown else f"{show_value(value)} {e}"
             ) from None
     return parsed
 
@@ -468,11 +299,12 @@ def _daemon(raw: object) -> DaemonSettings:
     return DaemonSettings(**_parse_leaves(leaves, _DAEMON))
 
 
-def _pool(name: str, raw: object, defaults: _Layer) -> PoolSettings:
+def _pool(key: str, raw: object, defaults: _Layer) -> PoolSettings:
     """Build one pool from its keys over the defaults, then check how the keys relate."""
-    problem = validate_dm_name(name)
-    if problem:
-        raise ConfigError("pools", f"{name!r} cannot be a device-mapper name: {problem}")
+    try:
+        name = pool_name(key)
+    except ValueError as exc:
+        raise ConfigError("pools", str(exc)) from None
     path = f"pools.{name}"
     own_top, own_sections = _read_layer(raw, path)
     top = defaults[0] | own_top
@@ -492,7 +324,7 @@ def _pool(name: str, raw: object, defaults: _Layer) -> PoolSettings:
         """Return the error for key_path, saying where the value came from."""
         leaf = leaves.get(key_path.rpartition(".")[2])
         inherited = f" (from {leaf.path})" if leaf and leaf.path.startswith("defaults.") else ""
-        shown = _show(leaf.value) + inherited if leaf else "the default"
+        shown = show_value(leaf.value) + inherited if leaf else "the default"
         return ConfigError(f"{path}.{key_path}", f"{shown} {problem}")
 
     # The kernel ignores a partial last block, so data sizes are rounded down to whole blocks.

@@ -8,116 +8,46 @@ loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all p
 events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
 (stop; pools stay up, their consumers depend on them).
 
-The loop only decides which pools to look at. Each pool's reconcile (status read, growth)
-runs in a worker thread (workers.py), side by side with the others', and reports back on the
-loop: a growth's resume waits for its pool's I/O to drain, and one pool's drain, or a stalled
-backing filesystem, must not hold up another pool's growth. An event's reconciles go first; the
-safety check's run one at a time behind them. One reconcile per pool at a time; an event for a
-pool being reconciled is served by one more reconcile after it.
+The loop only decides which pools to look at; reconciles.py runs their reconciles in worker
+threads, side by side, and publish.py says what a pass found.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import signal
 import threading
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from thinwatchd.advisories import advise, soonest_full
-from thinwatchd.backing import BackingLook
+from thinwatchd.activation import activate
 from thinwatchd.config import load_settings
-from thinwatchd.errors import ConfigError, KernelError, ThinwatchError
-from thinwatchd.estimates import render_estimates
+from thinwatchd.dm_events import DmEvents
+from thinwatchd.errors import ConfigError, ThinwatchError
 from thinwatchd.events import EventLoop, Timer
-from thinwatchd.extender import Extender, PoolState, pool_fields
-from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
+from thinwatchd.extender import Extender
+from thinwatchd.kernel.api import Kernel, MetadataChecker
 from thinwatchd.logs import MessageId, event
 from thinwatchd.loop_index import LoopIndex
-from thinwatchd.metrics import PoolMetrics, render, write_atomically
+from thinwatchd.loop_watch import LoopOwners
+from thinwatchd.metrics import PoolMetrics
 from thinwatchd.notify import Notifier
-from thinwatchd.policy import full_in
-from thinwatchd.pool import Activation, Pool, activate, check_distinct_files
-from thinwatchd.settings import PoolSettings, Settings
-from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import format_duration
+from thinwatchd.page_cache import watch_writeback
+from thinwatchd.pool import Pool
+from thinwatchd.pool_files import check_distinct_files
+from thinwatchd.pool_journal import announce
+from thinwatchd.pool_state import ManagedPool, PoolState
+from thinwatchd.publish import Publisher, pool_figures, status_line
+from thinwatchd.reconciles import Reconciles
+from thinwatchd.settings import PoolSettings, Settings, keep_fixed
+from thinwatchd.unbuilt import Unbuilt
 from thinwatchd.workers import Workers
 
-__all__ = ["Daemon", "ManagedPool", "reconcile_workers"]
+__all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
-
-#: Pool settings a reload cannot change on a running pool.
-_FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
-
-
-#: After a failed dm event read (DM_LIST_DEVICES, ARM_POLL), try again this soon.
-_EVENT_RETRY_SECONDS = 1.0
-#: Pools reconciled at once, each in a thread of its own: a growth's resume blocks until its
-#: pool's in-flight I/O drains (hundreds of ms under writeback), so growths of pools that fall
-#: due together must not queue behind each other's drains. The GIL is released in every ioctl
-#: and file syscall they wait in. Few threads: each woken costs CPU on every safety check
-#: (with 32, a 64-pool daemon idled at 1.5x the CPU of 8, under TCG).
-RECONCILE_THREADS = 8
-#: Safety-check reconciles at once (hundreds, each a millisecond): threads contending for the
-#: GIL cost more than the checks.
-SURVEY_THREADS = 1
-#: A reconcile running this long (a stalled backing filesystem, a drain under heavy writeback)
-#: no longer counts against RECONCILE_THREADS: the pools queued behind it get a thread.
-STUCK_SECONDS = 0.5
-#: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
-#: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
-STOP_WAIT_SECONDS = 20.0
-#: How often the page cache's dirty counters are sampled (two procfs reads for all pools): at
-#: the dirty rates of a cp, well under the time it takes to dirty a pool's headroom.
-WRITEBACK_WATCH_SECONDS = 0.2
-
-
-@dataclass
-class ManagedPool:
-    """A pool the daemon watches, with the extender's memory of it."""
-
-    pool: Pool
-    state: PoolState = field(default_factory=PoolState)
-    retry: Timer | None = None  # the backoff timer of a failed growth
-    error: str | None = None  # the last error logged for this pool, to say each one once
-    said: set[str] = field(default_factory=set)  # advisories in force, said once (advisories.py)
-    # Asked for while a reconcile of it was running (an event, a check): one more after it,
-    # timed from the earliest wake-up that asked.
-    again: bool = False
-    again_woke: float | None = None
-
-
-class _Pass:
-    """The reconciles of one pass still running: STATUS= and the metrics file are written once,
-    when the last is done (a pass counts as running until it has submitted all of them)."""
-
-    def __init__(self, publish: Callable[[], None]) -> None:
-        self._publish = publish
-        self._open = 1
-
-    def add(self) -> None:
-        self._open += 1
-
-    def done(self) -> None:
-        self._open -= 1
-        if self._open == 0:
-            self._publish()
-
-
-def reconcile_workers(loop: EventLoop) -> Workers:
-    """The worker threads that reconcile pools (tests swap in ones that run inline)."""
-    return Workers(
-        loop,
-        max_threads=RECONCILE_THREADS,
-        stuck_after=STUCK_SECONDS,
-        background_threads=SURVEY_THREADS,
-    )
 
 
 class Daemon:
@@ -140,24 +70,34 @@ class Daemon:
         self.loop = loop or EventLoop()
         self.check_metadata = check_metadata
         self.udev_monitor = udev_monitor
-        self.estimates_file = estimates_file  # for `thinwatchd status` (estimates.py)
         self.settings: Settings | None = None
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
-        self._write_failed: set[str] = set()  # published files whose last write failed
-        self._event_error: str | None = None  # the last dm event-read error logged
-        self._event_retry: Timer | None = None
+        self.publisher = Publisher(self.notifier, estimates_file)
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
-        self._unbuilt: dict[str, PoolSettings] = {}  # configured pools whose build failed
-        self._build_errors: dict[str, str] = {}  # the last build error per pool, said once
+        self.unbuilt = Unbuilt()
         self._reload_pending = False
-        self._owners: dict[str, tuple[ManagedPool, LoopDevice, str]] | None = None
+        self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
-        self.reconcilers = reconcile_workers(self.loop)  # checks and growths, per pool
         self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
+        self.dm_events = DmEvents(
+            self.loop,
+            kernel.dm,
+            self.pools,
+            changed=lambda pools, woke: self._pass(pools, woke),
+            gone=lambda pools: self._lost_all(pools),
+        )
+        self.reconciles = Reconciles(
+            self.loop,
+            self.extender,
+            self.pools,
+            building=lambda name: self.workers.busy(name),  # late-bound, as the others
+            lost=lambda managed: self._lost(managed),
+            publish=lambda: self._publish(),  # late-bound: tests count publications
+        )
 
     # -- start-up --------------------------------------------------------------------------
 
@@ -214,20 +154,9 @@ class Daemon:
                 if on_error is not None:
                     on_error(error or RuntimeError("no pool"))
                     return
-                if name not in self.pools:  # a new pool: retried by each safety check
-                    self._unbuilt[name] = settings
-                if isinstance(error, ThinwatchError):
-                    if str(error) != self._build_errors.get(name):
-                        log.error("pool %s: cannot build it: %s; retrying at each check", name,
-                                  error)  # fmt: skip
-                    self._build_errors[name] = str(error)
-                else:
-                    log.critical("pool %s: internal error while building it", name,
-                                 exc_info=error)  # fmt: skip
+                self.unbuilt.failed(settings, error, retry=name not in self.pools)
                 return
-            self._unbuilt.pop(name, None)
-            if self._build_errors.pop(name, None) is not None:
-                log.info("pool %s: built after earlier failures", name)
+            self.unbuilt.built(name)
             # A reload while it was being built may have changed its policy: apply the current
             # one (the files and block size it was built with stay, as for a running pool).
             pool.settings = self._current_settings(pool.settings)
@@ -248,36 +177,20 @@ class Daemon:
         current = next((p for p in pools if p.name == built.name), None)
         if current is None:
             return built  # removed from the config meanwhile: watched until the next restart
-        return replace(current, **{k: getattr(built, k) for k in _FIXED_KEYS})
+        return keep_fixed(built, current)[0]
 
     def _register(self, pool: Pool, state: PoolState | None) -> ManagedPool:
         """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
-        self._owners = None  # its loops are new
+        self.loop_owners.forget()  # its loops are new
         self.extender.watch(pool)
         try:
             status = pool.read_status(self.kernel.dm)
         except ThinwatchError:
             status = None  # the first check reads it again, and says why it fails
-        fields = pool_fields(pool, status) | {"ACTIVATION": pool.activation.value}
-        if pool.activation is Activation.CREATED:
-            event(
-                logging.INFO,
-                MessageId.POOL_CREATED,
-                f"pool {pool.name} created on {settings.data_file} and {settings.metadata_file}",
-                fields,
-            )
-        else:
-            how = (
-                "after a restart"
-                if pool.activation is Activation.ADOPTED
-                else "over its existing metadata"
-            )
-            event(logging.INFO, MessageId.POOL_ADOPTED, f"pool {pool.name} adopted {how}", fields)
-        for note in pool.recovered:
-            event(logging.WARNING, MessageId.POOL_RECOVERED, f"pool {pool.name}: {note}", fields)
+        announce(pool, status)
         return managed
 
     # -- running ---------------------------------------------------------------------------
@@ -286,8 +199,7 @@ class Daemon:
         """Report ready and serve events until SIGTERM/SIGINT."""
         assert self.settings is not None
         loop = self.loop
-        if self._event_retry is None:  # else its timer adds the reader back
-            loop.add_reader(self.kernel.dm.fileno(), self._check_events)
+        self.dm_events.listen()
         if self.udev_monitor is not None:
             loop.add_reader(self.udev_monitor.fileno(), self._on_udev)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -300,7 +212,7 @@ class Daemon:
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
-            self._finish_reconciles()
+            self.reconciles.finish()
         finally:
             self.workers.close()
             self.reconcilers.close()
@@ -309,19 +221,10 @@ class Daemon:
     def stop(self) -> None:
         """Stop serving; the pools stay up."""
         self._stopping = True
+        self.reconciles.stopping = True  # no new pass
         self.notifier.stopping()
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
-
-    def _finish_reconciles(self) -> None:
-        """Let growths in flight finish before the process exits (nothing new starts)."""
-        try:
-            self.reconcilers.run_until_idle(timeout=STOP_WAIT_SECONDS)
-        except TimeoutError:
-            names = ", ".join(sorted(self.reconcilers.keys()))
-            log.error("stopping while pool(s) %s are still being checked or grown after %g s "
-                      "(a stalled backing filesystem?); if one is left suspended, the next "
-                      "start resumes it", names, STOP_WAIT_SECONDS)  # fmt: skip
 
     def _schedule_check(self) -> None:
         assert self.settings is not None
@@ -329,7 +232,7 @@ class Daemon:
         def check() -> None:
             self._pass(list(self.pools.values()), survey=True)
             loops = self._loop_index()
-            for settings in list(self._unbuilt.values()):
+            for settings in list(self.unbuilt.pending.values()):
                 if not self.workers.busy(settings.name):
                     self._activate(settings, loops=loops)
             self._schedule_check()
@@ -337,24 +240,8 @@ class Daemon:
         self._check_timer = self.loop.call_later(self.settings.daemon.check_interval, check)
 
     def _schedule_writeback_watch(self) -> None:
-        """Grow pools the page cache threatens before its dirty pages are written back: a
-        growth then stalls nobody, where one at the kernel's event waits for the whole burst."""
-        if self.kernel.memory is None:
-            return
-
-        def watch() -> None:
-            writeback = self.extender.writeback()
-            if writeback is not None:
-                self._pass(
-                    [
-                        managed
-                        for managed in list(self.pools.values())
-                        if self.extender.threatened(managed.pool, managed.state, writeback)
-                    ]
-                )
-            self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
-
-        self.loop.call_later(WRITEBACK_WATCH_SECONDS, watch)
+        if self.kernel.memory is not None:  # without the counters, nothing to watch
+            watch_writeback(self.loop, self.extender.page_cache, self.pools, self._pass)
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval
@@ -369,48 +256,13 @@ class Daemon:
         pet()
 
     def _check_events(self) -> None:
-        """Re-arm the control fd, then reconcile each pool whose event_nr moved, in one pass.
+        """Reconcile, in one pass, each pool whose dm event_nr moved (dm_events.py)."""
+        self.dm_events.check()
 
-        If the kernel refuses either ioctl (ENOMEM, EINTR), say it once and come back soon:
-        an unarmed fd would stay readable (a busy loop), and an unread event would be lost.
-        """
-        woke = self.loop.time()
-        dm = self.kernel.dm
-        try:
-            dm.arm_poll()  # first: an event after this makes the fd readable again
-            seen = {d.name: d.event_nr for d in dm.list_devices()}
-        except ThinwatchError as exc:
-            self._event_read_failed(exc)
-            return
-        if self._event_error is not None:
-            log.info("dm events are read again")
-            self._event_error = None
-        changed, loops = [], self._loop_index()
-        for name, managed in list(self.pools.items()):
-            event_nr = seen.get(name)
-            if event_nr is None:
-                self._lost(managed, loops)
-            elif event_nr != managed.state.event_nr:
-                managed.state.event_nr = event_nr
-                changed.append(managed)
-        self._pass(changed, woke)
-
-    def _event_read_failed(self, exc: ThinwatchError) -> None:
-        fd = self.kernel.dm.fileno()
-        self.loop.remove_reader(fd)
-        if str(exc) != self._event_error:
-            self._event_error = str(exc)
-            log.error("cannot read dm events: %s; retrying every %g s, the timer checks "
-                      "meanwhile", exc, _EVENT_RETRY_SECONDS)  # fmt: skip
-
-        def again() -> None:
-            self._event_retry = None
-            self.loop.remove_reader(fd)
-            self.loop.add_reader(fd, self._check_events)
-            self._check_events()
-
-        if self._event_retry is None:
-            self._event_retry = self.loop.call_later(_EVENT_RETRY_SECONDS, again)
+    def _lost_all(self, pools: list[ManagedPool]) -> None:
+        loops = self._loop_index()  # one scan of the loops for every pool rebuilt
+        for managed in pools:
+            self._lost(managed, loops)
 
     def _on_udev(self) -> None:
         """A block device changed behind our back: a pool or one of its loops removed, a loop
@@ -431,147 +283,14 @@ class Daemon:
         if device.action == "remove" and named is not None:
             self._lost(named)
             return
-        owner = self._loop_owners().get(device.device_node or "")
+        owner = self.loop_owners.owner(self.pools.values(), device.device_node or "")
         if owner is None:
             return  # not one of ours: one dict lookup, however many pools there are
         managed, loop, path = owner
         if device.action == "remove":
             self._lost(managed)
         else:
-            self._check_loop(managed, loop, path)
-
-    def _loop_owners(self) -> dict[str, tuple[ManagedPool, LoopDevice, str]]:
-        """Every pool loop's node, with its pool and backing file (rebuilt after a pool is
-        registered: the only time a pool's loops change)."""
-        if self._owners is None:
-            self._owners = {}
-            for managed in self.pools.values():
-                pool = managed.pool
-                for loop, path in (
-                    (pool.data_loop, pool.settings.data_file),
-                    (pool.meta_loop, pool.settings.metadata_file),
-                ):
-                    self._owners[loop.path] = (managed, loop, str(path))
-        return self._owners
-
-    def _check_loop(self, managed: ManagedPool, loop: LoopDevice, path: str) -> None:
-        """A pool loop changed (our own growth's LOOP_SET_CAPACITY, most often): check that it
-        still backs the pool file, and that the file at path is still that one. Two syscalls
-        on that loop and file, not a scan of every loop."""
-        name = managed.pool.name
-        try:
-            self.kernel.loops.size(loop)  # ENXIO if unbound or bound to another file
-            info = self.kernel.files.inspect(path)
-        except KernelError as exc:
-            if exc.errno != errno.ENXIO:
-                log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
-                return
-            info = None
-        except ThinwatchError as exc:
-            log.error("pool %s: cannot check %s: %s", name, loop.path, exc)
-            return
-        else:
-            if info is not None and info.identity == (loop.backing_dev, loop.backing_inode):
-                return
-        log.error("pool %s: %s no longer backs %s (detached or replaced by someone else); "
-                  "the pool keeps its device open, but growth will fail until restart",
-                  name, loop.path, path)  # fmt: skip
-
-    def _pass(
-        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
-    ) -> None:
-        """Reconcile pools in one pass, each in its own worker thread, side by side: each
-        backing file and filesystem is looked at once for all of them, and STATUS= and the
-        metrics file are updated once, when the last is done, so a pass costs the pools it
-        names. A survey (the safety check) also looks at every pool file."""
-        pools = list(pools)
-        if not pools or self._stopping:
-            return
-        look = self.extender.new_pass(survey=survey)
-        reconciles = _Pass(self._publish)
-        for managed in pools:
-            self._reconcile_in(look, managed, woke, reconciles, survey)
-        reconciles.done()
-
-    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
-        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
-        self._pass([managed], woke)
-
-    def _reconcile_in(
-        self,
-        look: BackingLook,
-        managed: ManagedPool,
-        woke: float | None,
-        reconciles: _Pass,
-        survey: bool,
-    ) -> None:
-        """Submit one pool's reconcile: a survey's in the background lane (one thread, taken
-        after every event's), an event's in the urgent lane."""
-        name = managed.pool.name
-        if self.workers.busy(name):
-            return  # being rebuilt in a worker; checked when that is done
-        if self.reconcilers.busy(name):
-            if survey or self.reconcilers.hurry(name):
-                return  # one is running, or one that has not read the status yet is moved up
-            # Its status may have moved since that reconcile read it: once more after it.
-            managed.again = True
-            if woke is not None:
-                managed.again_woke = min(woke, managed.again_woke or woke)
-            return
-        reconciles.add()
-        self.reconcilers.submit(
-            name,
-            functools.partial(self.extender.reconcile, managed.pool, managed.state, woke, look),
-            functools.partial(self._reconciled, managed, reconciles),
-            background=survey,
-        )
-
-    def _reconciled(
-        self, managed: ManagedPool, reconciles: _Pass, _status: object, error: BaseException | None
-    ) -> None:
-        """On the loop, after a pool's reconcile: every failure but one is the extender's to
-        say and retry; ENXIO (KernelError: the device is gone) is ours, to rebuild it."""
-        try:
-            if isinstance(error, KernelError):
-                self._lost(managed)
-            elif error is not None:  # a bug must not stop the other pools from being watched
-                managed.state.failures += 1
-                log.critical("pool %s: internal error", managed.pool.name, exc_info=error)
-            elif managed.error is not None:
-                log.info("pool %s: checked without error again", managed.pool.name)
-                managed.error = None
-            self._schedule_retry(managed)
-        finally:
-            reconciles.done()
-        if managed.again and self.pools.get(managed.pool.name) is managed:
-            woke, managed.again, managed.again_woke = managed.again_woke, False, None
-            self._pass([managed], woke)
-
-    def _pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
-        """Count an error; log it when it differs from the pool's last one (once, not per check)."""
-        managed.state.failures += 1
-        if str(exc) != managed.error:
-            managed.error = str(exc)
-            log.error("pool %s: %s", managed.pool.name, exc)
-
-    def _schedule_retry(self, managed: ManagedPool) -> None:
-        """Come back for a pool whose growth failed when its backoff ends, not at the next
-        safety check (which may be too late for a writer)."""
-        retry_at = managed.state.retry_at
-        if retry_at is None:
-            return
-        retry_at = max(retry_at, self.loop.time())  # overdue: at the next pass, not never
-        if managed.retry is not None and not managed.retry.cancelled:
-            if managed.retry.when <= retry_at:
-                return
-            managed.retry.cancel()  # a new streak with a shorter backoff
-
-        def retry() -> None:
-            managed.retry = None
-            if self.pools.get(managed.pool.name) is managed:
-                self._reconcile(managed)
-
-        managed.retry = self.loop.call_at(retry_at, retry)
+            self.loop_owners.check(managed, loop, path)
 
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
@@ -582,12 +301,31 @@ class Daemon:
             if self.kernel.dm.info(name) is not None:
                 return
         except ThinwatchError as exc:
-            self._pool_error(managed, exc)
+            self.reconciles.pool_error(managed, exc)
             return
-        if name not in self._build_errors:  # said once, not at every failed retry
+        if name not in self.unbuilt.errors:  # said once, not at every failed retry
             log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         managed.state.unfinished = None  # the rebuild finishes any growth from the files
         self._activate(managed.pool.settings, managed.state, loops=loops)  # keep its history
+
+    @property
+    def reconcilers(self) -> Workers:
+        """The worker threads that reconcile pools: checks and growths, per pool."""
+        return self.reconciles.workers
+
+    @reconcilers.setter
+    def reconcilers(self, workers: Workers) -> None:
+        self.reconciles.workers = workers
+
+    def _pass(
+        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
+    ) -> None:
+        """Reconcile pools in one pass (Reconciles.run_pass)."""
+        self.reconciles.run_pass(pools, woke, survey=survey)
+
+    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
+        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
+        self._pass([managed], woke)
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -621,7 +359,7 @@ class Daemon:
         self.notifier.ready(self.status_line())
 
     def _merge(self, new: Settings) -> Settings:
-        wanted = {p.name: p for p in new.pools}
+        wanted: dict[str, PoolSettings] = {p.name: p for p in new.pools}
         for name, managed in self.pools.items():
             if name not in wanted:
                 log.warning(
@@ -630,8 +368,8 @@ class Daemon:
                     name,
                 )
                 continue
-            old, settings = managed.pool.settings, wanted[name]
-            fixed = [k for k in _FIXED_KEYS if getattr(old, k) != getattr(settings, k)]
+            old = managed.pool.settings
+            settings, fixed = keep_fixed(old, wanted[name])
             if fixed:
                 log.error(
                     "pool %s: pools.%s.%s cannot change on a running pool; keeping %s",
@@ -640,16 +378,13 @@ class Daemon:
                     fixed[0],
                     getattr(old, fixed[0]),
                 )
-                settings = replace(settings, **{k: getattr(old, k) for k in fixed})
             managed.pool.settings = settings
         try:
             check_distinct_files(list(new.pools), self.kernel.files)
         except ThinwatchError as exc:
             log.error("new pools not built: %s", exc)
             return new
-        for name in list(self._unbuilt):
-            if name not in wanted:
-                del self._unbuilt[name]
+        self.unbuilt.keep_only(wanted)
         loops = self._loop_index()
         for name, settings in wanted.items():
             if name not in self.pools and not self.workers.busy(name):
@@ -665,86 +400,13 @@ class Daemon:
     # -- reporting -------------------------------------------------------------------------
 
     def status_line(self, figures: list[PoolMetrics] | None = None) -> str:
-        """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data;
-        docker-pool's filesystem at its reserve in 3 h 20 min' (figures: metrics(), if made)."""
-        worst: tuple[float, str] | None = None
-        for name, managed in self.pools.items():
-            status = managed.state.status
-            if isinstance(status, ThinPoolWorkingStatus) and (
-                worst is None or status.data_percent > worst[0]
-            ):
-                worst = (status.data_percent, name)
-        n = len(self.pools)
-        text = f"{n} pool{'s' if n != 1 else ''}"
-        if worst is not None:
-            text += f", fullest {worst[1]} {worst[0]:.0f}% data"
-        soonest = soonest_full(self.metrics() if figures is None else figures)
-        if soonest is not None:
-            seconds, name, what = soonest
-            text += f"; {name}{what} in {format_duration(seconds)}"
-        if self.config_error:
-            text += f"; config rejected: {self.config_error}"
-        return text
-
-    def _publish(self) -> None:
-        figures = self.metrics()
-        self._advise(figures)
-        self.notifier.status(self.status_line(figures))
-        if self.settings is not None and self.settings.daemon.metrics_file is not None:
-            self._write(self.settings.daemon.metrics_file, render(figures), "metrics")
-        if self.estimates_file is not None:
-            self._write(self.estimates_file, render_estimates(figures, time.time()), "estimates")
-
-    def _advise(self, figures: list[PoolMetrics]) -> None:
-        horizon = self.settings.daemon.warn_full_within if self.settings is not None else 0.0
-        for m in figures:
-            managed = self.pools.get(m.name)
-            if managed is not None:
-                advise(m, managed.pool, managed.said, horizon)
+        """Return the one-line STATUS= summary (figures: metrics(), if made)."""
+        figures = self.metrics() if figures is None else figures
+        return status_line(self.pools, figures, self.config_error)
 
     def metrics(self) -> list[PoolMetrics]:
-        """Return every pool's figures as of the last pass: its filesystem's free space as that
-        pass saw it (no syscall here: publishing N pools after each pass made passes O(N²)),
-        and when it runs out of room at the fill rates measured (every pool on a filesystem
-        fills it)."""
-        backing = self.extender.backing
-        seen = []
-        fs_rates: dict[int, float] = {}
-        for managed in self.pools.values():
-            data_file = str(managed.pool.settings.data_file)
-            rate = managed.state.history.fill_rate()
-            space = backing.space(data_file)
-            if space is not None and rate:
-                fs_rates[space[0]] = fs_rates.get(space[0], 0.0) + rate
-            seen.append((managed, data_file, rate, space))
-        out = []
-        for managed, data_file, rate, space in seen:
-            pool, state = managed.pool, managed.state
-            status = state.status
-            used = status.data_used * pool.block_bytes if isinstance(
-                status, ThinPoolWorkingStatus) else 0  # fmt: skip
-            full = full_in(
-                pool.settings, used, rate,
-                None if space is None else space[1].free,
-                0 if space is None else space[1].total,
-                None if space is None else fs_rates.get(space[0]),
-            )  # fmt: skip
-            out.append(PoolMetrics(
-                pool.name, pool.block_bytes, status, state.growths["data"],
-                state.growths["metadata"], state.failures,
-                state.last_growth.seconds if state.last_growth else None,
-                None if space is None else space[1].free, backing.allocated(data_file),
-                pool.settings.data.max_size, tuple(sorted(state.refusals)), rate, full,
-            ))  # fmt: skip
-        return out
+        """Return every pool's figures as of the last pass (publish.pool_figures)."""
+        return pool_figures(self.pools.values(), self.extender.backing)
 
-    def _write(self, path: Path, text: str, what: str) -> None:
-        """Replace a published file; say a failure once until a write succeeds again."""
-        try:
-            write_atomically(path, text)
-        except OSError as exc:
-            if what not in self._write_failed:
-                log.warning("cannot write %s to %s: %s", what, path, exc.strerror or exc)
-            self._write_failed.add(what)
-        else:
-            self._write_failed.discard(what)
+    def _publish(self) -> None:
+        self.publisher.publish(self.pools, self.settings, self.metrics(), self.config_error)

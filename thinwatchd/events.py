@@ -117,8 +117,11 @@ class EventLoop:
         try:
             callback()
         except Exception:
-            log.critical("internal error in %s; the daemon goes on", getattr(
-                callback, "__qualname__", callback), exc_info=True)  # fmt: skip
+            log.critical(
+                "internal error in %s; the daemon goes on",
+                getattr(callback, "__qualname__", callback),
+                exc_info=True,
+            )
 
     def close(self) -> None:
         """Release the selector and restore signal handling."""

@@ -19,114 +19,38 @@ from __future__ import annotations
 
 import errno
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from thinwatchd.backing import BackingFiles, BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
-from thinwatchd.kernel.api import Kernel, MemoryApi
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.logs import MessageId, event
+from thinwatchd.page_cache import PageCache
 from thinwatchd.policy import (
     BackingFs,
     Decision,
-    FillHistory,
     Grow,
-    NoAction,
+    GrowthTarget,
     RefusalReason,
     Refuse,
-    backing_shortfall,
     decide_data,
     decide_metadata,
     describe,
-    low_water_mark,
-    no_space_mode,
-    writeback_threatens,
 )
 from thinwatchd.pool import Pool, ensure_resumed
-from thinwatchd.status import (
-    NoSpacePolicy,
-    PoolMode,
-    ThinPoolFailed,
-    ThinPoolStatus,
-    ThinPoolWorkingStatus,
-)
-from thinwatchd.units import format_bytes
-from thinwatchd.writeback import WritebackState, parse_writeback
+from thinwatchd.pool_journal import PoolJournal
+from thinwatchd.pool_state import GrowthRecord, PoolState
+from thinwatchd.retune import retune_table
+from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.writeback import WritebackState
 
-__all__ = ["Extender", "GrowthRecord", "PoolState", "pool_fields"]
+__all__ = ["Extender"]
 
 log = logging.getLogger("thinwatchd")
 
 #: Growths one reconcile may chain (metadata then data, or a writer outrunning a growth).
 _MAX_ROUNDS = 4
-#: A writeback sample is reused for this long: one read per pass, not one per pool.
-WRITEBACK_SAMPLE_SECONDS = 0.05
-#: Retry delays after failed growths: doubling from the first, up to the last.
-RETRY_FIRST_SECONDS = 0.25
-RETRY_MAX_SECONDS = 30.0
-
-
-@dataclass(frozen=True)
-class GrowthRecord:
-    """One completed growth."""
-
-    target: str
-    old_size: int
-    new_size: int
-    seconds: float
-
-
-@dataclass
-class PoolState:
-    """What the extender remembers about one pool between reconciles."""
-
-    history: FillHistory = field(default_factory=FillHistory)
-    refused_since: float | None = None  # no room for data (refused, failed, fs at reserve)
-    refusals: dict[str, str] = field(default_factory=dict)  # target -> reason, to log changes once
-    mode: str | None = None  # last pool mode seen, to log changes once
-    growths: dict[str, int] = field(default_factory=lambda: {"data": 0, "metadata": 0})
-    failures: int = 0
-    failing: str | None = None  # the error of the current streak of failed growths
-    failed_attempts: int = 0  # growths failed in a row
-    retry_at: float | None = None  # no growth attempt before this (backoff)
-    backing_short: bool = False  # the backing filesystem is at its reserve (said once)
-    unfinished: Grow | None = None  # a growth whose file grew but the kernel has not seen it
-    retune_failing: str | None = None  # the last failed retune reload, said once
-    suspended_said: bool = False  # a suspend by someone else was said
-    last_growth: GrowthRecord | None = None
-    status: ThinPoolStatus | None = None
-    written_at_status: int | None = None  # WritebackState.written when status was read
-    event_nr: int = -1
-
-
-def pool_fields(
-    pool: Pool, status: ThinPoolStatus | None, allocated: int | None = None
-) -> dict[str, object]:
-    """Return the structured journal fields describing a pool's state; allocated is what its
-    data file takes on disk (beyond the data in use: what discards would give back)."""
-    fields: dict[str, object] = {"POOL": pool.name}
-    if allocated is not None:
-        fields["DATA_FILE_ALLOCATED_BYTES"] = allocated
-    if isinstance(status, ThinPoolWorkingStatus):
-        usage = status.usage_bytes(pool.block_bytes)
-        fields |= {
-            "DATA_USED_BYTES": usage.data_used,
-            "DATA_TOTAL_BYTES": usage.data_total,
-            "METADATA_USED_BYTES": usage.metadata_used,
-            "METADATA_TOTAL_BYTES": usage.metadata_total,
-            "POOL_MODE": status.mode.value,
-        }
-    elif status is not None:
-        fields["POOL_MODE"] = str(status)
-    return fields
-
-
-def _failure_key(exc: ThinwatchError) -> str:
-    """What makes two failures "the same" for saying it once per streak: the errno, whatever
-    step or file met it (one full disk fails the open, the stat and the statvfs alike)."""
-    return f"errno {exc.errno}" if isinstance(exc, KernelError) else str(exc)
 
 
 def _room_bound(decision: Decision) -> bool:
@@ -155,16 +79,10 @@ class Extender:
         self.clock = clock
         # Every pool file watched: their unwritten sparse space counts as promised.
         self.backing = BackingFiles(kernel.files)
-        self._sample: tuple[float, WritebackState | None] | None = None
-        self._sample_lock = threading.Lock()  # pools are reconciled in threads side by side
-        self._writeback_error: str | None = None  # the last failed read, said once
+        self.journal = PoolJournal(self.backing, clock)
+        self.page_cache = PageCache(kernel.memory, clock)
 
     # -- passes ----------------------------------------------------------------------------
-
-    def _fields(self, pool: Pool, status: ThinPoolStatus | None) -> dict[str, object]:
-        """pool_fields, with the data file's allocated bytes as last looked at."""
-        allocated = self.backing.allocated(str(pool.settings.data_file))
-        return pool_fields(pool, status, allocated)
 
     def watch(self, pool: Pool) -> None:
         """Count the pool's files among those that share its filesystems (a pool just built)."""
@@ -175,61 +93,6 @@ class Extender:
         it. A survey (the safety check) looks at every watched file, keeping the others' figures
         that an event pass reuses at most one check old."""
         return self.backing.new_pass(survey=survey)
-
-    # -- the page cache --------------------------------------------------------------------
-
-    def writeback(self) -> WritebackState | None:
-        """Return a recent sample of the dirty-memory counters; None without them.
-
-        One read serves every pool checked in the same pass. Unreadable counters (a hardened
-        /proc) only cost the writeback-aware mark: said once, and the configured one applies.
-        """
-        memory = self.kernel.memory
-        if memory is None:
-            return None
-        with self._sample_lock:
-            return self._writeback(memory)
-
-    def _writeback(self, memory: MemoryApi) -> WritebackState | None:
-        now = self.clock()
-        if self._sample is not None and now - self._sample[0] < WRITEBACK_SAMPLE_SECONDS:
-            return self._sample[1]
-        sample: WritebackState | None = None
-        try:
-            sample = parse_writeback(*memory.writeback_texts())
-        except ThinwatchError as exc:
-            if str(exc) != self._writeback_error:
-                self._writeback_error = str(exc)
-                log.warning(
-                    "cannot read the page cache's dirty counters: %s; low-water marks "
-                    "ignore writeback until they can be read",
-                    exc,
-                )
-        else:
-            if self._writeback_error is not None:
-                log.info("the page cache's dirty counters are read again")
-                self._writeback_error = None
-        self._sample = (now, sample)
-        return sample
-
-    def threatened(self, pool: Pool, state: PoolState, writeback: WritebackState) -> bool:
-        """Return whether the page cache may hold enough to take the pool below its mark, by
-        the last status read less all writeback completed since (nothing here is per pool
-        syscall: the daemon asks this of every pool at each writeback sample)."""
-        status = state.status
-        if (
-            not pool.settings.data.adaptive_low_water
-            or not isinstance(status, ThinPoolWorkingStatus)
-            or state.written_at_status is None
-            or "data" in state.refusals  # said already; the safety check comes back
-            or state.retry_at is not None  # backing off; its timer comes back
-            or state.suspended_said  # an operator's suspend: nothing grows it until resumed
-        ):
-            return False
-        landed = max(0, writeback.written - state.written_at_status)
-        free = status.data_free * pool.block_bytes - landed
-        mark = pool.table.low_water_mark * pool.block_bytes
-        return writeback_threatens(free, mark, writeback, state.history.amplification)
 
     # -- the reconcile loop ----------------------------------------------------------------
 
@@ -253,10 +116,10 @@ class Extender:
         except ThinwatchError as exc:
             if isinstance(exc, KernelError) and exc.errno == errno.ENXIO:
                 raise
-            self._note_failure(pool, state, "check", exc)
+            self.journal.failure(pool, state, "check", exc)
             if state.refused_since is None:
                 state.refused_since = self.clock()
-            self._retune_table(pool, state, None)
+            retune_table(self.kernel, self.journal, pool, state, None, self.clock())
             return state.status
 
     def _reconcile(
@@ -264,7 +127,7 @@ class Extender:
     ) -> ThinPoolStatus:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
-        writeback = self.writeback()
+        writeback = self.page_cache.sample()
         status = pool.read_status(dm)
         state.written_at_status = None if writeback is None else writeback.written
         if writeback is not None and isinstance(status, ThinPoolWorkingStatus):
@@ -277,7 +140,7 @@ class Extender:
             return status
         backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
-        self._note_mode(pool, state, status)  # also while an unfinished growth keeps failing
+        self.journal.mode(pool, state, status)  # also while an unfinished growth keeps failing
         if state.unfinished is not None and not backing_off:
             finished = self._finish_growth(pool, state, state.unfinished, started)
             blocked = finished is None
@@ -307,8 +170,8 @@ class Extender:
                 break
             status, data_fs = grown, None  # the file grew: look again
             started = self.clock()
-            self._note_mode(pool, state, status)
-        blocked |= self._note_backing(
+            self.journal.mode(pool, state, status)
+        blocked |= self.journal.fs_at_reserve(
             pool, state, status, data_fs or look.figures(str(pool.settings.data_file))
         )
         if blocked:
@@ -316,7 +179,7 @@ class Extender:
                 state.refused_since = self.clock()
         else:
             state.refused_since = None
-        self._retune_table(pool, state, status, writeback)
+        retune_table(self.kernel, self.journal, pool, state, status, self.clock(), writeback)
         state.status = status
         return status
 
@@ -358,9 +221,10 @@ class Extender:
             state.suspended_said = True
             log.warning(
                 "pool %s is suspended by someone else (dmsetup suspend?); its writers wait, "
-                "and it is not grown, until it is resumed (dmsetup resume %s)", pool.name,
+                "and it is not grown, until it is resumed (dmsetup resume %s)",
                 pool.name,
-            )  # fmt: skip
+                pool.name,
+            )
         return True
 
     def _decide(
@@ -388,11 +252,11 @@ class Extender:
             )
 
         meta = self._decide_on(look, str(settings.metadata_file), metadata)
-        self._note_refusal(pool, state, meta, status)
+        self.journal.refusal(pool, state, meta, status)
         if isinstance(meta, Grow):
             return meta
         decision = self._decide_on(look, str(settings.data_file), data)
-        self._note_refusal(pool, state, decision, status)
+        self.journal.refusal(pool, state, decision, status)
         return decision
 
     @staticmethod
@@ -425,7 +289,7 @@ class Extender:
         would grow the file by another step per failed attempt.
         """
         settings, files = pool.settings, self.kernel.files
-        data = decision.target == "data"
+        data = decision.target is GrowthTarget.DATA
         path = str(settings.data_file if data else settings.metadata_file)
         loop = pool.data_loop if data else pool.meta_loop
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
@@ -445,11 +309,16 @@ class Extender:
             # superblock with FUA to the metadata device, and a flush of a loop device fsyncs its
             # file. So the size is durable before anything depends on it, and an fsync here
             # would only write back the writer's dirty pages while it waits.
-            files.grow(path, decision.new_size, preallocate=settings.preallocate, sync=False,
-                       identity=(loop.backing_dev, loop.backing_inode))  # fmt: skip
+            files.grow(
+                path,
+                decision.new_size,
+                preallocate=settings.preallocate,
+                sync=False,
+                identity=(loop.backing_dev, loop.backing_inode),
+            )
         except ThinwatchError as exc:
             look.changed(path)  # a failed preallocation may still have taken blocks
-            self._note_failure(pool, state, decision.target, exc)
+            self.journal.failure(pool, state, decision.target, exc)
             return None
         steps["FILE_MS"] = self.clock()
         state.unfinished = decision
@@ -470,7 +339,7 @@ class Extender:
         writeback: WritebackState | None = None,
     ) -> ThinPoolStatus | None:
         """Make the kernel see a grown file: LOOP_SET_CAPACITY, then load and resume."""
-        data = decision.target == "data"
+        data = decision.target is GrowthTarget.DATA
         steps = steps if steps is not None else {"DECIDE_MS": self.clock()}
         try:
             self.kernel.loops.set_capacity(pool.data_loop if data else pool.meta_loop)
@@ -478,16 +347,24 @@ class Extender:
             pool.reload(self.kernel, pool.table.with_low_water_mark(decision.low_water_mark))
             steps["RELOAD_MS"] = self.clock()
         except ThinwatchError as exc:
-            self._note_failure(pool, state, decision.target, exc)
+            self.journal.failure(pool, state, decision.target, exc)
             return None
         state.unfinished = None
         if state.failing is not None:
-            log.info("pool %s: %s grew again after %d failed attempt(s)", pool.name,
-                     decision.target, state.failed_attempts)  # fmt: skip
+            log.info(
+                "pool %s: %s grew again after %d failed attempt(s)",
+                pool.name,
+                decision.target,
+                state.failed_attempts,
+            )
         state.failing, state.failed_attempts, state.retry_at = None, 0, None
         seconds = self.clock() - started
-        log.debug("pool %s: %s growth steps (ms): %s", pool.name, decision.target,
-                  _step_ms(started, steps))  # fmt: skip
+        log.debug(
+            "pool %s: %s growth steps (ms): %s",
+            pool.name,
+            decision.target,
+            _step_ms(started, steps),
+        )
         record = GrowthRecord(decision.target, decision.old_size, decision.new_size, seconds)
         state.last_growth = record
         state.growths[decision.target] += 1
@@ -504,7 +381,7 @@ class Extender:
             logging.INFO,
             MessageId.DATA_GROWN if data else MessageId.METADATA_GROWN,
             f"{describe(decision)}; done in {seconds * 1000:.0f} ms",
-            self._fields(pool, status)
+            self.journal.fields(pool, status)
             | {
                 "TARGET": decision.target,
                 "OLD_SIZE_BYTES": decision.old_size,
@@ -523,162 +400,3 @@ class Extender:
             raise unread
         assert status is not None
         return status
-
-    def _note_failure(self, pool: Pool, state: PoolState, target: str, exc: ThinwatchError) -> None:
-        """Count a failed growth (or check), say it once per streak, and back off."""
-        state.failures += 1
-        state.failed_attempts += 1
-        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (state.failed_attempts - 1))
-        state.retry_at = self.clock() + delay
-        key = _failure_key(exc)
-        if key == state.failing:
-            log.debug("pool %s: attempt %d failed again: %s", pool.name,
-                      state.failed_attempts, exc)  # fmt: skip
-            return
-        state.failing = key
-        what = (
-            f"growing {target} of {pool.name} failed: {exc}; the pool is resumed on its "
-            f"previous size"
-            if target != "check"
-            else f"checking {pool.name} failed: {exc}"
-        )
-        event(
-            logging.ERROR,
-            MessageId.GROWTH_FAILED,
-            f"{what}; retrying with backoff (next in {delay:g} s)",
-            self._fields(pool, state.status) | {"TARGET": target},
-        )
-
-    def _note_backing(
-        self, pool: Pool, state: PoolState, status: ThinPoolStatus, data_fs: BackingFs
-    ) -> bool:
-        """Say once when the data file's filesystem reaches its reserve while the pool still
-        promises blocks (its writes will fail with EIO); return whether that is the case.
-
-        data_fs is this check's look at it: after a failed growth, the one from before it (a
-        look after it would only add a second failure to say)."""
-        path = str(pool.settings.data_file)
-        short = backing_shortfall(status, pool.settings, data_fs, pool.block_bytes)
-        if bool(short) != state.backing_short:
-            state.backing_short = bool(short)
-            if short:
-                event(
-                    logging.ERROR,
-                    MessageId.BACKING_FS_LOW,
-                    f"pool {pool.name}: the filesystem under {path} is at its reserve but the "
-                    f"pool may still write {format_bytes(short)} into holes of that file; those "
-                    f"writes will fail with EIO. Free space there or lower "
-                    f"pools.{pool.name}.reserve; when_full applies meanwhile",
-                    self._fields(pool, status) | {"SHORTFALL_BYTES": short},
-                )
-            else:
-                log.info("pool %s: the filesystem under %s has room again", pool.name, path)
-        return bool(short)
-
-    def _retune_table(
-        self,
-        pool: Pool,
-        state: PoolState,
-        status: ThinPoolStatus | None,
-        writeback: WritebackState | None = None,
-    ) -> None:
-        """Reload once if the table's mark or no-space policy should change.
-
-        The mark: the kernel only knows the table's, and the policy's (threshold, adaptive rate)
-        may be higher; growths carry it anyway, so this rarely reloads, and never to lower it
-        (an early event costs nothing). The policy: error_if_no_space after the grace period
-        without room, and back when room returns. One reload for both: each stalls writers.
-        With no status (the check failed), only the policy is considered.
-        """
-        if status is not None and (
-            not isinstance(status, ThinPoolWorkingStatus) or status.needs_check
-        ):
-            return
-        table = pool.table
-        if isinstance(status, ThinPoolWorkingStatus):
-            mark = low_water_mark(pool.settings, status.data_total, state.history, writeback)
-            if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
-                table = table.with_low_water_mark(mark)
-        policy = no_space_mode(pool.settings, state.refused_since, self.clock())
-        if policy is not table.no_space_policy:
-            table = table.with_no_space_policy(policy)
-        if table == pool.table:
-            return
-        old = pool.table
-        try:
-            pool.reload(self.kernel, table)
-        except ThinwatchError as exc:
-            key = _failure_key(exc)
-            if key not in (state.failing, state.retune_failing):
-                log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
-            state.retune_failing = key
-            return
-        state.retune_failing = None
-        if table.low_water_mark != old.low_water_mark:
-            log.info("pool %s: low-water mark raised to %d blocks", pool.name,
-                     table.low_water_mark)  # fmt: skip
-        if policy is not old.no_space_policy:
-            error = policy is NoSpacePolicy.ERROR
-            why = (
-                "no room to grow; writers now get ENOSPC instead of hanging"
-                if error
-                else "room to grow again; writers queue as configured"
-            )
-            event(
-                logging.ERROR if error else logging.INFO,
-                MessageId.POOL_MODE_CHANGED,
-                f"pool {pool.name}: switched to {policy.value}: {why}",
-                self._fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
-            )
-
-    # -- reporting -------------------------------------------------------------------------
-
-    def _note_refusal(
-        self, pool: Pool, state: PoolState, decision: Decision, status: ThinPoolStatus
-    ) -> None:
-        """Log a refusal once when it starts or changes, and once when it ends."""
-        target = decision.target
-        before = state.refusals.get(target)
-        if isinstance(decision, Refuse):
-            key = decision.reason.value
-            if before != key:
-                state.refusals[target] = key
-                event(
-                    logging.ERROR,
-                    MessageId.GROWTH_REFUSED,
-                    describe(decision),
-                    self._fields(pool, status) | {"TARGET": target, "REASON": key},
-                )
-        elif before is not None and isinstance(decision, (Grow, NoAction)):
-            del state.refusals[target]
-            log.info("pool %s: %s can grow again", pool.name, target)
-
-    def _note_mode(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
-        """Log each change of the pool's mode (and needs_check) once, with what to do about it."""
-        working = isinstance(status, ThinPoolWorkingStatus)
-        mode = (
-            status.mode.value
-            if isinstance(status, ThinPoolWorkingStatus | ThinPoolFailed)
-            else str(status)
-        )
-        needs_check = working and status.needs_check  # type: ignore[union-attr]
-        digest = f"{mode}{',needs_check' if needs_check else ''}"
-        if digest == state.mode:
-            return
-        first = state.mode is None
-        state.mode = digest
-        if first and digest == PoolMode.WRITE.value:
-            return
-        level = logging.INFO if digest == PoolMode.WRITE.value else logging.ERROR
-        text = f"pool {pool.name} is now in mode {mode}"
-        if needs_check:
-            text += (
-                " and its metadata needs checking (needs_check): the kernel will neither write "
-                "nor grow it. Stop its users, deactivate it and run thin_check, then thin_repair "
-                "if that fails; see the kernel log for the metadata error"
-            )
-        if mode == PoolMode.FAIL.value:
-            level = logging.CRITICAL
-            text += ": the pool has failed; its metadata needs thin_check and thin_repair"
-        event(level, MessageId.POOL_MODE_CHANGED, text,
-              self._fields(pool, status) | {"NEEDS_CHECK": int(needs_check)})  # fmt: skip

@@ -9,12 +9,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinwatchd.policy import FullIn
+from thinwatchd.forecast import FullIn
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 
 __all__ = ["PoolMetrics", "render", "write_atomically"]
 
-_MODES = tuple(m.value for m in PoolMode)
+#: The modes thinwatchd_pool_mode has a series for: ERROR is a status read that failed, not a
+#: mode (such a pool shows 0 in every series).
+_MODES = tuple(m.value for m in PoolMode if m is not PoolMode.ERROR)
 _USAGE_HELP = {
     "data_used": "Pool data in use.",
     "data_total": "Pool data size.",
@@ -37,7 +40,7 @@ class PoolMetrics:
     backing_fs_free_bytes: int | None
     data_file_allocated_bytes: int | None = None
     data_max_bytes: int | None = None  # pools.<name>.data.max_size (None: no cap)
-    refused: tuple[str, ...] = ()  # targets ("data", "metadata") whose growth is refused now
+    refused: tuple[GrowthTarget, ...] = ()  # whose growth is refused now
     fill_rate: float | None = None  # data bytes/s, as last measured
     full_in: FullIn | None = None  # when the cap and the filesystem's reserve are reached
 
@@ -69,7 +72,7 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 p.name,
                 int(st.needs_check),
             )
-        mode = st.mode.value if isinstance(st, ThinPoolWorkingStatus) else str(st or "unknown")
+        mode = "unknown" if st is None else st.mode.value
         for m in _MODES:
             add(
                 "thinwatchd_pool_mode",
@@ -79,7 +82,10 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 int(m == mode),
                 mode=m,
             )
-        for target, count in (("data", p.growths_data), ("metadata", p.growths_metadata)):
+        for target, count in (
+            (GrowthTarget.DATA, p.growths_data),
+            (GrowthTarget.METADATA, p.growths_metadata),
+        ):
             add(
                 "thinwatchd_growths_total",
                 "counter",
@@ -111,7 +117,7 @@ def render(pools: Iterable[PoolMetrics]) -> str:
                 p.name,
                 p.data_max_bytes,
             )
-        for target in ("data", "metadata"):
+        for target in GrowthTarget:
             add(
                 "thinwatchd_growth_refused",
                 "gauge",

@@ -46,8 +46,10 @@ class Notifier:
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                 if not self._dropped:
-                    log.warning("the notify socket is full (is systemd reading it?); dropping "
-                                "notifications until it drains")  # fmt: skip
+                    log.warning(
+                        "the notify socket is full (is systemd reading it?); dropping "
+                        "notifications until it drains"
+                    )
                 self._dropped = True
                 if state.startswith("STATUS="):
                     self._last_status = ""  # resend at the next change

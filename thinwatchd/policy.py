@@ -12,14 +12,14 @@ kernel then stays quiet for a whole mark's worth of writing before the next even
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
-from typing import Literal
 
+from thinwatchd.forecast import FillHistory, reserve_bytes
+from thinwatchd.marks import base_mark, growth_seconds, low_water_mark, writeback_threatens
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import (
-    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
@@ -27,67 +27,35 @@ from thinwatchd.status import (
     ThinPoolStatus,
     ThinPoolWorkingStatus,
 )
+from thinwatchd.table import Feature
 from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, MetaBlocks, format_bytes
 from thinwatchd.writeback import WritebackState
 
 __all__ = [
-    "ADAPTIVE_CAP_BYTES",
-    "ADAPTIVE_MARGIN_BYTES",
-    "ASSUMED_GROWTH_SECONDS",
-    "LULL_WRITEBACK_BYTES",
-    "MAX_AMPLIFICATION",
-    "MAX_PLANNED_GROWTH_SECONDS",
-    "RECLAIM_HINT_BYTES",
-    "SAFETY_FACTOR",
     "BackingFs",
     "Decision",
-    "FillHistory",
-    "FullIn",
     "Grow",
+    "GrowthTarget",
     "NoAction",
     "RefusalReason",
     "Refuse",
-    "Target",
     "backing_shortfall",
     "decide_data",
     "decide_metadata",
     "describe",
-    "full_in",
-    "low_water_mark",
     "no_space_mode",
-    "reserve_bytes",
-    "seconds_until",
-    "worth_reclaiming",
-    "writeback_threatens",
 ]
 
-Target = Literal["data", "metadata"]
 
-#: The adaptive mark covers this many growth durations of writing at the measured fill rate.
-SAFETY_FACTOR = 4
-#: ...plus this, for event delivery jitter and rate spikes between samples.
-ADAPTIVE_MARGIN_BYTES = 32 * 1024**2
-#: The adaptive part never exceeds this (the configured mark may): a glitched measurement (one
-#: growth stalled for seconds) must not balloon the next growth. Fixed rather than relative to
-#: the pool so the mark a growth writes into the table is the mark the next check computes.
-ADAPTIVE_CAP_BYTES = 16 * 1024**3
-#: An early growth waits until at most this much is under writeback: the growth's suspend waits
-#: for the pool to take in everything in flight (about 0.3 s per 100 MiB in the test bed).
-LULL_WRITEBACK_BYTES = 16 * 1024**2
-#: Growth time assumed while none has been measured (the measured floor is ~0.1 s under load).
-ASSUMED_GROWTH_SECONDS = 0.5
-#: A longer growth was stalled (a frozen backing filesystem, seconds behind other work) and says
-#: nothing about the next: one that took 60 s made the next step fill rate x 60 s (7.7 GiB for
-#: a 64 MiB pool). The slowest measured under load was 1.4 s (heavy writeback).
-MAX_PLANNED_GROWTH_SECONDS = 5.0
+class GrowthTarget(StrEnum):
+    """What a decision grows: the pool's data or its metadata (their files and devices)."""
+
+    DATA = "data"
+    METADATA = "metadata"
+
+
 #: calc_metadata_threshold(): min(1024 blocks = 4 MiB, a quarter of the metadata device).
 _KERNEL_META_WATERMARK = 1024
-#: Amplification is measured over at least this much writeback, and never taken above this.
-_MIN_LANDING_BYTES = 16 * 1024**2
-MAX_AMPLIFICATION = 4.0
-_HISTORY_WINDOW = 60.0  # seconds of fill samples kept
-_MIN_RATE_SPAN = 0.25  # seconds; shorter spans give noisy rates
-_MAX_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -114,114 +82,6 @@ class BackingFs:
         return self.free_bytes - self.reserve(settings) - self.promised()
 
 
-@dataclass(frozen=True)
-class FillHistory:
-    """Recent data usage samples and the last measured growth time, kept by the caller."""
-
-    samples: tuple[
-        tuple[float, int], ...
-    ] = ()  # (monotonic seconds, data used bytes), oldest first
-    growth_seconds: float | None = None  # event-to-resumed time of the last growth
-    #: Pool bytes allocated per byte of page-cache writeback (small files, filesystem metadata
-    #: and whole pool blocks for partial writes make it more than 1), and the (data used bytes,
-    #: WritebackState.written) it was last measured from.
-    amplification: float = 1.0
-    landing: tuple[int, int] | None = None
-
-    def record(self, now: float, used_bytes: int) -> FillHistory:
-        """Return this history with a sample added and samples out of the window dropped."""
-        kept = tuple(s for s in self.samples if 0 <= now - s[0] <= _HISTORY_WINDOW)
-        return replace(self, samples=(*kept[-(_MAX_SAMPLES - 1) :], (now, used_bytes)))
-
-    def record_landing(self, used_bytes: int, written: int) -> FillHistory:
-        """Return this history with the amplification measured since the last landing.
-
-        written is global (every filesystem's writeback), so the measure errs low when others
-        write too; direct writers err it high. Spans under _MIN_LANDING_BYTES keep accumulating.
-        """
-        if self.landing is None or used_bytes < self.landing[0] or written < self.landing[1]:
-            return replace(self, landing=(used_bytes, written))
-        grown, landed = used_bytes - self.landing[0], written - self.landing[1]
-        if landed < _MIN_LANDING_BYTES:
-            return self
-        measured = min(MAX_AMPLIFICATION, max(1.0, grown / landed))
-        blended = max(1.0, (self.amplification + measured) / 2)
-        return replace(self, amplification=blended, landing=(used_bytes, written))
-
-    def record_growth(self, seconds: float) -> FillHistory:
-        """Return this history with a measured growth duration."""
-        return replace(self, growth_seconds=seconds)
-
-    def fill_rate(self) -> float | None:
-        """Return the fill rate in bytes/s, None without two samples far enough apart.
-
-        The steepest slope from any kept sample to the newest one: a burst that just started shows
-        at once, and a writer that just paused still counts for the window (conservative).
-        """
-        if len(self.samples) < 2:
-            return None
-        t1, u1 = self.samples[-1]
-        rates = [(u1 - u0) / (t1 - t0) for t0, u0 in self.samples[:-1] if t1 - t0 >= _MIN_RATE_SPAN]
-        return max(0.0, *rates) if rates else None
-
-
-def reserve_bytes(settings: PoolSettings, fs_total: int) -> int:
-    """Return the bytes to keep free on a filesystem of fs_total bytes: max(reserve,
-    reserve_percent of it)."""
-    return max(settings.reserve, math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
-
-
-@dataclass(frozen=True)
-class FullIn:
-    """When a pool runs out of room at the measured fill rates, in seconds from now (0: there
-    already; None: not filling, or no cap)."""
-
-    cap: float | None  # its data reaches data.max_size
-    backing_fs: float | None  # its backing filesystem reaches this pool's reserve
-
-
-def full_in(
-    settings: PoolSettings,
-    used: int,
-    rate: float | None,
-    fs_free: int | None,
-    fs_total: int,
-    fs_rate: float | None,
-) -> FullIn:
-    """Return when the pool, using used bytes and filling at rate bytes/s, meets its cap, and
-    when its filesystem (fs_free bytes free, filled at fs_rate by every pool on it) meets the
-    reserve."""
-    cap = settings.data.max_size
-    fs = None
-    if fs_free is not None:
-        room = fs_free - reserve_bytes(settings, fs_total)
-        fs = seconds_until(max(0, room), 0, fs_rate)
-    return FullIn(None if cap is None else seconds_until(cap, used, rate), fs)
-
-
-#: Allocated beyond the data in use, from which people are told how to give it back (and at
-#: least a tenth of what the file takes).
-RECLAIM_HINT_BYTES = 1024**3
-
-
-def worth_reclaiming(allocated: int, used: int, *, said: bool = False) -> bool:
-    """Return True if a data file taking allocated bytes on disk for used bytes of pool data
-    holds enough that discards would give back to be worth saying; once said, it stays so
-    until half that (no flapping around the threshold)."""
-    floor = max(RECLAIM_HINT_BYTES, allocated // 10)
-    return allocated - used >= (floor // 2 if said else floor)
-
-
-def seconds_until(limit: int, used: int, rate: float | None) -> float | None:
-    """Return the seconds until used bytes reach limit at rate bytes/s: 0 when there already,
-    None when nothing is filling it (no rate measured, or none)."""
-    if used >= limit:
-        return 0.0
-    if rate is None or rate <= 0:
-        return None
-    return (limit - used) / rate
-
-
 class RefusalReason(StrEnum):
     """Why a needed growth cannot happen."""
 
@@ -238,7 +98,7 @@ class NoAction:
     """Nothing to do for this target."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     reason: str
 
 
@@ -247,7 +107,7 @@ class Grow:
     """Grow the target's file to new_size bytes and reload with low_water_mark (data blocks)."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     old_size: int
     new_size: int
     low_water_mark: int
@@ -260,7 +120,7 @@ class Refuse:
     """A growth is needed but must not or cannot happen."""
 
     pool: str
-    target: Target
+    target: GrowthTarget
     reason: RefusalReason
     detail: str
 
@@ -286,13 +146,6 @@ def _reached(used: int, total: int, percent: float) -> bool:
     return percent > 0 and used * 100 >= total * Fraction(percent)
 
 
-def _threshold_mark(total: int, percent: float) -> int:
-    """Return the free blocks at which usage reaches percent (0 when the threshold is off)."""
-    if percent <= 0:
-        return 0
-    return max(0, total - math.ceil(total * Fraction(percent) / 100))
-
-
 def _min_total_below(used: int, percent: float) -> int:
     """Return the fewest blocks in which used blocks stay under percent (0 when off)."""
     if percent <= 0:
@@ -312,67 +165,7 @@ def _min_total_clear(used: int, percent: float) -> int:
     return max(math.ceil(used * 100 / max(2 * t - 100, t / 2)), _min_total_below(used, percent))
 
 
-def _growth_seconds(history: FillHistory) -> float:
-    return min(history.growth_seconds or ASSUMED_GROWTH_SECONDS, MAX_PLANNED_GROWTH_SECONDS)
-
-
-def _base_mark(
-    settings: PoolSettings, history: FillHistory, writeback: WritebackState | None = None
-) -> int:
-    """Return the configured mark raised by the measured fill rate and by the page cache's
-    largest possible burst (writeback), in data blocks."""
-    floor = settings.low_water_mark
-    if not settings.data.adaptive_low_water:
-        return floor
-    bb = settings.data_block_size * SECTOR_BYTES
-    raised = 0.0
-    if (rate := history.fill_rate()) is not None:
-        raised = rate * _growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES
-    if writeback is not None:
-        # Dirty pages reach the pool all at once (a sync, the flusher) and a growth started
-        # meanwhile waits until they are in: the mark must hold the whole burst.
-        raised = max(raised, writeback.burst() + ADAPTIVE_MARGIN_BYTES)
-    return max(floor, math.ceil(min(raised, ADAPTIVE_CAP_BYTES) / bb))
-
-
-def low_water_mark(
-    settings: PoolSettings,
-    data_blocks: int,
-    history: FillHistory | None = None,
-    writeback: WritebackState | None = None,
-) -> int:
-    """Return the data low-water mark (blocks) to load for a pool of data_blocks blocks.
-
-    The largest of the configured mark, the adaptive mark (fill rate, writeback burst) and the
-    free blocks left at threshold_percent, so the kernel's one event per resume also fires at
-    the threshold.
-    """
-    return max(
-        _base_mark(settings, history or FillHistory(), writeback),
-        _threshold_mark(data_blocks, settings.data.threshold_percent),
-    )
-
-
-def writeback_threatens(
-    free_bytes: int, mark_bytes: int, writeback: WritebackState, amplification: float = 1.0
-) -> bool:
-    """Return whether to grow a pool with free_bytes now, before the kernel's event.
-
-    When the page cache's dirty and in-flight data, once written back, would take the pool
-    below its mark, the event would come while that data drains, and a growth then waits for
-    all of it. Grow early instead, at a moment with little under writeback (a lull: under a
-    cp they come every few tenths of a second). Without one, the kernel's event at the mark
-    still comes; the mark holds the whole burst, so waiting costs no space, only speed.
-    amplification (FillHistory's) is how many pool bytes one byte written back becomes.
-    """
-    return (
-        writeback.pending > 0
-        and free_bytes <= mark_bytes + writeback.pending * amplification
-        and writeback.writeback <= LULL_WRITEBACK_BYTES
-    )
-
-
-def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None:
+def _blocked(status: ThinPoolStatus, pool: str, target: GrowthTarget) -> Refuse | None:
     if isinstance(status, ThinPoolFailed):
         detail = "the pool has failed (status 'Fail'); it needs thin_check and thin_repair"
         return Refuse(pool, target, RefusalReason.FAILED, detail)
@@ -383,7 +176,7 @@ def _blocked(status: ThinPoolStatus, pool: str, target: Target) -> Refuse | None
 
 
 def _unfit(
-    status: ThinPoolWorkingStatus, pool: str, target: Target, meta_ok: bool
+    status: ThinPoolWorkingStatus, pool: str, target: GrowthTarget, meta_ok: bool
 ) -> Refuse | None:
     if status.needs_check:
         detail = "needs_check is set; the kernel will not grow it before thin_check/thin_repair"
@@ -398,7 +191,7 @@ def _unfit(
 
 def _fit(
     settings: PoolSettings,
-    target: Target,
+    target: GrowthTarget,
     fs: BackingFs,
     current: int,
     wanted: int,
@@ -412,7 +205,7 @@ def _fit(
         new, limited = cap // unit * unit, RefusalReason.AT_MAX_SIZE
         if new <= current:
             detail = f"{target} is {format_bytes(current)}, at its limit of {format_bytes(cap)}"
-            if target == "metadata" and cap >= METADATA_MAX_BYTES:
+            if target is GrowthTarget.METADATA and cap >= METADATA_MAX_BYTES:
                 detail += " (the most the kernel can use)"
             return Refuse(name, target, RefusalReason.AT_MAX_SIZE, detail)
     fits = (fs.file_size + fs.room(settings)) // unit * unit
@@ -449,7 +242,7 @@ def decide_data(
     as used).
     """
     pool = settings.name
-    if (refusal := _blocked(status, pool, "data")) is not None:
+    if (refusal := _blocked(status, pool, GrowthTarget.DATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
     bb = settings.data_block_size * SECTOR_BYTES
@@ -472,11 +265,13 @@ def decide_data(
         why += f"{format_bytes(early.writeback)} of it in flight"
     else:
         why = f"{format_bytes(free * bb)} free of {format_bytes(total * bb)}"
-        return NoAction(pool, "data", f"{why}, above the mark of {format_bytes(mark * bb)}")
-    if (refusal := _unfit(status, pool, "data", meta_ok=False)) is not None:
+        return NoAction(
+            pool, GrowthTarget.DATA, f"{why}, above the mark of {format_bytes(mark * bb)}"
+        )
+    if (refusal := _unfit(status, pool, GrowthTarget.DATA, meta_ok=False)) is not None:
         return refusal
-    base = _base_mark(settings, history, writeback)
-    filling = math.ceil((history.fill_rate() or 0.0) * _growth_seconds(history))
+    base = base_mark(settings, history, writeback)
+    filling = math.ceil((history.fill_rate() or 0.0) * growth_seconds(history))
     current = max(total * bb, _ceil_to(fs.file_size, bb))
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
     wanted = max(
@@ -484,13 +279,13 @@ def decide_data(
         (used + 2 * base) * bb + filling,
         _min_total_clear(used, thr) * bb + filling,
     )
-    fitted = _fit(settings, "data", fs, current, wanted, bb, settings.data.max_size)
+    fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
     if isinstance(fitted, Refuse):
         return fitted
     new, limited = fitted
     return Grow(
         pool,
-        "data",
+        GrowthTarget.DATA,
         current,
         new,
         low_water_mark(settings, new // bb, history, writeback),
@@ -514,7 +309,7 @@ def decide_metadata(
     metadata space may grow its metadata: that is what brings it back to write mode.
     """
     pool = settings.name
-    if (refusal := _blocked(status, pool, "metadata")) is not None:
+    if (refusal := _blocked(status, pool, GrowthTarget.METADATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
     mb = META_BLOCK_BYTES
@@ -529,8 +324,8 @@ def decide_metadata(
         why = f"metadata usage {status.meta_percent:.1f}% >= {thr:g}%"
     else:
         why = f"{format_bytes(free * mb)} metadata free of {format_bytes(total * mb)}"
-        return NoAction(pool, "metadata", why)
-    if (refusal := _unfit(status, pool, "metadata", meta_ok=True)) is not None:
+        return NoAction(pool, GrowthTarget.METADATA, why)
+    if (refusal := _unfit(status, pool, GrowthTarget.METADATA, meta_ok=True)) is not None:
         return refusal
     current = max(total * mb, _ceil_to(fs.file_size, mb))
     step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
@@ -540,13 +335,13 @@ def decide_metadata(
         _min_total_below(used, thr) * mb,
     )
     cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
-    fitted = _fit(settings, "metadata", fs, current, wanted, mb, cap)
+    fitted = _fit(settings, GrowthTarget.METADATA, fs, current, wanted, mb, cap)
     if isinstance(fitted, Refuse):
         return fitted
     new, limited = fitted
     # The reload that picks up the new size carries the data mark too.
     mark = low_water_mark(settings, status.data_total, history, writeback)
-    return Grow(pool, "metadata", current, new, mark, why, limited)
+    return Grow(pool, GrowthTarget.METADATA, current, new, mark, why, limited)
 
 
 def backing_shortfall(

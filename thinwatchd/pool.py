@@ -1,14 +1,6 @@
-"""Pool lifecycle: build a configured pool, or adopt it after a restart or reboot.
-
-A pool is two regular files (data, metadata), a loop device on each and a thin-pool dm device
-named as configured. ``activate()`` reaches that state from any state a crash can leave behind,
-without ever zeroing the metadata of a pool that has been used or shrinking anything:
-
-- The metadata file is created first and its header zeroed; a metadata file whose header is
-  still all zero has never been activated, so files around it may be (re)created freely.
-- A growth is finished where it stopped: file larger than its loop -> LOOP_SET_CAPACITY;
-  loop larger than the table -> reload and resume.
-- A pool device that does not use this pool's files is a mismatch: it is left untouched.
+"""A running pool: its files, loop devices and active table, and what is done to it in place
+(read its status, adopt a table someone else reloaded, reload it, make sure it is resumed).
+activation.py brings a configured pool up.
 """
 
 from __future__ import annotations
@@ -16,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from thinwatchd.errors import (
-    KernelError,
     PoolMismatchError,
     PoolSetupError,
     RollbackError,
@@ -34,33 +24,15 @@ from thinwatchd.kernel.api import (
     DmInfo,
     Kernel,
     LoopDevice,
-    MetadataChecker,
     Target,
 )
 from thinwatchd.logs import MessageId, event
-from thinwatchd.loop_index import LoopIndex
-from thinwatchd.policy import low_water_mark
-from thinwatchd.pool_files import check_distinct_files, prepare_files
-from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
-from thinwatchd.status import (
-    ThinPoolLine,
-    ThinPoolStatus,
-    ThinPoolTable,
-    ThinPoolWorkingStatus,
-    device_number,
-    parse_pool_status,
-    thin_pool_target,
-)
-from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES
+from thinwatchd.settings import PoolSettings
+from thinwatchd.status import ThinPoolStatus, parse_pool_status
+from thinwatchd.table import ThinPoolLine, ThinPoolTable, thin_pool_target
+from thinwatchd.units import SECTOR_BYTES
 
-__all__ = [
-    "Activation",
-    "Pool",
-    "PoolSetupError",
-    "activate",
-    "check_distinct_files",
-    "ensure_resumed",
-]
+__all__ = ["Activation", "Pool", "ensure_resumed", "retrying"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -181,7 +153,7 @@ _T = TypeVar("_T")
 _ROLLBACK_ATTEMPTS = 3
 
 
-def _retrying(call: Callable[[], _T]) -> _T:
+def retrying(call: Callable[[], _T]) -> _T:
     for attempt in range(_ROLLBACK_ATTEMPTS):
         try:
             return call()
@@ -202,19 +174,27 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     """
     dm, name = kernel.dm, pool.name
     try:
-        info = _retrying(lambda: dm.info(name))
+        info = retrying(lambda: dm.info(name))
     except ThinwatchError:
         # Blind: assume the worst (an inactive table, suspended). Clearing an empty slot and
         # reloading a running pool are harmless; leaving it suspended is not.
         info = DmInfo(
-            name, uuid="", dev=0, event_nr=0, open_count=0, target_count=0, suspended=True,
-            read_only=False, active_present=True, inactive_present=True,
-        )  # fmt: skip
+            name,
+            uuid="",
+            dev=0,
+            event_nr=0,
+            open_count=0,
+            target_count=0,
+            suspended=True,
+            read_only=False,
+            active_present=True,
+            inactive_present=True,
+        )
     if info is None:
         raise PoolSetupError(f"pool {name}: device disappeared")
     if info.inactive_present:
         try:
-            _retrying(lambda: dm.clear_table(name))
+            retrying(lambda: dm.clear_table(name))
         except ThinwatchError:
             # A stale inactive table would be swapped in by the next resume, anyone's: replace
             # it with a valid one below and resume now.
@@ -225,8 +205,8 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     failure: ThinwatchError | None = None
     # Each figure is one more candidate; one that cannot be read is no reason to stop here.
     try:
-        lengths.add(pool.length_for(_retrying(lambda: kernel.loops.size(pool.data_loop))))
-        active = thin_pool_target(_retrying(lambda: dm.table(name)))
+        lengths.add(pool.length_for(retrying(lambda: kernel.loops.size(pool.data_loop))))
+        active = thin_pool_target(retrying(lambda: dm.table(name)))
         if active is not None:
             lengths.add(active.length)
     except ThinwatchError as exc:
@@ -254,188 +234,3 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
 
 
 # -- building ------------------------------------------------------------------------------
-
-
-def _loop_for(
-    kernel: Kernel, index: LoopIndex, path: str, *, attach: bool, direct_io: bool = True
-) -> LoopDevice | None:
-    """Return the loop device backing path, attaching one if allowed; finish a capacity change."""
-    loops = kernel.loops
-    loop = index.find(path)
-    if loop is None:
-        if not attach:
-            return None
-        loop = loops.attach(path, direct_io=direct_io)
-        index.add(loop)
-        return loop
-    info = kernel.files.inspect(path)
-    file_size, loop_size = (info.size if info else 0), loops.size(loop)
-    if file_size > loop_size:
-        loops.set_capacity(loop)  # a growth stopped between the file and the loop
-        log.info("finished an interrupted growth of %s: loop capacity refreshed", path)
-    elif file_size < loop_size:
-        # Someone shrank the file under the loop: blocks past its end now fail with EIO. We
-        # never shrink, and must not "fix" the loop to match: say so, loudly, and go on.
-        log.error("%s is %d bytes but its loop device %s is %d: the file was truncated behind "
-                  "thinwatchd's back; data past its end is gone and writes there will fail",
-                  path, file_size, loop.path, loop_size)  # fmt: skip
-    return loop
-
-
-def _wanted_table(
-    settings: PoolSettings, meta: LoopDevice, data: LoopDevice, low_water: int
-) -> ThinPoolTable:
-    return ThinPoolTable(
-        device_number(meta.dev),
-        device_number(data.dev),
-        settings.data_block_size,
-        low_water,
-        tuple(settings.features),
-    ).canonical()
-
-
-def activate(
-    settings: PoolSettings,
-    kernel: Kernel,
-    check_metadata: MetadataChecker | None = None,
-    loops: LoopIndex | None = None,
-) -> Pool:
-    """Bring the configured pool up: create, adopt or recreate it, finishing interrupted growth.
-
-    loops is the pass's index of loop devices, shared by the pools activated together (one
-    scan for all of them); without it, this activation scans for itself. Raise
-    PoolMismatchError if a device of that name exists but is not this pool (it is left
-    untouched), PoolSetupError if the files are inconsistent, KernelError on a kernel failure.
-    """
-    dm = kernel.dm
-    index = loops if loops is not None else LoopIndex(kernel.loops, kernel.files)
-    info = dm.info(settings.name)
-    if info is not None and info.active_present:
-        return _adopt(settings, kernel, index)
-    if info is not None and (info.open_count or info.uuid):
-        raise PoolMismatchError(
-            f"pool {settings.name}: a device of that name exists with no active table and is "
-            f"open or has a uuid ({info.uuid or 'none'}); thinwatchd did not leave it. Inspect it "
-            f"(dmsetup info {settings.name}) and remove it if it is stale"
-        )
-    if info is not None:
-        # What a crash between our DM_DEV_CREATE and the first resume leaves: unused, no uuid,
-        # no active table. Nothing can depend on it; build the pool afresh.
-        dm.remove(settings.name)
-        log.warning("pool %s: removed a table-less device left by an interrupted creation",
-                    settings.name)  # fmt: skip
-    new = prepare_files(settings, kernel.files)
-    meta_loop = _loop_for(
-        kernel, index, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
-    )
-    data_loop = _loop_for(
-        kernel, index, str(settings.data_file), attach=True, direct_io=settings.direct_io
-    )
-    assert meta_loop is not None and data_loop is not None
-    if not new and check_metadata is not None:
-        report = check_metadata(meta_loop.path)
-        if report is not None:
-            raise PoolSetupError(
-                f"pool {settings.name}: thin_check found damaged metadata in "
-                f"{settings.metadata_file}; not activating it. Repair it with thin_repair. {report}"
-            )
-    how = Activation.CREATED if new else Activation.RECREATED
-    placeholder = _wanted_table(settings, meta_loop, data_loop, settings.low_water_mark)
-    pool = Pool(settings, data_loop, meta_loop, placeholder, 0, how)
-    length = pool.length_for(kernel.loops.size(data_loop))
-    if length == 0:
-        raise PoolSetupError(
-            f"pool {settings.name}: data file {settings.data_file} is smaller than one block"
-        )
-    # The policy's mark (threshold included), so the first event comes when the policy wants it.
-    mark = low_water_mark(settings, length // settings.data_block_size)
-    pool.table = placeholder.with_low_water_mark(mark)
-    dm.create(settings.name)
-    try:
-        dm.load_table(settings.name, [pool.target(length)])
-        kernel.nodes.resume_synced(dm, settings.name)
-    except ThinwatchError as cause:
-        try:
-            dm.remove(settings.name)
-        except ThinwatchError as rollback:
-            raise RollbackError(cause, rollback) from cause
-        if isinstance(cause, KernelError) and cause.errno == errno.EINVAL and not new:
-            raise PoolSetupError(
-                f"pool {settings.name}: the kernel refused the pool over existing metadata "
-                f"({cause}); the data file may be shorter than the pool it held. See the kernel "
-                f"log (dmesg) for the reason"
-            ) from cause
-        raise
-    pool.length = length
-    return pool
-
-
-def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex) -> Pool:
-    """Adopt a running pool device after checking it is this pool; finish interrupted work."""
-    dm, name = kernel.dm, settings.name
-    active = dm.table(name)
-    line = ThinPoolLine.from_targets(active)
-    if line is None:
-        kinds = ", ".join(t.target_type for t in active) or "none"
-        raise PoolMismatchError(
-            f"pool {name}: device {name} exists but is not a thin-pool (targets: {kinds}); "
-            f"left untouched. Rename the pool in the config or remove that device"
-        )
-    current = line.table
-    meta_loop = _loop_for(kernel, index, str(settings.metadata_file), attach=False)
-    data_loop = _loop_for(kernel, index, str(settings.data_file), attach=False)
-    wanted = {
-        "metadata_dev": (meta_loop, settings.metadata_file),
-        "data_dev": (data_loop, settings.data_file),
-    }
-    for key, (loop, path) in wanted.items():
-        have = getattr(current, key)
-        if loop is None or device_number(loop.dev) != have:
-            backing = (
-                "no loop device" if loop is None else f"{loop.path} ({device_number(loop.dev)})"
-            )
-            raise PoolMismatchError(
-                f"pool {name}: running device {name} uses {key.replace('_', ' ')} {have}, but "
-                f"{path} is on {backing}; left untouched. Fix pools.{name}."
-                f"{'metadata_file' if key == 'metadata_dev' else 'data_file'} or remove the device"
-            )
-    if current.data_block_size != settings.data_block_size:
-        raise PoolMismatchError(
-            f"pool {name}: running device has data_block_size {current.data_block_size} but "
-            f"pools.{name}.data_block_size is {settings.data_block_size}; the block size of an "
-            f"existing pool cannot change. Set it back to {current.data_block_size}"
-        )
-    assert meta_loop is not None and data_loop is not None
-    pool = Pool(settings, data_loop, meta_loop, current, active[0].length, Activation.ADOPTED)
-    _finish_interrupted(pool, kernel)
-    return pool
-
-
-def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
-    """Complete a growth a crash interrupted after the loop stage; resume a suspended pool."""
-    dm = kernel.dm
-    info = dm.info(pool.name)
-    assert info is not None
-    if info.suspended or info.inactive_present:
-        # A crash (ours, or another process's) between load, suspend and resume.
-        before = pool.length
-        ensure_resumed(kernel, pool)
-        pool.recovered.append(
-            ("resumed a suspended pool" if info.suspended else "dropped a stale inactive table")
-            + (f" (table {before} -> {pool.length} sectors)" if pool.length != before else "")
-        )
-    length = pool.length_for(kernel.loops.size(pool.data_loop))
-    # The kernel uses at most METADATA_MAX_BYTES of the metadata device, however large.
-    meta_bytes = min(kernel.loops.size(pool.meta_loop), METADATA_MAX_BYTES)
-    status = pool.read_status(dm)
-    meta_stale = (
-        isinstance(status, ThinPoolWorkingStatus)
-        and status.meta_total < meta_bytes // META_BLOCK_BYTES
-    )
-    if length > pool.length or meta_stale:
-        old = pool.length
-        pool.reload(kernel)
-        pool.recovered.append(
-            f"finished an interrupted growth: table {old} -> {pool.length} sectors"
-            + (", metadata device re-read" if meta_stale else "")
-        )

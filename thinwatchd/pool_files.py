@@ -21,9 +21,18 @@ __all__ = ["check_distinct_files", "prepare_files"]
 
 #: Errors from a pool file's path that no retry will fix: the operator must act.
 _PERMANENT_FILE_ERRORS = frozenset(
-    {errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EROFS,
-     errno.EINVAL, errno.EEXIST, errno.EISDIR}
-)  # fmt: skip
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENOTDIR,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+        errno.EROFS,
+        errno.EINVAL,
+        errno.EEXIST,
+        errno.EISDIR,
+    }
+)
 
 
 def _file_key(settings: PoolSettings, path: str) -> str:
@@ -109,8 +118,10 @@ def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
         )
     # A new pool (or a creation interrupted part-way): metadata first; a new file reads as
     # zeros, and its zero header is what marks the pool as never activated.
-    for path, info, size in ((meta, meta_info, settings.metadata_size),
-                             (data, data_info, settings.data_size)):  # fmt: skip
+    for path, info, size in (
+        (meta, meta_info, settings.metadata_size),
+        (data, data_info, settings.data_size),
+    ):
         if info is None:
             files.make_dirs(os.path.dirname(os.path.abspath(path)))
             files.create(path, size, preallocate=settings.preallocate)

@@ -7,16 +7,12 @@ from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.errors import ThinwatchError
 from thinwatchd.estimates import Estimate
+from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.fs import Files
-from thinwatchd.policy import worth_reclaiming
 from thinwatchd.settings import PoolSettings
-from thinwatchd.status import (
-    ThinPoolLine,
-    ThinPoolWorkingStatus,
-    parse_pool_status,
-    thin_pool_target,
-)
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.table import ThinPoolLine, thin_pool_target
 from thinwatchd.units import SECTOR_BYTES, format_bytes, format_duration
 
 __all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]
@@ -66,9 +62,14 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     except (OSError, ThinwatchError):
         pass
     base = PoolReport(
-        settings.name, False, "absent", data_file=str(settings.data_file),
-        data_file_size=size, data_file_allocated=allocated, backing_fs_free=free,
-    )  # fmt: skip
+        name=settings.name,
+        active=False,
+        mode="absent",
+        data_file=str(settings.data_file),
+        data_file_size=size,
+        data_file_allocated=allocated,
+        backing_fs_free=free,
+    )
     try:
         info = dm.info(settings.name)
         if info is None or not info.active_present:
@@ -83,7 +84,7 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     except ThinwatchError as exc:
         return replace(base, mode="unknown", error=str(exc))
     if not isinstance(status, ThinPoolWorkingStatus):
-        return replace(base, active=True, mode=str(status))
+        return replace(base, active=True, mode=status.mode.value)
     block = params.data_block_size * SECTOR_BYTES
     used = status.usage_bytes(block).data_used
     return replace(

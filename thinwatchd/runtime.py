@@ -8,6 +8,7 @@ from typing import Any
 
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.dm import DeviceMapper
+from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.memory import Memory
 from thinwatchd.kernel.nodes import UdevNodes
@@ -20,7 +21,7 @@ log = logging.getLogger("thinwatchd")
 
 def open_kernel() -> Kernel:
     """Open /dev/mapper/control and the loop driver; raise KernelError if unavailable."""
-    return Kernel(DeviceMapper(), LoopControl(), UdevNodes(), memory=Memory())
+    return Kernel(DeviceMapper(), LoopControl(), UdevNodes(), Files(), memory=Memory())
 
 
 def udev_monitor() -> Any:

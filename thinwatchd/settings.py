@@ -5,10 +5,11 @@ Every size is in bytes, every duration in seconds, every percentage a float in [
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from thinwatchd.status import Feature
+from thinwatchd.kernel.names import PoolName
+from thinwatchd.table import Feature
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -64,7 +65,7 @@ class NoSpaceSettings:
 class PoolSettings:
     """One pool (``pools.<name>``). Defaults are Docker 0.7's loopback pool."""
 
-    name: str
+    name: PoolName  # validated: config.py makes it with kernel.names.pool_name_problem
     data_file: Path
     metadata_file: Path
     data_size: int = 100 * GiB  # initial size of a new data file
@@ -79,6 +80,16 @@ class PoolSettings:
     data: DataGrowth = field(default_factory=DataGrowth)
     metadata: MetadataGrowth = field(default_factory=MetadataGrowth)
     when_full: NoSpaceSettings = field(default_factory=NoSpaceSettings)
+
+
+#: Pool settings a reload cannot change on a running pool.
+FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")
+
+
+def keep_fixed(running: PoolSettings, wanted: PoolSettings) -> tuple[PoolSettings, list[str]]:
+    """Return wanted with the FIXED_KEYS of the running pool, and those that wanted changed."""
+    changed = [k for k in FIXED_KEYS if getattr(running, k) != getattr(wanted, k)]
+    return replace(wanted, **{k: getattr(running, k) for k in FIXED_KEYS}), changed
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ __all__ = [
     "parse_percent",
     "parse_size",
     "sectors_to_bytes",
+    "show_value",
 ]
 
 Bytes = NewType("Bytes", int)
@@ -107,11 +108,15 @@ _PERCENT_RE = re.compile(rf"\s*{_NUMBER}\s*(?P<unit>%?)\s*")
 _DURATION_RE = re.compile(rf"\s*{_NUMBER}\s*(?P<unit>[A-Za-z]*)\s*")
 
 
-def _describe(value: object) -> str:
-    """Return value as it should appear in an error message."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+def show_value(value: object) -> str:
+    """Return value as YAML would spell it, shortened, for an error message."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    if isinstance(value, int) and value.bit_length() > 256:
         return "a very large number"
-    text = repr(value) if isinstance(value, str | bool) or value is None else str(value)
+    text = repr(value) if isinstance(value, str) else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -124,10 +129,10 @@ def _number(
 ) -> Fraction:
     """Return the exact value of value (times its unit), rejecting anything else with ValueError."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise ValueError(f"{_describe(value)} is not {what}; {hint}")
+        raise ValueError(f"{show_value(value)} is not {what}; {hint}")
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError(f"{_describe(value)} is not {what}; {hint}")
+            raise ValueError(f"{show_value(value)} is not {what}; {hint}")
         amount = Fraction(value)
     elif isinstance(value, int):
         amount = Fraction(value)
@@ -135,12 +140,12 @@ def _number(
         match = pattern.fullmatch(value)
         factor = units.get(match["unit"].lower()) if match else None
         if match is None or factor is None:
-            raise ValueError(f"{_describe(value)} is not {what}; {hint}")
+            raise ValueError(f"{show_value(value)} is not {what}; {hint}")
         amount = Fraction(match["number"]) * factor
         if match["sign"] == "-":
             amount = -amount
     if amount < 0:
-        raise ValueError(f"{_describe(value)} is negative; {what} must be 0 or more")
+        raise ValueError(f"{show_value(value)} is negative; {what} must be 0 or more")
     return amount
 
 
@@ -153,10 +158,10 @@ def parse_size(value: str | int | float) -> int:
     including negative sizes and sizes above MAX_SIZE_BYTES.
     """
     if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
-        raise ValueError(f"{_describe(value)} is not a whole number of bytes; {SIZE_HINT}")
+        raise ValueError(f"{show_value(value)} is not a whole number of bytes; {SIZE_HINT}")
     size = math.floor(_number(value, _SIZE_RE, _SIZE_UNITS, "a size", SIZE_HINT))
     if size > MAX_SIZE_BYTES:
-        raise ValueError(f"{_describe(value)} is larger than any file can be (8EiB)")
+        raise ValueError(f"{show_value(value)} is larger than any file can be (8EiB)")
     return size
 
 
@@ -187,4 +192,4 @@ def _as_float(value: object, amount: Fraction) -> float:
     try:
         return float(amount)
     except OverflowError:
-        raise ValueError(f"{_describe(value)} is out of range") from None
+        raise ValueError(f"{show_value(value)} is out of range") from None

@@ -190,8 +190,12 @@ class Workers:
                 thread.start()
             except RuntimeError as exc:  # EAGAIN: the unit's TasksMax=, the host's pid_max
                 if not self._start_failed:
-                    log.warning("cannot start a worker thread (%s); %d job(s) wait for the %d "
-                                "running", exc, unserved, len(self._threads))  # fmt: skip
+                    log.warning(
+                        "cannot start a worker thread (%s); %d job(s) wait for the %d running",
+                        exc,
+                        unserved,
+                        len(self._threads),
+                    )
                 self._start_failed = True
                 break
             self._start_failed = False
@@ -271,5 +275,4 @@ class Workers:
             try:
                 job.done(job.result, job.error)
             except Exception:
-                log.critical("internal error handling the result of job %s", job.key,
-                             exc_info=True)  # fmt: skip
+                log.critical("internal error handling the result of job %s", job.key, exc_info=True)

@@ -19,6 +19,7 @@ from typing import Protocol
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopControlApi, Target
+from thinwatchd.kernel.fs import Files
 
 BLOCK_BYTES = 64 * 1024
 
@@ -45,7 +46,7 @@ class Backend(Protocol):
 class FakeBackend:
     def __init__(self, directory: Path) -> None:
         self.fake = FakeKernel()
-        self.kernel = Kernel(self.fake, self.fake, FakeNodes())
+        self.kernel = Kernel(self.fake, self.fake, FakeNodes(), Files())
         self.directory = directory
         self.results: dict[int, int] = {}
 
@@ -81,7 +82,7 @@ class RealBackend:
 
         self.dm: DeviceMapperApi = DeviceMapper()
         self.loops: LoopControlApi = LoopControl()
-        self.kernel = Kernel(self.dm, self.loops, UdevNodes())
+        self.kernel = Kernel(self.dm, self.loops, UdevNodes(), Files())
         self.directory = directory
         self.devices: list[str] = []
         self.thins: dict[str, str] = {}

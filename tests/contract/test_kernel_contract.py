@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests.contract.backends import Backend, backend
+from thinwatchd.activation import activate
 from thinwatchd.errors import KernelError
-from thinwatchd.pool import Pool, activate, ensure_resumed
+from thinwatchd.kernel.names import pool_name
+from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
@@ -35,7 +37,7 @@ def be(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
 def make_pool(be: Backend, **changes: object) -> Pool:
     name = f"contract-{uuid.uuid4().hex[:6]}"
     settings = PoolSettings(
-        name=name,
+        name=pool_name(name),
         data_file=be.directory / f"{name}.data",
         metadata_file=be.directory / f"{name}.meta",
         data_size=BLOCKS * 64 * 1024,

@@ -12,6 +12,7 @@ import pytest
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel
 from thinwatchd.kernel.fs import Files
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2
@@ -76,7 +77,7 @@ class InlineWorkers:
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Activations run in one worker thread, one at a time; reconciles inline (InlineWorkers)."""
     monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-    monkeypatch.setattr("thinwatchd.daemon.reconcile_workers", InlineWorkers)
+    monkeypatch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def kernel(fake: FakeKernel) -> Kernel:
 def pool_settings(tmp_path: Path) -> PoolSettings:
     """A small pool: 64 MiB data, 8 MiB metadata, 64 KiB blocks, mark 16 blocks (1 MiB)."""
     return PoolSettings(
-        name="pool",
+        name=pool_name("pool"),
         data_file=tmp_path / "data",
         metadata_file=tmp_path / "metadata",
         data_size=64 * MiB,

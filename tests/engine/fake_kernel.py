@@ -252,10 +252,11 @@ class FakeKernel:
         assert info is not None
         return info
 
-    def remove(self, name: str, cookie: int = 0) -> None:
+    def remove(self, name: str, cookie: int = 0) -> bool:
         self._get("DM_DEV_REMOVE", name)
         del self.devices[name]
         self.global_events += 1
+        return True  # the kernel always emits a 'remove' uevent
 
     def load_table(self, name: str, targets: Sequence[Target]) -> None:
         dev = self._get("DM_TABLE_LOAD", name)

@@ -186,8 +186,14 @@ def filling(
         data=replace(d.pools["a"].pool.settings.data, max_size=1024 * MiB),
     )
     lines: list[str] = []
-    d.notifier.status = lambda text: lines.append(text) or True  # type: ignore[method-assign]
-    clock = d.loop._clock  # the engine tests' Clock
+
+    def status(text: str) -> bool:
+        lines.append(text)
+        return True
+
+    d.notifier.status = status  # type: ignore[method-assign]
+    clock = d.loop._clock
+    assert isinstance(clock, Clock)  # the engine tests' Clock
     for _ in range(3):  # ten seconds apart: 10 MiB into a, 30 MiB into b
         fake.write_blocks("a", 10 * MiB // (64 * 1024))
         fake.write_blocks("b", 30 * MiB // (64 * 1024))
@@ -283,17 +289,18 @@ def test_the_estimates_for_status_are_written_after_each_pass(
 ) -> None:
     """What `thinwatchd status` shows as CAP IN and FS FULL IN (read in another process)."""
     d, _, _ = filling(fake, kernel, tmp_path)
-    d.estimates_file = tmp_path / "estimates.json"
+    d.publisher.estimates_file = tmp_path / "estimates.json"
     d._pass(list(d.pools.values()), survey=True)
-    now = os.stat(d.estimates_file).st_mtime
-    estimates = read_estimates(d.estimates_file, now, max_age=60)
+    written = d.publisher.estimates_file
+    now = os.stat(written).st_mtime
+    estimates = read_estimates(written, now, max_age=60)
     assert estimates is not None
     assert estimates["b"].fill_rate_bytes_per_second == 3 * MiB
     assert estimates["b"].seconds_to_backing_fs_reserve == pytest.approx(300, abs=2)
     assert estimates["b"].seconds_to_cap is None  # no cap
     assert estimates["a"].seconds_to_cap is not None
     # A write that fails is said once, not at every pass.
-    d.estimates_file = tmp_path / "gone" / "estimates.json"
+    d.publisher.estimates_file = tmp_path / "gone" / "estimates.json"
     caplog.set_level(logging.WARNING, logger="thinwatchd")
     for _ in range(3):
         d._pass(list(d.pools.values()), survey=True)

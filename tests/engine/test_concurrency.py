@@ -20,11 +20,11 @@ import pytest
 import yaml
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd import daemon as daemon_module
 from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.notify import Notifier
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Pool
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
@@ -33,6 +33,11 @@ NAMES = ("a", "b")
 #: Long enough for a growth on the fake kernel many times over; a test that waits this long
 #: has failed.
 PATIENCE = 5.0
+
+
+def returning(value: str | int) -> Callable[[], str | int]:
+    """A job that returns value."""
+    return lambda: value
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +52,10 @@ def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     0.1 s (a stalled pool's thread must not hold up the pools queued behind it)."""
     which = getattr(request, "param", "default")
     if which == "one":
-        monkeypatch.setattr(daemon_module, "RECONCILE_THREADS", 1)
-        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 0.1)
+        monkeypatch.setattr("thinwatchd.reconciles.RECONCILE_THREADS", 1)
+        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 0.1)
     elif which == "never stuck":
-        monkeypatch.setattr(daemon_module, "STUCK_SECONDS", 60.0)
+        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 60.0)
     return str(which)
 
 
@@ -92,7 +97,7 @@ def to_mark(fake: FakeKernel, d: Daemon, name: str) -> None:
 
 
 def growths(d: Daemon, name: str) -> int:
-    return d.pools[name].state.growths["data"]
+    return d.pools[name].state.growths[GrowthTarget.DATA]
 
 
 def serve_until(d: Daemon, done: Callable[[], bool], why: str) -> float:
@@ -174,7 +179,12 @@ def test_an_event_during_a_growth_is_served_after_it(
 
     monkeypatch.setattr(daemon.extender, "reconcile", counted)
     entered, released = threading.Event(), threading.Event()
-    fake.draining["a"] = lambda: (entered.set(), released.wait(PATIENCE))
+
+    def drain() -> None:
+        entered.set()
+        released.wait(PATIENCE)
+
+    fake.draining["a"] = drain
     to_mark(fake, daemon, "a")
     daemon._check_events()
     serve_until(daemon, entered.is_set, "a's growth did not start")
@@ -241,7 +251,7 @@ def test_a_stop_waits_for_a_stalled_growth_only_so_long(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr(daemon_module, "STOP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr("thinwatchd.reconciles.STOP_WAIT_SECONDS", 0.3)
     released = threading.Event()
     fake.draining["a"] = lambda: released.wait(PATIENCE)
     to_mark(fake, daemon, "a")
@@ -262,7 +272,7 @@ def test_a_burst_of_quick_jobs_wakes_few_threads() -> None:
     done: list[int] = []
     try:
         for i in range(64):
-            workers.submit(str(i), lambda i=i: i, lambda result, _error: done.append(result))
+            workers.submit(str(i), returning(i), lambda result, _error: done.append(result))
         workers.run_until_idle(timeout=PATIENCE)
         assert sorted(done) == list(range(64))
         assert workers.threads <= 4
@@ -289,7 +299,7 @@ def test_a_thread_that_cannot_start_is_said_once_and_started_later(
     done: list[str] = []
     try:
         for key in ("a", "b"):
-            workers.submit(key, lambda key=key: key, lambda result, _error: done.append(result))
+            workers.submit(key, returning(key), lambda result, _error: done.append(result))
         workers.run_until_idle(timeout=PATIENCE)
     finally:
         workers.close()
@@ -335,7 +345,7 @@ def test_a_safety_check_runs_in_one_thread_and_events_go_first() -> None:
     try:
         workers.submit("held", lambda: held.wait(PATIENCE) and "held", record, background=True)
         for i in range(63):
-            workers.submit(f"check{i}", lambda i=i: f"check{i}", record, background=True)
+            workers.submit(f"check{i}", returning(f"check{i}"), record, background=True)
         workers.submit("event", lambda: "event", record)
         serve = time.monotonic()
         while "event" not in done:

@@ -44,13 +44,12 @@ import thinwatchd
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, Fault, FaultySyscalls
 from thinwatchd.daemon import Daemon
-from thinwatchd.errors import ConfigError, PoolMismatchError, ThinwatchError
+from thinwatchd.errors import ConfigError, PoolMismatchError, PoolSetupError, ThinwatchError
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import PoolSetupError
 
 MiB = 1024**2
 HEADER = 4096

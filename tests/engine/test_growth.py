@@ -15,6 +15,7 @@ from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
+from thinwatchd.policy import GrowthTarget
 from thinwatchd.status import ThinPoolWorkingStatus
 
 MiB = 1024**2
@@ -93,7 +94,7 @@ def test_writer_never_runs_out_of_space(
     assert st.data_used == 600 * MiB // BLOCK
     assert os.stat(tmp_path / "data").st_size >= 600 * MiB
     assert st.data_total * BLOCK == os.stat(tmp_path / "data").st_size  # table length = file size
-    growths = daemon.pools["pool"].state.growths["data"]
+    growths = daemon.pools["pool"].state.growths[GrowthTarget.DATA]
     assert 1 <= growths <= 8  # few, large growths
 
 
@@ -217,7 +218,7 @@ def test_metadata_grows_when_it_runs_low(
     d.start()
     fill(fake, d, clock, 30000, chunk=64)  # the fake costs 1 metadata block per 64 data blocks
     assert os.stat(tmp_path / "metadata").st_size > 2 * MiB
-    assert d.pools["pool"].state.growths["metadata"] >= 1
+    assert d.pools["pool"].state.growths[GrowthTarget.METADATA] >= 1
 
 
 def test_reload_applies_new_step_and_survives_a_broken_file(

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock, status, write_config
+from thinwatchd.activation import activate
 from thinwatchd.daemon import Daemon
+from thinwatchd.errors import PoolSetupError
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
-from thinwatchd.pool import PoolSetupError, activate
 from thinwatchd.settings import PoolSettings
 
 MiB = 1024**2
@@ -32,7 +35,7 @@ def message_ids(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-def start(tmp_path: Path, kernel: Kernel, clock: Clock, **pool: object) -> Daemon:
+def start(tmp_path: Path, kernel: Kernel, clock: Clock, **pool: Any) -> Daemon:
     config = write_config(tmp_path / "config.yaml", tmp_path, **pool)
     daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
     daemon.start()
@@ -346,7 +349,7 @@ def test_a_slow_thin_check_stalls_neither_the_watchdog_nor_another_pools_growth(
     config.write_text(yaml.safe_dump({"daemon": {"check_interval": "1h"}, "pools": pools}))
     checking, release = threading.Event(), threading.Event()
 
-    def slow_thin_check(path: str) -> str | None:
+    def slow_thin_check(metadata_path: str) -> str | None:
         checking.set()
         assert release.wait(30), "never released"
         return None
@@ -526,8 +529,14 @@ def test_a_reload_while_a_pool_is_being_built_applies_to_it(
     fake.remove("pool")
     original = daemon.workers.submit
 
-    def submit_then_reload(key, job, done):  # type: ignore[no-untyped-def]
-        accepted = original(key, job, done)
+    def submit_then_reload(
+        key: str,
+        job: Callable[[], Any],
+        done: Callable[[Any, BaseException | None], None],
+        *,
+        background: bool = False,
+    ) -> bool:
+        accepted = original(key, job, done, background=background)
         write_config(daemon.config_path, tmp_path, data={"max_size": "128MiB"})
         daemon.reload()  # SIGHUP while the rebuild runs
         return accepted

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.errors import KernelError, PoolMismatchError
+from thinwatchd.activation import activate
+from thinwatchd.errors import KernelError, PoolMismatchError, PoolSetupError
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.pool import Activation, PoolSetupError, activate
+from thinwatchd.pool import Activation
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus
 
@@ -107,8 +109,8 @@ def test_interrupted_creation_resumes(
 
 
 def test_symlinked_data_file_is_refused(
-    tmp_path, kernel: Kernel, pool_settings: PoolSettings
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
     target = tmp_path / "elsewhere"
     target.write_bytes(b"")
     os.symlink(target, pool_settings.data_file)
@@ -117,8 +119,8 @@ def test_symlinked_data_file_is_refused(
 
 
 def test_adopt_refuses_a_pool_on_other_files(
-    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings, tmp_path: Path
+) -> None:
     activate(pool_settings, kernel)
     other = replace(pool_settings, data_file=tmp_path / "d2", metadata_file=tmp_path / "m2")
     before = fake.table("pool")

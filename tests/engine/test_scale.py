@@ -35,12 +35,15 @@ import yaml
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, FakeUdevDevice
-from thinwatchd import daemon as daemon_module
-from thinwatchd.daemon import RECONCILE_THREADS, WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
+from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
+from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
+from thinwatchd.policy import GrowthTarget
+from thinwatchd.reconciles import RECONCILE_THREADS
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
 
@@ -60,16 +63,16 @@ metrics_writes: collections.Counter[Path] = collections.Counter()
 @pytest.fixture(scope="module", autouse=True)
 def counting_metrics() -> Iterator[None]:
     """Count the metrics file's writes; one worker thread (the beds outlive one_worker's patch)."""
-    write = daemon_module.write_atomically
+    write = write_atomically
 
     def counted(path: Path, text: str) -> None:
         metrics_writes[path] += 1
         write(path, text)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(daemon_module, "write_atomically", counted)
+        patch.setattr("thinwatchd.publish.write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-        patch.setattr(daemon_module, "reconcile_workers", InlineWorkers)
+        patch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
         yield
 
 
@@ -196,11 +199,15 @@ class Bed:
                 assert isinstance(status, ThinPoolWorkingStatus)
                 mark = self.daemon.pools[name].pool.table.low_water_mark
                 self.fake.write_blocks(name, status.data_free - mark)
-            grown = {name: self.daemon.pools[name].state.growths["data"] for name in names}
+            grown = {
+                name: self.daemon.pools[name].state.growths[GrowthTarget.DATA] for name in names
+            }
             self.clock.now += 1
             self._events[k] = self.measure(self.daemon._check_events)
             for name in names:
-                assert self.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+                assert (
+                    self.daemon.pools[name].state.growths[GrowthTarget.DATA] == grown[name] + 1
+                ), name
         return self._events[k]
 
 
@@ -250,7 +257,12 @@ def test_a_check_in_the_daemons_threads_costs_the_same(bed: Bed) -> None:
     inline_calls = len(bed.check.calls)
     d.reconcilers = Workers(d.loop, max_threads=RECONCILE_THREADS)
     try:
-        cost = bed.measure(lambda: (bed._check(), d.reconcilers.run_until_idle(CHECK_SECONDS)))
+
+        def check_threaded() -> None:
+            bed._check()
+            d.reconcilers.run_until_idle(CHECK_SECONDS)
+
+        cost = bed.measure(check_threaded)
     finally:
         d.reconcilers.close()
         d.reconcilers = inline
@@ -351,7 +363,7 @@ def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> Non
     assert isinstance(status, ThinPoolWorkingStatus)
     mark = bed.daemon.pools[bed.names[0]].pool.table.low_water_mark
     cache.dirty((status.data_free - mark) * 64 * 1024 + MiB)  # a cp, all of it still dirty
-    grown = {name: bed.daemon.pools[name].state.growths["data"] for name in bed.names}
+    grown = {name: bed.daemon.pools[name].state.growths[GrowthTarget.DATA] for name in bed.names}
 
     def watch() -> None:
         bed.clock.now += WRITEBACK_WATCH_SECONDS
@@ -359,6 +371,6 @@ def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> Non
 
     cost = bed.measure(watch)
     for name in bed.names:
-        assert bed.daemon.pools[name].state.growths["data"] == grown[name] + 1, name
+        assert bed.daemon.pools[name].state.growths[GrowthTarget.DATA] == grown[name] + 1, name
     assert (cost.metrics_writes, cost.statuses) == (1, 1), cost.summary()
     assert cost.count("statvfs") <= 1 + bed.n, cost.summary()

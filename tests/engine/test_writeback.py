@@ -15,11 +15,13 @@ import pytest
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, status, write_config
-from thinwatchd.daemon import WRITEBACK_WATCH_SECONDS, Daemon
+from thinwatchd.daemon import Daemon
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.notify import Notifier
+from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
+from thinwatchd.policy import GrowthTarget
 
 MiB = 1024**2
 BLOCK = 64 * 1024
@@ -81,7 +83,7 @@ def test_dirty_pages_grow_the_pool_before_they_are_written_back(
 ) -> None:
     """cp then sync: the growth comes while the data is dirty, none when the sync lands it."""
     managed = wb_daemon.pools["pool"]
-    before = managed.state.growths["data"]
+    before = managed.state.growths[GrowthTarget.DATA]
     total = 0
     while total < 3 * free_bytes(fake):
         cache.dirty(16 * MiB)  # the page cache absorbs a cp at memory speed
@@ -90,7 +92,7 @@ def test_dirty_pages_grow_the_pool_before_they_are_written_back(
         if cache.dirty_bytes >= LIMIT // 2:  # background writeback starts
             cache.write_back("pool")
             tick(wb_daemon, clock, 0.0)
-    grown_while_dirty = managed.state.growths["data"] - before
+    grown_while_dirty = managed.state.growths[GrowthTarget.DATA] - before
     assert grown_while_dirty >= 1
     events_before_sync = sum(LOW_WATER in line for line in fake.kernel_log)
     cache.dirty(LIMIT // 2)
@@ -150,10 +152,10 @@ def test_writeback_landed_since_the_last_status_counts(
     cache.dirty(landed)
     cache.write_back("pool")
     assert not fake.events_pending()
-    before = managed.state.growths["data"]
+    before = managed.state.growths[GrowthTarget.DATA]
     cache.dirty(16 * MiB)  # now 16 MiB dirty would cross the mark
     tick(wb_daemon, clock)
-    assert managed.state.growths["data"] == before + 1
+    assert managed.state.growths[GrowthTarget.DATA] == before + 1
 
 
 def test_unreadable_counters_are_said_once_and_the_configured_mark_applies(
@@ -213,16 +215,16 @@ def test_an_early_growth_waits_for_a_lull_in_writeback(
     mark = managed.pool.table.low_water_mark * BLOCK
     cache.dirty(free_bytes(fake) - mark - 8 * MiB)
     cache.write_back("pool")
-    before = managed.state.growths["data"]
+    before = managed.state.growths[GrowthTarget.DATA]
     cache.dirty(64 * MiB)
     cache.start_writeback(48 * MiB)  # 48 MiB in flight, 16 MiB still dirty
     for _ in range(5):
         tick(wb_daemon, clock)
-    assert managed.state.growths["data"] == before
+    assert managed.state.growths[GrowthTarget.DATA] == before
     cache.write_back("pool", 48 * MiB)  # lands: 40 MiB below the mark
     assert fake.events_pending()
     tick(wb_daemon, clock)
-    assert managed.state.growths["data"] == before + 1
+    assert managed.state.growths[GrowthTarget.DATA] == before + 1
     assert not any(OUT_OF_SPACE in line for line in fake.kernel_log)
 
 
@@ -233,15 +235,15 @@ def test_a_lull_lets_the_early_growth_go(
     mark = managed.pool.table.low_water_mark * BLOCK
     cache.dirty(free_bytes(fake) - mark - 64 * MiB)
     cache.write_back("pool")
-    before = managed.state.growths["data"]
+    before = managed.state.growths[GrowthTarget.DATA]
     cache.dirty(80 * MiB)  # would take the pool 16 MiB below its mark
     cache.start_writeback(40 * MiB)
     tick(wb_daemon, clock)
-    assert managed.state.growths["data"] == before  # 40 MiB in flight: wait
+    assert managed.state.growths[GrowthTarget.DATA] == before  # 40 MiB in flight: wait
     cache.write_back("pool", 30 * MiB)  # 34 MiB above the mark, 50 MiB pending, 10 in flight
     assert not fake.events_pending()
     tick(wb_daemon, clock)
-    assert managed.state.growths["data"] == before + 1
+    assert managed.state.growths[GrowthTarget.DATA] == before + 1
     assert sum(LOW_WATER in line for line in fake.kernel_log) == 0
 
 
@@ -257,4 +259,5 @@ def test_a_pool_an_operator_suspended_is_not_checked_at_every_tick(
     for _ in range(10):
         tick(wb_daemon, clock)
     assert [c for c in fake.calls if not c.startswith("open /proc/")] == []
-    assert fake.info("pool") is not None and fake.info("pool").suspended  # left as it was
+    info = fake.info("pool")
+    assert info is not None and info.suspended  # left as it was

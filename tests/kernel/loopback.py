@@ -78,9 +78,8 @@ class Devices:
         return name
 
     def remove(self, name: str) -> None:
-        """Remove one tracked device with a udev transaction, and its node without udev."""
-        with self.udev.transaction(name) as cookie:
-            self.dm.remove(name, cookie)
+        """Remove one tracked device, synced with udev, and its node without udev."""
+        self.udev.synced(name, lambda cookie: self.dm.remove(name, cookie))
         self.udev.remove_node(name)
         self.names.remove(name)
 

@@ -35,7 +35,8 @@ from tests.kernel.harness import (
 )
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status, parse_pool_table
+from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.table import parse_pool_table
 
 pytestmark = pytest.mark.kernel
 

@@ -57,8 +57,7 @@ def activate(devices: Devices, name: str, targets: list[Target]) -> int:
     dm = devices.dm
     info = dm.create(devices.track(name))
     dm.load_table(name, targets)
-    with devices.udev.transaction(name) as cookie:
-        dm.resume(name, cookie)
+    devices.udev.synced(name, lambda cookie: dm.resume(name, cookie))
     devices.udev.ensure_node(name, info.dev)
     return info.dev
 

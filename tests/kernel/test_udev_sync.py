@@ -21,7 +21,7 @@ from thinwatchd.kernel import udev_sync
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.dm_abi import UdevFlag
-from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, Cookie, UdevSync
+from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, UdevSync
 
 pytestmark = pytest.mark.kernel
 
@@ -51,50 +51,59 @@ def fake_udev(tmp_path: Path) -> UdevSync:
 
 def test_cookie_carries_flags_and_a_base(fake_udev: UdevSync) -> None:
     before = our_semaphores()
-    with fake_udev.transaction("x") as cookie:
+
+    def operation(cookie: int) -> bool:
         assert cookie >> 16 == int(POOL_UDEV_FLAGS)
         assert cookie & 0xFFFF != 0
         assert (0x0D4D << 16) | (cookie & 0xFFFF) in our_semaphores()
+        return False
+
+    assert fake_udev.synced("x", operation) is False
     assert our_semaphores() == before
 
 
 def test_uevent_generated_waits_for_udevcomplete(fake_udev: UdevSync) -> None:
     before = our_semaphores()
     done = threading.Event()
-    with fake_udev.transaction("x") as cookie:
-        cookie.record(True)  # as resume() does when the kernel sent the uevent
 
+    def resumed(cookie: int) -> bool:
         def udev() -> None:
             time.sleep(0.3)
             done.set()
             udevcomplete(cookie)
 
         threading.Thread(target=udev).start()
-        start = time.monotonic()
+        return True  # as resume() does when the kernel sent the uevent
+
+    start = time.monotonic()
+    assert fake_udev.synced("x", resumed) is True
     assert done.is_set() and time.monotonic() - start >= 0.25
     assert our_semaphores() == before
 
 
 def test_no_uevent_means_no_wait(fake_udev: UdevSync) -> None:
     start = time.monotonic()
-    with fake_udev.transaction("x") as cookie:
-        cookie.record(False)
+    assert fake_udev.synced("x", lambda cookie: False) is False
     assert time.monotonic() - start < 1
 
 
 def test_timeout_removes_the_semaphore_and_raises(fake_udev: UdevSync) -> None:
     fake_udev.timeout = 0.5
     before = our_semaphores()
-    with pytest.raises(KernelError) as err, fake_udev.transaction("x") as cookie:
-        cookie.record(True)  # udev never answers
+    with pytest.raises(KernelError) as err:
+        fake_udev.synced("x", lambda cookie: True)  # udev never answers
     assert err.value.errno == errno.ETIMEDOUT and "udev" in str(err.value)
     assert our_semaphores() == before
 
 
 def test_a_failing_block_never_leaves_a_semaphore(fake_udev: UdevSync) -> None:
     before = our_semaphores()
-    with pytest.raises(RuntimeError), fake_udev.transaction("x"):
+
+    def failing(cookie: int) -> bool:
         raise RuntimeError("the ioctl failed")
+
+    with pytest.raises(RuntimeError):
+        fake_udev.synced("x", failing)
     assert our_semaphores() == before
 
 
@@ -115,13 +124,16 @@ def test_real_resume_reports_uevent_and_the_protocol_completes(
         dm.create(name)
         dm.load_table(name, [Target(0, 8, "error", "")])
         seen: list[int] = []
-        with fake_udev.transaction(name, PUBLIC) as cookie:
+
+        def resume(cookie: int) -> bool:
             generated = dm.resume(name, cookie)
             seen.append(cookie)
             udevcomplete(cookie)  # the kernel did send the uevent: "udev" completes it
-        assert generated and cookie.uevent_generated is True
-        with fake_udev.transaction(name) as cookie:
-            assert dm.resume(name, cookie) is False  # already active: no uevent, no wait
+            return generated
+
+        assert fake_udev.synced(name, resume, PUBLIC) is True
+        # already active: no uevent, no wait
+        assert fake_udev.synced(name, lambda cookie: dm.resume(name, cookie)) is False
         assert (0x0D4D << 16) | (seen[0] & 0xFFFF) not in our_semaphores()
     finally:
         devices.remove_all()
@@ -135,14 +147,18 @@ def test_plain_mode_makes_and_removes_the_node(dm: DeviceMapper, tmp_path: Path)
     name = unique("plain")
     info = dm.create(name)
     try:
-        with udev.transaction(name) as cookie:
-            assert int(cookie) == int(POOL_UDEV_FLAGS) << 16  # flags only, base 0: no semaphore
-            assert isinstance(cookie, Cookie)
+        cookies: list[int] = []
+
+        def operation(cookie: int) -> bool:
+            cookies.append(cookie)
+            return False
+
+        udev.synced(name, operation)
+        assert cookies == [int(POOL_UDEV_FLAGS) << 16]  # flags only, base 0: no semaphore
         assert udev.ensure_node(name, info.dev) is True
         assert udev.ensure_node(name, info.dev) is False
         assert os.stat(udev.node_path(name)).st_rdev == info.dev
     finally:
-        with udev.transaction(name) as cookie:
-            dm.remove(name, cookie)
+        udev.synced(name, lambda cookie: dm.remove(name, cookie))
         assert udev.remove_node(name) is True
     assert not os.path.exists(udev.node_path(name))

@@ -1,6 +1,6 @@
 """A pool and its data survive a real reboot: two boots of the VM on one persistent disk.
 
-Runs on the host (it drives the VM itself), so it is not marked `kernel`. With CI=true a
+Runs on the host (it drives the VM itself), so it is marked `vm`, not `kernel`. With CI=true a
 missing VM test bed is a failure, never a skip.
 """
 

@@ -61,8 +61,7 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
         info = dm.create(name)
         dm.load_table(name, [Target(0, 8, "error", "")])
         start = time.monotonic()
-        with udev.transaction(name) as cookie:
-            assert dm.resume(name, cookie) is True
+        assert udev.synced(name, lambda cookie: dm.resume(name, cookie)) is True
         elapsed = time.monotonic() - start
         assert link.is_symlink(), "udev had not made /dev/mapper/<name> when resume returned"
         assert os.stat(link).st_rdev == info.dev
@@ -76,14 +75,12 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
 
         # a resume that changes the size (RESIZE=1 uevent), as a pool growth does
         dm.load_table(name, [Target(0, 16, "error", "")])
-        with udev.transaction(name) as cookie:
-            assert dm.resume(name, cookie) is True
+        assert udev.synced(name, lambda cookie: dm.resume(name, cookie)) is True
         assert link.is_symlink() and semaphores_left() == []
 
         # no uevent (already active, nothing loaded): the protocol must not wait
         start = time.monotonic()
-        with udev.transaction(name) as cookie:
-            assert dm.resume(name, cookie) is False
+        assert udev.synced(name, lambda cookie: dm.resume(name, cookie)) is False
         assert time.monotonic() - start < 2
 
         devices.remove(name)
@@ -106,9 +103,14 @@ def test_without_notify_rules_the_monitor_fallback_waits(
     try:
         dm.create(name)
         dm.load_table(name, [Target(0, 8, "error", "")])
-        with fallback.transaction(name) as cookie:
-            assert cookie & 0xFFFF == 0  # no semaphore: udevcomplete has nothing to find
-            dm.resume(name, cookie)
+        cookies: list[int] = []
+
+        def resume(cookie: int) -> bool:
+            cookies.append(cookie)
+            return dm.resume(name, cookie)
+
+        assert fallback.synced(name, resume) is True
+        assert cookies[0] & 0xFFFF == 0  # no semaphore: udevcomplete has nothing to find
         assert link.is_symlink()
         devices.remove(name)
         assert not link.is_symlink()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from thinwatchd import strict_yaml
 from thinwatchd.config import MAX_CONFIG_BYTES, build_settings, load_settings, parse_settings
 from thinwatchd.errors import EX_CONFIG, ConfigError
+from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
     DaemonSettings,
@@ -32,6 +33,7 @@ from thinwatchd.settings import (
     Settings,
 )
 from thinwatchd.strict_yaml import MAX_VALUES
+from thinwatchd.table import Feature
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
@@ -51,7 +53,7 @@ def only_pool(text: str) -> PoolSettings:
 
 
 def default_pool(name: str = "p", data: str = DATA, meta: str = META) -> PoolSettings:
-    return PoolSettings(name=name, data_file=Path(data), metadata_file=Path(meta))
+    return PoolSettings(name=pool_name(name), data_file=Path(data), metadata_file=Path(meta))
 
 
 # --- What loads ---------------------------------------------------------------------------------
@@ -104,7 +106,7 @@ def test_every_value_form() -> None:
         metadata_size=100 * MiB,
         data_block_size=2048,
         low_water_mark=10,  # read as written, not as YAML 1.1 octal
-        features=("ignore_discard", "error_if_no_space"),
+        features=(Feature.IGNORE_DISCARD, Feature.ERROR_IF_NO_SPACE),
         preallocate=True,
         reserve=4 * KiB,
         reserve_percent=5.0,

@@ -15,10 +15,9 @@ import pytest
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import dm_abi
 from thinwatchd.kernel.api import DmDevice, Target
-from thinwatchd.kernel.dm import (
-    DeviceMapper,
+from thinwatchd.kernel.dm import DeviceMapper, check_name
+from thinwatchd.kernel.dm_structs import (
     DmHeader,
-    check_name,
     pack_header,
     pack_message,
     pack_targets,
@@ -26,7 +25,6 @@ from thinwatchd.kernel.dm import (
     parse_targets,
     unpack_header,
 )
-from thinwatchd.kernel.udev_sync import Cookie
 
 Cmd = dm_abi.Command
 F = dm_abi.DmFlag
@@ -321,14 +319,12 @@ def test_message_reply() -> None:
     assert dm.message("p", "x") == "hello"
 
 
-def test_resume_passes_the_cookie_and_records_the_uevent() -> None:
+def test_resume_passes_the_cookie_and_returns_the_uevent() -> None:
     def resumed(hdr: DmHeader, buf: bytearray) -> None:
         answer(buf, hdr, flags=F.UEVENT_GENERATED | F.ACTIVE_PRESENT, event_nr=0)
 
     fake = FakeIoctl({Cmd.DEV_SUSPEND: resumed})
-    cookie = Cookie(0x00400000 | 0x1234)
-    assert DeviceMapper(fd=-1, ioctl=fake).resume("pool", cookie) is True
-    assert cookie.uevent_generated is True
+    assert DeviceMapper(fd=-1, ioctl=fake).resume("pool", 0x00400000 | 0x1234) is True
     ((_cmd, hdr, raw),) = fake.calls
     assert hdr.event_nr == 0x00401234 and hdr.flags == 0 and len(raw) == 312
 

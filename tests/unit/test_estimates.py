@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from thinwatchd.estimates import Estimate, read_estimates, render_estimates
+from thinwatchd.forecast import FullIn
 from thinwatchd.metrics import PoolMetrics
-from thinwatchd.policy import FullIn
 
 
 def figures(name: str, rate: float | None, full: FullIn | None) -> PoolMetrics:

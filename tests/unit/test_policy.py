@@ -9,27 +9,28 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thinwatchd.policy import (
+from thinwatchd.forecast import FillHistory, FullIn, full_in, seconds_until
+from thinwatchd.kernel.names import pool_name
+from thinwatchd.marks import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
     ASSUMED_GROWTH_SECONDS,
     MAX_PLANNED_GROWTH_SECONDS,
     SAFETY_FACTOR,
+    low_water_mark,
+)
+from thinwatchd.policy import (
     BackingFs,
     Decision,
-    FillHistory,
-    FullIn,
     Grow,
+    GrowthTarget,
     NoAction,
     RefusalReason,
     Refuse,
     decide_data,
     decide_metadata,
     describe,
-    full_in,
-    low_water_mark,
     no_space_mode,
-    seconds_until,
 )
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
@@ -51,7 +52,7 @@ from thinwatchd.units import DataBlocks, MetaBlocks
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 BB = 64 * KiB  # default data block: 128 sectors
 
-POOL = PoolSettings("docker-pool", Path("/var/lib/data"), Path("/var/lib/meta"))
+POOL = PoolSettings(pool_name("docker-pool"), Path("/var/lib/data"), Path("/var/lib/meta"))
 NO_HISTORY = FillHistory()
 
 
@@ -451,13 +452,13 @@ def test_no_space_mode(
 
 
 def test_describe() -> None:
-    assert describe(NoAction("p", "data", "fine")) == "data of p needs no growth: fine"
-    g = Grow("p", "metadata", 64 * MiB, 320 * MiB, 32768, "why")
+    assert describe(NoAction("p", GrowthTarget.DATA, "fine")) == "data of p needs no growth: fine"
+    g = Grow("p", GrowthTarget.METADATA, 64 * MiB, 320 * MiB, 32768, "why")
     assert describe(g) == (
         "growing metadata of p from 64.0MiB to 320.0MiB (+256.0MiB): why; "
         "low-water mark 32768 blocks"
     )
-    r = Refuse("p", "data", RefusalReason.FAILED, "broken")
+    r = Refuse("p", GrowthTarget.DATA, RefusalReason.FAILED, "broken")
     assert describe(r) == "cannot grow data of p: broken"
 
 

@@ -4,7 +4,7 @@ the running daemon's time-to-full estimates."""
 from __future__ import annotations
 
 from thinwatchd.estimates import Estimate
-from thinwatchd.policy import RECLAIM_HINT_BYTES
+from thinwatchd.forecast import RECLAIM_HINT_BYTES
 from thinwatchd.report import PoolReport, format_table, with_estimate
 
 GiB = 1024**3

@@ -12,16 +12,18 @@ from thinwatchd.errors import StatusParseError
 from thinwatchd.kernel.api import Target
 from thinwatchd.status import (
     DiscardMode,
-    Feature,
     NoSpacePolicy,
     PoolMode,
     ThinPoolErrored,
     ThinPoolFailed,
+    ThinPoolWorkingStatus,
+    parse_pool_status,
+)
+from thinwatchd.table import (
+    Feature,
     ThinPoolLine,
     ThinPoolTable,
-    ThinPoolWorkingStatus,
     device_number,
-    parse_pool_status,
     parse_pool_table,
     table_differences,
     thin_pool_target,
@@ -95,7 +97,7 @@ def test_fail_line(line: str) -> None:
 
 def test_error_line() -> None:
     assert parse_pool_status("Error") == ThinPoolErrored()
-    assert str(ThinPoolErrored()) == "Error"
+    assert str(ThinPoolErrored()) == "Error" and ThinPoolErrored().mode is PoolMode.ERROR
 
 
 def test_empty_data_pool_counts_as_full() -> None:
@@ -151,7 +153,10 @@ def working_statuses(draw: st.DrawFn) -> ThinPoolWorkingStatus:
         data_used=DataBlocks(draw(st.integers(0, data_total))),
         data_total=DataBlocks(data_total),
         held_root=draw(st.none() | uints),
-        mode=draw(st.sampled_from([m for m in PoolMode if m is not PoolMode.FAIL])),
+        # FAIL and ERROR are whole lines, never the mode field of a working status
+        mode=draw(
+            st.sampled_from([PoolMode.WRITE, PoolMode.OUT_OF_DATA_SPACE, PoolMode.READ_ONLY])
+        ),
         discard=draw(st.sampled_from(DiscardMode)),
         no_space_policy=draw(st.sampled_from(NoSpacePolicy)),
         needs_check=draw(st.booleans()),
@@ -185,14 +190,16 @@ def test_any_bad_token_is_named(s: ThinPoolWorkingStatus, data: st.DataObject) -
         # What the kernel prints back: devices as major:minor, the count always, a trailing space.
         (
             "253:0 253:1 128 32768 1 skip_block_zeroing ",
-            ThinPoolTable("253:0", "253:1", 128, 32768, ("skip_block_zeroing",)),
+            ThinPoolTable("253:0", "253:1", 128, 32768, (Feature.SKIP_BLOCK_ZEROING,)),
         ),
         ("7:0 7:1 128 32768 0 ", ThinPoolTable("7:0", "7:1", 128, 32768)),
         # What we may load: paths, no feature count, any case.
         ("/dev/loop0 /dev/loop1 256 10", ThinPoolTable("/dev/loop0", "/dev/loop1", 256, 10)),
         (
             "7:0 7:1 2097152 0 2 Error_If_No_Space SKIP_BLOCK_ZEROING",
-            ThinPoolTable("7:0", "7:1", 2097152, 0, ("error_if_no_space", "skip_block_zeroing")),
+            ThinPoolTable(
+                "7:0", "7:1", 2097152, 0, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+            ),
         ),
     ],
 )
@@ -203,7 +210,7 @@ def test_parse_table(params: str, expected: ThinPoolTable) -> None:
 def test_params_always_write_the_count() -> None:
     t = ThinPoolTable("7:0", "7:1", 128, 32768)
     assert t.params() == str(t) == "7:0 7:1 128 32768 0"
-    t = ThinPoolTable("7:0", "7:1", 128, 5, ("ignore_discard", "skip_block_zeroing"))
+    t = ThinPoolTable("7:0", "7:1", 128, 5, (Feature.IGNORE_DISCARD, Feature.SKIP_BLOCK_ZEROING))
     assert t.params() == "7:0 7:1 128 5 2 ignore_discard skip_block_zeroing"
     assert t.data_block_bytes == 65536
 
@@ -255,7 +262,9 @@ def test_table_refuses_what_the_kernel_would(kwargs: dict[str, object]) -> None:
 
 
 def test_table_helpers() -> None:
-    t = ThinPoolTable("7:0", "7:1", 128, 32768, ("error_if_no_space", "skip_block_zeroing"))
+    t = ThinPoolTable(
+        "7:0", "7:1", 128, 32768, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+    )
     assert t.canonical().features == ("skip_block_zeroing", "error_if_no_space")
     assert t.no_space_policy is NoSpacePolicy.ERROR
     queued = t.with_no_space_policy(NoSpacePolicy.QUEUE)
@@ -266,7 +275,9 @@ def test_table_helpers() -> None:
 
 
 def test_table_differences() -> None:
-    wanted = ThinPoolTable("7:0", "7:1", 128, 32768, ("error_if_no_space", "skip_block_zeroing"))
+    wanted = ThinPoolTable(
+        "7:0", "7:1", 128, 32768, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+    )
     printed = parse_pool_table("7:00 7:1 128 32768 2 skip_block_zeroing error_if_no_space ")
     assert table_differences(printed, wanted) == frozenset()
     other = ThinPoolTable("/dev/loop0", "7:2", 256, 1, ())
@@ -333,6 +344,13 @@ def test_a_pools_table_is_one_thin_pool_line_from_sector_0() -> None:
 
 
 def test_features_are_members_whatever_the_caller_gave() -> None:
-    table = ThinPoolTable("7:0", "7:1", 128, 0, ("error_if_no_space",))
+    table = ThinPoolTable("7:0", "7:1", 128, 0, (Feature.ERROR_IF_NO_SPACE,))
     assert table.features == (Feature.ERROR_IF_NO_SPACE,)
     assert table.with_no_space_policy(NoSpacePolicy.QUEUE).features == ()
+
+
+@pytest.mark.parametrize("word", ["Fail", "Error"])
+def test_a_whole_line_word_is_never_a_mode_field(word: str) -> None:
+    with pytest.raises(StatusParseError) as info:
+        parse_pool_status(f"0 1/2 3/4 - {word} discard_passdown queue_if_no_space - 5 ")
+    assert (info.value.index, info.value.value) == (4, word)

@@ -92,9 +92,9 @@ def test_parse_size(text: str | int | float, expected: int) -> None:
         (1.5, "1.5 is not a whole number of bytes"),
         (float("nan"), "nan is not a size"),
         (float("inf"), "inf is not a size"),
-        (True, "True is not a size"),
-        (None, "None is not a size"),
-        ([1], "[1] is not a size"),
+        (True, "true is not a size"),
+        (None, "null is not a size"),
+        ([1], "a list is not a size"),
     ],
 )
 def test_parse_size_rejects(value: object, fragment: str) -> None:

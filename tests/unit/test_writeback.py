@@ -8,19 +8,16 @@ from pathlib import Path
 import pytest
 
 from thinwatchd.errors import StatusParseError
-from thinwatchd.policy import (
+from thinwatchd.forecast import MAX_AMPLIFICATION, FillHistory
+from thinwatchd.kernel.names import pool_name
+from thinwatchd.marks import (
     ADAPTIVE_CAP_BYTES,
     ADAPTIVE_MARGIN_BYTES,
     LULL_WRITEBACK_BYTES,
-    MAX_AMPLIFICATION,
-    BackingFs,
-    FillHistory,
-    Grow,
-    NoAction,
-    decide_data,
     low_water_mark,
     writeback_threatens,
 )
+from thinwatchd.policy import BackingFs, Grow, NoAction, decide_data
 from thinwatchd.settings import DataGrowth, PoolSettings
 from thinwatchd.status import DiscardMode, NoSpacePolicy, PoolMode, ThinPoolWorkingStatus
 from thinwatchd.units import DataBlocks, MetaBlocks
@@ -51,7 +48,7 @@ pgpgin 411212
 """
 
 TIGHT = PoolSettings(
-    "p",
+    pool_name("p"),
     Path("/var/lib/d"),
     Path("/var/lib/m"),
     low_water_mark=256,

@@ -79,7 +79,8 @@ class ModuleTree:
             return canonical
         providers = self.aliases.get(name, ())
         generic = [p for p in providers if p.endswith("_generic")]
-        return (generic or list(providers) or [None])[0]
+        candidates = generic or list(providers)
+        return candidates[0] if candidates else None
 
     def load_order(self, wanted: Iterable[str]) -> list[str]:
         """Return ``wanted`` plus everything they depend on, each after its dependencies.

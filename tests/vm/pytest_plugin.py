@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 
@@ -31,6 +31,9 @@ from tests.vm.progress import PROGRESS_FILE, read_progress
 from tests.vm.results import new_results_dir
 from tests.vm.runner import GuestConfig, GuestResult, Mode, run_guest
 from tests.vm.streams import Sink, Tee
+
+if TYPE_CHECKING:  # pytest's type for a failure's text, which InnerFailure duck-types
+    from _pytest._code.code import TerminalRepr
 
 __all__ = ["InnerFailure", "VmTestBed", "mode_of"]
 
@@ -300,7 +303,7 @@ def _report(
         item.location,
         dict.fromkeys(item.keywords, 1),
         outcome,
-        longrepr,
+        cast("TerminalRepr | tuple[str, int, str] | None", longrepr),  # InnerFailure duck-types it
         when,
         sections,
         seconds,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 __all__ = [
@@ -86,8 +86,8 @@ class DeviceMapperApi(Protocol):
         table-less device as NOT suspended (info().suspended is False until a resume).
         """
 
-    def remove(self, name: str, cookie: int = 0) -> None:
-        """Remove the device and both tables (DM_DEV_REMOVE); cookie as for resume()."""
+    def remove(self, name: str, cookie: int = 0) -> bool:
+        """Remove the device and both tables (DM_DEV_REMOVE); cookie and result as resume()'s."""
 
     def load_table(self, name: str, targets: Sequence[Target]) -> None:
         """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed."""
@@ -101,8 +101,8 @@ class DeviceMapperApi(Protocol):
     def resume(self, name: str, cookie: int = 0) -> bool:
         """Resume; swaps in the inactive table if there is one. Return UEVENT_GENERATED.
 
-        cookie goes to the uevent as DM_COOKIE (see udev_sync.UdevSync.transaction); a
-        udev_sync.Cookie passed here must be told the result (Cookie.record).
+        cookie goes to the uevent as DM_COOKIE (see udev_sync.UdevSync.synced), which needs
+        the result to know whether to wait for udev.
         """
 
     def table(self, name: str) -> list[Target]:
@@ -256,12 +256,6 @@ class Kernel:
     dm: DeviceMapperApi
     loops: LoopControlApi
     nodes: DeviceNodes
-    files: FilesApi = field(default_factory=lambda: _real_files())
+    files: FilesApi
     #: Dirty-memory counters for writeback-aware marks; None: marks ignore writeback.
     memory: MemoryApi | None = None
-
-
-def _real_files() -> FilesApi:
-    from thinwatchd.kernel.fs import Files  # here, not at the top: fs.py imports this module
-
-    return Files()

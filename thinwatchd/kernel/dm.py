@@ -18,28 +18,32 @@ import fcntl as _fcntl
 import os as _os
 import time as _time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, DmInfo, Target
+from thinwatchd.kernel.dm_structs import (
+    DmHeader,
+    align8,
+    cstring,
+    encode,
+    pack_header,
+    pack_message,
+    pack_targets,
+    parse_name_list,
+    parse_targets,
+    unpack_header,
+)
 from thinwatchd.kernel.fs import open_device_node
-from thinwatchd.kernel.udev_sync import Cookie
+from thinwatchd.kernel.names import name_problem
 
 __all__ = [
     "CONTROL_PATH",
     "DeviceMapper",
-    "DmHeader",
     "IoctlFn",
     "check_name",
-    "pack_header",
-    "pack_message",
-    "pack_targets",
-    "parse_name_list",
-    "parse_targets",
-    "unpack_header",
 ]
 
 #: Signature of fcntl.ioctl as used here: (fd, request, mutable buffer) -> int.
@@ -53,123 +57,15 @@ _READ_BUFFER = 1024
 _MAX_BUFFER = 1 << 28
 _REMOVE_RETRIES = 5  # EBUSY: udev's blkid may hold a fresh device open for a moment
 _REMOVE_DELAY = 0.2
-_ENCODING = "utf-8"
-
-
-def _encode(text: str) -> bytes:
-    return text.encode(_ENCODING, "surrogateescape")
-
-
-def _cstring(data: bytes | bytearray, offset: int = 0) -> str:
-    end = data.find(b"\0", offset)
-    raw = data[offset:] if end < 0 else data[offset:end]
-    return bytes(raw).decode(_ENCODING, "surrogateescape")
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
-
-
-@dataclass(frozen=True)
-class DmHeader:
-    """A struct dm_ioctl, as sent or as answered."""
-
-    version: tuple[int, int, int] = (4, 0, 0)
-    data_size: int = _abi.HEADER.size
-    data_start: int = _abi.DATA_START
-    target_count: int = 0
-    open_count: int = 0
-    flags: int = 0
-    event_nr: int = 0
-    dev: int = 0
-    name: str = ""
-    uuid: str = ""
-
-
-def pack_header(h: DmHeader) -> bytes:
-    """Return the 312 bytes of h (name and uuid NUL-padded; padding and data[7] zero)."""
-    return _abi.HEADER.pack(
-        *h.version, h.data_size, h.data_start, h.target_count, h.open_count, h.flags,
-        h.event_nr, 0, h.dev, _encode(h.name), _encode(h.uuid), b"",
-    )  # fmt: skip
-
-
-def unpack_header(buf: bytes | bytearray) -> DmHeader:
-    """Parse the first 312 bytes of buf."""
-    v0, v1, v2, size, start, count, opens, flags, event_nr, _pad, dev, name, uuid, _data = (
-        _abi.HEADER.unpack_from(buf)
-    )
-    return DmHeader(
-        (v0, v1, v2), size, start, count, opens, flags, event_nr, dev, _cstring(name),
-        _cstring(uuid),
-    )  # fmt: skip
 
 
 def check_name(name: str, *, uuid: str = "") -> None:
     """Raise ValueError unless the kernel would accept name (and uuid) for a device."""
-    raw = _encode(name)
-    if not raw or b"/" in raw or b"\0" in raw or name in ("control", ".", ".."):
-        raise ValueError(f"invalid dm device name {name!r}: empty, '/', NUL, control, . or ..")
-    if len(raw) >= _abi.DM_NAME_LEN:
-        raise ValueError(f"dm device name {name!r} is over {_abi.DM_NAME_LEN - 1} bytes")
-    if len(_encode(uuid)) >= _abi.DM_UUID_LEN or "\0" in uuid:
+    problem = name_problem(name)
+    if problem is not None:
+        raise ValueError(f"invalid dm device name {name!r}: {problem}")
+    if len(encode(uuid)) >= _abi.DM_UUID_LEN or "\0" in uuid:
         raise ValueError(f"dm uuid {uuid!r} is over {_abi.DM_UUID_LEN - 1} bytes or has NUL")
-
-
-def pack_targets(targets: Sequence[Target]) -> bytes:
-    """Return a DM_TABLE_LOAD payload: specs with ``next`` relative to each spec, 8-aligned."""
-    out = bytearray()
-    for t in targets:
-        ttype, params = _encode(t.target_type), _encode(t.params)
-        if not ttype or len(ttype) >= _abi.DM_MAX_TYPE_NAME or b"\0" in ttype + params:
-            raise ValueError(f"invalid target type or params: {t.target_type!r} {t.params!r}")
-        if t.start < 0 or t.length <= 0:
-            raise ValueError(f"invalid target extent: start {t.start}, length {t.length}")
-        plen = _align8(len(params) + 1)
-        out += _abi.TARGET_SPEC.pack(t.start, t.length, 0, _abi.TARGET_SPEC.size + plen, ttype)
-        out += params.ljust(plen, b"\0")
-    return bytes(out)
-
-
-def parse_targets(data: bytes, count: int) -> list[Target]:
-    """Parse a DM_TABLE_STATUS answer: count specs, ``next`` relative to the data start."""
-    targets, offset = [], 0
-    for _ in range(count):
-        start, length, _status, nxt, ttype = _abi.TARGET_SPEC.unpack_from(data, offset)
-        params = _cstring(data, offset + _abi.TARGET_SPEC.size)
-        targets.append(Target(start, length, _cstring(ttype), params))
-        offset = nxt
-    return targets
-
-
-def parse_name_list(data: bytes) -> list[DmDevice]:
-    """Parse a DM_LIST_DEVICES answer (interface >= 4.37: event_nr after each name)."""
-    devices: list[DmDevice] = []
-    offset = 0
-    if len(data) < _abi.NAME_LIST_HEAD.size:
-        return devices
-    while True:
-        dev, nxt = _abi.NAME_LIST_HEAD.unpack_from(data, offset)
-        if dev == 0 and offset == 0:
-            return devices  # "nl->dev = 0: flags no data"
-        name_at = offset + _abi.NAME_LIST_HEAD.size
-        name = _cstring(data, name_at)
-        event_nr, _flags = _abi.NAME_LIST_TAIL.unpack_from(
-            data, _align8(name_at + len(_encode(name)) + 1)
-        )
-        devices.append(DmDevice(name, dev, event_nr))
-        if nxt == 0:
-            return devices
-        offset += nxt
-
-
-def pack_message(sector: int, message: str) -> bytes:
-    """Return a DM_TARGET_MSG payload: u64 sector, the message, NUL, zero-padded to 8."""
-    raw = _encode(message)
-    if not raw.strip() or b"\0" in raw:
-        raise ValueError(f"invalid target message {message!r}")
-    body = _abi.TARGET_MSG.pack(sector) + raw + b"\0"
-    return body.ljust(_align8(len(body)), b"\0")
 
 
 def _fcntl_ioctl(fd: int, request: int, buf: bytearray) -> int:
@@ -220,10 +116,19 @@ class DeviceMapper:
         self.close()
 
     def _ioctl(
-        self, cmd: _abi.Command, op: str, *, name: str = "", flags: _abi.DmFlag = _NO_FLAGS,
-        event_nr: int = 0, uuid: str = "", target_count: int = 0, payload: bytes = b"",
-        on_full: _OnFull = "grow", detail: str = "",
-    ) -> tuple[DmHeader, bytes]:  # fmt: skip
+        self,
+        cmd: _abi.Command,
+        op: str,
+        *,
+        name: str = "",
+        flags: _abi.DmFlag = _NO_FLAGS,
+        event_nr: int = 0,
+        uuid: str = "",
+        target_count: int = 0,
+        payload: bytes = b"",
+        on_full: _OnFull = "grow",
+        detail: str = "",
+    ) -> tuple[DmHeader, bytes]:
         """Run one command; return the answer's header and its data area."""
         flags &= _abi.VALID_FLAGS[cmd]
         if cmd not in _abi.EVENT_NR_INPUT:
@@ -231,15 +136,20 @@ class DeviceMapper:
         if cmd in _abi.HEADER_ONLY or cmd == _abi.Command.DEV_WAIT:
             size = _abi.DATA_START
         elif on_full == "grow" or cmd == _abi.Command.TARGET_MSG:
-            size = max(_READ_BUFFER, _align8(_abi.DATA_START + len(payload)))
+            size = max(_READ_BUFFER, align8(_abi.DATA_START + len(payload)))
         else:
-            size = _align8(_abi.DATA_START + len(payload))
+            size = align8(_abi.DATA_START + len(payload))
         label = f"{op} (DM_{cmd.name})"
         while True:
             hdr = DmHeader(
-                _abi.MIN_VERSION[cmd], size, _abi.DATA_START, target_count, 0, int(flags),
-                event_nr & 0xFFFFFFFF, 0, name, uuid,
-            )  # fmt: skip
+                version=_abi.MIN_VERSION[cmd],
+                data_size=size,
+                target_count=target_count,
+                flags=int(flags),
+                event_nr=event_nr & 0xFFFFFFFF,
+                name=name,
+                uuid=uuid,
+            )
             buf = bytearray(size)
             buf[: _abi.DATA_START] = pack_header(hdr)
             buf[_abi.DATA_START : _abi.DATA_START + len(payload)] = payload
@@ -263,10 +173,17 @@ class DeviceMapper:
     def _info(h: DmHeader) -> DmInfo:
         f = _abi.DmFlag(h.flags)
         return DmInfo(
-            h.name, h.uuid, h.dev, h.event_nr, h.open_count, h.target_count,
-            _abi.DmFlag.SUSPEND in f, _abi.DmFlag.READONLY in f,
-            _abi.DmFlag.ACTIVE_PRESENT in f, _abi.DmFlag.INACTIVE_PRESENT in f,
-        )  # fmt: skip
+            name=h.name,
+            uuid=h.uuid,
+            dev=h.dev,
+            event_nr=h.event_nr,
+            open_count=h.open_count,
+            target_count=h.target_count,
+            suspended=_abi.DmFlag.SUSPEND in f,
+            read_only=_abi.DmFlag.READONLY in f,
+            active_present=_abi.DmFlag.ACTIVE_PRESENT in f,
+            inactive_present=_abi.DmFlag.INACTIVE_PRESENT in f,
+        )
 
     def version(self) -> tuple[int, int, int]:
         """Return the kernel's dm ioctl interface version (DM_VERSION)."""
@@ -298,12 +215,11 @@ class DeviceMapper:
         check_name(name, uuid=uuid)
         return self._info(self._ioctl(_abi.Command.DEV_CREATE, "create", name=name, uuid=uuid)[0])
 
-    def remove(self, name: str, cookie: int = 0) -> None:
-        """Remove the device and both its tables (DM_DEV_REMOVE); emits a 'remove' uevent.
+    def remove(self, name: str, cookie: int = 0) -> bool:
+        """Remove the device and both its tables (DM_DEV_REMOVE); return UEVENT_GENERATED.
 
-        cookie is a udev cookie (UdevSync.transaction); a Cookie learns whether a uevent was
-        generated. EBUSY (device open) is retried a few times, 0.2 s apart, then raised.
-        ENXIO: no such device.
+        The 'remove' uevent carries cookie (UdevSync.synced). EBUSY (device open) is retried a
+        few times, 0.2 s apart, then raised. ENXIO: no such device.
         """
         check_name(name)
         attempt = 1
@@ -316,8 +232,7 @@ class DeviceMapper:
                     raise
                 attempt += 1
                 _time.sleep(_REMOVE_DELAY)
-        if isinstance(cookie, Cookie):
-            cookie.record(bool(out.flags & _abi.DmFlag.UEVENT_GENERATED))
+        return bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
 
     def load_table(self, name: str, targets: Sequence[Target], *, read_only: bool = False) -> None:
         """Load targets into the device's INACTIVE slot (DM_TABLE_LOAD); no suspend needed.
@@ -331,10 +246,15 @@ class DeviceMapper:
             raise ValueError("a table needs at least one target")
         text = "; ".join(f"{t.start} {t.length} {t.target_type} {t.params}" for t in targets)
         self._ioctl(
-            _abi.Command.TABLE_LOAD, "load_table", name=name, target_count=len(targets),
+            _abi.Command.TABLE_LOAD,
+            "load_table",
+            name=name,
+            target_count=len(targets),
             flags=_abi.DmFlag.READONLY if read_only else _abi.DmFlag(0),
-            payload=pack_targets(targets), on_full="ignore", detail=f"table: {text}",
-        )  # fmt: skip
+            payload=pack_targets(targets),
+            on_full="ignore",
+            detail=f"table: {text}",
+        )
 
     def clear_table(self, name: str) -> None:
         """Drop the table in the INACTIVE slot, if any (DM_TABLE_CLEAR); the ACTIVE one stays."""
@@ -359,7 +279,7 @@ class DeviceMapper:
 
         DM_DEV_SUSPEND without SUSPEND: the kernel suspends (noflush/skip_lockfs apply to that
         suspend), swaps the INACTIVE table into the ACTIVE slot, resumes and emits a 'change'
-        uevent carrying cookie (RESIZE=1 if the size changed). A Cookie records the result.
+        uevent carrying cookie (RESIZE=1 if the size changed; see UdevSync.synced).
         """
         check_name(name)
         flags = _abi.DmFlag(0)
@@ -368,10 +288,7 @@ class DeviceMapper:
         out, _ = self._ioctl(
             _abi.Command.DEV_SUSPEND, "resume", name=name, flags=flags, event_nr=cookie
         )
-        generated = bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
-        if isinstance(cookie, Cookie):
-            cookie.record(generated)
-        return generated
+        return bool(out.flags & _abi.DmFlag.UEVENT_GENERATED)
 
     def table(self, name: str, *, inactive: bool = False) -> list[Target]:
         """Return the ACTIVE table (or the INACTIVE one); DM_TABLE_STATUS with STATUS_TABLE.
@@ -403,9 +320,13 @@ class DeviceMapper:
         """
         check_name(name)
         out, _ = self._ioctl(
-            _abi.Command.DEV_WAIT, "wait", name=name, event_nr=event_nr,
-            flags=_abi.DmFlag.NOFLUSH, on_full="ignore",
-        )  # fmt: skip
+            _abi.Command.DEV_WAIT,
+            "wait",
+            name=name,
+            event_nr=event_nr,
+            flags=_abi.DmFlag.NOFLUSH,
+            on_full="ignore",
+        )
         return out.event_nr
 
     def arm_poll(self) -> None:
@@ -420,7 +341,11 @@ class DeviceMapper:
         """
         check_name(name)
         out, data = self._ioctl(
-            _abi.Command.TARGET_MSG, "message", name=name,
-            payload=pack_message(sector, message), on_full="raise", detail=message,
-        )  # fmt: skip
-        return _cstring(data) if out.flags & _abi.DmFlag.DATA_OUT else ""
+            _abi.Command.TARGET_MSG,
+            "message",
+            name=name,
+            payload=pack_message(sector, message),
+            on_full="raise",
+            detail=message,
+        )
+        return cstring(data) if out.flags & _abi.DmFlag.DATA_OUT else ""

@@ -62,8 +62,14 @@ class Files:
             return None
         except OSError as exc:
             raise _error("stat", path, exc) from exc
-        return FileInfo(st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_size,
-                        st.st_blocks * 512)  # fmt: skip
+        return FileInfo(
+            dev=st.st_dev,
+            ino=st.st_ino,
+            mode=st.st_mode,
+            uid=st.st_uid,
+            size=st.st_size,
+            allocated=st.st_blocks * 512,
+        )
 
     def space(self, path: str) -> FsSpace:
         try:

@@ -47,9 +47,21 @@ def pack_loop_info(info: LoopInfo) -> bytes:
     """Return the 232 bytes of a loop_info64 (file_name truncated to 63 bytes + NUL)."""
     name = info.file_name.encode("utf-8", "surrogateescape")[: _abi.LO_NAME_SIZE - 1]
     return _abi.LOOP_INFO64.pack(
-        info.backing_dev, info.backing_inode, 0, info.offset, info.sizelimit, info.number,
-        0, 0, info.flags, name, b"", b"", 0, 0,
-    )  # fmt: skip
+        info.backing_dev,
+        info.backing_inode,
+        0,
+        info.offset,
+        info.sizelimit,
+        info.number,
+        0,
+        0,
+        info.flags,
+        name,
+        b"",
+        b"",
+        0,
+        0,
+    )
 
 
 def unpack_loop_info(buf: bytes | bytearray) -> LoopInfo:

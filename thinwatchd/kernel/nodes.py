@@ -30,8 +30,7 @@ class UdevNodes:
         warn and go on (its link follows when udev catches up).
         """
         try:
-            with self.udev.transaction(name) as cookie:
-                dm.resume(name, cookie=cookie)
+            self.udev.synced(name, lambda cookie: dm.resume(name, cookie=cookie))
         except KernelError as exc:
             if exc.errno != errno.ETIMEDOUT or not exc.op.startswith("udev"):
                 raise

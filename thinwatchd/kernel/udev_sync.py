@@ -13,20 +13,19 @@ decrements the SysV semaphore with key ``0x0D4D0000 | base``. The protocol, as l
 
 Without udev (/run/udev/control absent) no semaphore is made (base 0: udevcomplete would do
 nothing) and ``ensure_node``/``remove_node`` manage /dev/mapper/<name> themselves. With udev
-but without 95-dm-notify.rules (dmsetup not installed), the transaction instead waits for the
+but without 95-dm-notify.rules (dmsetup not installed), synced() instead waits for the
 processed uevent carrying the cookie on a pyudev 'udev' monitor.
 """
 
 from __future__ import annotations
 
-import contextlib as _contextlib
 import ctypes as _ctypes
 import errno as _errno
 import logging as _logging
 import os as _os
 import stat as _stat
 import time as _time
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 from thinwatchd.errors import KernelError
@@ -34,7 +33,11 @@ from thinwatchd.kernel.dm_abi import COOKIE_MAGIC, UDEV_FLAGS_SHIFT, UdevFlag
 from thinwatchd.kernel.fs import make_node
 from thinwatchd.kernel.libc import libc as _libc
 
-__all__ = ["POOL_UDEV_FLAGS", "UDEV_CONTROL", "Cookie", "UdevSync"]
+__all__ = ["POOL_UDEV_FLAGS", "UDEV_CONTROL", "UdevOperation", "UdevSync"]
+
+#: ONE resume() or remove() of a device, given the cookie to pass to it; it returns whether the
+#: kernel generated a uevent (DM_UEVENT_GENERATED_FLAG), as those methods do.
+UdevOperation = Callable[[int], bool]
 
 #: Exists while systemd-udevd runs: without it, nobody would process a cookie's uevent.
 UDEV_CONTROL = "/run/udev/control"
@@ -107,33 +110,18 @@ def _semop(semid: int, op: int, flags: int = 0, timeout: float | None = None) ->
         _call("semtimedop", semid, _ctypes.byref(buf), 1, _ctypes.byref(ts))
 
 
-class Cookie(int):
-    """A udev cookie: pass it as the ``cookie`` argument of resume() or remove(), once.
-
-    DeviceMapper records on it whether the ioctl generated a uevent; another implementation
-    of DeviceMapperApi must call record() itself. Unrecorded means "no uevent".
-    """
-
-    uevent_generated: bool | None
-
-    def __new__(cls, value: int) -> Cookie:
-        self = super().__new__(cls, value)
-        self.uevent_generated = None
-        return self
-
-    def record(self, uevent_generated: bool) -> None:
-        """Note the ioctl's DM_UEVENT_GENERATED_FLAG."""
-        self.uevent_generated = uevent_generated
-
-
 class UdevSync:
     """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
 
     def __init__(
-        self, *, dev_dir: str = "/dev", udev_control: str = UDEV_CONTROL,
-        timeout: float = 30.0, flags: UdevFlag = POOL_UDEV_FLAGS,
+        self,
+        *,
+        dev_dir: str = "/dev",
+        udev_control: str = UDEV_CONTROL,
+        timeout: float = 30.0,
+        flags: UdevFlag = POOL_UDEV_FLAGS,
         rule_dirs: tuple[str, ...] = _RULE_DIRS,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.dev_dir = dev_dir
         self.udev_control = udev_control
         self.timeout = timeout
@@ -148,38 +136,37 @@ class UdevSync:
         """Return True if some rules directory has 95-dm-notify.rules (dmsetup udevcomplete)."""
         return any(_os.path.exists(_os.path.join(d, _NOTIFY_RULE)) for d in self.rule_dirs)
 
-    @_contextlib.contextmanager
-    def transaction(self, name: str, flags: UdevFlag | None = None) -> Iterator[Cookie]:
-        """Yield a Cookie for ONE resume()/remove() of name; on exit, wait until udev is done.
+    def synced(self, name: str, operation: UdevOperation, flags: UdevFlag | None = None) -> bool:
+        """Run operation(cookie) on name, then wait until udev is done; return its result.
 
-        When the block succeeded, /dev/mapper/<name> reflects the change on return (if udev
-        runs). The semaphore is removed on every path. Raise KernelError(ETIMEDOUT) if udev did
-        not finish within the timeout (only when the block itself succeeded). Without
-        95-dm-notify.rules, or when no semaphore can be made (no SysV IPC, limits), it waits
-        for udev's processed uevent on a pyudev monitor instead.
+        When it succeeded, /dev/mapper/<name> reflects the change on return (if udev runs).
+        The semaphore is removed on every path; an exception from operation propagates. Raise
+        KernelError(ETIMEDOUT) if udev did not finish within the timeout (only after operation
+        succeeded). Without 95-dm-notify.rules, or when no semaphore can be made (no SysV IPC,
+        limits), it waits for udev's processed uevent on a pyudev monitor instead.
         """
         prefix = int(self.flags if flags is None else flags) << UDEV_FLAGS_SHIFT
         if not self.udev_running():
-            yield Cookie(prefix)
-            return
+            return operation(prefix)
         try:
             semid, base = self._create(name) if self.notify_rules_installed() else (-1, 0)
         except KernelError as exc:  # no SysV IPC in this kernel, or its limits are reached
             _log.warning("%s; waiting for udev's event instead", exc)
             semid = -1
         if semid < 0:
-            with self._monitored(name, prefix) as cookie:
-                yield cookie
-            return
-        cookie = Cookie(prefix | base)
-        incremented = ok = False
+            return self._monitored(name, prefix, operation)
+        cookie = prefix | base
+        incremented = generated = ok = False
         try:
             _semop(semid, +1)
             incremented = True
-            yield cookie
+            generated = operation(cookie)
             ok = True
         finally:
-            self._finish(name, cookie, semid, incremented=incremented, raise_timeout=ok)
+            self._finish(
+                name, cookie, semid, expect_udev=incremented and generated, raise_timeout=ok
+            )
+        return generated
 
     def _create(self, name: str) -> tuple[int, int]:
         for _ in range(256):
@@ -203,11 +190,13 @@ class UdevSync:
         raise KernelError("udev cookie create", name, _errno.EEXIST, "no free cookie")
 
     def _finish(
-        self, name: str, cookie: Cookie, semid: int, *, incremented: bool, raise_timeout: bool
+        self, name: str, cookie: int, semid: int, *, expect_udev: bool, raise_timeout: bool
     ) -> None:
+        """expect_udev: we incremented the semaphore and the kernel sent the uevent, so udev's
+        udevcomplete decrements it; otherwise we do."""
         done = False
         try:
-            if incremented and not cookie.uevent_generated:
+            if not expect_udev:
                 _semop(semid, -1, _IPC_NOWAIT)  # nobody else will: no uevent (or the ioctl failed)
             _semop(semid, -1, _IPC_NOWAIT)  # our own initial 1
             deadline = _time.monotonic() + self.timeout
@@ -236,34 +225,34 @@ class UdevSync:
                     _log.warning("udev cookie %#x for %s: cannot remove: %s", cookie, name, exc)
         if not done and raise_timeout:
             raise KernelError(
-                "udev wait", name, _errno.ETIMEDOUT,
-                f"cookie {int(cookie):#x} not completed by udev in {self.timeout:g}s",
-            )  # fmt: skip
+                "udev wait",
+                name,
+                _errno.ETIMEDOUT,
+                f"cookie {cookie:#x} not completed by udev in {self.timeout:g}s",
+            )
 
-    @_contextlib.contextmanager
-    def _monitored(self, name: str, prefix: int) -> Iterator[Cookie]:
+    def _monitored(self, name: str, cookie: int, operation: UdevOperation) -> bool:
         """No 95-dm-notify.rules: wait for udev's processed uevent for name with our cookie.
 
         Base 0, so a notify rule we did not find can never fail on a missing semaphore.
         """
         import pyudev  # only here: the cookie path must not depend on it
 
-        cookie = Cookie(prefix)
         monitor = pyudev.Monitor.from_netlink(pyudev.Context(), source="udev")
         monitor.filter_by("block")
         monitor.start()  # before the ioctl, so its event cannot be missed; closed by GC
-        yield cookie
-        if cookie.uevent_generated:
-            deadline = _time.monotonic() + self.timeout
-            want = (name, str(int(cookie)))
-            while (left := deadline - _time.monotonic()) > 0:
-                dev = monitor.poll(timeout=left)
-                if (
-                    dev is not None
-                    and (dev.properties.get("DM_NAME"), dev.properties.get("DM_COOKIE")) == want
-                ):
-                    return
-            raise KernelError("udev wait", name, _errno.ETIMEDOUT, "no processed uevent")
+        if not operation(cookie):
+            return False
+        deadline = _time.monotonic() + self.timeout
+        want = (name, str(cookie))
+        while (left := deadline - _time.monotonic()) > 0:
+            dev = monitor.poll(timeout=left)
+            if (
+                dev is not None
+                and (dev.properties.get("DM_NAME"), dev.properties.get("DM_COOKIE")) == want
+            ):
+                return True
+        raise KernelError("udev wait", name, _errno.ETIMEDOUT, "no processed uevent")
 
     def node_path(self, name: str) -> str:
         """Return /dev/mapper/<name>."""
@@ -272,7 +261,7 @@ class UdevSync:
     def ensure_node(self, name: str, dev: int) -> bool:
         """Without udev, make /dev/mapper/<name> a block node for dev; return True if changed.
 
-        With udev running this does nothing (udev owns /dev; the transaction waits for its
+        With udev running this does nothing (udev owns /dev; synced() waits for its
         link). A stale node with another number is replaced atomically. Raise KernelError.
         """
         if self.udev_running():
