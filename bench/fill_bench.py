@@ -185,15 +185,21 @@ def main() -> None:
     args = parser.parse_args()
     directory = scratch_dir() / "bench"
     directory.mkdir(exist_ok=True)
+    presized_s: list[float] = []
+    presized_buffered_s: list[float] = []
+    runs: list[dict[str, object]] = []
     result: dict[str, object] = {
-        "mib": args.mib, "presized_s": [], "presized_buffered_s": [], "thinwatchd": [],
-    }  # fmt: skip
+        "mib": args.mib,
+        "presized_s": presized_s,
+        "presized_buffered_s": presized_buffered_s,
+        "thinwatchd": runs,
+    }
     with DeviceMapper() as dm:
         result["floor"] = floor(dm, directory, args.mib)
         for _ in range(args.rounds):  # interleaved, so drift hits both alike
-            result["presized_s"].append(presized(dm, directory, args.mib, True))  # type: ignore[union-attr]
-            result["presized_buffered_s"].append(presized(dm, directory, args.mib, False))  # type: ignore[union-attr]
-            result["thinwatchd"].append(with_daemon(dm, directory, args.mib))  # type: ignore[union-attr]
+            presized_s.append(presized(dm, directory, args.mib, True))
+            presized_buffered_s.append(presized(dm, directory, args.mib, False))
+            runs.append(with_daemon(dm, directory, args.mib))
     print(json.dumps(result, indent=1))
     summarize(result)
 
