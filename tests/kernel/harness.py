@@ -266,6 +266,9 @@ def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[Insta
     """
     unit = "thinwatchd.service"
     config_path = Path("/etc/thinwatchd/config.yaml")
+    # Left as found: a later test (the quick start) expects a fresh machine, and the unit's
+    # StateDirectory= makes /var/lib/thinwatchd when it starts.
+    created = [p for p in (config_path.parent, Path("/var/lib/thinwatchd")) if not p.exists()]
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config))
     shutil.copy(REPO / "systemd" / unit, f"/etc/systemd/system/{unit}")
@@ -286,6 +289,8 @@ def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[Insta
         shutil.rmtree(dropin, ignore_errors=True)
         Path(f"/etc/systemd/system/{unit}").unlink(missing_ok=True)
         subprocess.run(["systemctl", "daemon-reload"], check=False)
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- hostile-host helpers (tests/kernel/test_hostile.py, test_fault_campaign.py) ------------------
