@@ -107,6 +107,31 @@ def test_a_failing_block_never_leaves_a_semaphore(fake_udev: UdevSync) -> None:
     assert our_semaphores() == before
 
 
+def test_a_failed_increment_runs_nothing_and_says_nothing_more(
+    fake_udev: UdevSync, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """semop(+1) refused (EINVAL, a limit): the error is raised, the operation never runs, the
+    semaphore is removed, and no second decrement is tried on it (no extra warning)."""
+    before, real = our_semaphores(), udev_sync._semop
+
+    def semop(semid: int, op: int, flags: int = 0, timeout: float | None = None) -> None:
+        if op == +1:
+            raise OSError(errno.ERANGE, "semop: Numerical result out of range")
+        real(semid, op, flags, timeout)
+
+    monkeypatch.setattr(udev_sync, "_semop", semop)
+    ran: list[int] = []
+
+    def operation(cookie: int) -> bool:
+        ran.append(cookie)
+        return True
+
+    with pytest.raises(OSError):
+        fake_udev.synced("x", operation)
+    assert ran == [] and our_semaphores() == before
+    assert [r for r in caplog.records if "udev cookie" in r.getMessage()] == []
+
+
 @pytest.fixture
 def dm() -> Iterator[DeviceMapper]:
     with open_dm() as dm:

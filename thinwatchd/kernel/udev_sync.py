@@ -163,9 +163,7 @@ class UdevSync:
             generated = operation(cookie)
             ok = True
         finally:
-            self._finish(
-                name, cookie, semid, expect_udev=incremented and generated, raise_timeout=ok
-            )
+            self._finish(name, cookie, semid, ours=incremented and not generated, raise_timeout=ok)
         return generated
 
     def _create(self, name: str) -> tuple[int, int]:
@@ -190,13 +188,13 @@ class UdevSync:
         raise KernelError("udev cookie create", name, _errno.EEXIST, "no free cookie")
 
     def _finish(
-        self, name: str, cookie: int, semid: int, *, expect_udev: bool, raise_timeout: bool
+        self, name: str, cookie: int, semid: int, *, ours: bool, raise_timeout: bool
     ) -> None:
-        """expect_udev: we incremented the semaphore and the kernel sent the uevent, so udev's
-        udevcomplete decrements it; otherwise we do."""
+        """ours: we incremented the semaphore and no uevent will come (none generated, or the
+        operation failed), so that decrement is ours; with a uevent, udevcomplete makes it."""
         done = False
         try:
-            if not expect_udev:
+            if ours:
                 _semop(semid, -1, _IPC_NOWAIT)  # nobody else will: no uevent (or the ioctl failed)
             _semop(semid, -1, _IPC_NOWAIT)  # our own initial 1
             deadline = _time.monotonic() + self.timeout
