@@ -85,7 +85,11 @@ def _warn_full_soon(m: PoolMetrics, pool: Pool, said: set[str], horizon: float) 
 def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
     """Say once how to give back what the data file holds beyond the pool's data in use."""
     allocated = m.data_file_allocated_bytes
-    if allocated is None or not isinstance(m.status, ThinPoolWorkingStatus):
+    if (
+        allocated is None
+        or pool.settings.preallocate  # allocated whole on purpose: nothing to give back
+        or not isinstance(m.status, ThinPoolWorkingStatus)
+    ):
         return
     used = m.status.data_used * m.block_bytes
     if not worth_reclaiming(allocated, used, said=RECLAIMABLE in said):

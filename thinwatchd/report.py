@@ -89,7 +89,8 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     used = status.usage_bytes(block).data_used
     return replace(
         base,
-        reclaimable=None if allocated is None else max(0, allocated - used),
+        # A preallocated file is meant to be allocated whole: nothing there is to give back.
+        reclaimable=None if allocated is None or settings.preallocate else max(0, allocated - used),
         active=True,
         mode="suspended" if info.suspended else status.mode.value,
         **status.usage_bytes(block)._asdict(),
@@ -185,6 +186,6 @@ def format_table(reports: list[PoolReport], estimates_from: str | None = None) -
 
 
 def _worth_reclaiming(r: PoolReport) -> bool:
-    if r.data_file_allocated is None or r.data_used is None:
+    if r.reclaimable is None or r.data_file_allocated is None or r.data_used is None:
         return False
     return worth_reclaiming(r.data_file_allocated, r.data_used)

@@ -306,3 +306,23 @@ def test_the_estimates_for_status_are_written_after_each_pass(
         d._pass(list(d.pools.values()), survey=True)
     said = [r.getMessage() for r in caplog.records if "cannot write estimates" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def test_a_preallocated_pool_is_never_told_to_give_space_back(
+    fake: FakeKernel,
+    kernel: Kernel,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its file is allocated whole on purpose; fstrim would only undo that."""
+    caplog.set_level(logging.INFO, logger="thinwatchd")
+    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB, **PREALLOCATED)
+    monkeypatch.setattr(d.extender.backing, "allocated", lambda path: 100 * 1024 * MiB)
+    d._pass(list(d.pools.values()), survey=True)
+    said = [
+        r
+        for r in caplog.records
+        if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.SPACE_RECLAIMABLE
+    ]
+    assert said == []

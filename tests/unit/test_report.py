@@ -3,6 +3,8 @@ the running daemon's time-to-full estimates."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from thinwatchd.estimates import Estimate
 from thinwatchd.forecast import RECLAIM_HINT_BYTES
 from thinwatchd.report import PoolReport, format_table, with_estimate
@@ -63,3 +65,10 @@ def test_without_a_running_daemon_the_estimates_are_unknown_and_the_table_says_w
     assert lines[-1].startswith("?: no estimate from a running thinwatchd (none fresh in "
                                 "/run/thinwatchd/estimates.json)")  # fmt: skip
     assert report(2 * GiB, 2 * GiB).as_json()["estimated"] is False
+
+
+def test_a_preallocated_file_has_nothing_to_give_back() -> None:
+    """pool_report leaves reclaimable unset for a preallocated pool: no hint however much of
+    its file is allocated beyond the data in use."""
+    preallocated = dataclasses.replace(report(1 * GiB, 100 * GiB), reclaimable=None)
+    assert len(format_table([preallocated]).splitlines()) == 2
