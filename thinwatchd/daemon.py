@@ -81,7 +81,6 @@ class Daemon:
         self._reload_pending = False
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
-        self._stopping = False
         self.extender = Extender(kernel, self.loop.time)
         self.dm_events = DmEvents(
             self.loop,
@@ -220,8 +219,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""
-        self._stopping = True
-        self.reconciles.stopping = True  # no new pass
+        self.reconciles.stopping = True  # no new pass, no rebuild
         self.notifier.stopping()
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
@@ -295,7 +293,7 @@ class Daemon:
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
-        if self._stopping or self.workers.busy(name) or self.reconcilers.busy(name):
+        if self.reconciles.stopping or self.workers.busy(name) or self.reconcilers.busy(name):
             return  # a reconcile that finds the device gone comes back here
         try:
             if self.kernel.dm.info(name) is not None:
