@@ -55,8 +55,9 @@ def dd(device: str, mib: int) -> float:
     start = time.monotonic()
     subprocess.run(
         ["dd", "if=/dev/zero", f"of={device}", "bs=1M", f"count={mib}", "oflag=direct"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        capture_output=True,
+    )
     return time.monotonic() - start
 
 
@@ -134,10 +135,18 @@ def floor(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, list[float]]
 def with_daemon(dm: DeviceMapper, directory: Path, mib: int) -> dict[str, object]:
     name = f"bench-{uuid.uuid4().hex[:6]}"
     data, meta = directory / f"{name}.data", directory / f"{name}.meta"
-    config = write_config(directory / f"{name}.yaml", {name: {
-        "data_file": str(data), "metadata_file": str(meta), "data_size": "64MiB",
-        "metadata_size": "64MiB",
-    }}, log_level="debug")  # fmt: skip
+    config = write_config(
+        directory / f"{name}.yaml",
+        {
+            name: {
+                "data_file": str(data),
+                "metadata_file": str(meta),
+                "data_size": "64MiB",
+                "metadata_size": "64MiB",
+            }
+        },
+        log_level="debug",
+    )
     daemon = DaemonProcess(config, directory / f"{name}.log")
     klog = KernelLog()
     try:

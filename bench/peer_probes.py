@@ -46,8 +46,9 @@ class Sampler:
                 if tick % 2 == 0:
                     with contextlib.suppress(Exception):  # a sampler must not end the cell
                         usage = pool_usage(dm, self.pool)
-                        self.series.append((t, usage["total_blocks"] * block,
-                                            usage["used_blocks"] * block))  # fmt: skip
+                        self.series.append(
+                            (t, usage["total_blocks"] * block, usage["used_blocks"] * block)
+                        )
                 tick += 1
                 self._stop.wait(PROGRESS_EVERY)
 

@@ -195,8 +195,10 @@ class Diy(Manual):
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 ["sh", str(DIY_SCRIPT), self.pool.name, str(self.pool.data), "1024"],
-                stdout=log, stderr=log, start_new_session=True,  # its own group: kill it whole
-            )  # fmt: skip
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its own group: kill it whole
+            )
         self.await_first_wait()
         return rig
 
@@ -267,15 +269,15 @@ class Lvm:
         system_dir = directory / "lvm"
         system_dir.mkdir(parents=True, exist_ok=True)
         (system_dir / "lvm.conf").write_text(LVM_CONF)
-        self.env = dict(os.environ, LVM_SYSTEM_DIR=str(system_dir),
-                        LVM_SUPPRESS_FD_WARNINGS="1")  # fmt: skip
+        self.env = dict(os.environ, LVM_SYSTEM_DIR=str(system_dir), LVM_SUPPRESS_FD_WARNINGS="1")
         for run_dir in ("/run/lock/lvm", "/run/lvm"):
             Path(run_dir).mkdir(parents=True, exist_ok=True)
 
     def start_dmeventd(self) -> None:
         if Lvm.dmeventd is None:
-            Lvm.dmeventd = subprocess.Popen(["dmeventd", "-f"], env=self.env,
-                                            stderr=subprocess.DEVNULL)  # fmt: skip
+            Lvm.dmeventd = subprocess.Popen(
+                ["dmeventd", "-f"], env=self.env, stderr=subprocess.DEVNULL
+            )
             time.sleep(1)
 
     @classmethod
@@ -293,26 +295,58 @@ class Lvm:
             f.truncate((2 * mib + 4096) * MiB)  # room for 20% steps past the workload
         self.loop = subprocess.run(
             ["losetup", "-f", "--show", "--direct-io=on", str(self.pv)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         lvm("pvcreate", "-q", self.loop, env=self.env)
         lvm("vgcreate", "-q", LVM_VG, self.loop, env=self.env)
-        lvm("lvcreate", "-q", "--type", "thin-pool", "-n", "pool", "-L", f"{START // MiB}M",
-            "--chunksize", "64k", "--poolmetadatasize", "64M", "--zero", "n", LVM_VG,
-            env=self.env)  # fmt: skip
-        lvm("lvcreate", "-q", "-n", "thin", "-V", f"{THIN_SIZE // MiB}M", "--thinpool",
-            f"{LVM_VG}/pool", env=self.env)  # fmt: skip
+        lvm(
+            "lvcreate",
+            "-q",
+            "--type",
+            "thin-pool",
+            "-n",
+            "pool",
+            "-L",
+            f"{START // MiB}M",
+            "--chunksize",
+            "64k",
+            "--poolmetadatasize",
+            "64M",
+            "--zero",
+            "n",
+            LVM_VG,
+            env=self.env,
+        )
+        lvm(
+            "lvcreate",
+            "-q",
+            "-n",
+            "thin",
+            "-V",
+            f"{THIN_SIZE // MiB}M",
+            "--thinpool",
+            f"{LVM_VG}/pool",
+            env=self.env,
+        )
         monitored = self.monitor_state()
         if monitored != "monitored":
             lvm("lvchange", "--monitor", "y", f"{LVM_VG}/pool", env=self.env)
             monitored = self.monitor_state()
         if monitored != "monitored":
             raise RuntimeError(f"lvm pool not monitored by dmeventd: {monitored!r}")
-        pool = next(d.name for d in dm.list_devices()
-                    if d.name.startswith(f"{LVM_VG}-pool") and self._is_pool(d.name))  # fmt: skip
+        pool = next(
+            d.name
+            for d in dm.list_devices()
+            if d.name.startswith(f"{LVM_VG}-pool") and self._is_pool(d.name)
+        )
         (target,) = dm.table(pool)
-        notes = {"seg_monitor": monitored, "table": target.params,
-                 "low_water_blocks": int(target.params.split()[3])}  # fmt: skip
+        notes = {
+            "seg_monitor": monitored,
+            "table": target.params,
+            "low_water_blocks": int(target.params.split()[3]),
+        }
         return Rig(f"/dev/mapper/{LVM_VG}-thin", pool, self.pv, notes)
 
     def pids(self) -> list[int]:
@@ -328,8 +362,11 @@ class Lvm:
 
     def stop(self) -> dict[str, Any]:
         notes = {"lvs": self.lvs()}
-        for args in (("lvremove", "-q", "-f", LVM_VG), ("vgremove", "-q", "-f", LVM_VG),
-                     ("pvremove", "-q", "-f", self.loop)):  # fmt: skip
+        for args in (
+            ("lvremove", "-q", "-f", LVM_VG),
+            ("vgremove", "-q", "-f", LVM_VG),
+            ("pvremove", "-q", "-f", self.loop),
+        ):
             with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 lvm(*args, env=self.env)
         subprocess.run(["losetup", "-d", self.loop], check=False)
@@ -338,8 +375,9 @@ class Lvm:
 
     def lvs(self) -> str:
         try:
-            return lvm("lvs", "-a", "-o", "lv_name,lv_size,data_percent,seg_monitor", LVM_VG,
-                       env=self.env)  # fmt: skip
+            return lvm(
+                "lvs", "-a", "-o", "lv_name,lv_size,data_percent,seg_monitor", LVM_VG, env=self.env
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             return repr(exc)
 
@@ -350,8 +388,7 @@ def make(name: str, directory: Path) -> System:
         return Thinwatchd("default" if name == "thinwatchd" else "tight")
     if name == "lvm2":
         return Lvm(directory)
-    return {"docker-fixed": DockerFixed, "diy": Diy, "presized": Presized,
-            "floor": Floor}[name]()  # fmt: skip
+    return {"docker-fixed": DockerFixed, "diy": Diy, "presized": Presized, "floor": Floor}[name]()
 
 
 SYSTEMS = ("presized", "thinwatchd", "thinwatchd-tight", "floor", "lvm2", "diy", "docker-fixed")

@@ -98,18 +98,26 @@ def parse_workload(name: str) -> tuple[str, int]:
     raise SystemExit(f"unknown workload {name!r}: ddN (MiB) or ext4")
 
 
-def writer_command(kind: str, mib: int, rig: peer_systems.Rig, mnt: Path | None,
-                   args: argparse.Namespace) -> list[str]:  # fmt: skip
+def writer_command(
+    kind: str, mib: int, rig: peer_systems.Rig, mnt: Path | None, args: argparse.Namespace
+) -> list[str]:
     if kind == "dd":
         return ["dd", "if=/dev/zero", f"of={rig.thin}", "bs=1M", f"count={mib}", "oflag=direct"]
-    return [sys.executable, "-m", "bench.fs_churn", str(mnt), str(args.fs_mib),
-            str(args.fs_seconds)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "bench.fs_churn",
+        str(mnt),
+        str(args.fs_mib),
+        str(args.fs_seconds),
+    ]
 
 
 def write(cmd: list[str], sampler: Sampler, timeout: float) -> dict[str, Any]:
     """Run the writer under the sampler; its time, exit, output and what it wrote."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     sampler.start(proc.pid)
     out: dict[str, Any] = {"timed_out": False}
     try:
@@ -144,8 +152,9 @@ def settle_growth(klog: KernelLog, tag: str, grows: bool) -> list[Record]:
             return records
 
 
-def run_cell(dm: DeviceMapper, directory: Path, name: str, workload: str,
-             args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+def run_cell(
+    dm: DeviceMapper, directory: Path, name: str, workload: str, args: argparse.Namespace
+) -> dict[str, Any]:
     kind, mib = parse_workload(workload)
     drop_caches()
     system = peer_systems.make(name, directory)
@@ -166,8 +175,9 @@ def run_cell(dm: DeviceMapper, directory: Path, name: str, workload: str,
         sampler = Sampler(rig.pool)
         cpu_before = cpu_seconds(system.pids())
         try:
-            cell.update(write(writer_command(kind, mib, rig, mnt, args), sampler,
-                              args.writer_timeout))  # fmt: skip
+            cell.update(
+                write(writer_command(kind, mib, rig, mnt, args), sampler, args.writer_timeout)
+            )
             records = settle_growth(klog, tag, system.grows)
         finally:
             sampler.stop()
@@ -184,11 +194,13 @@ def run_cell(dm: DeviceMapper, directory: Path, name: str, workload: str,
             pool_data_bytes=sampler.series[-1][1] if sampler.series else 0,
             backing_size=st.st_size,
             backing_allocated=st.st_blocks * 512,
-            series={"t": [round(t, 2) for t, _, _ in sampler.series],
-                    "data_mib": [round(d / MiB, 1) for _, d, _ in sampler.series],
-                    "used_mib": [round(u / MiB, 1) for _, _, u in sampler.series]},
+            series={
+                "t": [round(t, 2) for t, _, _ in sampler.series],
+                "data_mib": [round(d / MiB, 1) for _, d, _ in sampler.series],
+                "used_mib": [round(u / MiB, 1) for _, _, u in sampler.series],
+            },
             kernel_log=[f"[{t:.3f}] {m}" for t, m in records][:200],
-        )  # fmt: skip
+        )
         cell["final_usage"] = usage
     except Exception as exc:
         cell["error"] = repr(exc)
@@ -241,8 +253,11 @@ def warm_scratch(directory: Path, args: argparse.Namespace) -> float:
     mib = max(parse_workload(w)[1] or args.fs_mib for w in args.workloads.split(",")) + 1024
     warm = directory / "warm"
     started = time.monotonic()
-    subprocess.run(["dd", "if=/dev/zero", f"of={warm}", "bs=1M", f"count={mib}",
-                    "oflag=direct"], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={warm}", "bs=1M", f"count={mib}", "oflag=direct"],
+        check=True,
+        capture_output=True,
+    )
     warm.unlink()
     subprocess.run(["sync"], check=False)
     return round(time.monotonic() - started, 1)
@@ -278,19 +293,29 @@ def estimate_seconds(args: argparse.Namespace) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--systems", default=",".join(peer_systems.SYSTEMS),
-                        help="comma-separated; presized first gives the ratios")  # fmt: skip
+    parser.add_argument(
+        "--systems",
+        default=",".join(peer_systems.SYSTEMS),
+        help="comma-separated; presized first gives the ratios",
+    )
     parser.add_argument("--workloads", default="dd600,dd4096,ext4")
     parser.add_argument("--fs-mib", type=int, default=512)
     parser.add_argument("--fs-seconds", type=float, default=300.0)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="each cell this often (docker-fixed once); medians")  # fmt: skip
-    parser.add_argument("--settle", type=float, default=2.0,
-                        help="seconds between a system's set-up and its writer")  # fmt: skip
-    parser.add_argument("--writer-timeout", type=float, default=900.0,
-                        help="kill a writer after this long (a pool that never grows)")  # fmt: skip
-    parser.add_argument("--estimate", action="store_true",
-                        help="print the expected guest seconds and exit")  # fmt: skip
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="each cell this often (docker-fixed once); medians"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="seconds between a system's set-up and its writer"
+    )
+    parser.add_argument(
+        "--writer-timeout",
+        type=float,
+        default=900.0,
+        help="kill a writer after this long (a pool that never grows)",
+    )
+    parser.add_argument(
+        "--estimate", action="store_true", help="print the expected guest seconds and exit"
+    )
     args = parser.parse_args(argv)
     for system in args.systems.split(","):
         if system not in peer_systems.SYSTEMS:
@@ -311,8 +336,13 @@ def main() -> None:
     directory = scratch_dir() / "peers"
     directory.mkdir(exist_ok=True)
     out_dir = os.environ.get("THINWATCHD_VM_OUT")
-    result: dict[str, Any] = {"args": vars(args), "estimate_s": round(estimate),
-                              "env": guest_env(), "runs": [], "cells": {}}  # fmt: skip
+    result: dict[str, Any] = {
+        "args": vars(args),
+        "estimate_s": round(estimate),
+        "env": guest_env(),
+        "runs": [],
+        "cells": {},
+    }
     say(f"estimate ~{estimate / 60:.0f} min; guest {result['env']}")
 
     def save() -> None:
@@ -325,8 +355,9 @@ def main() -> None:
         try:
             for round_no, workload, system in schedule(args):
                 cell = run_cell(dm, directory, system, workload, args)
-                result["runs"].append({"round": round_no, "workload": workload,
-                                       "system": system, **cell})  # fmt: skip
+                result["runs"].append(
+                    {"round": round_no, "workload": workload, "system": system, **cell}
+                )
                 say(f"#{round_no} {workload}/{system}: {summary(cell)}")
                 result["cells"] = regroup(result["runs"])
                 save()

@@ -41,8 +41,9 @@ def plot(result: dict[str, Any], png: Path) -> None:
             ax.plot(series["t"], series["used_mib"], color=color, lw=1.0, ls="--")
             if cell.get("writer_exit") != 0:  # where the writer failed
                 ax.plot(series["t"][-1], series["used_mib"][-1], "x", color=color, ms=10, mew=2)
-        ax.set_title(f"{workload}: pool data size (solid) and used (dashed); x: writer failed",
-                     fontsize=10)  # fmt: skip
+        ax.set_title(
+            f"{workload}: pool data size (solid) and used (dashed); x: writer failed", fontsize=10
+        )
         ax.set_xlabel("seconds since the writer started")
         ax.set_ylabel("MiB (log)")
         ax.set_yscale("log")

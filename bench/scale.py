@@ -690,14 +690,19 @@ def summarize(result: dict[str, Any]) -> str:
     if len(floors) == 2:
         f1, fn = (f["floor_ms"] for f in floors)
         every = result["args"].get("floor_every", 0.25)
-        lines += ["", f"Floor, no daemon (four growth steps by ioctl, every {every:g} s per "
-                  "pool, while the writers run): " + "; ".join(
-                      f"{f['phase']} p50 / p90 / p99 / max {fmt(f['floor_ms']['p50'])} / "
-                      f"{fmt(f['floor_ms']['p90'])} / {fmt(f['floor_ms']['p99'])} / "
-                      f"{fmt(f['floor_ms']['max'])} ms ({f['floor_ms']['n']} growths)"
-                      for f in floors)
-                  + f"; {floors[1]['phase']} / F1: p50 {ratio(fn['p50'], f1['p50'])}, p99 "
-                  f"{ratio(fn['p99'], f1['p99'])}."]  # fmt: skip
+        lines += [
+            "",
+            f"Floor, no daemon (four growth steps by ioctl, every {every:g} s per "
+            "pool, while the writers run): "
+            + "; ".join(
+                f"{f['phase']} p50 / p90 / p99 / max {fmt(f['floor_ms']['p50'])} / "
+                f"{fmt(f['floor_ms']['p90'])} / {fmt(f['floor_ms']['p99'])} / "
+                f"{fmt(f['floor_ms']['max'])} ms ({f['floor_ms']['n']} growths)"
+                for f in floors
+            )
+            + f"; {floors[1]['phase']} / F1: p50 {ratio(fn['p50'], f1['p50'])}, p99 "
+            f"{ratio(fn['p99'], f1['p99'])}.",
+        ]
     env = result.get("env", {})
     lines += [
         "",

@@ -259,8 +259,16 @@ def mkfs_mount(device: str, fs: str, mountpoint: Path) -> None:
     if fs == "ext4":
         # No discard at mkfs, lazy init, and no lazy-init thread after mount: the workload's
         # writes are the only ones (containerd formats with nodiscard too).
-        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-             device])  # fmt: skip
+        run(
+            [
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                device,
+            ]
+        )
         opts = "noinit_itable"
     elif fs == "xfs":
         run(["mkfs.xfs", "-q", "-f", "-K", device])  # -K: no discard at mkfs
@@ -336,8 +344,9 @@ class Pool:
 
         if self.mounted is not None:
             for _ in range(20):
-                done = subprocess.run(["umount", str(self.mounted)], capture_output=True,
-                                      check=False)  # fmt: skip
+                done = subprocess.run(
+                    ["umount", str(self.mounted)], capture_output=True, check=False
+                )
                 if done.returncode == 0:
                     break
                 time.sleep(0.5)
@@ -414,8 +423,10 @@ class Sources:
         host = host_tarball(self.args.tar_source)
         if host.exists() and host.with_suffix(".json").exists():
             shutil.copyfile(host, self.tarball)
-            self.tar_info = {**json.loads(host.with_suffix(".json").read_text()),
-                             "copied_from": str(host)}  # fmt: skip
+            self.tar_info = {
+                **json.loads(host.with_suffix(".json").read_text()),
+                "copied_from": str(host),
+            }
         else:
             self.tar_info = build_tarball(self.tarball, self.args.tar_source)
         self.tar_info["guest_s"] = round(time.monotonic() - start, 1)
@@ -482,8 +493,11 @@ def w_tar(mnt: Path, src: Sources, pool: Pool, args: argparse.Namespace) -> dict
 
 def w_trim(mnt: Path, src: Sources, pool: Pool, args: argparse.Namespace) -> dict[str, object]:
     def point() -> dict[str, int]:
-        return {**pool_usage(pool.dm, pool.name), "data_file_allocated": allocated(pool.data),
-                "data_file_size": pool.data.stat().st_size}  # fmt: skip
+        return {
+            **pool_usage(pool.dm, pool.name),
+            "data_file_allocated": allocated(pool.data),
+            "data_file_size": pool.data.stat().st_size,
+        }
 
     n = copies(args.trim_mib)
     for i in range(n):
@@ -501,12 +515,17 @@ def w_trim(mnt: Path, src: Sources, pool: Pool, args: argparse.Namespace) -> dic
     time.sleep(1.5)  # the pool's periodic commit (1 s) frees the blocks
     trimmed = point()
     return {
-        "mib": n * FILE_MIB, "written_mib": n * FILE_MIB, "deleted_mib": (n - keep) * FILE_MIB,
-        "after_write": written, "after_delete": deleted, "after_fstrim": trimmed,
-        "fstrim": out, "fstrim_s": fstrim_s,
+        "mib": n * FILE_MIB,
+        "written_mib": n * FILE_MIB,
+        "deleted_mib": (n - keep) * FILE_MIB,
+        "after_write": written,
+        "after_delete": deleted,
+        "after_fstrim": trimmed,
+        "fstrim": out,
+        "fstrim_s": fstrim_s,
         "pool_blocks_freed": written["used_blocks"] - trimmed["used_blocks"],
         "file_bytes_released": written["data_file_allocated"] - trimmed["data_file_allocated"],
-    }  # fmt: skip
+    }
 
 
 WORKLOADS = {"large": w_large, "small": w_small, "tar": w_tar, "trim": w_trim}
@@ -520,13 +539,26 @@ def drop_caches() -> None:
 
 def thin_size(args: argparse.Namespace) -> int:
     """8 GiB, or twice the largest workload (rounded up to GiB), whichever is larger."""
-    largest: int = max(args.large_mib, args.default_large_mib, args.trim_mib, args.tar_mib,
-                       args.small_mib, args.direct_mib)  # fmt: skip
+    largest: int = max(
+        args.large_mib,
+        args.default_large_mib,
+        args.trim_mib,
+        args.tar_mib,
+        args.small_mib,
+        args.direct_mib,
+    )
     return max(MIN_THIN_SIZE, math.ceil(2 * largest / 1024) << 30)
 
 
-def one_run(dm: Any, directory: Path, src: Sources, fs: str, config: str, workload: str,
-            args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+def one_run(
+    dm: Any,
+    directory: Path,
+    src: Sources,
+    fs: str,
+    config: str,
+    workload: str,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     drop_caches()
     result: dict[str, Any] = {"fs": fs, "config": config, "workload": workload}
     result.update(dirty_thresholds_mib())
@@ -570,8 +602,16 @@ def direct_phase(dm: Any, directory: Path, args: argparse.Namespace) -> dict[str
     try:
         mark = pool.mark()
         t0 = time.monotonic()
-        run(["dd", "if=/dev/zero", f"of={pool.thin}", "bs=1M", f"count={args.direct_mib}",
-             "oflag=direct"])  # fmt: skip
+        run(
+            [
+                "dd",
+                "if=/dev/zero",
+                f"of={pool.thin}",
+                "bs=1M",
+                f"count={args.direct_mib}",
+                "oflag=direct",
+            ]
+        )
         wall = time.monotonic() - t0
         time.sleep(0.5)
         out = pool.since(mark)
@@ -598,8 +638,10 @@ def dirty_ratio(ratio: int | None) -> Any:
     saved = {k: (VM / k).read_text().strip() for k in DIRTY_KNOBS}
     (VM / "dirty_ratio").write_text(f"{ratio}\n")
     (VM / "dirty_background_ratio").write_text(f"{max(1, ratio // 2)}\n")
-    say(f"vm.dirty_ratio={ratio}, vm.dirty_background_ratio={max(1, ratio // 2)} "
-        f"(were {saved['dirty_ratio']}/{saved['dirty_background_ratio']})")  # fmt: skip
+    say(
+        f"vm.dirty_ratio={ratio}, vm.dirty_background_ratio={max(1, ratio // 2)} "
+        f"(were {saved['dirty_ratio']}/{saved['dirty_background_ratio']})"
+    )
     try:
         yield
     finally:
@@ -672,8 +714,10 @@ def summarize(result: dict[str, Any]) -> str:
     d_total = p50([g["total_ms"] for g in direct])
     d_reload = p50([g.get("RELOAD_MS", 0.0) for g in direct])
     d_oods = sum(d["out_of_space"] for d in result["direct"])
-    phases = ", ".join(f"{fmt(p50([g['total_ms'] for g in d['growths']]))} ms in {d['wall_s']} s"
-                       for d in result["direct"])  # fmt: skip
+    phases = ", ".join(
+        f"{fmt(p50([g['total_ms'] for g in d['growths']]))} ms in {d['wall_s']} s"
+        for d in result["direct"]
+    )
     lines = [
         f"Direct writer (dd oflag=direct, {result['args']['direct_mib']} MiB, tight pool, "
         f"{len(result['direct'])} runs): {len(direct)} growths, total p50 {fmt(d_total)} ms "
@@ -694,8 +738,9 @@ def summarize(result: dict[str, Any]) -> str:
         gs = [g for r in ok for g in r["growths"]]
         tot = [g["total_ms"] for g in gs]
         rel = [g.get("RELOAD_MS", 0.0) for g in gs]
-        at_decision = [(g["dirty_bytes"] + g["writeback_bytes"]) / MiB for g in gs
-                       if "dirty_bytes" in g]  # fmt: skip
+        at_decision = [
+            (g["dirty_bytes"] + g["writeback_bytes"]) / MiB for g in gs if "dirty_bytes" in g
+        ]
         known = [g for g in gs if "after_low_water" in g]
         early = sum(1 for g in known if not g["after_low_water"])
         early_s = f"{early}" if len(known) == len(gs) else f"{early} of {len(known)}"
@@ -715,9 +760,13 @@ def summarize(result: dict[str, Any]) -> str:
         if workload == "trim":
             trims.extend((fs, config, r) for r in ok)
     if trims:
-        lines += ["", "| fs | config | pool used blocks: written / deleted / fstrim "
-                  "| data file allocated MiB: written / deleted / fstrim | fstrim s "
-                  "| fstrim says |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines += [
+            "",
+            "| fs | config | pool used blocks: written / deleted / fstrim "
+            "| data file allocated MiB: written / deleted / fstrim | fstrim s "
+            "| fstrim says |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
         for fs, config, r in trims:
             d = r["detail"]
             a, b, c = d["after_write"], d["after_delete"], d["after_fstrim"]
@@ -754,8 +803,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="tight,default")
     parser.add_argument("--workloads", default="large,small,tar,trim")
     parser.add_argument("--large-mib", type=int, default=2048)
-    parser.add_argument("--default-large-mib", type=int, default=5120,
-                        help="large with the default config (its pool starts ~4 GiB)")  # fmt: skip
+    parser.add_argument(
+        "--default-large-mib",
+        type=int,
+        default=5120,
+        help="large with the default config (its pool starts ~4 GiB)",
+    )
     parser.add_argument("--small-mib", type=int, default=1024)
     parser.add_argument("--small-files", type=int, default=100_000)
     parser.add_argument("--small-seconds", type=float, default=8.0)
@@ -765,10 +818,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trim-mib", type=int, default=1024)
     parser.add_argument("--direct-mib", type=int, default=2048)
     parser.add_argument("--dirty-ratio", type=int, default=None)
-    parser.add_argument("--estimate", action="store_true",
-                        help="print the expected guest seconds and exit")  # fmt: skip
-    parser.add_argument("--prepare", action="store_true",
-                        help="on the host: build the tarball, then as --estimate")  # fmt: skip
+    parser.add_argument(
+        "--estimate", action="store_true", help="print the expected guest seconds and exit"
+    )
+    parser.add_argument(
+        "--prepare", action="store_true", help="on the host: build the tarball, then as --estimate"
+    )
     args = parser.parse_args(argv)
     for w in args.workloads.split(","):
         if w not in WORKLOADS:
@@ -801,16 +856,21 @@ def main() -> None:
             raise SystemExit(f"mkfs.{fs} not found (xfs: apt-get install xfsprogs on the host)")
         if fs not in Path("/proc/filesystems").read_text().split():
             subprocess.run(["modprobe", fs], check=False)
-    say(f"estimate: ~{estimate / 60:.0f} min of guest time; thin volume "
-        f"{thin_size(args) >> 30} GiB")  # fmt: skip
+    say(
+        f"estimate: ~{estimate / 60:.0f} min of guest time; thin volume {thin_size(args) >> 30} GiB"
+    )
     started = time.monotonic()
     directory = scratch_dir() / "workloads"
     directory.mkdir(exist_ok=True)
     src = Sources(directory, args)
     if "tar" in workloads:
         src.ensure_tarball()
-    result: dict[str, Any] = {"args": vars(args), "estimate_s": round(estimate), "direct": [],
-                              "runs": []}  # fmt: skip
+    result: dict[str, Any] = {
+        "args": vars(args),
+        "estimate_s": round(estimate),
+        "direct": [],
+        "runs": [],
+    }
     out_dir = os.environ.get("THINWATCHD_VM_OUT")
 
     def save() -> None:
@@ -831,14 +891,16 @@ def main() -> None:
                         r["run"] = run_no
                         result["runs"].append(r)
                         gs = r.get("growths", [])
-                        say(f"{fs}/{config}/{workload} #{run_no}: run {r.get('run_s')} s, wall "
+                        say(
+                            f"{fs}/{config}/{workload} #{run_no}: run {r.get('run_s')} s, wall "
                             f"{r.get('wall_s')} s, {r.get('detail', {}).get('mib')} MiB, OODS "
                             f"{r.get('out_of_space')}, growths {[g['total_ms'] for g in gs]} ms, "
                             f"RELOAD {[g.get('RELOAD_MS') for g in gs]}, early "
                             f"{[not g.get('after_low_water', True) for g in gs]}, D+WB at "
                             f"decision {[g.get('dirty_bytes') for g in gs]}/"
                             f"{[g.get('writeback_bytes') for g in gs]}, peak D+WB "
-                            f"{r.get('peak_dirty_writeback_mib')} MiB")  # fmt: skip
+                            f"{r.get('peak_dirty_writeback_mib')} MiB"
+                        )
                         save()
         say("direct phase (end)")
         result["direct"].append(direct_phase(dm, directory, args))

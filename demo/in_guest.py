@@ -37,11 +37,15 @@ def main() -> int:
     directory.mkdir(exist_ok=True)
     config = {
         "daemon": {"check_interval": "5s", "metrics_file": str(directory / "thinwatchd.prom")},
-        "pools": {POOL: {
-            "data_file": str(directory / "data"), "metadata_file": str(directory / "metadata"),
-            "data_size": "64MiB", "metadata_size": "64MiB",
-        }},
-    }  # fmt: skip
+        "pools": {
+            POOL: {
+                "data_file": str(directory / "data"),
+                "metadata_file": str(directory / "metadata"),
+                "data_size": "64MiB",
+                "metadata_size": "64MiB",
+            }
+        },
+    }
     with installed_unit(directory, config) as unit:
         banner(f"config /etc/thinwatchd/config.yaml: pool {POOL}, data file starting at 64 MiB")
         print(unit.config_path.read_text(), flush=True)
@@ -61,15 +65,31 @@ def main() -> int:
                 print(f"exit {code}, {mib / seconds:.0f} MiB/s", flush=True)
             banner("journalctl -u thinwatchd (growth entries, with their structured fields)")
             entries = subprocess.run(
-                ["journalctl", "-u", unit.name, "-o", "json", "--no-pager",
-                 f"MESSAGE_ID={MessageId.DATA_GROWN.value}"],
-                capture_output=True, text=True, check=False,
-            ).stdout.splitlines()  # fmt: skip
+                [
+                    "journalctl",
+                    "-u",
+                    unit.name,
+                    "-o",
+                    "json",
+                    "--no-pager",
+                    f"MESSAGE_ID={MessageId.DATA_GROWN.value}",
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.splitlines()
             for line in entries:
                 entry = json.loads(line)
                 print(entry["MESSAGE"])
-                keys = ("POOL", "OLD_SIZE_BYTES", "NEW_SIZE_BYTES", "GROWTH_MS", "DATA_USED_BYTES",
-                        "DATA_TOTAL_BYTES", "POOL_MODE")  # fmt: skip
+                keys = (
+                    "POOL",
+                    "OLD_SIZE_BYTES",
+                    "NEW_SIZE_BYTES",
+                    "GROWTH_MS",
+                    "DATA_USED_BYTES",
+                    "DATA_TOTAL_BYTES",
+                    "POOL_MODE",
+                )
                 print("    " + " ".join(f"{k}={entry.get(k)}" for k in keys), flush=True)
             banner("kernel log: low-water events and growths")
             kernel_log = subprocess.run(["dmesg"], capture_output=True, text=True, check=False)

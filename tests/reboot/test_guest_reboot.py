@@ -19,11 +19,29 @@ REPO = Path(__file__).resolve().parents[2]
 
 def boot(image: Path, step: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tests.vm", "run", "--quiet", "--scratch", str(image),
-         "--scratch-size", "4", "--timeout", "600", "--",
-         sys.executable, "-m", "tests.kernel.reboot_steps", step],
-        capture_output=True, text=True, cwd=REPO, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tests.vm",
+            "run",
+            "--quiet",
+            "--scratch",
+            str(image),
+            "--scratch-size",
+            "4",
+            "--timeout",
+            "600",
+            "--",
+            sys.executable,
+            "-m",
+            "tests.kernel.reboot_steps",
+            step,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def checksum(done: subprocess.CompletedProcess[str]) -> str:

@@ -76,11 +76,17 @@ class Image:
         layers = [blob(LAYER, layer_tar(files)) for files in self.layers]
         arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
         config = {
-            "architecture": arch, "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+            "architecture": arch,
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
             "rootfs": {"type": "layers", "diff_ids": self.diff_ids},
-        }  # fmt: skip
-        manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "layers": layers,
-                    "config": blob(CONFIG, json.dumps(config).encode())}  # fmt: skip
+        }
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "layers": layers,
+            "config": blob(CONFIG, json.dumps(config).encode()),
+        }
         tag = self.name.rsplit(":", 1)[1]
         top = blob(MANIFEST, json.dumps(manifest).encode())
         top["platform"] = {"architecture": arch, "os": "linux"}

@@ -104,8 +104,11 @@ def docs_pool_name() -> str:
 def built_image() -> Image:
     """Two layers: a few files, then one more file and a change (a few MiB, so unpacking writes)."""
     blob = bytes(range(256)) * (4 * MiB // 256)
-    base = {"etc/os-release": b"ID=thinwatchd-test\n", "usr/share/blob": blob,
-            "app/hello.txt": b"hello from layer 1\n"}  # fmt: skip
+    base = {
+        "etc/os-release": b"ID=thinwatchd-test\n",
+        "usr/share/blob": blob,
+        "app/hello.txt": b"hello from layer 1\n",
+    }
     top = {"app/hello.txt": b"hello from layer 2\n", "app/config.json": b'{"pool": true}\n'}
     return Image("localhost/thinwatchd-test:1", [base, top])
 
@@ -175,13 +178,30 @@ class Setup:
         return {d.name for d in self.dm.list_devices() if d.name.startswith(f"{self.pool}-snap-")}
 
     def logs(self) -> str:
-        out = run("journalctl", "-u", "thinwatchd", "-u", "containerd", "--since", self.since,
-                  "--no-pager").stdout  # fmt: skip
+        out = run(
+            "journalctl",
+            "-u",
+            "thinwatchd",
+            "-u",
+            "containerd",
+            "--since",
+            self.since,
+            "--no-pager",
+        ).stdout
         return f"{out}\nkernel:\n{self.klog.text()}"
 
     def grown(self) -> list[dict[str, str]]:
-        out = run("journalctl", "-u", "thinwatchd.service", "-o", "json", "--since", self.since,
-                  f"MESSAGE_ID={MessageId.DATA_GROWN.value}", "--no-pager").stdout  # fmt: skip
+        out = run(
+            "journalctl",
+            "-u",
+            "thinwatchd.service",
+            "-o",
+            "json",
+            "--since",
+            self.since,
+            f"MESSAGE_ID={MessageId.DATA_GROWN.value}",
+            "--no-pager",
+        ).stdout
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -323,11 +343,15 @@ def test_containerd_on_a_thinwatchd_pool(setup: Setup) -> None:
     after_image = setup.allocated()
     used_after = setup.status().data_used
     setup.figures.update(
-        pool_grown_bytes=grown, written_bytes=written, growths=len(setup.grown()),
-        out_of_space_episodes=len(episodes), allocated_filled=filled,
-        allocated_after_containers_rm=after_containers, allocated_after_image_rm=after_image,
+        pool_grown_bytes=grown,
+        written_bytes=written,
+        growths=len(setup.grown()),
+        out_of_space_episodes=len(episodes),
+        allocated_filled=filled,
+        allocated_after_containers_rm=after_containers,
+        allocated_after_image_rm=after_image,
         pool_used_after_bytes=used_after * BLOCK,
         test_seconds=round(time.monotonic() - started, 1),
-    )  # fmt: skip
+    )
     assert filled - after_containers >= GIVEN_BACK * written, setup.figures
     assert used_after == 0, setup.figures  # the pool is empty again

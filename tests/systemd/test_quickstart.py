@@ -56,8 +56,9 @@ ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False, env=env,
-                          cwd=REPO, timeout=900)  # fmt: skip
+    return subprocess.run(
+        args, capture_output=True, text=True, check=False, env=env, cwd=REPO, timeout=900
+    )
 
 
 def readme_quick_start() -> list[str]:
@@ -88,8 +89,11 @@ def _write_wheel(path: Path, files: dict[str, bytes], dist_info: str) -> Path:
 def wheel_of_installed(name: str, out: Path) -> Path:
     """Pack an installed distribution (here: one of .venv's) back into a wheel."""
     dist = importlib.metadata.distribution(name)
-    tags = [line.split(":", 1)[1].strip() for line in (dist.read_text("WHEEL") or "").splitlines()
-            if line.startswith("Tag:")]  # fmt: skip
+    tags = [
+        line.split(":", 1)[1].strip()
+        for line in (dist.read_text("WHEEL") or "").splitlines()
+        if line.startswith("Tag:")
+    ]
     assert tags, f"{name}: no wheel tag in its WHEEL file"
     files: dict[str, bytes] = {}
     dist_info = ""
@@ -114,10 +118,12 @@ def wheel_of_checkout(out: Path) -> Path:
     sources = [p for p in sorted((REPO / name).rglob("*.py")) if "__pycache__" not in p.parts]
     files = {str(p.relative_to(REPO)): p.read_bytes() for p in sources}
     metadata = [
-        "Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+        "Metadata-Version: 2.1",
+        f"Name: {name}",
+        f"Version: {version}",
         f"Requires-Python: {project['requires-python']}",
         *(f"Requires-Dist: {dep}" for dep in project["dependencies"]),
-    ]  # fmt: skip
+    ]
     files[f"{dist_info}/METADATA"] = ("\n".join(metadata) + "\n").encode()
     files[f"{dist_info}/WHEEL"] = (
         b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
@@ -154,8 +160,9 @@ def fresh_machine() -> Iterator[Path]:
     STATE.mkdir()
     dm = DeviceMapper()
     try:
-        subprocess.run(["mount", "--bind", str(work / "var-lib-thinwatchd"), str(STATE)],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["mount", "--bind", str(work / "var-lib-thinwatchd"), str(STATE)], check=True
+        )
         yield work / "wheels"
     finally:
         run("systemctl", "disable", "--now", UNIT)
@@ -182,8 +189,11 @@ def journal(since: str, *match: str) -> list[dict[str, str]]:
 def test_quick_start_as_written(fresh_machine: Path) -> None:
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     wheels = fresh_machine
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PIP_") and k not in ("PYTHON", "PACKAGE")}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_") and k not in ("PYTHON", "PACKAGE")
+    }
     root_env = {**env, "PATH": ROOT_PATH}
 
     def log() -> str:
@@ -191,8 +201,13 @@ def test_quick_start_as_written(fresh_machine: Path) -> None:
 
     def install() -> None:
         package = wheel_of_checkout(wheels)
-        offline = {"PACKAGE": str(package), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheels),
-                   "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}  # fmt: skip
+        offline = {
+            "PACKAGE": str(package),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": str(wheels),
+            "PIP_CONFIG_FILE": os.devnull,
+            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        }
         done = run("bash", "scripts/install", env={**root_env, **offline})
         assert done.returncode == 0, done.stdout + done.stderr
         assert "wrote /etc/thinwatchd/config.yaml" in done.stdout

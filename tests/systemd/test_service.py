@@ -46,8 +46,18 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
-    out = run("journalctl", "-u", UNIT, "-o", "json", "--since", since,
-              f"MESSAGE_ID={message_id.value}", "--no-pager", check=False).stdout  # fmt: skip
+    out = run(
+        "journalctl",
+        "-u",
+        UNIT,
+        "-o",
+        "json",
+        "--since",
+        since,
+        f"MESSAGE_ID={message_id.value}",
+        "--no-pager",
+        check=False,
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -76,11 +86,14 @@ class Service:
         keys: dict[str, object] = {
             "data_file": str(self.directory / "data"),
             "metadata_file": str(self.directory / "metadata"),
-            "data_size": "64MiB", "metadata_size": "16MiB",
-        }  # fmt: skip
+            "data_size": "64MiB",
+            "metadata_size": "16MiB",
+        }
         keys.update(pool)
-        return {"daemon": {"check_interval": "2s", "metrics_file": str(self.directory / "m.prom")},
-                "pools": {self.pool: keys}}  # fmt: skip
+        return {
+            "daemon": {"check_interval": "2s", "metrics_file": str(self.directory / "m.prom")},
+            "pools": {self.pool: keys},
+        }
 
     def status(self) -> ThinPoolWorkingStatus:
         st = parse_pool_status(self.dm.status(self.pool)[0].params)
@@ -88,8 +101,9 @@ class Service:
         return st
 
     def logs(self) -> str:
-        return run("journalctl", "-u", UNIT, "--since", self.since, "--no-pager", "-o",
-                   "json", check=False).stdout  # fmt: skip
+        return run(
+            "journalctl", "-u", UNIT, "--since", self.since, "--no-pager", "-o", "json", check=False
+        ).stdout
 
 
 @pytest.fixture
@@ -153,8 +167,9 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     label = f'{{pool="{service.pool}"}}'
     assert f"thinwatchd_data_total_bytes{label} {st.data_total * 65536}" in metrics
     assert f"thinwatchd_data_used_bytes{label} {st.data_used * 65536}" in metrics
-    report = json.loads(run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG),
-                            "status", "--json").stdout)  # fmt: skip
+    report = json.loads(
+        run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG), "status", "--json").stdout
+    )
     (pool,) = report["pools"]
     assert pool["data_total"] == st.data_total * 65536 and pool["data_used"] == st.data_used * 65536
     assert pool["mode"] == "rw"
@@ -199,8 +214,10 @@ def test_reload_changes_policy_and_survives_a_broken_edit(service: Service) -> N
     assert reloaded, service.logs()
     thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 4096 * MiB)
     assert dd_zero(thin, 600)[1] == 0
-    sizes = [int(e["NEW_SIZE_BYTES"]) - int(e["OLD_SIZE_BYTES"])
-             for e in journal(MessageId.DATA_GROWN, service.since)]  # fmt: skip
+    sizes = [
+        int(e["NEW_SIZE_BYTES"]) - int(e["OLD_SIZE_BYTES"])
+        for e in journal(MessageId.DATA_GROWN, service.since)
+    ]
     assert sizes and max(sizes) >= 3 * 1024**3, service.logs()
     CONFIG.write_text(CONFIG.read_text().replace("3GiB", "3 gigs"))
     run("systemctl", "reload", UNIT)

@@ -72,8 +72,9 @@ def show(prop: str) -> str:
 
 def journal(since: str, message_id: MessageId | None = None) -> list[dict[str, str]]:
     match = [f"MESSAGE_ID={message_id.value}"] if message_id else []
-    out = run("journalctl", "-u", UNIT, "-o", "json", "--since", since, "--no-pager", *match,
-              check=False).stdout  # fmt: skip
+    out = run(
+        "journalctl", "-u", UNIT, "-o", "json", "--since", since, "--no-pager", *match, check=False
+    ).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -83,8 +84,12 @@ def log_text(since: str) -> str:
 
 def pool_config(pool: str, directory: Path, **daemon: object) -> dict[str, object]:
     """A small pool: 64 MiB of data under the default 2 GiB mark, so it grows at start-up."""
-    keys = {"data_file": str(directory / "data"), "metadata_file": str(directory / "metadata"),
-            "data_size": "64MiB", "metadata_size": "16MiB"}  # fmt: skip
+    keys = {
+        "data_file": str(directory / "data"),
+        "metadata_file": str(directory / "metadata"),
+        "data_size": "64MiB",
+        "metadata_size": "16MiB",
+    }
     return {"daemon": {"check_interval": "2s", **daemon}, "pools": {pool: keys}}
 
 
@@ -149,8 +154,14 @@ def probe(paths: list[str], cgroup: str | None) -> dict[str, str]:
         if cgroup is not None:
             Path(f"/sys/fs/cgroup{cgroup}/cgroup.procs").write_text("0")
 
-    out = subprocess.run([sys.executable, "-c", PROBE, *paths], capture_output=True, text=True,
-                         check=True, preexec_fn=join, timeout=120).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=join,
+        timeout=120,
+    ).stdout
     return dict(line.rsplit(" ", 1) for line in out.splitlines())
 
 
@@ -227,8 +238,11 @@ class TestShippedUnit:
         assert cgroup.endswith(f"/{UNIT}")
         blkext = running_unit.directory / "blkext0"  # no such device: only the cgroup says EPERM
         os.mknod(blkext, stat.S_IFBLK | 0o600, os.makedev(BLKEXT_MAJOR, 0))
-        disks = [n for n in sorted(os.listdir("/sys/block"))
-                 if not n.startswith(("loop", "dm-", "ram", "zram"))]  # fmt: skip
+        disks = [
+            n
+            for n in sorted(os.listdir("/sys/block"))
+            if not n.startswith(("loop", "dm-", "ram", "zram"))
+        ]
         assert disks, "no disk to probe"
         disk = f"/dev/{disks[0]}"  # the guest's scratch disk, /dev/vda
         loops = [f"/dev/loop{index}" for index in HIGH_LOOPS]

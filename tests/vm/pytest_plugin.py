@@ -136,15 +136,26 @@ class VmTestBed:
     def _inner_command(self, nodeids: Sequence[str]) -> list[str]:
         option = self._config.option
         command = [
-            sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-            f"--rootdir={REPO_ROOT}", "-c", str(REPO_ROOT / "pyproject.toml"),
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            f"--rootdir={REPO_ROOT}",
+            "-c",
+            str(REPO_ROOT / "pyproject.toml"),
             f"--junitxml={GUEST_OUT_DIR}/junit.xml",
-            "-o", "junit_logging=all", "-o", "junit_log_passing_tests=false",
+            "-o",
+            "junit_logging=all",
+            "-o",
+            "junit_log_passing_tests=false",
             "-v",
             # hypothesis' plugin alone costs ~10 s of imports under TCG; no kernel test uses it
-            "-p", "no:hypothesispytest",
-            "-p", "tests.vm.progress",
-        ]  # fmt: skip
+            "-p",
+            "no:hypothesispytest",
+            "-p",
+            "tests.vm.progress",
+        ]
         if getattr(option, "maxfail", 0):
             command.append(f"--maxfail={option.maxfail}")
         if getattr(option, "tbstyle", "auto") != "auto":
