@@ -44,6 +44,7 @@ from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
+from thinwatchd.units import Bytes, Sectors
 
 LOW_WATER = "reached low water mark for data device"
 GROWING = "growing the data device"
@@ -69,8 +70,8 @@ class ManualPool:
     ) -> None:
         self.dm, self.name = dm, f"bench-{uuid.uuid4().hex[:6]}"
         self.data, self.meta = directory / f"{self.name}.data", directory / f"{self.name}.meta"
-        Files().create(str(self.meta), 64 * MiB, preallocate=False)  # reads as zeros
-        Files().create(str(self.data), data_size, preallocate=False)
+        Files().create(str(self.meta), Bytes(64 * MiB), preallocate=False)  # reads as zeros
+        Files().create(str(self.data), Bytes(data_size), preallocate=False)
         loops = LoopControl()
         self.meta_loop = loops.attach(str(self.meta), direct_io=direct_io)
         self.data_loop = loops.attach(str(self.data), direct_io=direct_io)
@@ -87,7 +88,7 @@ class ManualPool:
             f"{os.major(m)}:{os.minor(m)} {os.major(d)}:{os.minor(d)} {BLOCK} "
             f"{self.low_water} 1 skip_block_zeroing"
         )
-        return Target(0, size // 512 // BLOCK * BLOCK, "thin-pool", params)
+        return Target(Sectors(0), Sectors(size // 512 // BLOCK * BLOCK), "thin-pool", params)
 
     def grow(self, by: int) -> float:
         """Do the four growth steps; return their wall time in seconds."""

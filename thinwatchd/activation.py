@@ -31,7 +31,7 @@ from thinwatchd.pool_files import prepare_files
 from thinwatchd.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.table import ThinPoolLine, ThinPoolTable, device_number
-from thinwatchd.units import META_BLOCK_BYTES
+from thinwatchd.units import DataBlocks, Sectors, bytes_to_meta_blocks, sectors_to_data_blocks
 
 __all__ = ["activate"]
 
@@ -70,7 +70,7 @@ def _loop_for(
 
 
 def _wanted_table(
-    settings: PoolSettings, meta: LoopDevice, data: LoopDevice, low_water: int
+    settings: PoolSettings, meta: LoopDevice, data: LoopDevice, low_water: DataBlocks
 ) -> ThinPoolTable:
     return ThinPoolTable(
         device_number(meta.dev),
@@ -129,14 +129,14 @@ def activate(
             )
     how = Activation.CREATED if new else Activation.RECREATED
     placeholder = _wanted_table(settings, meta_loop, data_loop, settings.low_water_mark)
-    pool = Pool(settings, data_loop, meta_loop, placeholder, 0, how)
+    pool = Pool(settings, data_loop, meta_loop, placeholder, Sectors(0), how)
     length = pool.length_for(kernel.loops.size(data_loop))
     if length == 0:
         raise PoolSetupError(
             f"pool {settings.name}: data file {settings.data_file} is smaller than one block"
         )
     # The policy's mark (threshold included), so the first event comes when the policy wants it.
-    mark = low_water_mark(settings, length // settings.data_block_size)
+    mark = low_water_mark(settings, sectors_to_data_blocks(length, settings.data_block_size))
     pool.table = placeholder.with_low_water_mark(mark)
     dm.create(settings.name)
     try:
@@ -216,10 +216,9 @@ def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
     # The kernel uses at most METADATA_MAX_BYTES of the metadata device, however large.
     meta_bytes = min(kernel.loops.size(pool.meta_loop), METADATA_MAX_BYTES)
     status = pool.read_status(dm)
-    meta_stale = (
-        isinstance(status, ThinPoolWorkingStatus)
-        and status.meta_total < meta_bytes // META_BLOCK_BYTES
-    )
+    meta_stale = isinstance(
+        status, ThinPoolWorkingStatus
+    ) and status.meta_total < bytes_to_meta_blocks(meta_bytes)
     if length > pool.length or meta_stale:
         old = pool.length
         pool.reload(kernel)

@@ -91,7 +91,7 @@ def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
         or not isinstance(m.status, ThinPoolWorkingStatus)
     ):
         return
-    used = m.status.data_used * m.block_bytes
+    used = m.status.usage_bytes(m.block_size).data_used
     if not worth_reclaiming(allocated, used, said=RECLAIMABLE in said):
         said.discard(RECLAIMABLE)
         return

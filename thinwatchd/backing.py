@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.kernel.api import FileInfo, FilesApi, FsSpace
 from thinwatchd.policy import BackingFs
+from thinwatchd.units import Bytes
 
 __all__ = ["BackingFiles", "BackingLook"]
 
 
-def _promise(info: FileInfo | None) -> int:
+def _promise(info: FileInfo | None) -> Bytes:
     """What a sparse file may still claim from its filesystem: apparent minus allocated size."""
-    return 0 if info is None else max(0, info.size - info.allocated)
+    return Bytes(0 if info is None else max(0, info.size - info.allocated))
 
 
 @dataclass
@@ -70,7 +71,7 @@ class BackingFiles:
         with self.lock:
             return BackingLook(self, next(self._passes), survey)
 
-    def free(self, path: str) -> int | None:
+    def free(self, path: str) -> Bytes | None:
         """Return the free bytes of path's filesystem as last looked at (None: never)."""
         with self.lock:
             look = self._files.get(path)
@@ -88,7 +89,7 @@ class BackingFiles:
             space = self._spaces.get(look.info.dev)
             return None if space is None else (look.info.dev, space[1])
 
-    def allocated(self, path: str) -> int | None:
+    def allocated(self, path: str) -> Bytes | None:
         """Return the bytes path takes on its filesystem as last looked at (None: never)."""
         with self.lock:
             look = self._files.get(path)
@@ -191,7 +192,7 @@ class BackingLook:
             total_bytes=space.total,
             file_size=own.size,
             file_allocated=own.allocated,
-            promised_elsewhere=max(0, promised),
+            promised_elsewhere=Bytes(max(0, promised)),
             path=os.path.dirname(path),
         )
 

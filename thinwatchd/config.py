@@ -46,11 +46,7 @@ from thinwatchd.settings import (
     Settings,
 )
 from thinwatchd.strict_yaml import load_strict_yaml
-from thinwatchd.units import (
-    SECTOR_BYTES,
-    format_bytes,
-    show_value,
-)
+from thinwatchd.units import data_block_bytes, format_bytes, show_value, whole_data_blocks
 
 __all__ = [
     "MAX_CONFIG_BYTES",
@@ -328,14 +324,14 @@ def _pool(key: str, raw: object, defaults: _Layer) -> PoolSettings:
         return ConfigError(f"{path}.{key_path}", f"{shown} {problem}")
 
     # The kernel ignores a partial last block, so data sizes are rounded down to whole blocks.
-    block = pool.data_block_size * SECTOR_BYTES
-    data_size = pool.data_size - pool.data_size % block
+    data_size = whole_data_blocks(pool.data_size, pool.data_block_size)
     if data_size == 0:
+        block = data_block_bytes(pool.data_block_size)
         least = f"{format_bytes(block)} ({block} bytes)"
         raise fail("data_size", top, f"is less than one data block; use at least {least}")
     max_size = pool.data.max_size
     if max_size is not None:
-        max_size -= max_size % block
+        max_size = whole_data_blocks(max_size, pool.data_block_size)
         if max_size < data_size:
             least = f"data_size ({format_bytes(data_size)})"
             raise fail("data.max_size", sections["data"], f"is below {least}; use null for no cap")

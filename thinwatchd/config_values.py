@@ -17,14 +17,18 @@ from thinwatchd.settings import METADATA_MAX_BYTES
 from thinwatchd.table import MAX_BLOCK_SECTORS, MIN_BLOCK_SECTORS, Feature, valid_block_size
 from thinwatchd.units import (
     DURATION_HINT,
-    META_BLOCK_BYTES,
     PERCENT_HINT,
-    SECTOR_BYTES,
     SIZE_HINT,
+    Bytes,
+    DataBlocks,
+    Sectors,
+    bytes_to_sectors,
     parse_duration,
     parse_percent,
     parse_size,
+    sectors_to_bytes,
     show_value,
+    whole_meta_blocks,
 )
 
 __all__ = [
@@ -102,18 +106,17 @@ percent_value = via(parse_percent, "a percentage", PERCENT_HINT)
 def size_or_share(share_key: str) -> Parser:
     """Return a size parser that sends people who wrote a percentage to share_key."""
 
-    def parser(value: object) -> int:
+    def parser(value: object) -> Bytes:
         if isinstance(value, str) and value.rstrip().endswith("%"):
             raise Invalid(f"is not a size; {SIZE_HINT}, or set {share_key}: {value.strip()}")
-        size: int = size_value(value)
+        size: Bytes = size_value(value)
         return size
 
     return parser
 
 
-def metadata_size(value: object) -> int:
-    size: int = size_value(value)
-    size -= size % META_BLOCK_BYTES  # the kernel uses whole 4 KiB metadata blocks
+def metadata_size(value: object) -> Bytes:
+    size = whole_meta_blocks(size_value(value))
     if size < METADATA_MIN_BYTES:
         raise Invalid("is too small; use at least 2MiB")
     if size > METADATA_MAX_BYTES:
@@ -137,28 +140,29 @@ def whole(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def block_size(value: object) -> int:
+def block_size(value: object) -> Sectors:
     """Parse data_block_size: a plain number is sectors, as in the table; with a unit, a size."""
     sectors = whole(value)
     if isinstance(value, str) and sectors is None:
         with contextlib.suppress(ValueError):
             size = parse_size(value)
-            sectors = size // SECTOR_BYTES if size % SECTOR_BYTES == 0 else None
+            whole_sectors = bytes_to_sectors(size)
+            sectors = whole_sectors if sectors_to_bytes(whole_sectors) == size else None
     if sectors is None or not valid_block_size(sectors):
         lo, hi = MIN_BLOCK_SECTORS, MAX_BLOCK_SECTORS
-        lo_kib, hi_gib = lo * SECTOR_BYTES // 1024, hi * SECTOR_BYTES // 1024**3
+        lo_kib, hi_gib = sectors_to_bytes(lo) // 1024, sectors_to_bytes(hi) // 1024**3
         raise Invalid(
             f"is not a valid block size; use {lo} to {hi} sectors in steps of {lo}, or a size "
             f"from {lo_kib}KiB to {hi_gib}GiB in steps of {lo_kib}KiB"
         )
-    return sectors
+    return Sectors(sectors)
 
 
-def low_water_blocks(value: object) -> int:
+def low_water_blocks(value: object) -> DataBlocks:
     blocks = whole(value)
     if blocks is None or not 1 <= blocks < 2**63:
         raise Invalid("is not a number of data blocks; use 1 or more")
-    return blocks
+    return DataBlocks(blocks)
 
 
 def boolean(value: object) -> bool:

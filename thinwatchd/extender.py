@@ -43,6 +43,7 @@ from thinwatchd.pool_journal import PoolJournal
 from thinwatchd.pool_state import GrowthRecord, PoolState
 from thinwatchd.retune import retune_table
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.units import data_blocks_to_sectors
 from thinwatchd.writeback import WritebackState
 
 __all__ = ["Extender"]
@@ -131,7 +132,7 @@ class Extender:
         status = pool.read_status(dm)
         state.written_at_status = None if writeback is None else writeback.written
         if writeback is not None and isinstance(status, ThinPoolWorkingStatus):
-            used = status.data_used * pool.block_bytes
+            used = pool.data_bytes(status.data_used)
             state.history = state.history.record_landing(used, writeback.written)
         if self._adopt_outside_change(pool, state, status):
             # Suspended by someone else: no growth, no retune; when_full's clock runs if room
@@ -151,7 +152,7 @@ class Extender:
                 break
             if isinstance(status, ThinPoolWorkingStatus):
                 state.history = state.history.record(
-                    self.clock(), status.data_used * pool.block_bytes
+                    self.clock(), pool.data_bytes(status.data_used)
                 )
             data_fs = look.figures(str(pool.settings.data_file))
             decision = self._decide(pool, state, status, look, writeback)
@@ -196,7 +197,7 @@ class Extender:
         """
         if not isinstance(status, ThinPoolWorkingStatus):
             return False
-        size = status.data_total * pool.settings.data_block_size
+        size = data_blocks_to_sectors(status.data_total, pool.settings.data_block_size)
         info = self.kernel.dm.info(pool.name)
         if info is None:
             raise KernelError("DM_DEV_STATUS", pool.name, errno.ENXIO, "the device is gone")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 
 from thinwatchd.settings import PoolSettings
+from thinwatchd.units import Bytes
 
 __all__ = [
     "MAX_AMPLIFICATION",
@@ -83,10 +84,11 @@ class FillHistory:
         return max(0.0, *rates) if rates else None
 
 
-def reserve_bytes(settings: PoolSettings, fs_total: int) -> int:
+def reserve_bytes(settings: PoolSettings, fs_total: int) -> Bytes:
     """Return the bytes to keep free on a filesystem of fs_total bytes: max(reserve,
     reserve_percent of it)."""
-    return max(settings.reserve, math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
+    share = Bytes(math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
+    return max(settings.reserve, share)
 
 
 @dataclass(frozen=True)

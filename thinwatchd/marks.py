@@ -11,7 +11,7 @@ from fractions import Fraction
 
 from thinwatchd.forecast import FillHistory
 from thinwatchd.settings import PoolSettings
-from thinwatchd.units import SECTOR_BYTES
+from thinwatchd.units import Bytes, DataBlocks, bytes_to_data_blocks_up
 from thinwatchd.writeback import WritebackState
 
 __all__ = [
@@ -48,11 +48,11 @@ ASSUMED_GROWTH_SECONDS = 0.5
 MAX_PLANNED_GROWTH_SECONDS = 5.0
 
 
-def threshold_mark(total: int, percent: float) -> int:
+def threshold_mark(total: DataBlocks, percent: float) -> DataBlocks:
     """Return the free blocks at which usage reaches percent (0 when the threshold is off)."""
     if percent <= 0:
-        return 0
-    return max(0, total - math.ceil(total * Fraction(percent) / 100))
+        return DataBlocks(0)
+    return DataBlocks(max(0, total - math.ceil(total * Fraction(percent) / 100)))
 
 
 def growth_seconds(history: FillHistory) -> float:
@@ -61,13 +61,12 @@ def growth_seconds(history: FillHistory) -> float:
 
 def base_mark(
     settings: PoolSettings, history: FillHistory, writeback: WritebackState | None = None
-) -> int:
+) -> DataBlocks:
     """Return the configured mark raised by the measured fill rate and by the page cache's
-    largest possible burst (writeback), in data blocks."""
+    largest possible burst (writeback)."""
     floor = settings.low_water_mark
     if not settings.data.adaptive_low_water:
         return floor
-    bb = settings.data_block_size * SECTOR_BYTES
     raised = 0.0
     if (rate := history.fill_rate()) is not None:
         raised = rate * growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES
@@ -75,16 +74,17 @@ def base_mark(
         # Dirty pages reach the pool all at once (a sync, the flusher) and a growth started
         # meanwhile waits until they are in: the mark must hold the whole burst.
         raised = max(raised, writeback.burst() + ADAPTIVE_MARGIN_BYTES)
-    return max(floor, math.ceil(min(raised, ADAPTIVE_CAP_BYTES) / bb))
+    raised_bytes = math.ceil(min(raised, ADAPTIVE_CAP_BYTES))
+    return max(floor, bytes_to_data_blocks_up(raised_bytes, settings.data_block_size))
 
 
 def low_water_mark(
     settings: PoolSettings,
-    data_blocks: int,
+    data_blocks: DataBlocks,
     history: FillHistory | None = None,
     writeback: WritebackState | None = None,
-) -> int:
-    """Return the data low-water mark (blocks) to load for a pool of data_blocks blocks.
+) -> DataBlocks:
+    """Return the data low-water mark to load for a pool of data_blocks blocks.
 
     The largest of the configured mark, the adaptive mark (fill rate, writeback burst) and the
     free blocks left at threshold_percent, so the kernel's one event per resume also fires at
@@ -97,7 +97,7 @@ def low_water_mark(
 
 
 def writeback_threatens(
-    free_bytes: int, mark_bytes: int, writeback: WritebackState, amplification: float = 1.0
+    free_bytes: Bytes, mark_bytes: Bytes, writeback: WritebackState, amplification: float = 1.0
 ) -> bool:
     """Return whether to grow a pool with free_bytes now, before the kernel's event.
 

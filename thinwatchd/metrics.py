@@ -12,6 +12,7 @@ from pathlib import Path
 from thinwatchd.forecast import FullIn
 from thinwatchd.policy import GrowthTarget
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.units import Bytes, Sectors
 
 __all__ = ["PoolMetrics", "render", "write_atomically"]
 
@@ -31,15 +32,15 @@ class PoolMetrics:
     """One pool's figures at one moment."""
 
     name: str
-    block_bytes: int
+    block_size: Sectors
     status: ThinPoolStatus | None
     growths_data: int
     growths_metadata: int
     failures: int
     last_growth_seconds: float | None
-    backing_fs_free_bytes: int | None
-    data_file_allocated_bytes: int | None = None
-    data_max_bytes: int | None = None  # pools.<name>.data.max_size (None: no cap)
+    backing_fs_free_bytes: Bytes | None
+    data_file_allocated_bytes: Bytes | None = None
+    data_max_bytes: Bytes | None = None  # pools.<name>.data.max_size (None: no cap)
     refused: tuple[GrowthTarget, ...] = ()  # whose growth is refused now
     fill_rate: float | None = None  # data bytes/s, as last measured
     full_in: FullIn | None = None  # when the cap and the filesystem's reserve are reached
@@ -62,7 +63,7 @@ def render(pools: Iterable[PoolMetrics]) -> str:
     for p in pools:
         st = p.status
         if isinstance(st, ThinPoolWorkingStatus):
-            usage = st.usage_bytes(p.block_bytes)
+            usage = st.usage_bytes(p.block_size)
             for field, help_text in _USAGE_HELP.items():
                 add(f"thinwatchd_{field}_bytes", "gauge", help_text, p.name, getattr(usage, field))
             add(

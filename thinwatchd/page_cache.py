@@ -16,6 +16,7 @@ from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool import Pool
 from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.status import ThinPoolWorkingStatus
+from thinwatchd.units import Bytes, data_blocks_to_bytes
 from thinwatchd.writeback import WritebackState, parse_writeback
 
 __all__ = [
@@ -94,8 +95,9 @@ def threatened(pool: Pool, state: PoolState, writeback: WritebackState) -> bool:
     ):
         return False
     landed = max(0, writeback.written - state.written_at_status)
-    free = status.data_free * pool.block_bytes - landed
-    mark = pool.table.low_water_mark * pool.block_bytes
+    block_size = pool.settings.data_block_size
+    free = Bytes(data_blocks_to_bytes(status.data_free, block_size) - landed)
+    mark = data_blocks_to_bytes(pool.table.low_water_mark, block_size)
     return writeback_threatens(free, mark, writeback, state.history.amplification)
 
 

@@ -28,7 +28,17 @@ from thinwatchd.status import (
     ThinPoolWorkingStatus,
 )
 from thinwatchd.table import Feature
-from thinwatchd.units import META_BLOCK_BYTES, SECTOR_BYTES, MetaBlocks, format_bytes
+from thinwatchd.units import (
+    META_BLOCK_BYTES,
+    Bytes,
+    DataBlocks,
+    MetaBlocks,
+    bytes_to_data_blocks,
+    data_block_bytes,
+    data_blocks_to_bytes,
+    format_bytes,
+    meta_blocks_to_bytes,
+)
 from thinwatchd.writeback import WritebackState
 
 __all__ = [
@@ -62,24 +72,24 @@ _KERNEL_META_WATERMARK = 1024
 class BackingFs:
     """The filesystem under one pool file, and that file (from statvfs and stat)."""
 
-    free_bytes: int  # f_bavail * f_frsize: what an unprivileged write could still get
-    total_bytes: int  # f_blocks * f_frsize
-    file_size: int  # st_size (apparent)
-    file_allocated: int  # st_blocks * 512
-    promised_elsewhere: int = 0  # unwritten bytes of our other sparse files on this filesystem
+    free_bytes: Bytes  # f_bavail * f_frsize: what an unprivileged write could still get
+    total_bytes: Bytes  # f_blocks * f_frsize
+    file_size: Bytes  # st_size (apparent)
+    file_allocated: Bytes  # st_blocks
+    promised_elsewhere: Bytes = Bytes(0)  # unwritten part of our other sparse files on this fs
     path: str = ""  # mount point or directory, for messages
 
-    def reserve(self, settings: PoolSettings) -> int:
+    def reserve(self, settings: PoolSettings) -> Bytes:
         """Return the bytes to keep free: max(reserve, reserve_percent of the filesystem)."""
         return reserve_bytes(settings, self.total_bytes)
 
-    def promised(self) -> int:
+    def promised(self) -> Bytes:
         """Return what sparse files may still claim: apparent minus allocated sizes."""
-        return max(0, self.file_size - self.file_allocated) + self.promised_elsewhere
+        return Bytes(max(0, self.file_size - self.file_allocated) + self.promised_elsewhere)
 
-    def room(self, settings: PoolSettings) -> int:
+    def room(self, settings: PoolSettings) -> Bytes:
         """Return how many bytes the file may still grow by (negative: over-promised already)."""
-        return self.free_bytes - self.reserve(settings) - self.promised()
+        return Bytes(self.free_bytes - self.reserve(settings) - self.promised())
 
 
 class RefusalReason(StrEnum):
@@ -104,13 +114,13 @@ class NoAction:
 
 @dataclass(frozen=True)
 class Grow:
-    """Grow the target's file to new_size bytes and reload with low_water_mark (data blocks)."""
+    """Grow the target's file to new_size and reload with low_water_mark."""
 
     pool: str
     target: GrowthTarget
-    old_size: int
-    new_size: int
-    low_water_mark: int
+    old_size: Bytes
+    new_size: Bytes
+    low_water_mark: DataBlocks
     reason: str
     limited_by: RefusalReason | None = None  # AT_MAX_SIZE or BACKING_FS_FULL: less than wanted
 
@@ -193,11 +203,11 @@ def _fit(
     settings: PoolSettings,
     target: GrowthTarget,
     fs: BackingFs,
-    current: int,
+    current: Bytes,
     wanted: int,
-    unit: int,
-    cap: int | None,
-) -> tuple[int, RefusalReason | None] | Refuse:
+    unit: Bytes,
+    cap: Bytes | None,
+) -> tuple[Bytes, RefusalReason | None] | Refuse:
     """Return (new size, what limited it) or a Refuse: clamp to the cap, then to the filesystem."""
     name = settings.name
     new, limited = _ceil_to(wanted, unit), None
@@ -219,7 +229,7 @@ def _fit(
                 f"to sparse files: no room for even {format_bytes(unit)} more"
             )
             return Refuse(name, target, RefusalReason.BACKING_FS_FULL, detail)
-    return new, limited
+    return Bytes(new), limited
 
 
 def decide_data(
@@ -227,7 +237,7 @@ def decide_data(
     settings: PoolSettings,
     fs: BackingFs,
     history: FillHistory,
-    table_mark: int = 0,
+    table_mark: DataBlocks = DataBlocks(0),
     writeback: WritebackState | None = None,
 ) -> Decision:
     """Return what to do about the pool's data file.
@@ -245,7 +255,12 @@ def decide_data(
     if (refusal := _blocked(status, pool, GrowthTarget.DATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
-    bb = settings.data_block_size * SECTOR_BYTES
+    bs = settings.data_block_size
+    bb = data_block_bytes(bs)
+
+    def size(blocks: int) -> Bytes:
+        return data_blocks_to_bytes(blocks, bs)
+
     used, total, free = status.data_used, status.data_total, status.data_free
     mark = low_water_mark(settings, total, history, writeback)
     early = writeback if settings.data.adaptive_low_water else None
@@ -255,29 +270,29 @@ def decide_data(
     elif _reached(used, total, thr):
         why = f"data usage {status.data_percent:.1f}% >= {thr:g}%"
     elif free <= max(mark, table_mark):
-        why = f"{format_bytes(free * bb)} free <= low-water mark "
-        why += format_bytes(max(mark, table_mark) * bb)
+        why = f"{format_bytes(size(free))} free <= low-water mark "
+        why += format_bytes(size(max(mark, table_mark)))
     elif early is not None and writeback_threatens(
-        free * bb, max(mark, table_mark) * bb, early, history.amplification
+        size(free), size(max(mark, table_mark)), early, history.amplification
     ):
-        why = f"{format_bytes(free * bb)} free <= low-water mark {format_bytes(mark * bb)} + "
+        why = f"{format_bytes(size(free))} free <= low-water mark {format_bytes(size(mark))} + "
         why += f"{format_bytes(early.pending)} dirty or under writeback, "
         why += f"{format_bytes(early.writeback)} of it in flight"
     else:
-        why = f"{format_bytes(free * bb)} free of {format_bytes(total * bb)}"
+        why = f"{format_bytes(size(free))} free of {format_bytes(size(total))}"
         return NoAction(
-            pool, GrowthTarget.DATA, f"{why}, above the mark of {format_bytes(mark * bb)}"
+            pool, GrowthTarget.DATA, f"{why}, above the mark of {format_bytes(size(mark))}"
         )
     if (refusal := _unfit(status, pool, GrowthTarget.DATA, meta_ok=False)) is not None:
         return refusal
     base = base_mark(settings, history, writeback)
     filling = math.ceil((history.fill_rate() or 0.0) * growth_seconds(history))
-    current = max(total * bb, _ceil_to(fs.file_size, bb))
+    current = Bytes(max(size(total), _ceil_to(fs.file_size, bb)))
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
     wanted = max(
         current + step,
-        (used + 2 * base) * bb + filling,
-        _min_total_clear(used, thr) * bb + filling,
+        size(used + 2 * base) + filling,
+        size(_min_total_clear(used, thr)) + filling,
     )
     fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
     if isinstance(fitted, Refuse):
@@ -288,7 +303,7 @@ def decide_data(
         GrowthTarget.DATA,
         current,
         new,
-        low_water_mark(settings, new // bb, history, writeback),
+        low_water_mark(settings, bytes_to_data_blocks(new, bs), history, writeback),
         why,
         limited,
     )
@@ -312,6 +327,7 @@ def decide_metadata(
     if (refusal := _blocked(status, pool, GrowthTarget.METADATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
+    size = meta_blocks_to_bytes
     mb = META_BLOCK_BYTES
     used, total, free = status.meta_used, status.meta_total, status.meta_free
     watermark = status.metadata_low_watermark
@@ -319,20 +335,20 @@ def decide_metadata(
         watermark = MetaBlocks(min(_KERNEL_META_WATERMARK, total // 4))
     thr = settings.metadata.threshold_percent
     if free <= watermark:
-        why = f"{format_bytes(free * mb)} metadata free <= {format_bytes(watermark * mb)}"
+        why = f"{format_bytes(size(free))} metadata free <= {format_bytes(size(watermark))}"
     elif _reached(used, total, thr):
         why = f"metadata usage {status.meta_percent:.1f}% >= {thr:g}%"
     else:
-        why = f"{format_bytes(free * mb)} metadata free of {format_bytes(total * mb)}"
+        why = f"{format_bytes(size(free))} metadata free of {format_bytes(size(total))}"
         return NoAction(pool, GrowthTarget.METADATA, why)
     if (refusal := _unfit(status, pool, GrowthTarget.METADATA, meta_ok=True)) is not None:
         return refusal
-    current = max(total * mb, _ceil_to(fs.file_size, mb))
+    current = Bytes(max(size(total), _ceil_to(fs.file_size, mb)))
     step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
     wanted = max(
         current + step,
-        (used + _KERNEL_META_WATERMARK + 1) * mb,  # clear of the next kernel watermark
-        _min_total_below(used, thr) * mb,
+        size(used + _KERNEL_META_WATERMARK + 1),  # clear of the next kernel watermark
+        size(_min_total_below(used, thr)),
     )
     cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
     fitted = _fit(settings, GrowthTarget.METADATA, fs, current, wanted, mb, cap)
@@ -344,9 +360,7 @@ def decide_metadata(
     return Grow(pool, GrowthTarget.METADATA, current, new, mark, why, limited)
 
 
-def backing_shortfall(
-    status: ThinPoolStatus, settings: PoolSettings, backing: BackingFs, block_bytes: int
-) -> int:
+def backing_shortfall(status: ThinPoolStatus, settings: PoolSettings, backing: BackingFs) -> Bytes:
     """Return how many bytes the pool may still write into holes of its sparse data file that
     the backing filesystem cannot give above the reserve; 0 when it can hold them all.
 
@@ -356,12 +370,12 @@ def backing_shortfall(
     disk holds): then every block the pool still promises is a write that will fail.
     """
     if not isinstance(status, ThinPoolWorkingStatus):
-        return 0
+        return Bytes(0)
     available = backing.free_bytes - backing.reserve(settings)
     if available > 0:
-        return 0
-    pool_free = max(0, status.data_total - status.data_used) * block_bytes
-    holes = max(0, backing.file_size - backing.file_allocated)
+        return Bytes(0)
+    pool_free = data_blocks_to_bytes(max(0, status.data_free), settings.data_block_size)
+    holes = Bytes(max(0, backing.file_size - backing.file_allocated))
     return min(pool_free, holes)
 
 

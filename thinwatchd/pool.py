@@ -30,7 +30,13 @@ from thinwatchd.logs import MessageId, event
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolStatus, parse_pool_status
 from thinwatchd.table import ThinPoolLine, ThinPoolTable, thin_pool_target
-from thinwatchd.units import SECTOR_BYTES
+from thinwatchd.units import (
+    Bytes,
+    Sectors,
+    bytes_to_data_blocks,
+    data_blocks_to_bytes,
+    data_blocks_to_sectors,
+)
 
 __all__ = ["Activation", "Pool", "ensure_resumed", "retrying"]
 
@@ -53,7 +59,7 @@ class Pool:
     data_loop: LoopDevice
     meta_loop: LoopDevice
     table: ThinPoolTable  # the ACTIVE table's params, with loop devices as major:minor
-    length: int  # sectors of the active table
+    length: Sectors  # of the active table
     activation: Activation = Activation.ADOPTED
     recovered: list[str] = field(default_factory=list)  # interrupted work finished at startup
 
@@ -62,17 +68,21 @@ class Pool:
         return self.settings.name
 
     @property
-    def block_bytes(self) -> int:
-        return self.settings.data_block_size * SECTOR_BYTES
+    def block_size(self) -> Sectors:
+        return self.settings.data_block_size
 
-    def target(self, length: int, table: ThinPoolTable | None = None) -> Target:
+    def data_bytes(self, blocks: int) -> Bytes:
+        """Return the bytes in this many of the pool's data blocks."""
+        return data_blocks_to_bytes(blocks, self.settings.data_block_size)
+
+    def target(self, length: Sectors, table: ThinPoolTable | None = None) -> Target:
         """Return the thin-pool target line for a table of length sectors."""
         return ThinPoolLine(length, table or self.table).to_target()
 
-    def length_for(self, data_bytes: int) -> int:
-        """Return the table length (sectors, whole blocks) for a data device of data_bytes."""
+    def length_for(self, data_bytes: Bytes) -> Sectors:
+        """Return the table length (whole blocks) for a data device of data_bytes."""
         block = self.settings.data_block_size
-        return data_bytes // SECTOR_BYTES // block * block
+        return data_blocks_to_sectors(bytes_to_data_blocks(data_bytes, block), block)
 
     def read_status(self, dm: DeviceMapperApi) -> ThinPoolStatus:
         """Return the pool's parsed INFO status (in-core counts, without forcing a commit).
@@ -86,7 +96,7 @@ class Pool:
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
         return parse_pool_status(target.params)
 
-    def live_length(self, dm: DeviceMapperApi, at_least: int = 0) -> int:
+    def live_length(self, dm: DeviceMapperApi, at_least: Sectors = Sectors(0)) -> Sectors:
         """Return the active table's length as the kernel has it now, adopting outside changes.
 
         Someone else may have reloaded the pool since we last did (an operator's dmsetup, a
@@ -123,7 +133,7 @@ class Pool:
             self.length = length
         return length
 
-    def reload(self, kernel: Kernel, table: ThinPoolTable | None = None) -> int:
+    def reload(self, kernel: Kernel, table: ThinPoolTable | None = None) -> Sectors:
         """Load the longest valid table with table's params, resume, and return its length.
 
         The length comes from the kernel just before the load: never shorter than the active

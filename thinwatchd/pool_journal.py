@@ -110,7 +110,7 @@ class PoolJournal:
         data_fs is this check's look at it: after a failed growth, the one from before it (a
         look after it would only add a second failure to say)."""
         path = str(pool.settings.data_file)
-        short = backing_shortfall(status, pool.settings, data_fs, pool.block_bytes)
+        short = backing_shortfall(status, pool.settings, data_fs)
         if bool(short) != state.backing_short:
             state.backing_short = bool(short)
             if short:

@@ -10,6 +10,7 @@ from thinwatchd.forecast import FillHistory
 from thinwatchd.policy import Grow, GrowthTarget
 from thinwatchd.pool import Pool
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.units import Bytes
 
 __all__ = ["GrowthRecord", "ManagedPool", "PoolState", "pool_fields"]
 
@@ -19,8 +20,8 @@ class GrowthRecord:
     """One completed growth."""
 
     target: GrowthTarget
-    old_size: int
-    new_size: int
+    old_size: Bytes
+    new_size: Bytes
     seconds: float
 
 
@@ -49,7 +50,7 @@ class PoolState:
 
 
 def pool_fields(
-    pool: Pool, status: ThinPoolStatus | None, allocated: int | None = None
+    pool: Pool, status: ThinPoolStatus | None, allocated: Bytes | None = None
 ) -> dict[str, object]:
     """Return the structured journal fields describing a pool's state; allocated is what its
     data file takes on disk (beyond the data in use: what discards would give back)."""
@@ -57,7 +58,7 @@ def pool_fields(
     if allocated is not None:
         fields["DATA_FILE_ALLOCATED_BYTES"] = allocated
     if isinstance(status, ThinPoolWorkingStatus):
-        usage = status.usage_bytes(pool.block_bytes)
+        usage = status.usage_bytes(pool.block_size)
         fields |= {
             "DATA_USED_BYTES": usage.data_used,
             "DATA_TOTAL_BYTES": usage.data_total,

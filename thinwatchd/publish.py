@@ -20,7 +20,7 @@ from thinwatchd.policy import GrowthTarget
 from thinwatchd.pool_state import ManagedPool
 from thinwatchd.settings import Settings
 from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import format_duration
+from thinwatchd.units import Bytes, format_duration
 
 __all__ = ["Publisher", "pool_figures", "status_line"]
 
@@ -44,9 +44,9 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
     for managed, data_file, rate, space in seen:
         pool, state = managed.pool, managed.state
         status = state.status
-        used = 0
+        used = Bytes(0)
         if isinstance(status, ThinPoolWorkingStatus):
-            used = status.data_used * pool.block_bytes
+            used = pool.data_bytes(status.data_used)
         fs = None if space is None else space[1]
         full = full_in(
             pool.settings,
@@ -59,7 +59,7 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
         out.append(
             PoolMetrics(
                 name=pool.name,
-                block_bytes=pool.block_bytes,
+                block_size=pool.block_size,
                 status=status,
                 growths_data=state.growths[GrowthTarget.DATA],
                 growths_metadata=state.growths[GrowthTarget.METADATA],

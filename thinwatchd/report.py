@@ -13,7 +13,7 @@ from thinwatchd.kernel.fs import Files
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import ThinPoolLine, thin_pool_target
-from thinwatchd.units import SECTOR_BYTES, format_bytes, format_duration
+from thinwatchd.units import Bytes, DataBlocks, disk_blocks_to_bytes, format_bytes, format_duration
 
 __all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]
 
@@ -25,20 +25,20 @@ class PoolReport:
     name: str
     active: bool
     mode: str
-    data_used: int | None = None
-    data_total: int | None = None
-    metadata_used: int | None = None
-    metadata_total: int | None = None
+    data_used: Bytes | None = None
+    data_total: Bytes | None = None
+    metadata_used: Bytes | None = None
+    metadata_total: Bytes | None = None
     data_percent: float | None = None
     metadata_percent: float | None = None
-    low_water_mark_blocks: int | None = None
+    low_water_mark_blocks: DataBlocks | None = None
     no_space_policy: str | None = None
     needs_check: bool | None = None
     data_file: str = ""
-    data_file_size: int | None = None
-    data_file_allocated: int | None = None  # what the file takes on disk (st_blocks)
-    reclaimable: int | None = None  # allocated beyond the data in use: what discards give back
-    backing_fs_free: int | None = None
+    data_file_size: Bytes | None = None
+    data_file_allocated: Bytes | None = None  # what the file takes on disk (st_blocks)
+    reclaimable: Bytes | None = None  # allocated beyond the data in use: what discards give back
+    backing_fs_free: Bytes | None = None
     # From the running daemon (estimates.py); None when it measured none, or none is known.
     estimated: bool = False  # the daemon's estimates were read for this pool
     fill_rate_bytes_per_second: float | None = None
@@ -52,12 +52,12 @@ class PoolReport:
 
 def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     """Return the live report for one configured pool; never raises for a pool-level problem."""
-    size: int | None = None
-    allocated: int | None = None
-    free: int | None = None
+    size: Bytes | None = None
+    allocated: Bytes | None = None
+    free: Bytes | None = None
     try:
         st = os.stat(settings.data_file)
-        size, allocated = st.st_size, st.st_blocks * 512
+        size, allocated = Bytes(st.st_size), disk_blocks_to_bytes(st.st_blocks)
         free = Files().space(str(settings.data_file)).free
     except (OSError, ThinwatchError):
         pass
@@ -85,12 +85,13 @@ def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
         return replace(base, mode="unknown", error=str(exc))
     if not isinstance(status, ThinPoolWorkingStatus):
         return replace(base, active=True, mode=status.mode.value)
-    block = params.data_block_size * SECTOR_BYTES
+    block = params.data_block_size
     used = status.usage_bytes(block).data_used
+    # A preallocated file is meant to be allocated whole: nothing there is to give back.
+    reclaimable = None if allocated is None or settings.preallocate else allocated - used
     return replace(
         base,
-        # A preallocated file is meant to be allocated whole: nothing there is to give back.
-        reclaimable=None if allocated is None or settings.preallocate else max(0, allocated - used),
+        reclaimable=None if reclaimable is None else Bytes(max(0, reclaimable)),
         active=True,
         mode="suspended" if info.suspended else status.mode.value,
         **status.usage_bytes(block)._asdict(),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from thinwatchd.kernel.names import PoolName
 from thinwatchd.table import Feature
+from thinwatchd.units import Bytes, DataBlocks, Sectors, sectors_to_bytes
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -28,7 +29,7 @@ MiB = 1024**2
 
 #: The kernel's usable metadata maximum: 255 * (2**14 - 64) * 8 sectors (dm-thin-metadata.h
 #: THIN_METADATA_MAX_SECTORS), just under 15.9 GiB. A bigger metadata device wastes the excess.
-METADATA_MAX_BYTES = 255 * (2**14 - 64) * 8 * 512
+METADATA_MAX_BYTES = sectors_to_bytes(Sectors(255 * (2**14 - 64) * 8))
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,9 @@ class DataGrowth:
     """How the data file grows (``pools.<name>.data``)."""
 
     threshold_percent: float = 80.0  # also act when data usage reaches this
-    step: int = 1 * GiB  # grow by at least this...
+    step: Bytes = Bytes(1 * GiB)  # grow by at least this...
     step_percent: float = 20.0  # ...or this share of the current size, whichever is larger
-    max_size: int | None = None  # never grow the file past this (None: only the filesystem limits)
+    max_size: Bytes | None = None  # never grow the file past this (None: only the fs limits)
     adaptive_low_water: bool = True  # raise the mark from the measured fill rate and growth time
 
 
@@ -47,9 +48,9 @@ class MetadataGrowth:
     """How the metadata file grows (``pools.<name>.metadata``)."""
 
     threshold_percent: float = 75.0
-    step: int = 256 * MiB
+    step: Bytes = Bytes(256 * MiB)
     step_percent: float = 50.0
-    max_size: int = METADATA_MAX_BYTES
+    max_size: Bytes = METADATA_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,14 @@ class PoolSettings:
     name: PoolName  # validated: config.py makes it with kernel.names.pool_name_problem
     data_file: Path
     metadata_file: Path
-    data_size: int = 100 * GiB  # initial size of a new data file
-    metadata_size: int = 2 * GiB  # initial size of a new metadata file
-    data_block_size: int = 128  # sectors; 128..2097152, a multiple of 128
-    low_water_mark: int = 32768  # data blocks; the floor of the adaptive mark
+    data_size: Bytes = Bytes(100 * GiB)  # initial size of a new data file
+    metadata_size: Bytes = Bytes(2 * GiB)  # initial size of a new metadata file
+    data_block_size: Sectors = Sectors(128)  # 128..2097152, a multiple of 128
+    low_water_mark: DataBlocks = DataBlocks(32768)  # the floor of the adaptive mark
     features: tuple[Feature, ...] = (Feature.SKIP_BLOCK_ZEROING,)
     preallocate: bool = False  # fallocate new space instead of leaving it sparse
     direct_io: bool = True  # loop devices bypass the page cache (cheap flushes, no double cache)
-    reserve: int = 1 * GiB  # keep this much free on the backing filesystem (bytes)
+    reserve: Bytes = Bytes(1 * GiB)  # keep this much free on the backing filesystem
     reserve_percent: float = 0.0  # ...or this share of it, whichever is larger
     data: DataGrowth = field(default_factory=DataGrowth)
     metadata: MetadataGrowth = field(default_factory=MetadataGrowth)

@@ -20,7 +20,14 @@ from enum import StrEnum
 from typing import ClassVar, NamedTuple, TypeVar
 
 from thinwatchd.errors import StatusParseError
-from thinwatchd.units import META_BLOCK_BYTES, DataBlocks, MetaBlocks
+from thinwatchd.units import (
+    Bytes,
+    DataBlocks,
+    MetaBlocks,
+    Sectors,
+    data_blocks_to_bytes,
+    meta_blocks_to_bytes,
+)
 
 __all__ = [
     "DiscardMode",
@@ -64,10 +71,10 @@ class NoSpacePolicy(StrEnum):
 class UsageBytes(NamedTuple):
     """A pool's data and metadata usage in bytes (the one place blocks become bytes)."""
 
-    data_used: int
-    data_total: int
-    metadata_used: int
-    metadata_total: int
+    data_used: Bytes
+    data_total: Bytes
+    metadata_used: Bytes
+    metadata_total: Bytes
 
 
 @dataclass(frozen=True)
@@ -106,13 +113,13 @@ class ThinPoolWorkingStatus:
         """Return metadata usage in percent."""
         return 100.0 * self.meta_used / self.meta_total if self.meta_total else 100.0
 
-    def usage_bytes(self, data_block_bytes: int) -> UsageBytes:
-        """Return usage in bytes for a pool of data_block_bytes blocks (metadata: 4 KiB)."""
+    def usage_bytes(self, block_size: Sectors) -> UsageBytes:
+        """Return usage in bytes for a pool of data blocks of block_size sectors."""
         return UsageBytes(
-            self.data_used * data_block_bytes,
-            self.data_total * data_block_bytes,
-            self.meta_used * META_BLOCK_BYTES,
-            self.meta_total * META_BLOCK_BYTES,
+            data_blocks_to_bytes(self.data_used, block_size),
+            data_blocks_to_bytes(self.data_total, block_size),
+            meta_blocks_to_bytes(self.meta_used),
+            meta_blocks_to_bytes(self.meta_total),
         )
 
     @property

@@ -16,6 +16,7 @@ from enum import StrEnum
 from thinwatchd.errors import StatusParseError
 from thinwatchd.kernel.api import Target
 from thinwatchd.status import NoSpacePolicy, parse_uint
+from thinwatchd.units import DataBlocks, Sectors
 
 __all__ = [
     "MAX_BLOCK_SECTORS",
@@ -75,8 +76,8 @@ class ThinPoolTable:
 
     metadata_dev: str
     data_dev: str
-    data_block_size: int  # sectors
-    low_water_mark: int  # data blocks
+    data_block_size: Sectors
+    low_water_mark: DataBlocks
     features: tuple[Feature, ...] = ()
 
     def __post_init__(self) -> None:
@@ -102,11 +103,6 @@ class ThinPoolTable:
                 raise ValueError(f"bad device {dev!r}")
 
     @property
-    def data_block_bytes(self) -> int:
-        """Return the data block size in bytes."""
-        return self.data_block_size * 512
-
-    @property
     def no_space_policy(self) -> NoSpacePolicy:
         """Return the no-space policy this table asks for."""
         if Feature.ERROR_IF_NO_SPACE in self.features:
@@ -126,8 +122,8 @@ class ThinPoolTable:
         """Return this table with its features in the order the kernel prints them."""
         return replace(self, features=tuple(f for f in Feature if f in self.features))
 
-    def with_low_water_mark(self, blocks: int) -> ThinPoolTable:
-        """Return this table with another low-water mark (data blocks)."""
+    def with_low_water_mark(self, blocks: DataBlocks) -> ThinPoolTable:
+        """Return this table with another low-water mark."""
         return replace(self, low_water_mark=blocks)
 
     def with_no_space_policy(self, policy: NoSpacePolicy) -> ThinPoolTable:
@@ -168,7 +164,7 @@ def parse_pool_table(params: str) -> ThinPoolTable:
             features.append(Feature(name))
     if tokens[0] == tokens[1]:  # pool_ctr refuses the same device twice
         raise StatusParseError(names[1], 1, tokens[1], params)
-    return ThinPoolTable(tokens[0], tokens[1], bs, lwm, tuple(features))
+    return ThinPoolTable(tokens[0], tokens[1], Sectors(bs), DataBlocks(lwm), tuple(features))
 
 
 def thin_pool_target(targets: Sequence[Target]) -> Target | None:
@@ -183,7 +179,7 @@ def thin_pool_target(targets: Sequence[Target]) -> Target | None:
 class ThinPoolLine:
     """A pool device's whole table: one thin-pool target of length sectors from sector 0."""
 
-    length: int  # sectors
+    length: Sectors
     table: ThinPoolTable
 
     @classmethod
@@ -194,7 +190,7 @@ class ThinPoolLine:
 
     def to_target(self) -> Target:
         """Return the line to load."""
-        return Target(0, self.length, THIN_POOL, self.table.params())
+        return Target(Sectors(0), self.length, THIN_POOL, self.table.params())
 
 
 def _device_key(dev: str) -> tuple[int, int] | str:

@@ -19,13 +19,24 @@ __all__ = [
     "DataBlocks",
     "MetaBlocks",
     "Sectors",
+    "bytes_to_data_blocks",
+    "bytes_to_data_blocks_up",
+    "bytes_to_meta_blocks",
     "bytes_to_sectors",
+    "data_block_bytes",
+    "data_blocks_to_bytes",
+    "data_blocks_to_sectors",
+    "disk_blocks_to_bytes",
     "format_bytes",
+    "meta_blocks_to_bytes",
     "parse_duration",
     "parse_percent",
     "parse_size",
     "sectors_to_bytes",
+    "sectors_to_data_blocks",
     "show_value",
+    "whole_data_blocks",
+    "whole_meta_blocks",
 ]
 
 Bytes = NewType("Bytes", int)
@@ -38,7 +49,7 @@ MetaBlocks = NewType("MetaBlocks", int)
 
 #: include/linux/blk_types.h SECTOR_SHIFT = 9
 SECTOR_BYTES = 512
-META_BLOCK_BYTES = 4096
+META_BLOCK_BYTES = Bytes(4096)
 META_BLOCK_SECTORS = META_BLOCK_BYTES // SECTOR_BYTES
 
 
@@ -54,6 +65,11 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 86400:.0f} days"
 
 
+# --- Conversions: the only place one unit becomes another -------------------------------------
+# Arithmetic inside one unit (blocks minus blocks) stays where it is done, rewrapped in its type;
+# a value changes unit only through these.
+
+
 def bytes_to_sectors(size: int) -> Sectors:
     """Return whole sectors in size bytes (rounded down)."""
     return Sectors(size // SECTOR_BYTES)
@@ -62,6 +78,61 @@ def bytes_to_sectors(size: int) -> Sectors:
 def sectors_to_bytes(sectors: int) -> Bytes:
     """Return the byte size of a number of sectors."""
     return Bytes(sectors * SECTOR_BYTES)
+
+
+def disk_blocks_to_bytes(st_blocks: int) -> Bytes:
+    """Return the bytes a file has on disk from stat's st_blocks (always 512-byte units)."""
+    return Bytes(st_blocks * 512)
+
+
+def data_block_bytes(block_size: Sectors) -> Bytes:
+    """Return the size in bytes of one data block of block_size sectors."""
+    return sectors_to_bytes(block_size)
+
+
+def data_blocks_to_bytes(blocks: int, block_size: Sectors) -> Bytes:
+    """Return the bytes in a number of data blocks of block_size sectors."""
+    return Bytes(blocks * data_block_bytes(block_size))
+
+
+def data_blocks_to_sectors(blocks: int, block_size: Sectors) -> Sectors:
+    """Return the sectors in a number of data blocks of block_size sectors."""
+    return Sectors(blocks * block_size)
+
+
+def bytes_to_data_blocks(size: int, block_size: Sectors) -> DataBlocks:
+    """Return the whole data blocks of block_size sectors in size bytes (rounded down)."""
+    return DataBlocks(size // data_block_bytes(block_size))
+
+
+def bytes_to_data_blocks_up(size: int, block_size: Sectors) -> DataBlocks:
+    """Return the fewest data blocks of block_size sectors that hold size bytes (rounded up)."""
+    return DataBlocks(-(-size // data_block_bytes(block_size)))
+
+
+def sectors_to_data_blocks(sectors: int, block_size: Sectors) -> DataBlocks:
+    """Return the whole data blocks of block_size sectors in a number of sectors."""
+    return DataBlocks(sectors // block_size)
+
+
+def whole_data_blocks(size: int, block_size: Sectors) -> Bytes:
+    """Return size rounded down to whole data blocks: the kernel ignores a partial last block."""
+    return data_blocks_to_bytes(bytes_to_data_blocks(size, block_size), block_size)
+
+
+def whole_meta_blocks(size: int) -> Bytes:
+    """Return size rounded down to whole 4 KiB metadata blocks, all the kernel uses."""
+    return meta_blocks_to_bytes(bytes_to_meta_blocks(size))
+
+
+def meta_blocks_to_bytes(blocks: int) -> Bytes:
+    """Return the bytes in a number of 4 KiB metadata blocks."""
+    return Bytes(blocks * META_BLOCK_BYTES)
+
+
+def bytes_to_meta_blocks(size: int) -> MetaBlocks:
+    """Return the whole 4 KiB metadata blocks in size bytes (rounded down)."""
+    return MetaBlocks(size // META_BLOCK_BYTES)
 
 
 def format_bytes(size: int) -> str:
@@ -149,7 +220,7 @@ def _number(
     return amount
 
 
-def parse_size(value: str | int | float) -> int:
+def parse_size(value: str | int | float) -> Bytes:
     """Return the number of bytes in a size like "100GiB", "1.5T", "4k" or 4096.
 
     Units are binary whatever their spelling (G = GB = GiB = 1024**3), case-insensitive, from B
@@ -162,7 +233,7 @@ def parse_size(value: str | int | float) -> int:
     size = math.floor(_number(value, _SIZE_RE, _SIZE_UNITS, "a size", SIZE_HINT))
     if size > MAX_SIZE_BYTES:
         raise ValueError(f"{show_value(value)} is larger than any file can be (8EiB)")
-    return size
+    return Bytes(size)
 
 
 def parse_percent(value: str | int | float) -> float:

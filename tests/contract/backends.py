@@ -20,6 +20,7 @@ from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopControlApi, Target
 from thinwatchd.kernel.fs import Files
+from thinwatchd.units import Sectors
 
 BLOCK_BYTES = 64 * 1024
 
@@ -54,7 +55,7 @@ class FakeBackend:
         self.fake.message(pool, "create_thin 0")
         name = f"{pool}-thin"
         self.fake.create(name)
-        self.fake.load_table(name, [Target(0, 2**27, "thin", "253:0 0")])
+        self.fake.load_table(name, [Target(Sectors(0), Sectors(2**27), "thin", "253:0 0")])
         self.fake.resume(name)
 
     def write_blocks(self, pool: str, first: int, count: int) -> int:

@@ -23,6 +23,7 @@ from thinwatchd.kernel.names import pool_name
 from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.units import Bytes, DataBlocks, Sectors
 
 MiB = 1024**2
 BLOCKS = 256  # a 16 MiB pool of 64 KiB blocks
@@ -40,17 +41,17 @@ def make_pool(be: Backend, **changes: object) -> Pool:
         name=pool_name(name),
         data_file=be.directory / f"{name}.data",
         metadata_file=be.directory / f"{name}.meta",
-        data_size=BLOCKS * 64 * 1024,
-        metadata_size=4 * MiB,
-        low_water_mark=16,
-        reserve=0,
+        data_size=Bytes(BLOCKS * 64 * 1024),
+        metadata_size=Bytes(4 * MiB),
+        low_water_mark=DataBlocks(16),
+        reserve=Bytes(0),
     )
     settings = replace(settings, **changes)  # type: ignore[arg-type]
     if hasattr(be, "devices"):
         be.devices.append(name)
     pool = activate(settings, be.kernel)
     # activate() puts in the policy's mark; these scenarios want the configured one exactly
-    pool.reload(be.kernel, pool.table.with_low_water_mark(16))
+    pool.reload(be.kernel, pool.table.with_low_water_mark(DataBlocks(16)))
     be.thin(name)
     return pool
 
@@ -123,7 +124,7 @@ def test_a_table_longer_than_the_data_device_is_refused_at_resume(be: Backend) -
     # Not at load: the kernel checks device areas when it swaps tables in (dm_swap_table), and
     # leaves the device suspended on its old table. ensure_resumed must resume it.
     pool = make_pool(be)
-    be.kernel.dm.load_table(pool.name, [pool.target(pool.length * 2)])
+    be.kernel.dm.load_table(pool.name, [pool.target(Sectors(pool.length * 2))])
     with pytest.raises(KernelError) as caught:
         be.kernel.dm.resume(pool.name)
     assert caught.value.errno == errno.EINVAL
@@ -143,7 +144,7 @@ def test_a_shrink_is_refused_at_resume_and_the_longest_table_resumes_it(be: Back
     # leaves the device SUSPENDED with it. Every writer hangs until a valid table is resumed.
     pool = make_pool(be)
     be.write_blocks(pool.name, 0, 10)
-    be.kernel.dm.load_table(pool.name, [pool.target(pool.length // 2)])
+    be.kernel.dm.load_table(pool.name, [pool.target(Sectors(pool.length // 2))])
     with pytest.raises(KernelError) as caught:
         be.kernel.dm.resume(pool.name)
     assert caught.value.errno == errno.EINVAL
@@ -165,10 +166,10 @@ def test_a_reload_after_someone_else_grew_the_pool_keeps_their_length(be: Backen
     stale = pool.length
     os.truncate(pool.settings.data_file, 3 * BLOCKS * 64 * 1024)
     be.kernel.loops.set_capacity(pool.data_loop)
-    be.kernel.dm.load_table(pool.name, [pool.target(2 * stale)])
+    be.kernel.dm.load_table(pool.name, [pool.target(Sectors(2 * stale))])
     be.kernel.dm.resume(pool.name)
     assert pool.length == stale
-    pool.reload(be.kernel, pool.table.with_low_water_mark(20))
+    pool.reload(be.kernel, pool.table.with_low_water_mark(DataBlocks(20)))
     assert pool.length == 3 * stale  # the whole loop device: never shorter than theirs
     info = be.kernel.dm.info(pool.name)
     assert info is not None and not info.suspended

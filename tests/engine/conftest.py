@@ -14,6 +14,7 @@ from thinwatchd.kernel.api import DeviceMapperApi, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.names import pool_name
 from thinwatchd.settings import PoolSettings
+from thinwatchd.units import Bytes, DataBlocks
 
 MiB = 1024**2
 
@@ -99,10 +100,10 @@ def pool_settings(tmp_path: Path) -> PoolSettings:
         name=pool_name("pool"),
         data_file=tmp_path / "data",
         metadata_file=tmp_path / "metadata",
-        data_size=64 * MiB,
-        metadata_size=8 * MiB,
-        low_water_mark=16,
-        reserve=0,
+        data_size=Bytes(64 * MiB),
+        metadata_size=Bytes(8 * MiB),
+        low_water_mark=DataBlocks(16),
+        reserve=Bytes(0),
     )
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import DmDevice, DmInfo, LoopDevice, Target
 from thinwatchd.kernel.syscalls import Syscalls
+from thinwatchd.units import Bytes
 
 SECTOR = 512
 META_BLOCK = 4096
@@ -113,7 +114,7 @@ class FakeLoop:
     path: str
     st_dev: int
     st_ino: int
-    capacity: int  # bytes, as of attach / last set_capacity
+    capacity: Bytes  # as of attach / last set_capacity
 
 
 class FakeKernel:
@@ -364,7 +365,7 @@ class FakeKernel:
         finally:
             os.close(fd)
         index = max(self.loops, default=-1) + 1
-        self.loops[index] = FakeLoop(index, path, st.st_dev, st.st_ino, st.st_size)
+        self.loops[index] = FakeLoop(index, path, st.st_dev, st.st_ino, Bytes(st.st_size))
         return self._loop_record(self.loops[index])
 
     def _verified(self, op: str, loop: LoopDevice) -> FakeLoop:
@@ -379,9 +380,9 @@ class FakeKernel:
 
     def set_capacity(self, loop: LoopDevice) -> None:
         lo = self._verified("LOOP_SET_CAPACITY", loop)
-        lo.capacity = os.stat(lo.path).st_size
+        lo.capacity = Bytes(os.stat(lo.path).st_size)
 
-    def size(self, loop: LoopDevice) -> int:
+    def size(self, loop: LoopDevice) -> Bytes:
         return self._verified("BLKGETSIZE64", loop).capacity
 
     def detach(self, loop: LoopDevice) -> None:

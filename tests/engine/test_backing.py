@@ -25,6 +25,7 @@ from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.units import Bytes
 
 MiB = 1024**2
 
@@ -45,7 +46,7 @@ class SharedFilesystem(Files):
 
     def space(self, path: str) -> FsSpace:
         self.sys.statvfs(path)  # counted, and failable, as the real one
-        return FsSpace(self.free(), self.capacity)
+        return FsSpace(Bytes(self.free()), Bytes(self.capacity))
 
 
 def start(
@@ -183,7 +184,7 @@ def filling(
     d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
     d.pools["a"].pool.settings = replace(
         d.pools["a"].pool.settings,
-        data=replace(d.pools["a"].pool.settings.data, max_size=1024 * MiB),
+        data=replace(d.pools["a"].pool.settings.data, max_size=Bytes(1024 * MiB)),
     )
     lines: list[str] = []
 

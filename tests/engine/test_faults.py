@@ -50,6 +50,7 @@ from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
+from thinwatchd.units import Bytes
 
 MiB = 1024**2
 HEADER = 4096
@@ -193,7 +194,7 @@ class CountingFiles(Files):
 
     grows = 0
 
-    def grow(self, path: str, new_size: int, **kwargs: Any) -> int:
+    def grow(self, path: str, new_size: Bytes, **kwargs: Any) -> Bytes:
         self.grows += 1
         return super().grow(path, new_size, **kwargs)
 

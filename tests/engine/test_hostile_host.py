@@ -22,6 +22,7 @@ from thinwatchd.kernel.fs import Files
 from thinwatchd.logs import MessageId
 from thinwatchd.notify import Notifier
 from thinwatchd.settings import PoolSettings
+from thinwatchd.units import Bytes, Sectors
 
 MiB = 1024**2
 BLOCK = 64 * 1024
@@ -55,7 +56,7 @@ def test_a_pool_grown_by_hand_is_adopted_and_never_shrunk(
     # The old Docker docs' manual growth: truncate, losetup -c, dmsetup reload, dmsetup resume.
     os.truncate(tmp_path / "data", 4 * 64 * MiB)
     fake.set_capacity(pool.data_loop)
-    fake.load_table("pool", [pool.target(3 * cached)])
+    fake.load_table("pool", [pool.target(Sectors(3 * cached))])
     fake.resume("pool")
     # A writer then reaches the (new) mark: the daemon's growth must build on 3x, not on 1x.
     fill_to = status(fake).data_total - 8
@@ -79,7 +80,7 @@ def test_a_retune_after_a_manual_grow_does_not_suspend_the_pool(
     pool = daemon.pools["pool"].pool
     os.truncate(tmp_path / "data", 2 * 64 * MiB)
     fake.set_capacity(pool.data_loop)
-    fake.load_table("pool", [pool.target(2 * pool.length)])
+    fake.load_table("pool", [pool.target(Sectors(2 * pool.length))])
     fake.resume("pool")
     fake.write_blocks("pool", status(fake).data_total)  # full; growth refused by max_size
     daemon._check_events()
@@ -96,7 +97,7 @@ def test_a_pool_left_suspended_with_a_short_table_is_resumed_at_start(
 ) -> None:
     pool = activate(pool_settings, kernel)
     fake.write_blocks("pool", 10)
-    fake.load_table("pool", [pool.target(pool.length // 2)])
+    fake.load_table("pool", [pool.target(Sectors(pool.length // 2))])
     with pytest.raises(Exception, match="too small"):
         fake.resume("pool")
     info = fake.info("pool")
@@ -210,8 +211,8 @@ def test_preallocated_data_next_to_unused_metadata_is_not_formatted_over(
     from dataclasses import replace
 
     settings = replace(pool_settings, preallocate=True)
-    Files().create(str(settings.data_file), 64 * MiB, preallocate=True)
-    Files().create(str(settings.metadata_file), 8 * MiB, preallocate=True)
+    Files().create(str(settings.data_file), Bytes(64 * MiB), preallocate=True)
+    Files().create(str(settings.metadata_file), Bytes(8 * MiB), preallocate=True)
     with open(settings.data_file, "r+b") as f:
         f.seek(5 * MiB)
         f.write(b"a thin volume's data")
@@ -229,8 +230,8 @@ def test_our_own_interrupted_preallocated_creation_is_finished(
     from dataclasses import replace
 
     settings = replace(pool_settings, preallocate=True)
-    Files().create(str(settings.metadata_file), 8 * MiB, preallocate=True)
-    Files().create(str(settings.data_file), 64 * MiB, preallocate=True)
+    Files().create(str(settings.metadata_file), Bytes(8 * MiB), preallocate=True)
+    Files().create(str(settings.data_file), Bytes(64 * MiB), preallocate=True)
     pool = activate(settings, kernel)  # both files made, the pool never activated
     assert pool.length == 64 * MiB // 512
 
@@ -281,7 +282,7 @@ class TinyFilesystem(Files):
         self.free = free
 
     def space(self, path: str) -> FsSpace:
-        return FsSpace(self.free, 10 * MiB)
+        return FsSpace(Bytes(self.free), Bytes(10 * MiB))
 
 
 def test_a_filesystem_at_its_reserve_is_said_once_and_when_full_applies(
@@ -474,7 +475,7 @@ def test_a_pool_stuck_on_someone_elses_refused_resume_is_resumed(
     clock = Clock()
     daemon = start(tmp_path, kernel, clock)
     pool = daemon.pools["pool"].pool
-    fake.load_table("pool", [pool.target(pool.length // 2)])
+    fake.load_table("pool", [pool.target(Sectors(pool.length // 2))])
     with pytest.raises(Exception, match="too small"):
         fake.resume("pool")
     info = fake.info("pool")
@@ -512,7 +513,7 @@ def test_a_suspended_pool_is_resumed_even_if_a_size_read_fails_once(
     from thinwatchd.pool import ensure_resumed
 
     pool = activate(pool_settings, kernel)
-    fake.load_table("pool", [pool.target(pool.length // 2)])
+    fake.load_table("pool", [pool.target(Sectors(pool.length // 2))])
     with pytest.raises(Exception, match="too small"):
         fake.resume("pool")
     fake.fail("BLKGETSIZE64", 4)  # EINTR, once

@@ -15,6 +15,7 @@ from thinwatchd.kernel.api import Kernel
 from thinwatchd.pool import Activation
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus
+from thinwatchd.units import Sectors, bytes_to_sectors
 
 MiB = 1024**2
 
@@ -135,7 +136,7 @@ def test_adopt_refuses_another_block_size(
 ) -> None:
     activate(pool_settings, kernel)
     with pytest.raises(PoolMismatchError, match="data_block_size"):
-        activate(replace(pool_settings, data_block_size=256), kernel)
+        activate(replace(pool_settings, data_block_size=Sectors(256)), kernel)
 
 
 def test_crash_after_file_growth_is_finished_at_start(
@@ -167,7 +168,8 @@ def test_crash_after_table_load_is_finished_at_start(
     pool = activate(pool_settings, kernel)
     os.truncate(pool_settings.data_file, 128 * MiB)
     fake.set_capacity(pool.data_loop)
-    fake.load_table("pool", [pool.target(128 * MiB // 512)])  # step 3: inactive table left behind
+    # step 3: inactive table left behind
+    fake.load_table("pool", [pool.target(bytes_to_sectors(128 * MiB))])
     again = activate(pool_settings, kernel)
     info = fake.info("pool")
     assert info is not None and not info.inactive_present and not info.suspended

@@ -33,6 +33,7 @@ from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
+from thinwatchd.units import Sectors, bytes_to_sectors
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024**2
@@ -167,7 +168,7 @@ def create_thin(dm: DeviceMapper, pool: str, thin: str, thin_id: int, size: int)
     assert info is not None
     dm.create(thin)
     dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    dm.load_table(thin, [Target(0, size // 512, "thin", f"{dev} {thin_id}")])
+    dm.load_table(thin, [Target(Sectors(0), bytes_to_sectors(size), "thin", f"{dev} {thin_id}")])
     UdevNodes().resume_synced(dm, thin)
     return f"/dev/mapper/{thin}"
 
@@ -581,7 +582,10 @@ def rescue_pool(dm: DeviceMapper, name: str, data_file: Path) -> list[str]:
         loop = LoopControl().find(str(data_file))
         size = LoopControl().size(loop) if loop is not None else data_file.stat().st_size
         length = size // 512 // block * block
-        dm.load_table(name, [Target(0, max(length, active.length), "thin-pool", active.params)])
+        dm.load_table(
+            name,
+            [Target(Sectors(0), Sectors(max(length, active.length)), "thin-pool", active.params)],
+        )
         dm.resume(name)
         done.append(f"resumed with {max(length, active.length)} sectors")
     except Exception as exc:
@@ -833,5 +837,5 @@ def build_pool(
         f"128 {low_water_mark} 1 skip_block_zeroing"
     )
     env.dm.create(env.pool)
-    env.dm.load_table(env.pool, [Target(0, length, "thin-pool", params)])
+    env.dm.load_table(env.pool, [Target(Sectors(0), Sectors(length), "thin-pool", params)])
     UdevNodes().resume_synced(env.dm, env.pool)

@@ -23,6 +23,7 @@ from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.dm_abi import COOKIE_MAGIC
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.udev_sync import UdevSync
+from thinwatchd.units import Bytes
 
 __all__ = ["Devices", "loop_devices", "open_dm", "scratch_dir", "unique"]
 
@@ -109,7 +110,7 @@ def loop_devices(*sizes: int) -> Iterator[list[tuple[Path, LoopDevice]]]:
     try:
         for size in sizes:
             path = scratch_dir() / unique("loop")
-            fs.Files().create(str(path), size, preallocate=False)
+            fs.Files().create(str(path), Bytes(size), preallocate=False)
             paths.append(path)
             made.append((path, loops.attach(str(path))))
         yield made

@@ -25,6 +25,7 @@ from tests.kernel.harness import (
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.nodes import UdevNodes
+from thinwatchd.units import Sectors, bytes_to_sectors
 
 POOL = "reboot-pool"
 THIN = "reboot-thin"
@@ -50,7 +51,9 @@ def main(step: str) -> int:
                 assert info is not None
                 dm.create(THIN)  # thin volume 0 exists in the metadata: only activate it
                 pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-                dm.load_table(THIN, [Target(0, GiB // 512, "thin", f"{pool_dev} 0")])
+                dm.load_table(
+                    THIN, [Target(Sectors(0), bytes_to_sectors(GiB), "thin", f"{pool_dev} 0")]
+                )
                 UdevNodes().resume_synced(dm, THIN)
                 checksum = read_checksum(f"/dev/mapper/{THIN}", SIZE)
             dm.remove(THIN)

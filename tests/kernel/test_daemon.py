@@ -37,6 +37,7 @@ from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import parse_pool_table
+from thinwatchd.units import Sectors, bytes_to_sectors
 
 pytestmark = pytest.mark.kernel
 
@@ -165,7 +166,7 @@ def _reactivate_thin(env: Env, size: int) -> str:
     assert info is not None
     env.dm.create(name)
     dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    env.dm.load_table(name, [Target(0, size // 512, "thin", f"{dev} 0")])
+    env.dm.load_table(name, [Target(Sectors(0), bytes_to_sectors(size), "thin", f"{dev} 0")])
     UdevNodes().resume_synced(env.dm, name)
     return f"/dev/mapper/{name}"
 
@@ -418,7 +419,9 @@ def test_interrupted_growth_is_finished_at_start(env: Env, stopped_after: str) -
         LoopControl().set_capacity(loop)
     if stopped_after == "table":
         (active,) = env.dm.table(env.pool)
-        env.dm.load_table(env.pool, [Target(0, target // 512, "thin-pool", active.params)])
+        env.dm.load_table(
+            env.pool, [Target(Sectors(0), bytes_to_sectors(target), "thin-pool", active.params)]
+        )
     second = env.daemon(config)
     assert "finished an interrupted growth" in second.log(), second.log()
     info = env.dm.info(env.pool)
@@ -468,7 +471,7 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
     name = f"{env.pool}-thin0"
     env.dm.create(name)
     pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    env.dm.load_table(name, [Target(0, GiB // 512, "thin", f"{pool_dev} 0")])
+    env.dm.load_table(name, [Target(Sectors(0), bytes_to_sectors(GiB), "thin", f"{pool_dev} 0")])
     UdevNodes().resume_synced(env.dm, name)
     assert read_checksum(thin, 8 * MiB) == checksum
 

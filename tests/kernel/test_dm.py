@@ -22,6 +22,7 @@ from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper, IoctlFn, _fcntl_ioctl
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.udev_sync import UdevSync
+from thinwatchd.units import Bytes, Sectors, bytes_to_sectors
 
 pytestmark = pytest.mark.kernel
 
@@ -93,7 +94,9 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
     with loop_devices(META, DATA) as [(_m, meta), (data_path, data)]:
         pool = unique("pool")
         pool_params = f"{meta.path} {data.path} {BLOCK} {LOW_WATER}"
-        pool_dev = activate(devices, pool, [Target(0, DATA // 512, "thin-pool", pool_params)])
+        pool_dev = activate(
+            devices, pool, [Target(Sectors(0), bytes_to_sectors(DATA), "thin-pool", pool_params)]
+        )
 
         # table() round-trips, with the devices canonicalised to major:minor
         (table,) = dm.table(pool)
@@ -104,7 +107,11 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
 
         dm.message(pool, "create_thin 0")
         thin = unique("thin")
-        activate(devices, thin, [Target(0, 256 * MiB // 512, "thin", f"{majmin(pool_dev)} 0")])
+        activate(
+            devices,
+            thin,
+            [Target(Sectors(0), bytes_to_sectors(256 * MiB), "thin", f"{majmin(pool_dev)} 0")],
+        )
         (thin_table,) = dm.table(thin)
         assert thin_table.params.split() == [majmin(pool_dev), "0"]
 
@@ -125,11 +132,13 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
         assert select.select([dm], [], [], 0)[0] == []
 
         # grow: file -> LOOP_SET_CAPACITY -> longer table into the inactive slot -> resume
-        fs.Files().grow(str(data_path), 2 * DATA, preallocate=False)
+        fs.Files().grow(str(data_path), Bytes(2 * DATA), preallocate=False)
         loops = LoopControl()
         loops.set_capacity(data)
         assert loops.size(data) == 2 * DATA
-        dm.load_table(pool, [Target(0, 2 * DATA // 512, "thin-pool", table.params)])
+        dm.load_table(
+            pool, [Target(Sectors(0), bytes_to_sectors(2 * DATA), "thin-pool", table.params)]
+        )
         info = dm.info(pool)
         assert info is not None and info.inactive_present and not info.suspended
         dm.resume(pool)
@@ -144,7 +153,7 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
 
 def test_wait_returns_at_once_for_an_old_event_nr(dm: DeviceMapper, devices: Devices) -> None:
     name = unique("wait")
-    activate(devices, name, [Target(0, 8, "error", "")])
+    activate(devices, name, [Target(Sectors(0), Sectors(8), "error", "")])
     info = dm.info(name)
     assert info is not None
     assert dm.wait(name, info.event_nr + 1) == info.event_nr
@@ -152,7 +161,7 @@ def test_wait_returns_at_once_for_an_old_event_nr(dm: DeviceMapper, devices: Dev
 
 def test_wait_blocks_without_holding_the_gil(dm: DeviceMapper, devices: Devices) -> None:
     name = unique("waitgil")
-    activate(devices, name, [Target(0, 8, "error", "")])
+    activate(devices, name, [Target(Sectors(0), Sectors(8), "error", "")])
     info = dm.info(name)
     assert info is not None
     woke: list[int] = []
@@ -195,7 +204,7 @@ def test_bad_table_error_names_the_operation_and_device(dm: DeviceMapper, device
         dm.create(name)
         bad = f"{meta.path} {data.path} 100 10"  # block size not a multiple of 128 sectors
         with pytest.raises(KernelError) as err:
-            dm.load_table(name, [Target(0, DATA // 512, "thin-pool", bad)])
+            dm.load_table(name, [Target(Sectors(0), bytes_to_sectors(DATA), "thin-pool", bad)])
         assert err.value.errno == errno.EINVAL
         text = str(err.value)
         assert "load_table" in text and name in text and "thin-pool" in text
@@ -205,11 +214,11 @@ def test_bad_table_error_names_the_operation_and_device(dm: DeviceMapper, device
 
 def test_suspend_resume_and_clear_table(dm: DeviceMapper, devices: Devices) -> None:
     name = unique("susp")
-    activate(devices, name, [Target(0, 8, "error", "")])
+    activate(devices, name, [Target(Sectors(0), Sectors(8), "error", "")])
     dm.suspend(name)
     info = dm.info(name)
     assert info is not None and info.suspended
-    dm.load_table(name, [Target(0, 16, "error", "")])
+    dm.load_table(name, [Target(Sectors(0), Sectors(16), "error", "")])
     dm.clear_table(name)
     info = dm.info(name)
     assert info is not None and not info.inactive_present
@@ -223,7 +232,7 @@ def test_udev_node_without_udev(dm: DeviceMapper, devices: Devices) -> None:
     if udev.udev_running():
         pytest.skip("udev is running: it owns /dev/mapper (see tests/systemd)")
     name = unique("node")
-    dev = activate(devices, name, [Target(0, 8, "error", "")])
+    dev = activate(devices, name, [Target(Sectors(0), Sectors(8), "error", "")])
     st = os.lstat(udev.node_path(name))
     assert os.major(st.st_rdev) == os.major(dev) and st.st_rdev == dev
     devices.remove(name)

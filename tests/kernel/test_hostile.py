@@ -36,7 +36,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.units import format_bytes
+from thinwatchd.units import Sectors, format_bytes
 
 pytestmark = pytest.mark.kernel
 
@@ -310,7 +310,7 @@ def _grow_by_hand(env: HostileEnv, add: int) -> int:
     """A whole growth (file, loop, load, resume); return the live length."""
     length = _grow_file_and_loop(env, add)
     (active,) = env.dm.table(env.pool)
-    env.dm.load_table(env.pool, [Target(0, length, "thin-pool", active.params)])
+    env.dm.load_table(env.pool, [Target(Sectors(0), Sectors(length), "thin-pool", active.params)])
     env.dm.resume(env.pool)
     return length
 
@@ -321,7 +321,7 @@ def _leave_interrupted(env: HostileEnv, state: str) -> None:
     (active,) = dm.table(pool)
     if state == "inactive_longer":  # loaded, never resumed
         length = _grow_file_and_loop(env, 64 * MiB)
-        dm.load_table(pool, [Target(0, length, "thin-pool", active.params)])
+        dm.load_table(pool, [Target(Sectors(0), Sectors(length), "thin-pool", active.params)])
     elif state == "suspended_no_inactive":  # suspended, then the load never came
         _grow_file_and_loop(env, 64 * MiB)
         dm.suspend(pool)
@@ -330,13 +330,13 @@ def _leave_interrupted(env: HostileEnv, state: str) -> None:
         _grow_by_hand(env, 64 * MiB)
         (active,) = dm.table(pool)
         dm.suspend(pool)
-        dm.load_table(pool, [Target(0, old, "thin-pool", active.params)])
+        dm.load_table(pool, [Target(Sectors(0), old, "thin-pool", active.params)])
         os.truncate(env.data, env.data.stat().st_size + 64 * MiB)  # and a file step on top
     elif state == "resume_refused_stale":  # what today's failed undo leaves: stale table swapped in
         old = active.length
         _grow_by_hand(env, 64 * MiB)
         (active,) = dm.table(pool)
-        dm.load_table(pool, [Target(0, old, "thin-pool", active.params)])
+        dm.load_table(pool, [Target(Sectors(0), old, "thin-pool", active.params)])
         with pytest.raises(KernelError):  # the kernel refuses to shrink
             dm.resume(pool)
     info = dm.info(pool)

@@ -14,6 +14,7 @@ from tests.kernel.loopback import scratch_dir, unique
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.loop import LoopControl
+from thinwatchd.units import Bytes
 
 pytestmark = pytest.mark.kernel
 
@@ -22,7 +23,7 @@ MiB = 1 << 20
 
 def test_attach_find_grow_detach() -> None:
     path = scratch_dir() / unique("loopfile")
-    fs.Files().create(str(path), 8 * MiB, preallocate=False)
+    fs.Files().create(str(path), Bytes(8 * MiB), preallocate=False)
     loops = LoopControl()
     loop = None
     try:
@@ -37,7 +38,7 @@ def test_attach_find_grow_detach() -> None:
         assert (sysfs / "autoclear").read_text().strip() == "0"  # must outlive the daemon
         assert (sysfs / "backing_file").read_text().strip() == str(path)
 
-        fs.Files().grow(str(path), 24 * MiB, preallocate=False)
+        fs.Files().grow(str(path), Bytes(24 * MiB), preallocate=False)
         assert loops.size(loop) == 8 * MiB  # the loop only learns on LOOP_SET_CAPACITY
         loops.set_capacity(loop)
         assert loops.size(loop) == 24 * MiB
@@ -59,7 +60,7 @@ def test_attach_find_grow_detach() -> None:
 
 def test_direct_io_and_a_stale_loop_is_refused() -> None:
     path = scratch_dir() / unique("loopfile")
-    fs.Files().create(str(path), 4 * MiB, preallocate=False)
+    fs.Files().create(str(path), Bytes(4 * MiB), preallocate=False)
     loops = LoopControl()
     loop = loops.attach(str(path), direct_io=True)
     try:
@@ -78,7 +79,7 @@ def test_direct_io_and_a_stale_loop_is_refused() -> None:
 def test_attach_refuses_symlinks() -> None:
     path = scratch_dir() / unique("loopfile")
     link = scratch_dir() / unique("looplink")
-    fs.Files().create(str(path), MiB, preallocate=False)
+    fs.Files().create(str(path), Bytes(MiB), preallocate=False)
     link.symlink_to(path)
     try:
         with pytest.raises(KernelError) as err:

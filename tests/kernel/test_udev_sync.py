@@ -22,6 +22,7 @@ from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.dm_abi import UdevFlag
 from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, UdevSync
+from thinwatchd.units import Sectors
 
 pytestmark = pytest.mark.kernel
 
@@ -147,7 +148,7 @@ def test_real_resume_reports_uevent_and_the_protocol_completes(
     name = devices.track(unique("cookie"))
     try:
         dm.create(name)
-        dm.load_table(name, [Target(0, 8, "error", "")])
+        dm.load_table(name, [Target(Sectors(0), Sectors(8), "error", "")])
         seen: list[int] = []
 
         def resume(cookie: int) -> bool:

@@ -18,6 +18,7 @@ from tests.kernel.loopback import Devices, open_dm, semaphores_left, unique
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.udev_sync import UdevSync
+from thinwatchd.units import Sectors
 
 pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 
@@ -59,7 +60,7 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
     link = Path(udev.node_path(name))
     try:
         info = dm.create(name)
-        dm.load_table(name, [Target(0, 8, "error", "")])
+        dm.load_table(name, [Target(Sectors(0), Sectors(8), "error", "")])
         start = time.monotonic()
         assert udev.synced(name, lambda cookie: dm.resume(name, cookie)) is True
         elapsed = time.monotonic() - start
@@ -74,7 +75,7 @@ def test_mapper_link_exists_when_resume_returns(dm: DeviceMapper, udev: UdevSync
         assert semaphores_left() == []
 
         # a resume that changes the size (RESIZE=1 uevent), as a pool growth does
-        dm.load_table(name, [Target(0, 16, "error", "")])
+        dm.load_table(name, [Target(Sectors(0), Sectors(16), "error", "")])
         assert udev.synced(name, lambda cookie: dm.resume(name, cookie)) is True
         assert link.is_symlink() and semaphores_left() == []
 
@@ -102,7 +103,7 @@ def test_without_notify_rules_the_monitor_fallback_waits(
     link = Path(udev.node_path(name))
     try:
         dm.create(name)
-        dm.load_table(name, [Target(0, 8, "error", "")])
+        dm.load_table(name, [Target(Sectors(0), Sectors(8), "error", "")])
         cookies: list[int] = []
 
         def resume(cookie: int) -> bool:
@@ -127,7 +128,7 @@ def test_the_journal_check_sees_a_failed_udevcomplete(dm: DeviceMapper, udev: Ud
     name = devices.track(unique("neg"))
     try:
         dm.create(name)
-        dm.load_table(name, [Target(0, 8, "error", "")])
+        dm.load_table(name, [Target(Sectors(0), Sectors(8), "error", "")])
         dm.resume(name, (0x40 << 16) | 0x4242)  # base 0x4242: no such semaphore
         deadline = time.monotonic() + 10
         while not (lines := udevd_log_since(since)) and time.monotonic() < deadline:

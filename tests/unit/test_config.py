@@ -34,6 +34,7 @@ from thinwatchd.settings import (
 )
 from thinwatchd.strict_yaml import MAX_VALUES
 from thinwatchd.table import Feature
+from thinwatchd.units import Bytes, DataBlocks, Sectors
 
 GiB, MiB, KiB = 1024**3, 1024**2, 1024
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
@@ -102,16 +103,16 @@ def test_every_value_form() -> None:
     )
     assert pool == dataclasses.replace(
         default_pool(),
-        data_size=3 * 1024**4 // 2,
-        metadata_size=100 * MiB,
-        data_block_size=2048,
-        low_water_mark=10,  # read as written, not as YAML 1.1 octal
+        data_size=Bytes(3 * 1024**4 // 2),
+        metadata_size=Bytes(100 * MiB),
+        data_block_size=Sectors(2048),
+        low_water_mark=DataBlocks(10),  # read as written, not as YAML 1.1 octal
         features=(Feature.IGNORE_DISCARD, Feature.ERROR_IF_NO_SPACE),
         preallocate=True,
-        reserve=4 * KiB,
+        reserve=Bytes(4 * KiB),
         reserve_percent=5.0,
-        data=DataGrowth(90.0, 2 * GiB, 0.0, 2 * 1024**4, False),
-        metadata=MetadataGrowth(50.0, GiB, 0.5, 8 * GiB),
+        data=DataGrowth(90.0, Bytes(2 * GiB), 0.0, Bytes(2 * 1024**4), False),
+        metadata=MetadataGrowth(50.0, Bytes(GiB), 0.5, Bytes(8 * GiB)),
         when_full=NoSpaceSettings(0.5),
     )
 
@@ -140,10 +141,14 @@ def test_daemon_section() -> None:
         (
             "metadata_size: 3M\nmetadata: {max_size: 5000000}",
             "metadata",
-            MetadataGrowth(max_size=4997120),
+            MetadataGrowth(max_size=Bytes(4997120)),
         ),
-        ("data: {max_size: 100.5G}", "data", DataGrowth(max_size=100 * GiB + GiB // 2)),
-        ("data_size: 1G\ndata: {max_size: 2000000001}", "data", DataGrowth(max_size=1999962112)),
+        ("data: {max_size: 100.5G}", "data", DataGrowth(max_size=Bytes(100 * GiB + GiB // 2))),
+        (
+            "data_size: 1G\ndata: {max_size: 2000000001}",
+            "data",
+            DataGrowth(max_size=Bytes(1999962112)),
+        ),
         ("features: []", "features", ()),
         ("low_water_mark: 1", "low_water_mark", 1),
         ("data: {threshold: 100%}", "data", DataGrowth(threshold_percent=100.0)),
@@ -175,8 +180,9 @@ def test_defaults_apply_to_every_pool_and_merge_by_key() -> None:
     assert (a.name, b.name) == ("a", "b")  # the file's order
     assert a.reserve == 2 * GiB and b.reserve == 0
     assert a.features == b.features == ()
-    assert a.data == DataGrowth(threshold_percent=70.0, step=4 * GiB)
-    assert b.data == DataGrowth(threshold_percent=95.0, step=4 * GiB)  # step still from defaults
+    assert a.data == DataGrowth(threshold_percent=70.0, step=Bytes(4 * GiB))
+    # step still from defaults
+    assert b.data == DataGrowth(threshold_percent=95.0, step=Bytes(4 * GiB))
     assert a.when_full.error_after is None and b.when_full.error_after is None
     assert a.metadata == MetadataGrowth()
 

@@ -25,6 +25,7 @@ from thinwatchd.kernel.dm_structs import (
     parse_targets,
     unpack_header,
 )
+from thinwatchd.units import Sectors
 
 Cmd = dm_abi.Command
 F = dm_abi.DmFlag
@@ -105,7 +106,10 @@ def test_header_layout_by_hand() -> None:
 
 def test_table_load_payload_two_targets_padded_to_8() -> None:
     payload = pack_targets(
-        [Target(0, 2048, "thin-pool", "7:1 7:0 128 16"), Target(2048, 1024, "error", "")]
+        [
+            Target(Sectors(0), Sectors(2048), "thin-pool", "7:1 7:0 128 16"),
+            Target(Sectors(2048), Sectors(1024), "error", ""),
+        ]
     )
     expected = (
         # spec 1 @0: params "7:1 7:0 128 16" = 14 bytes + NUL = 15 -> 16; next = 40 + 16 = 56
@@ -121,11 +125,11 @@ def test_table_load_payload_two_targets_padded_to_8() -> None:
 
 def test_table_load_refuses_what_the_kernel_would() -> None:
     with pytest.raises(ValueError):
-        pack_targets([Target(0, 8, "a-type-name-too-long", "")])
+        pack_targets([Target(Sectors(0), Sectors(8), "a-type-name-too-long", "")])
     with pytest.raises(ValueError):
-        pack_targets([Target(0, 8, "linear", "x\0y")])
+        pack_targets([Target(Sectors(0), Sectors(8), "linear", "x\0y")])
     with pytest.raises(ValueError):
-        pack_targets([Target(0, 0, "error", "")])
+        pack_targets([Target(Sectors(0), Sectors(0), "error", "")])
 
 
 def test_message_payload() -> None:
@@ -171,8 +175,8 @@ TABLE_STATUS_DATA = (
 def test_parse_table_status_reply() -> None:
     assert len(POOL_STATUS) == 64
     assert parse_targets(TABLE_STATUS_DATA, 2) == [
-        Target(0, 65536, "thin-pool", POOL_STATUS.decode()),
-        Target(65536, 8, "error", ""),
+        Target(Sectors(0), Sectors(65536), "thin-pool", POOL_STATUS.decode()),
+        Target(Sectors(65536), Sectors(8), "error", ""),
     ]
     assert parse_targets(b"", 0) == []
 
@@ -247,7 +251,10 @@ def test_buffer_full_grows_until_the_answer_fits() -> None:
 
 def test_table_load_header_and_payload_reach_the_kernel() -> None:
     fake = FakeIoctl()
-    targets = [Target(0, 2048, "thin-pool", "7:1 7:0 128 16"), Target(2048, 1024, "error", "")]
+    targets = [
+        Target(Sectors(0), Sectors(2048), "thin-pool", "7:1 7:0 128 16"),
+        Target(Sectors(2048), Sectors(1024), "error", ""),
+    ]
     DeviceMapper(fd=-1, ioctl=fake).load_table("pool", targets)
     ((cmd, hdr, raw),) = fake.calls
     assert cmd is Cmd.TABLE_LOAD
@@ -262,7 +269,7 @@ def test_errors_name_the_operation_and_the_device() -> None:
 
     dm = DeviceMapper(fd=-1, ioctl=FakeIoctl({Cmd.TABLE_LOAD: fail}))
     with pytest.raises(KernelError) as info:
-        dm.load_table("pool", [Target(0, 8, "thin-pool", "bad")])
+        dm.load_table("pool", [Target(Sectors(0), Sectors(8), "thin-pool", "bad")])
     err = info.value
     assert (err.op, err.device, err.errno) == ("load_table (DM_TABLE_LOAD)", "pool", errno.EINVAL)
     assert "load_table" in str(err) and "pool" in str(err) and "EINVAL" in str(err)
@@ -349,5 +356,7 @@ def test_table_status_parses_the_reply_and_grows() -> None:
         answer(buf, hdr, target_count=2, data_size=312 + len(TABLE_STATUS_DATA))
 
     fake = FakeIoctl({Cmd.TABLE_STATUS: status})
-    assert DeviceMapper(fd=-1, ioctl=fake).table("pool")[1] == Target(65536, 8, "error", "")
+    assert DeviceMapper(fd=-1, ioctl=fake).table("pool")[1] == Target(
+        Sectors(65536), Sectors(8), "error", ""
+    )
     assert [h.data_size for _c, h, _r in fake.calls] == [1024, 2048]

@@ -9,12 +9,13 @@ from pathlib import Path
 from thinwatchd.estimates import Estimate, read_estimates, render_estimates
 from thinwatchd.forecast import FullIn
 from thinwatchd.metrics import PoolMetrics
+from thinwatchd.units import Sectors
 
 
 def figures(name: str, rate: float | None, full: FullIn | None) -> PoolMetrics:
     return PoolMetrics(
         name=name,
-        block_bytes=65536,
+        block_size=Sectors(128),
         status=None,
         growths_data=0,
         growths_metadata=0,

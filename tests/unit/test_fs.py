@@ -12,6 +12,7 @@ import pytest
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.syscalls import Syscalls
+from thinwatchd.units import Bytes
 
 MiB = 1 << 20
 FILES = fs.Files()
@@ -23,7 +24,7 @@ def allocated(path: Path) -> int:
 
 def test_create_sparse_file(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    FILES.create(str(path), 64 * MiB, preallocate=False)
+    FILES.create(str(path), Bytes(64 * MiB), preallocate=False)
     st = path.lstat()
     assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_size == 64 * MiB
@@ -33,7 +34,7 @@ def test_create_sparse_file(tmp_path: Path) -> None:
 
 def test_create_preallocated_file(tmp_path: Path) -> None:
     path = tmp_path / "meta"
-    FILES.create(str(path), 4 * MiB, preallocate=True)
+    FILES.create(str(path), Bytes(4 * MiB), preallocate=True)
     assert path.stat().st_size == 4 * MiB
     assert allocated(path) >= 4 * MiB
     assert path.read_bytes()[:4096] == bytes(4096)
@@ -55,7 +56,7 @@ def test_create_never_touches_an_existing_name(tmp_path: Path, kind: str) -> Non
     else:
         path.mkdir()
     with pytest.raises(KernelError) as info:
-        FILES.create(str(path), MiB, preallocate=False)
+        FILES.create(str(path), Bytes(MiB), preallocate=False)
     assert info.value.errno == errno.EEXIST and str(path) in str(info.value)
     assert not target.exists() or target.read_bytes() == b"keep me"
     if kind == "file":
@@ -64,12 +65,12 @@ def test_create_never_touches_an_existing_name(tmp_path: Path, kind: str) -> Non
 
 def test_grow_sparse_and_never_shrink(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    FILES.create(str(path), 8 * MiB, preallocate=False)
-    assert FILES.grow(str(path), 16 * MiB, preallocate=False) == 8 * MiB
+    FILES.create(str(path), Bytes(8 * MiB), preallocate=False)
+    assert FILES.grow(str(path), Bytes(16 * MiB), preallocate=False) == 8 * MiB
     assert path.stat().st_size == 16 * MiB
-    assert FILES.grow(str(path), 16 * MiB, preallocate=False) == 16 * MiB  # no-op
+    assert FILES.grow(str(path), Bytes(16 * MiB), preallocate=False) == 16 * MiB  # no-op
     with pytest.raises(KernelError) as info:
-        FILES.grow(str(path), 8 * MiB, preallocate=False)
+        FILES.grow(str(path), Bytes(8 * MiB), preallocate=False)
     assert info.value.errno == errno.EINVAL and "shrink" in str(info.value)
     assert path.stat().st_size == 16 * MiB
 
@@ -77,7 +78,7 @@ def test_grow_sparse_and_never_shrink(tmp_path: Path) -> None:
 def test_grow_preallocated_keeps_data(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.write_bytes(b"x" * MiB)
-    FILES.grow(str(path), 4 * MiB, preallocate=True)
+    FILES.grow(str(path), Bytes(4 * MiB), preallocate=True)
     assert path.stat().st_size == 4 * MiB
     assert allocated(path) >= 4 * MiB
     with path.open("rb") as f:
@@ -94,7 +95,7 @@ def test_grow_that_cannot_allocate_leaves_the_size(tmp_path: Path) -> None:
     path = tmp_path / "data"
     path.write_bytes(b"y" * MiB)
     with pytest.raises(KernelError) as info:
-        fs.Files(NoSpaceToAllocate()).grow(str(path), 8 * MiB, preallocate=True)
+        fs.Files(NoSpaceToAllocate()).grow(str(path), Bytes(8 * MiB), preallocate=True)
     assert info.value.errno == errno.ENOSPC
     assert path.stat().st_size == MiB and path.read_bytes() == b"y" * MiB
     assert allocated(path) < 2 * MiB  # the stray allocation beyond EOF was given back
@@ -113,7 +114,7 @@ def test_grow_and_open_refuse_non_regular_files(tmp_path: Path, kind: str) -> No
         path.mkdir()
     expected = errno.ELOOP if kind == "symlink" else errno.EINVAL
     with pytest.raises(KernelError) as info:
-        FILES.grow(str(path), 2 * MiB, preallocate=False)
+        FILES.grow(str(path), Bytes(2 * MiB), preallocate=False)
     assert info.value.errno == expected
     with pytest.raises(KernelError) as info:
         FILES.open_regular(str(path))
@@ -137,7 +138,7 @@ def test_open_existing_regular(tmp_path: Path) -> None:
 
 def test_header_is_zero_and_holds_data(tmp_path: Path) -> None:
     path = tmp_path / "data"
-    FILES.create(str(path), 4 * MiB, preallocate=True)
+    FILES.create(str(path), Bytes(4 * MiB), preallocate=True)
     assert FILES.header_is_zero(str(path))
     assert not FILES.holds_data(str(path))  # preallocated, never written: no data
     with path.open("r+b") as f:

@@ -47,7 +47,7 @@ from thinwatchd.status import (
     ThinPoolFailed,
     ThinPoolWorkingStatus,
 )
-from thinwatchd.units import DataBlocks, MetaBlocks
+from thinwatchd.units import Bytes, DataBlocks, MetaBlocks
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 BB = 64 * KiB  # default data block: 128 sectors
@@ -91,9 +91,9 @@ def fs_for(
     """A filesystem holding a file of size bytes (fully written unless allocated says otherwise)."""
     fields: dict[str, object] = {"total_bytes": 2 * TiB, "path": "/var"} | kw
     return BackingFs(
-        free_bytes=free,
-        file_size=size,
-        file_allocated=size if allocated is None else allocated,
+        free_bytes=Bytes(free),
+        file_size=Bytes(size),
+        file_allocated=Bytes(size if allocated is None else allocated),
         **fields,  # type: ignore[arg-type]
     )
 
@@ -154,7 +154,7 @@ def test_a_spent_event_is_never_ignored() -> None:
     fs = fs_for(total * BB)
     settings_ = pool(data=DataGrowth(threshold_percent=99))
     assert isinstance(decide_data(s, settings_, fs, NO_HISTORY), NoAction)
-    d = grow(decide_data(s, settings_, fs, NO_HISTORY, table_mark=50000))
+    d = grow(decide_data(s, settings_, fs, NO_HISTORY, table_mark=DataBlocks(50000)))
     assert "low-water mark 3.1GiB" in d.reason
 
 
@@ -208,7 +208,7 @@ def test_odd_file_size_rounds_to_blocks() -> None:
 
 
 def test_max_size_clamps_then_refuses() -> None:
-    capped = pool(data=DataGrowth(max_size=1 * GiB + 1000))
+    capped = pool(data=DataGrowth(max_size=Bytes(1 * GiB + 1000)))
     d = grow(decide_data(status(0, 1024), capped, fs_for(64 * MiB), NO_HISTORY))
     assert (d.new_size, d.limited_by) == (GiB, RefusalReason.AT_MAX_SIZE)
     assert "limited by its maximum size" in describe(d)
@@ -293,38 +293,42 @@ def test_broken_pool_with_room_needs_nothing() -> None:
 
 
 def test_mark_without_history_is_the_configured_one() -> None:
-    assert low_water_mark(POOL, 1024) == 32768
-    assert low_water_mark(pool(low_water_mark=10), 1000) == 200  # 80% threshold: 200 free
+    assert low_water_mark(POOL, DataBlocks(1024)) == 32768
+    # 80% threshold: 200 free
+    assert low_water_mark(pool(low_water_mark=10), DataBlocks(1000)) == 200
     off = pool(low_water_mark=10, data=DataGrowth(threshold_percent=0))
-    assert low_water_mark(off, 1000) == 10
+    assert low_water_mark(off, DataBlocks(1000)) == 10
 
 
 def test_mark_follows_fill_rate_and_growth_time() -> None:
     settings_ = pool(low_water_mark=0, data=DataGrowth(threshold_percent=0))
     h = writer(rate=200 * MiB, growth=1.5)
     expected = -(-(200 * MiB * 1.5 * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES) // BB)
-    assert low_water_mark(settings_, 1024, h) == expected
+    assert low_water_mark(settings_, DataBlocks(1024), h) == expected
     unmeasured = replace(h, growth_seconds=None)
-    assert low_water_mark(settings_, 1024, unmeasured) == -(
+    assert low_water_mark(settings_, DataBlocks(1024), unmeasured) == -(
         -(200 * MiB * ASSUMED_GROWTH_SECONDS * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES) // BB
     )
     # The configured mark stays the floor; adaptive can be switched off.
-    assert low_water_mark(pool(data=DataGrowth(threshold_percent=0)), 1024, h) == 32768
+    assert low_water_mark(pool(data=DataGrowth(threshold_percent=0)), DataBlocks(1024), h) == 32768
     off = pool(low_water_mark=5, data=DataGrowth(threshold_percent=0, adaptive_low_water=False))
-    assert low_water_mark(off, 1024, h) == 5
+    assert low_water_mark(off, DataBlocks(1024), h) == 5
 
 
 def test_adaptive_mark_is_capped() -> None:
     settings_ = pool(low_water_mark=0)
     h = writer(rate=100 * GiB, growth=30.0)  # a glitch: a growth stalled for 30 s
-    assert low_water_mark(settings_, 1024, h) == ADAPTIVE_CAP_BYTES // BB
-    assert low_water_mark(pool(low_water_mark=10**9), 1024, h) == 10**9  # the floor is the user's
+    assert low_water_mark(settings_, DataBlocks(1024), h) == ADAPTIVE_CAP_BYTES // BB
+    # the floor is the user's
+    assert low_water_mark(pool(low_water_mark=10**9), DataBlocks(1024), h) == 10**9
 
 
 def test_a_stalled_growth_does_not_balloon_the_next() -> None:
     """A growth that waited 60 s behind a frozen filesystem plans the next one as if it had
     taken MAX_PLANNED_GROWTH_SECONDS: seen once as 64 MiB -> 7.8 GiB at 100 MiB/s."""
-    settings_ = pool(low_water_mark=16, data=DataGrowth(step=64 * MiB, adaptive_low_water=False))
+    settings_ = pool(
+        low_water_mark=16, data=DataGrowth(step=Bytes(64 * MiB), adaptive_low_water=False)
+    )
     stalled = writer(100 * MiB, growth=60.0)
     capped = replace(stalled, growth_seconds=MAX_PLANNED_GROWTH_SECONDS)
     now = status(1020, 1024)
@@ -406,7 +410,7 @@ def test_metadata_kernel_maximum() -> None:
 
 def test_metadata_max_size_and_filesystem() -> None:
     s = status(meta_used=16000, meta_total=16384)
-    capped = pool(metadata=MetadataGrowth(max_size=64 * MiB))
+    capped = pool(metadata=MetadataGrowth(max_size=Bytes(64 * MiB)))
     refuse(decide_metadata(s, capped, fs_for(64 * MiB), NO_HISTORY), RefusalReason.AT_MAX_SIZE)
     r = decide_metadata(s, POOL, fs_for(64 * MiB, free=GiB), NO_HISTORY)
     refuse(r, RefusalReason.BACKING_FS_FULL)
@@ -453,7 +457,9 @@ def test_no_space_mode(
 
 def test_describe() -> None:
     assert describe(NoAction("p", GrowthTarget.DATA, "fine")) == "data of p needs no growth: fine"
-    g = Grow("p", GrowthTarget.METADATA, 64 * MiB, 320 * MiB, 32768, "why")
+    g = Grow(
+        "p", GrowthTarget.METADATA, Bytes(64 * MiB), Bytes(320 * MiB), DataBlocks(32768), "why"
+    )
     assert describe(g) == (
         "growing metadata of p from 64.0MiB to 320.0MiB (+256.0MiB): why; "
         "low-water mark 32768 blocks"
@@ -491,25 +497,25 @@ def situations(
         reserve_percent=draw(pct),
         data=DataGrowth(
             threshold_percent=draw(pct),
-            step=draw(st.integers(0, 8 * GiB)),
+            step=Bytes(draw(st.integers(0, 8 * GiB))),
             step_percent=draw(pct),
-            max_size=draw(st.none() | st.integers(0, 2**50)),
+            max_size=draw(st.none() | st.integers(0, 2**50).map(Bytes)),
             adaptive_low_water=draw(st.booleans()),
         ),
         metadata=MetadataGrowth(
             threshold_percent=draw(pct),
-            step=draw(st.integers(0, GiB)),
+            step=Bytes(draw(st.integers(0, GiB))),
             step_percent=draw(pct),
-            max_size=draw(st.integers(0, 2 * METADATA_MAX_BYTES)),
+            max_size=Bytes(draw(st.integers(0, 2 * METADATA_MAX_BYTES))),
         ),
     )
     data_size = total * bb + draw(st.integers(0, 2 * bb))
     fs = BackingFs(
-        free_bytes=draw(st.integers(0, 2**50)),
-        total_bytes=draw(st.integers(0, 2**51)),
-        file_size=data_size,
-        file_allocated=draw(st.integers(0, data_size + bb)),
-        promised_elsewhere=draw(st.integers(0, 2**40)),
+        free_bytes=Bytes(draw(st.integers(0, 2**50))),
+        total_bytes=Bytes(draw(st.integers(0, 2**51))),
+        file_size=Bytes(data_size),
+        file_allocated=Bytes(draw(st.integers(0, data_size + bb))),
+        promised_elsewhere=Bytes(draw(st.integers(0, 2**40))),
     )
     h = FillHistory(growth_seconds=draw(st.none() | st.floats(0, 60)))
     for t in sorted(draw(st.lists(st.floats(0, 120), max_size=5))):
@@ -534,12 +540,12 @@ def test_data_policy_properties(
 ) -> None:
     s, settings_, fs, h, table_mark = case
     bb = settings_.data_block_size * 512
-    d = decide_data(s, settings_, fs, h, table_mark)
+    d = decide_data(s, settings_, fs, h, DataBlocks(table_mark))
     if isinstance(d, Grow):
         assert d.old_size >= s.data_total * bb
         check_grow(d, fs, settings_, bb, settings_.data.max_size)
         new_blocks = d.new_size // bb
-        assert d.low_water_mark == low_water_mark(settings_, new_blocks, h)
+        assert d.low_water_mark == low_water_mark(settings_, DataBlocks(new_blocks), h)
         assert d.low_water_mark >= settings_.low_water_mark
         if d.limited_by is None:
             # Room allowed: the event stays quiet and the re-check after the resume is content.
@@ -560,7 +566,7 @@ def test_metadata_policy_properties(
     case: tuple[ThinPoolWorkingStatus, PoolSettings, BackingFs, FillHistory, int],
 ) -> None:
     s, settings_, fs, h, _ = case
-    fs = replace(fs, file_size=s.meta_total * 4096)
+    fs = replace(fs, file_size=Bytes(s.meta_total * 4096))
     d = decide_metadata(s, settings_, fs, h)
     if isinstance(d, Grow):
         cap = min(settings_.metadata.max_size, METADATA_MAX_BYTES)
@@ -596,13 +602,13 @@ def simulate(
     episodes: list[int] = []
     log: list[str] = []
     h, size = FillHistory(), initial
-    mark = low_water_mark(settings_, total, h)
+    mark = low_water_mark(settings_, DataBlocks(total), h)
     armed, event_at, next_check = True, None, 10.0
 
     def check() -> Decision:
         nonlocal h
         h = h.record(t, used * bb)
-        fs = BackingFs(1 * TiB, 2 * TiB, size, used * bb)
+        fs = BackingFs(Bytes(1 * TiB), Bytes(2 * TiB), Bytes(size), Bytes(used * bb))
         mode = PoolMode.OUT_OF_DATA_SPACE if used >= total else PoolMode.WRITE
         d = decide_data(replace(status(used, total), mode=mode), settings_, fs, h, mark)
         log.append(f"{t:7.3f}s {used * bb / MiB:7.1f}MiB written: {describe(d)}")
@@ -674,8 +680,10 @@ def test_fill_slow_growth_adapts() -> None:
     "settings_",
     [
         pool(low_water_mark=0),
-        pool(low_water_mark=1024, data=DataGrowth(step=64 * MiB, step_percent=0)),
-        pool(low_water_mark=0, data=DataGrowth(threshold_percent=70, step=0, step_percent=20)),
+        pool(low_water_mark=1024, data=DataGrowth(step=Bytes(64 * MiB), step_percent=0)),
+        pool(
+            low_water_mark=0, data=DataGrowth(threshold_percent=70, step=Bytes(0), step_percent=20)
+        ),
     ],
 )
 def test_fill_with_small_marks_adapts(settings_: PoolSettings) -> None:
@@ -689,7 +697,7 @@ def test_fill_with_small_marks_adapts(settings_: PoolSettings) -> None:
 
 
 def test_time_to_the_cap_and_to_the_filesystems_reserve() -> None:
-    capped = pool(data=DataGrowth(max_size=100 * GiB), reserve=1 * GiB)
+    capped = pool(data=DataGrowth(max_size=Bytes(100 * GiB)), reserve=1 * GiB)
     full = full_in(capped, 60 * GiB, 10 * MiB, 30 * GiB, 1024 * GiB, 20 * MiB)
     assert full == FullIn(cap=40 * GiB / (10 * MiB), backing_fs=29 * GiB / (20 * MiB))
     # reserve_percent: 5 % of 1 TiB is more than 1 GiB
@@ -698,7 +706,7 @@ def test_time_to_the_cap_and_to_the_filesystems_reserve() -> None:
 
 
 def test_time_to_full_when_already_there_or_not_filling() -> None:
-    capped = pool(data=DataGrowth(max_size=100 * GiB), reserve=1 * GiB)
+    capped = pool(data=DataGrowth(max_size=Bytes(100 * GiB)), reserve=1 * GiB)
     assert full_in(capped, 100 * GiB, None, GiB // 2, TiB, None) == FullIn(0.0, 0.0)
     assert full_in(capped, 1 * GiB, 0.0, 10 * GiB, TiB, None) == FullIn(None, None)
     assert full_in(pool(), 1 * GiB, MiB, None, 0, None) == FullIn(None, None)  # no cap, fs unseen

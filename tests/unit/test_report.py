@@ -8,17 +8,26 @@ import dataclasses
 from thinwatchd.estimates import Estimate
 from thinwatchd.forecast import RECLAIM_HINT_BYTES
 from thinwatchd.report import PoolReport, format_table, with_estimate
+from thinwatchd.units import Bytes
 
 GiB = 1024**3
 
 
 def report(used: int, allocated: int) -> PoolReport:
     return PoolReport(
-        "docker-pool", True, "rw", data_used=used, data_total=100 * GiB, data_percent=1.0,
-        metadata_percent=1.0, data_file="/var/lib/thinwatchd/data", data_file_size=100 * GiB,
-        data_file_allocated=allocated, reclaimable=max(0, allocated - used),
-        backing_fs_free=50 * GiB,
-    )  # fmt: skip
+        "docker-pool",
+        True,
+        "rw",
+        data_used=Bytes(used),
+        data_total=Bytes(100 * GiB),
+        data_percent=1.0,
+        metadata_percent=1.0,
+        data_file="/var/lib/thinwatchd/data",
+        data_file_size=Bytes(100 * GiB),
+        data_file_allocated=Bytes(allocated),
+        reclaimable=Bytes(max(0, allocated - used)),
+        backing_fs_free=Bytes(50 * GiB),
+    )
 
 
 def test_the_table_shows_what_the_data_file_takes_on_disk() -> None:

@@ -28,7 +28,7 @@ from thinwatchd.table import (
     table_differences,
     thin_pool_target,
 )
-from thinwatchd.units import DataBlocks, MetaBlocks
+from thinwatchd.units import DataBlocks, MetaBlocks, Sectors
 
 # Lines in the exact shape pool_status() emits them, trailing space included.
 FRESH = "0 141/524288 0/1024 - rw discard_passdown queue_if_no_space - 1024 "
@@ -190,15 +190,24 @@ def test_any_bad_token_is_named(s: ThinPoolWorkingStatus, data: st.DataObject) -
         # What the kernel prints back: devices as major:minor, the count always, a trailing space.
         (
             "253:0 253:1 128 32768 1 skip_block_zeroing ",
-            ThinPoolTable("253:0", "253:1", 128, 32768, (Feature.SKIP_BLOCK_ZEROING,)),
+            ThinPoolTable(
+                "253:0", "253:1", Sectors(128), DataBlocks(32768), (Feature.SKIP_BLOCK_ZEROING,)
+            ),
         ),
-        ("7:0 7:1 128 32768 0 ", ThinPoolTable("7:0", "7:1", 128, 32768)),
+        ("7:0 7:1 128 32768 0 ", ThinPoolTable("7:0", "7:1", Sectors(128), DataBlocks(32768))),
         # What we may load: paths, no feature count, any case.
-        ("/dev/loop0 /dev/loop1 256 10", ThinPoolTable("/dev/loop0", "/dev/loop1", 256, 10)),
+        (
+            "/dev/loop0 /dev/loop1 256 10",
+            ThinPoolTable("/dev/loop0", "/dev/loop1", Sectors(256), DataBlocks(10)),
+        ),
         (
             "7:0 7:1 2097152 0 2 Error_If_No_Space SKIP_BLOCK_ZEROING",
             ThinPoolTable(
-                "7:0", "7:1", 2097152, 0, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+                "7:0",
+                "7:1",
+                Sectors(2097152),
+                DataBlocks(0),
+                (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING),
             ),
         ),
     ],
@@ -208,11 +217,16 @@ def test_parse_table(params: str, expected: ThinPoolTable) -> None:
 
 
 def test_params_always_write_the_count() -> None:
-    t = ThinPoolTable("7:0", "7:1", 128, 32768)
+    t = ThinPoolTable("7:0", "7:1", Sectors(128), DataBlocks(32768))
     assert t.params() == str(t) == "7:0 7:1 128 32768 0"
-    t = ThinPoolTable("7:0", "7:1", 128, 5, (Feature.IGNORE_DISCARD, Feature.SKIP_BLOCK_ZEROING))
+    t = ThinPoolTable(
+        "7:0",
+        "7:1",
+        Sectors(128),
+        DataBlocks(5),
+        (Feature.IGNORE_DISCARD, Feature.SKIP_BLOCK_ZEROING),
+    )
     assert t.params() == "7:0 7:1 128 5 2 ignore_discard skip_block_zeroing"
-    assert t.data_block_bytes == 65536
 
 
 @pytest.mark.parametrize(
@@ -263,7 +277,11 @@ def test_table_refuses_what_the_kernel_would(kwargs: dict[str, object]) -> None:
 
 def test_table_helpers() -> None:
     t = ThinPoolTable(
-        "7:0", "7:1", 128, 32768, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+        "7:0",
+        "7:1",
+        Sectors(128),
+        DataBlocks(32768),
+        (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING),
     )
     assert t.canonical().features == ("skip_block_zeroing", "error_if_no_space")
     assert t.no_space_policy is NoSpacePolicy.ERROR
@@ -271,16 +289,20 @@ def test_table_helpers() -> None:
     assert queued.features == ("skip_block_zeroing",)
     assert queued.no_space_policy is NoSpacePolicy.QUEUE
     assert queued.with_no_space_policy(NoSpacePolicy.ERROR) == t.canonical()
-    assert t.with_low_water_mark(7).low_water_mark == 7
+    assert t.with_low_water_mark(DataBlocks(7)).low_water_mark == 7
 
 
 def test_table_differences() -> None:
     wanted = ThinPoolTable(
-        "7:0", "7:1", 128, 32768, (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING)
+        "7:0",
+        "7:1",
+        Sectors(128),
+        DataBlocks(32768),
+        (Feature.ERROR_IF_NO_SPACE, Feature.SKIP_BLOCK_ZEROING),
     )
     printed = parse_pool_table("7:00 7:1 128 32768 2 skip_block_zeroing error_if_no_space ")
     assert table_differences(printed, wanted) == frozenset()
-    other = ThinPoolTable("/dev/loop0", "7:2", 256, 1, ())
+    other = ThinPoolTable("/dev/loop0", "7:2", Sectors(256), DataBlocks(1), ())
     assert table_differences(other, wanted) == {
         "metadata_dev",
         "data_dev",
@@ -305,7 +327,11 @@ def tables(draw: st.DrawFn) -> ThinPoolTable:
         data = "/dev/loop-data"
     features = draw(st.permutations(list(Feature)))[: draw(st.integers(0, 4))]
     return ThinPoolTable(
-        meta, data, 128 * draw(st.integers(1, 16384)), draw(uints), tuple(features)
+        meta,
+        data,
+        Sectors(128 * draw(st.integers(1, 16384))),
+        DataBlocks(draw(uints)),
+        tuple(features),
     )
 
 
@@ -329,22 +355,27 @@ def test_any_bad_table_token_is_named(t: ThinPoolTable, data: st.DataObject) -> 
 
 def test_a_pools_table_is_one_thin_pool_line_from_sector_0() -> None:
     params = "7:0 7:1 128 32768 1 skip_block_zeroing"
-    target = Target(0, 2048, "thin-pool", params)
+    target = Target(Sectors(0), Sectors(2048), "thin-pool", params)
     line = ThinPoolLine.from_targets([target])
-    table = ThinPoolTable("7:0", "7:1", 128, 32768, (Feature.SKIP_BLOCK_ZEROING,))
-    assert line == ThinPoolLine(2048, table)
+    table = ThinPoolTable(
+        "7:0", "7:1", Sectors(128), DataBlocks(32768), (Feature.SKIP_BLOCK_ZEROING,)
+    )
+    assert line == ThinPoolLine(Sectors(2048), table)
     assert line.to_target() == target
     for others in (
         [],
-        [target, Target(2048, 8, "error", "")],  # a second line (an operator's dmsetup)
-        [Target(8, 2048, "thin-pool", params)],
-        [Target(0, 2048, "linear", "7:0 0")],
+        [
+            target,
+            Target(Sectors(2048), Sectors(8), "error", ""),
+        ],  # a second line (an operator's dmsetup)
+        [Target(Sectors(8), Sectors(2048), "thin-pool", params)],
+        [Target(Sectors(0), Sectors(2048), "linear", "7:0 0")],
     ):
         assert thin_pool_target(others) is None and ThinPoolLine.from_targets(others) is None
 
 
 def test_features_are_members_whatever_the_caller_gave() -> None:
-    table = ThinPoolTable("7:0", "7:1", 128, 0, (Feature.ERROR_IF_NO_SPACE,))
+    table = ThinPoolTable("7:0", "7:1", Sectors(128), DataBlocks(0), (Feature.ERROR_IF_NO_SPACE,))
     assert table.features == (Feature.ERROR_IF_NO_SPACE,)
     assert table.with_no_space_policy(NoSpacePolicy.QUEUE).features == ()
 

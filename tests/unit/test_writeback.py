@@ -20,7 +20,7 @@ from thinwatchd.marks import (
 from thinwatchd.policy import BackingFs, Grow, NoAction, decide_data
 from thinwatchd.settings import DataGrowth, PoolSettings
 from thinwatchd.status import DiscardMode, NoSpacePolicy, PoolMode, ThinPoolWorkingStatus
-from thinwatchd.units import DataBlocks, MetaBlocks
+from thinwatchd.units import Bytes, DataBlocks, MetaBlocks
 from thinwatchd.writeback import PAGE_BYTES, WritebackState, parse_writeback
 
 MiB, GiB, TiB = 1024**2, 1024**3, 1024**4
@@ -51,8 +51,8 @@ TIGHT = PoolSettings(
     pool_name("p"),
     Path("/var/lib/d"),
     Path("/var/lib/m"),
-    low_water_mark=256,
-    data=DataGrowth(step=128 * MiB, step_percent=0.0),
+    low_water_mark=DataBlocks(256),
+    data=DataGrowth(step=Bytes(128 * MiB), step_percent=0.0),
 )
 
 
@@ -77,7 +77,12 @@ def status(used: int, total: int) -> ThinPoolWorkingStatus:
 
 
 def fs_for(size: int) -> BackingFs:
-    return BackingFs(free_bytes=TiB, total_bytes=2 * TiB, file_size=size, file_allocated=size)
+    return BackingFs(
+        free_bytes=Bytes(TiB),
+        total_bytes=Bytes(2 * TiB),
+        file_size=Bytes(size),
+        file_allocated=Bytes(size),
+    )
 
 
 def test_parse_the_kernels_format() -> None:
@@ -116,11 +121,11 @@ def test_mark_holds_the_whole_burst_from_the_start() -> None:
     """No growth measured yet, no fill rate: the mark already covers the dirty limit."""
     wb = sample(limit=512 * MiB)
     expected = -(-(512 * MiB * 9 // 8 + ADAPTIVE_MARGIN_BYTES) // BB)
-    assert low_water_mark(TIGHT, 1024, FillHistory(), wb) == expected
+    assert low_water_mark(TIGHT, DataBlocks(1024), FillHistory(), wb) == expected
     off = replace(TIGHT, data=replace(TIGHT.data, adaptive_low_water=False, threshold_percent=0))
-    assert low_water_mark(off, 1024, FillHistory(), wb) == 256
+    assert low_water_mark(off, DataBlocks(1024), FillHistory(), wb) == 256
     huge = sample(limit=64 * GiB)
-    assert low_water_mark(TIGHT, 1024, FillHistory(), huge) == ADAPTIVE_CAP_BYTES // BB
+    assert low_water_mark(TIGHT, DataBlocks(1024), FillHistory(), huge) == ADAPTIVE_CAP_BYTES // BB
 
 
 def test_a_growth_leaves_twice_the_burst_free() -> None:
@@ -135,7 +140,7 @@ def test_a_growth_leaves_twice_the_burst_free() -> None:
 def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
     wb = sample(limit=256 * MiB)
     total = 40000
-    mark = low_water_mark(TIGHT, total, FillHistory(), wb)
+    mark = low_water_mark(TIGHT, DataBlocks(total), FillHistory(), wb)
     used = total - (mark + 200 * MiB // BB)  # 200 MiB above the mark
 
     def decide(
@@ -168,11 +173,11 @@ def test_dirty_pages_that_would_cross_the_mark_grow_the_pool_early() -> None:
 def test_writeback_threatens() -> None:
     wb = sample(dirty=100 * MiB, writeback=LULL_WRITEBACK_BYTES)
     pending = 100 * MiB + LULL_WRITEBACK_BYTES
-    assert writeback_threatens(480 * MiB + pending, 480 * MiB, wb)
-    assert not writeback_threatens(480 * MiB + pending + 1, 480 * MiB, wb)
-    assert not writeback_threatens(10 * MiB, 480 * MiB, sample())  # nothing pending
+    assert writeback_threatens(Bytes(480 * MiB + pending), Bytes(480 * MiB), wb)
+    assert not writeback_threatens(Bytes(480 * MiB + pending + 1), Bytes(480 * MiB), wb)
+    assert not writeback_threatens(Bytes(10 * MiB), Bytes(480 * MiB), sample())  # nothing pending
     in_flight = replace(wb, writeback=LULL_WRITEBACK_BYTES + 1)
-    assert not writeback_threatens(480 * MiB, 480 * MiB, in_flight)  # wait for a lull
+    assert not writeback_threatens(Bytes(480 * MiB), Bytes(480 * MiB), in_flight)  # wait for a lull
 
 
 def test_amplification_is_measured_from_what_landed() -> None:
@@ -192,5 +197,5 @@ def test_amplification_is_measured_from_what_landed() -> None:
 
 def test_amplified_writeback_threatens_earlier() -> None:
     wb = sample(dirty=100 * MiB)
-    assert not writeback_threatens(600 * MiB, 480 * MiB, wb)
-    assert writeback_threatens(600 * MiB, 480 * MiB, wb, amplification=1.25)
+    assert not writeback_threatens(Bytes(600 * MiB), Bytes(480 * MiB), wb)
+    assert writeback_threatens(Bytes(600 * MiB), Bytes(480 * MiB), wb, amplification=1.25)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from thinwatchd.units import Bytes, Sectors
+
 __all__ = [
     "DeviceMapperApi",
     "DeviceNodes",
@@ -58,8 +60,8 @@ class DmInfo:
 class Target:
     """One line of a table (params = constructor args) or of a status (params = status text)."""
 
-    start: int  # sectors
-    length: int  # sectors
+    start: Sectors
+    length: Sectors
     target_type: str
     params: str
 
@@ -153,7 +155,7 @@ class LoopControlApi(Protocol):
     def set_capacity(self, loop: LoopDevice) -> None:
         """Make the loop device re-read its backing file's size (LOOP_SET_CAPACITY)."""
 
-    def size(self, loop: LoopDevice) -> int:
+    def size(self, loop: LoopDevice) -> Bytes:
         """Return the loop device's size in bytes (BLKGETSIZE64)."""
 
     def detach(self, loop: LoopDevice) -> None:
@@ -168,8 +170,8 @@ class FileInfo:
     ino: int
     mode: int
     uid: int
-    size: int  # apparent size, bytes
-    allocated: int  # bytes really on disk (st_blocks * 512)
+    size: Bytes  # apparent size
+    allocated: Bytes  # really on disk (st_blocks)
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -185,8 +187,8 @@ class FileInfo:
 class FsSpace:
     """statvfs of the filesystem holding a file."""
 
-    free: int  # bytes available to unprivileged users
-    total: int
+    free: Bytes  # available to unprivileged users
+    total: Bytes
 
 
 class FilesApi(Protocol):
@@ -201,18 +203,18 @@ class FilesApi(Protocol):
     def make_dirs(self, directory: str) -> list[str]:
         """Create directory and missing parents (mode 0700); return the ones created."""
 
-    def create(self, path: str, size: int, *, preallocate: bool) -> None:
+    def create(self, path: str, size: Bytes, *, preallocate: bool) -> None:
         """Create a new regular file of size bytes (0600) atomically; EEXIST if path exists."""
 
     def grow(
         self,
         path: str,
-        new_size: int,
+        new_size: Bytes,
         *,
         preallocate: bool,
         sync: bool = True,
         identity: tuple[int, int] | None = None,
-    ) -> int:
+    ) -> Bytes:
         """Extend a regular file to new_size (never shrink); return the previous size.
 
         With identity, refuse (ESTALE) unless the file opened is that (st_dev, st_ino).

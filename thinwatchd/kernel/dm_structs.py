@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, Target
+from thinwatchd.units import Sectors
 
 __all__ = [
     "DmHeader",
@@ -114,7 +115,7 @@ def parse_targets(data: bytes, count: int) -> list[Target]:
     for _ in range(count):
         start, length, _status, nxt, ttype = _abi.TARGET_SPEC.unpack_from(data, offset)
         params = cstring(data, offset + _abi.TARGET_SPEC.size)
-        targets.append(Target(start, length, cstring(ttype), params))
+        targets.append(Target(Sectors(start), Sectors(length), cstring(ttype), params))
         offset = nxt
     return targets
 

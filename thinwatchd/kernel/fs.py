@@ -14,6 +14,7 @@ import stat as _stat
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import FileInfo, FsSpace
 from thinwatchd.kernel.syscalls import FALLOC_FL_KEEP_SIZE, Syscalls
+from thinwatchd.units import Bytes, disk_blocks_to_bytes
 
 __all__ = ["Files", "make_node", "open_device_node"]
 
@@ -67,8 +68,8 @@ class Files:
             ino=st.st_ino,
             mode=st.st_mode,
             uid=st.st_uid,
-            size=st.st_size,
-            allocated=st.st_blocks * 512,
+            size=Bytes(st.st_size),
+            allocated=disk_blocks_to_bytes(st.st_blocks),
         )
 
     def space(self, path: str) -> FsSpace:
@@ -76,7 +77,7 @@ class Files:
             st = self.sys.statvfs(path)
         except OSError as exc:
             raise _error("statvfs", path, exc) from exc
-        return FsSpace(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize)
+        return FsSpace(Bytes(st.f_bavail * st.f_frsize), Bytes(st.f_blocks * st.f_frsize))
 
     def open_regular(self, path: str, flags: int = _os.O_RDWR) -> int:
         """Open an existing regular file without following a symlink; return the fd.
@@ -185,7 +186,7 @@ class Files:
         flags = _os.O_WRONLY | _os.O_CREAT | _os.O_EXCL | _os.O_NOFOLLOW | _os.O_CLOEXEC
         return self.sys.open(tmp, flags, 0o600, dir_fd=dirfd), tmp
 
-    def create(self, path: str, size: int, *, preallocate: bool) -> None:
+    def create(self, path: str, size: Bytes, *, preallocate: bool) -> None:
         """Create a new regular file of exactly size bytes (mode 0600); never touch an existing one.
 
         The file is built unnamed (O_TMPFILE; or under a temporary name opened with
@@ -233,12 +234,12 @@ class Files:
     def grow(
         self,
         path: str,
-        new_size: int,
+        new_size: Bytes,
         *,
         preallocate: bool,
         sync: bool = True,
         identity: tuple[int, int] | None = None,
-    ) -> int:
+    ) -> Bytes:
         """Extend a regular file to new_size bytes, crash-safely; return the previous size.
 
         With preallocate, first allocate the new range beyond EOF with FALLOC_FL_KEEP_SIZE (the
@@ -263,7 +264,7 @@ class Files:
                     "not the file behind the loop device "
                     "any more (replaced or renamed behind thinwatchd's back)",
                 )
-            old = st.st_size
+            old = Bytes(st.st_size)
             if new_size < old:
                 raise KernelError(
                     op, path, _errno.EINVAL, f"would shrink {old} -> {new_size} bytes"

@@ -21,6 +21,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.kernel import loop_abi as _abi
 from thinwatchd.kernel.api import LoopDevice
 from thinwatchd.kernel.fs import Files, open_device_node
+from thinwatchd.units import Bytes
 
 __all__ = ["LoopControl", "LoopInfo", "pack_loop_config", "pack_loop_info", "unpack_loop_info"]
 
@@ -265,13 +266,13 @@ class LoopControl:
         finally:
             _os.close(fd)
 
-    def size(self, loop: LoopDevice) -> int:
+    def size(self, loop: LoopDevice) -> Bytes:
         """Return the loop device's size in bytes (BLKGETSIZE64)."""
         fd = self._open_verified(loop, "size")
         try:
             buf = bytearray(8)
             self._call(fd, _abi.BLKGETSIZE64, buf, "size (BLKGETSIZE64)", loop.path)
-            return int(_struct.unpack("=Q", buf)[0])
+            return Bytes(_struct.unpack("=Q", buf)[0])
         finally:
             _os.close(fd)
 
