@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os as _os
+from dataclasses import dataclass
 
 __all__ = [
     "EX_CANTCREAT",
@@ -40,18 +41,24 @@ EX_NOPERM = 77
 
 
 class ThinwatchError(Exception):
-    """Root of every error thinwatchd raises deliberately."""
+    """Root of every error thinwatchd raises deliberately.
+
+    The subclasses with fields are dataclasses (eq=False: an error is itself, and hashable);
+    their args are the message, as an Exception's would be.
+    """
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
 
 
+@dataclass(eq=False)
 class KernelError(ThinwatchError):
     """A kernel call (ioctl or syscall) failed; names the operation and the device."""
 
-    def __init__(self, op: str, device: str, errno: int, detail: str = "") -> None:
-        self.op = op
-        self.device = device
-        self.errno = errno
-        self.detail = detail
-        super().__init__(str(self))
+    op: str
+    device: str
+    errno: int
+    detail: str = ""
 
     def __str__(self) -> str:
         code = _errno.errorcode.get(self.errno, str(self.errno))
@@ -60,13 +67,12 @@ class KernelError(ThinwatchError):
         return f"{text}: {self.detail}" if self.detail else text
 
 
+@dataclass(eq=False)
 class ConfigError(ThinwatchError):
     """The configuration is invalid; names the key path, the bad value and what is allowed."""
 
-    def __init__(self, key_path: str, message: str) -> None:
-        self.key_path = key_path
-        self.message = message
-        super().__init__(str(self))
+    key_path: str
+    message: str
 
     def __str__(self) -> str:
         return f"{self.key_path}: {self.message}" if self.key_path else self.message
@@ -76,15 +82,14 @@ class ConfigError(ThinwatchError):
         return f"{source}: {self}" if self.key_path else str(self)
 
 
+@dataclass(eq=False)
 class StatusParseError(ThinwatchError):
     """A kernel status or table line had a token we do not understand."""
 
-    def __init__(self, field: str, index: int, value: str, line: str = "") -> None:
-        self.field = field
-        self.index = index
-        self.value = value
-        self.line = line
-        super().__init__(str(self))
+    field: str
+    index: int
+    value: str
+    line: str = ""
 
     def __str__(self) -> str:
         where = f" in {self.line!r}" if self.line else ""
@@ -99,13 +104,12 @@ class PoolSetupError(ThinwatchError):
     """A pool cannot be built or adopted safely; nothing was changed that could lose data."""
 
 
+@dataclass(eq=False)
 class RollbackError(ThinwatchError):
     """An operation failed and so did undoing it; keeps both errors."""
 
-    def __init__(self, cause: BaseException, rollback: BaseException) -> None:
-        self.cause = cause
-        self.rollback = rollback
-        super().__init__(str(self))
+    cause: BaseException
+    rollback: BaseException
 
     def __str__(self) -> str:
         return f"{self.cause} (and undoing it failed too: {self.rollback})"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import KW_ONLY, dataclass, field
 
 from thinwatchd.backing import BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
@@ -77,6 +78,7 @@ def reconcile_workers(loop: EventLoop) -> Workers:
     )
 
 
+@dataclass(eq=False)
 class Reconciles:
     """Submits pools' reconciles in passes, and handles what each reports back on the loop.
 
@@ -84,24 +86,18 @@ class Reconciles:
     (re)built, to rebuild one whose device is gone, and to publish after a pass.
     """
 
-    def __init__(
-        self,
-        loop: EventLoop,
-        extender: Extender,
-        pools: dict[str, ManagedPool],
-        *,
-        building: Callable[[str], bool],
-        lost: Callable[[ManagedPool], None],
-        publish: Callable[[], None],
-    ) -> None:
-        self.loop = loop
-        self.extender = extender
-        self.pools = pools
-        self.building = building
-        self.lost = lost
-        self.publish = publish
-        self.workers = reconcile_workers(loop)
-        self.stopping = False
+    loop: EventLoop
+    extender: Extender
+    pools: dict[str, ManagedPool]
+    _: KW_ONLY
+    building: Callable[[str], bool]  # is this pool being (re)built now?
+    lost: Callable[[ManagedPool], None]  # rebuild a pool whose device is gone
+    publish: Callable[[], None]  # after a pass
+    workers: Workers = field(init=False)
+    stopping: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.workers = reconcile_workers(self.loop)
 
     def run_pass(
         self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False

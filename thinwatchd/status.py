@@ -77,6 +77,11 @@ class UsageBytes(NamedTuple):
     metadata_total: Bytes
 
 
+def _percent(used: int, total: int) -> float:
+    """Return used of total in percent; 100 for an empty device: there is no room."""
+    return 100.0 * used / total if total else 100.0
+
+
 @dataclass(frozen=True)
 class ThinPoolWorkingStatus:
     """A pool status line with all its fields."""
@@ -100,8 +105,8 @@ class ThinPoolWorkingStatus:
 
     @property
     def data_percent(self) -> float:
-        """Return data usage in percent (100 for an empty pool: there is no room)."""
-        return 100.0 * self.data_used / self.data_total if self.data_total else 100.0
+        """Return data usage in percent."""
+        return _percent(self.data_used, self.data_total)
 
     @property
     def meta_free(self) -> MetaBlocks:
@@ -111,7 +116,7 @@ class ThinPoolWorkingStatus:
     @property
     def meta_percent(self) -> float:
         """Return metadata usage in percent."""
-        return 100.0 * self.meta_used / self.meta_total if self.meta_total else 100.0
+        return _percent(self.meta_used, self.meta_total)
 
     def usage_bytes(self, block_size: Sectors) -> UsageBytes:
         """Return usage in bytes for a pool of data blocks of block_size sectors."""

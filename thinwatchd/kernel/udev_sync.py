@@ -26,6 +26,7 @@ import os as _os
 import stat as _stat
 import time as _time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from thinwatchd.errors import KernelError
@@ -110,23 +111,15 @@ def _semop(semid: int, op: int, flags: int = 0, timeout: float | None = None) ->
         _call("semtimedop", semid, _ctypes.byref(buf), 1, _ctypes.byref(ts))
 
 
+@dataclass(kw_only=True)
 class UdevSync:
     """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
 
-    def __init__(
-        self,
-        *,
-        dev_dir: str = "/dev",
-        udev_control: str = UDEV_CONTROL,
-        timeout: float = 30.0,
-        flags: UdevFlag = POOL_UDEV_FLAGS,
-        rule_dirs: tuple[str, ...] = _RULE_DIRS,
-    ) -> None:
-        self.dev_dir = dev_dir
-        self.udev_control = udev_control
-        self.timeout = timeout
-        self.flags = flags
-        self.rule_dirs = rule_dirs
+    dev_dir: str = "/dev"
+    udev_control: str = UDEV_CONTROL
+    timeout: float = 30.0  # seconds to wait for udev to finish a device's rules
+    flags: UdevFlag = POOL_UDEV_FLAGS
+    rule_dirs: tuple[str, ...] = _RULE_DIRS  # where lvm2's dm rules may be installed
 
     def udev_running(self) -> bool:
         """Return True when udevd is running (its control socket exists), as libudev checks."""
