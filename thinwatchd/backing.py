@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.kernel.api import FileInfo, FilesApi, FsSpace
-from thinwatchd.policy import BackingFs
+from thinwatchd.room import BackingFs
 from thinwatchd.units import Bytes
 
 __all__ = ["BackingFiles", "BackingLook"]

@@ -28,7 +28,6 @@ from thinwatchd.kernel.api import Kernel
 from thinwatchd.logs import MessageId, event
 from thinwatchd.page_cache import PageCache
 from thinwatchd.policy import (
-    BackingFs,
     Decision,
     Grow,
     GrowthTarget,
@@ -42,6 +41,7 @@ from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.pool_journal import PoolJournal
 from thinwatchd.pool_state import GrowthRecord, PoolState
 from thinwatchd.retune import retune_table
+from thinwatchd.room import BackingFs
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import data_blocks_to_sectors
 from thinwatchd.writeback import WritebackState

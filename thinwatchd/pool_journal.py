@@ -11,17 +11,10 @@ from collections.abc import Callable
 from thinwatchd.backing import BackingFiles
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.logs import MessageId, event
-from thinwatchd.policy import (
-    BackingFs,
-    Decision,
-    Grow,
-    NoAction,
-    Refuse,
-    backing_shortfall,
-    describe,
-)
+from thinwatchd.policy import Decision, Grow, NoAction, Refuse, describe
 from thinwatchd.pool import Activation, Pool
 from thinwatchd.pool_state import PoolState, pool_fields
+from thinwatchd.room import BackingFs, backing_shortfall
 from thinwatchd.status import PoolMode, ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes
 

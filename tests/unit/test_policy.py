@@ -20,7 +20,6 @@ from thinwatchd.marks import (
     low_water_mark,
 )
 from thinwatchd.policy import (
-    BackingFs,
     Decision,
     Grow,
     GrowthTarget,
@@ -32,6 +31,7 @@ from thinwatchd.policy import (
     describe,
     no_space_mode,
 )
+from thinwatchd.room import BackingFs
 from thinwatchd.settings import (
     METADATA_MAX_BYTES,
     DataGrowth,

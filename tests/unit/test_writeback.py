@@ -17,7 +17,8 @@ from thinwatchd.marks import (
     low_water_mark,
     writeback_threatens,
 )
-from thinwatchd.policy import BackingFs, Grow, NoAction, decide_data
+from thinwatchd.policy import Grow, NoAction, decide_data
+from thinwatchd.room import BackingFs
 from thinwatchd.settings import DataGrowth, PoolSettings
 from thinwatchd.status import DiscardMode, NoSpacePolicy, PoolMode, ThinPoolWorkingStatus
 from thinwatchd.units import Bytes, DataBlocks, MetaBlocks
