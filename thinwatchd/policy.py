@@ -233,8 +233,11 @@ def decide_data(
     bs = settings.data_block_size
     bb = data_block_bytes(bs)
 
-    def size(blocks: int) -> Bytes:
+    def as_bytes(blocks: int) -> Bytes:
         return data_blocks_to_bytes(blocks, bs)
+
+    def shown(blocks: int) -> str:
+        return format_bytes(as_bytes(blocks))
 
     used, total, free = status.data_used, status.data_total, status.data_free
     mark = low_water_mark(settings, total, history, writeback)
@@ -245,29 +248,26 @@ def decide_data(
     elif _reached(used, total, thr):
         why = f"data usage {status.data_percent:.1f}% >= {thr:g}%"
     elif free <= max(mark, table_mark):
-        why = f"{format_bytes(size(free))} free <= low-water mark "
-        why += format_bytes(size(max(mark, table_mark)))
+        why = f"{shown(free)} free <= low-water mark {shown(max(mark, table_mark))}"
     elif early is not None and writeback_threatens(
-        size(free), size(max(mark, table_mark)), early, history.amplification
+        as_bytes(free), as_bytes(max(mark, table_mark)), early, history.amplification
     ):
-        why = f"{format_bytes(size(free))} free <= low-water mark {format_bytes(size(mark))} + "
+        why = f"{shown(free)} free <= low-water mark {shown(mark)} + "
         why += f"{format_bytes(early.pending)} dirty or under writeback, "
         why += f"{format_bytes(early.writeback)} of it in flight"
     else:
-        why = f"{format_bytes(size(free))} free of {format_bytes(size(total))}"
-        return NoAction(
-            pool, GrowthTarget.DATA, f"{why}, above the mark of {format_bytes(size(mark))}"
-        )
+        why = f"{shown(free)} free of {shown(total)}"
+        return NoAction(pool, GrowthTarget.DATA, f"{why}, above the mark of {shown(mark)}")
     if (refusal := _unfit(status, pool, GrowthTarget.DATA, meta_ok=False)) is not None:
         return refusal
     base = base_mark(settings, history, writeback)
     filling = math.ceil((history.fill_rate() or 0.0) * growth_seconds(history))
-    current = Bytes(max(size(total), _ceil_to(fs.file_size, bb)))
+    current = Bytes(max(as_bytes(total), _ceil_to(fs.file_size, bb)))
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
     wanted = max(
         current + step,
-        size(used + 2 * base) + filling,
-        size(_min_total_clear(used, thr)) + filling,
+        as_bytes(used + 2 * base) + filling,
+        as_bytes(_min_total_clear(used, thr)) + filling,
     )
     fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
     if isinstance(fitted, Refuse):
@@ -302,7 +302,11 @@ def decide_metadata(
     if (refusal := _blocked(status, pool, GrowthTarget.METADATA)) is not None:
         return refusal
     assert isinstance(status, ThinPoolWorkingStatus)
-    size = meta_blocks_to_bytes
+    as_bytes = meta_blocks_to_bytes
+
+    def shown(blocks: int) -> str:
+        return format_bytes(as_bytes(blocks))
+
     mb = META_BLOCK_BYTES
     used, total, free = status.meta_used, status.meta_total, status.meta_free
     watermark = status.metadata_low_watermark
@@ -310,20 +314,20 @@ def decide_metadata(
         watermark = MetaBlocks(min(_KERNEL_META_WATERMARK, total // 4))
     thr = settings.metadata.threshold_percent
     if free <= watermark:
-        why = f"{format_bytes(size(free))} metadata free <= {format_bytes(size(watermark))}"
+        why = f"{shown(free)} metadata free <= {shown(watermark)}"
     elif _reached(used, total, thr):
         why = f"metadata usage {status.meta_percent:.1f}% >= {thr:g}%"
     else:
-        why = f"{format_bytes(size(free))} metadata free of {format_bytes(size(total))}"
+        why = f"{shown(free)} metadata free of {shown(total)}"
         return NoAction(pool, GrowthTarget.METADATA, why)
     if (refusal := _unfit(status, pool, GrowthTarget.METADATA, meta_ok=True)) is not None:
         return refusal
-    current = Bytes(max(size(total), _ceil_to(fs.file_size, mb)))
+    current = Bytes(max(as_bytes(total), _ceil_to(fs.file_size, mb)))
     step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
     wanted = max(
         current + step,
-        size(used + _KERNEL_META_WATERMARK + 1),  # clear of the next kernel watermark
-        size(_min_total_below(used, thr)),
+        as_bytes(used + _KERNEL_META_WATERMARK + 1),  # clear of the next kernel watermark
+        as_bytes(_min_total_below(used, thr)),
     )
     cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
     fitted = _fit(settings, GrowthTarget.METADATA, fs, current, wanted, mb, cap)

@@ -71,7 +71,7 @@ class PoolSettings:
     metadata_file: Path
     data_size: Bytes = Bytes(100 * GiB)  # initial size of a new data file
     metadata_size: Bytes = Bytes(2 * GiB)  # initial size of a new metadata file
-    data_block_size: Sectors = Sectors(128)  # 128..2097152, a multiple of 128
+    data_block_size: Sectors = Sectors(128)  # table.valid_block_size says what the kernel takes
     low_water_mark: DataBlocks = DataBlocks(32768)  # the floor of the adaptive mark
     features: tuple[Feature, ...] = (Feature.SKIP_BLOCK_ZEROING,)
     preallocate: bool = False  # fallocate new space instead of leaving it sparse
