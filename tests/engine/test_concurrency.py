@@ -202,8 +202,9 @@ def test_a_pass_publishes_once_when_its_last_reconcile_is_done(
     fake: FakeKernel, daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     published: list[int] = []
-    monkeypatch.setattr(daemon, "_publish", lambda: published.append(sum(
-        growths(daemon, n) for n in NAMES)))  # fmt: skip
+    monkeypatch.setattr(
+        daemon, "_publish", lambda: published.append(sum(growths(daemon, n) for n in NAMES))
+    )
     both = threading.Barrier(len(NAMES), timeout=PATIENCE)
     for name in NAMES:
         fake.draining[name] = both.wait
@@ -375,13 +376,17 @@ def test_a_stalled_background_job_holds_back_no_earlier_result() -> None:
     done: list[str] = []
     try:
         workers.submit(  # ends once the stalled job is queued behind it
-            "first", lambda: queued.wait(PATIENCE) and "first", lambda r, _e: done.append(r),
+            "first",
+            lambda: queued.wait(PATIENCE) and "first",
+            lambda r, _e: done.append(r),
             background=True,
-        )  # fmt: skip
+        )
         workers.submit(
-            "stalled", lambda: stalled.wait(PATIENCE) and "stalled",
-            lambda r, _e: done.append(r), background=True,
-        )  # fmt: skip
+            "stalled",
+            lambda: stalled.wait(PATIENCE) and "stalled",
+            lambda r, _e: done.append(r),
+            background=True,
+        )
         queued.set()
         serve = time.monotonic()
         while "first" not in done:

@@ -109,11 +109,22 @@ class DaemonProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
         # Niceness as in systemd/thinwatchd.service (Nice=-10): run it as it ships.
         self.proc = subprocess.Popen(
-
-            [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run",
-             "--log-target", "stderr"],
-            stdout=log, stderr=log, env=env, cwd=REPO, preexec_fn=lambda: os.nice(UNIT_NICE),
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "thinwatchd",
+                "--config",
+                str(self.config),
+                "run",
+                "--log-target",
+                "stderr",
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=REPO,
+            preexec_fn=lambda: os.nice(UNIT_NICE),
+        )
         log.close()
         if not self.wait_for("READY=1", timeout):
             code = self.proc.poll()
@@ -204,8 +215,10 @@ def dd_zero(device: str, mib: int) -> tuple[float, int, str]:
     start = time.monotonic()
     done = subprocess.run(
         ["dd", "if=/dev/zero", f"of={device}", "bs=1M", f"count={mib}", "oflag=direct"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return time.monotonic() - start, done.returncode, done.stderr
 
 
@@ -388,8 +401,11 @@ class PatternWriter:
         self.last_progress = self.started
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _WRITER, device, str(size), seed.hex(), str(offset), str(rate)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            text=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -489,8 +505,9 @@ class PoolWatch:
             else:
                 table = self._dm.table(self.name) if info.active_present else []
                 length = table[0].length if len(table) == 1 else None
-                s = PoolSample(time.monotonic(), True, info.suspended, info.inactive_present,
-                               length)  # fmt: skip
+                s = PoolSample(
+                    time.monotonic(), True, info.suspended, info.inactive_present, length
+                )
         except Exception as exc:  # a sampler must not kill the test
             self.errors.append(repr(exc))
             return None
@@ -547,9 +564,13 @@ def run_tool(args: list[str], timeout: float = 30.0) -> subprocess.CompletedProc
 def dm_diagnostics(name: str) -> str:
     """Return dmsetup's view of a pool (info, status, tables) for a failure message."""
     parts = []
-    for args in (["dmsetup", "info", name], ["dmsetup", "status", "--noflush", name],
-                 ["dmsetup", "table", name], ["dmsetup", "table", "--inactive", name],
-                 ["losetup", "-l"]):  # fmt: skip
+    for args in (
+        ["dmsetup", "info", name],
+        ["dmsetup", "status", "--noflush", name],
+        ["dmsetup", "table", name],
+        ["dmsetup", "table", "--inactive", name],
+        ["losetup", "-l"],
+    ):
         done = run_tool(args, timeout=15)
         parts.append(f"$ {' '.join(args)}  (exit {done.returncode})\n{done.stdout}{done.stderr}")
     return "\n".join(parts)
@@ -615,8 +636,9 @@ class HostileEnv:
 
     def config(self, daemon: dict[str, object] | None = None, **pool: object) -> Path:
         keys: dict[str, object] = {
-            "data_file": str(self.data), "metadata_file": str(self.metadata),
-        }  # fmt: skip
+            "data_file": str(self.data),
+            "metadata_file": str(self.metadata),
+        }
         keys.update(pool)
         return write_config(self.directory / "config.yaml", {self.pool: keys}, **(daemon or {}))
 
@@ -777,10 +799,22 @@ class SpawnedDaemon(DaemonProcess):
         self.spawned = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run",
-                 "--log-target", "stderr"],
-                stdout=log, stderr=log, env=env, cwd=REPO, preexec_fn=lambda: os.nice(UNIT_NICE),
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "thinwatchd",
+                    "--config",
+                    str(self.config),
+                    "run",
+                    "--log-target",
+                    "stderr",
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=REPO,
+                preexec_fn=lambda: os.nice(UNIT_NICE),
+            )
 
     def drain(self) -> None:
         """Read every queued notification, as systemd would (an unread socket fills up)."""

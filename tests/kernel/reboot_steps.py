@@ -35,10 +35,17 @@ SIZE = 64 * MiB
 def main(step: str) -> int:
     directory = scratch_dir() / "reboot"
     directory.mkdir(exist_ok=True)
-    config = write_config(directory / "config.yaml", {POOL: {
-        "data_file": str(directory / "data"), "metadata_file": str(directory / "metadata"),
-        "data_size": "256MiB", "metadata_size": "16MiB",
-    }})  # fmt: skip
+    config = write_config(
+        directory / "config.yaml",
+        {
+            POOL: {
+                "data_file": str(directory / "data"),
+                "metadata_file": str(directory / "metadata"),
+                "data_size": "256MiB",
+                "metadata_size": "16MiB",
+            }
+        },
+    )
     daemon = DaemonProcess(config, directory / f"daemon-{step}.log")
     try:
         daemon.start()

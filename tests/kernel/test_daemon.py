@@ -65,8 +65,9 @@ class Env:
 
     def config(self, **pool: object) -> Path:
         keys: dict[str, object] = {
-            "data_file": str(self.data), "metadata_file": str(self.metadata),
-        }  # fmt: skip
+            "data_file": str(self.data),
+            "metadata_file": str(self.metadata),
+        }
         keys.update(pool)
         return write_config(self.directory / "config.yaml", {self.pool: keys})
 
@@ -190,9 +191,13 @@ def test_fill_never_runs_out_of_space(env: Env, mib: int) -> None:
 
 def test_metadata_grows_under_many_small_writes(env: Env) -> None:
     # 2 MiB of metadata (512 blocks); grow at 50 % so that ~60k mappings are enough here
-    env.daemon(env.config(
-        data_size="8GiB", metadata_size="2MiB", metadata={"threshold": "50%"},
-    ))  # fmt: skip
+    env.daemon(
+        env.config(
+            data_size="8GiB",
+            metadata_size="2MiB",
+            metadata={"threshold": "50%"},
+        )
+    )
     thin = env.thin(size=16 * GiB)
     before = env.metadata.stat().st_size
     blocks = 16 * GiB // (64 * 1024)
@@ -246,12 +251,22 @@ def test_backing_filesystem_too_small(env: Env) -> None:
 
 
 def _fill_small_fs(env: Env, mnt: Path) -> None:
-    config = write_config(env.directory / "config.yaml", {env.pool: {
-        "data_file": str(mnt / "data"), "metadata_file": str(mnt / "metadata"),
-        "data_size": "64MiB", "metadata_size": "8MiB", "low_water_mark": 512,
-        "reserve": "64MiB", "data": {"step": "64MiB", "step_percent": "0%"},
-        "when_full": {"error_after": "2s"},
-    }}, check_interval="1s")  # fmt: skip
+    config = write_config(
+        env.directory / "config.yaml",
+        {
+            env.pool: {
+                "data_file": str(mnt / "data"),
+                "metadata_file": str(mnt / "metadata"),
+                "data_size": "64MiB",
+                "metadata_size": "8MiB",
+                "low_water_mark": 512,
+                "reserve": "64MiB",
+                "data": {"step": "64MiB", "step_percent": "0%"},
+                "when_full": {"error_after": "2s"},
+            }
+        },
+        check_interval="1s",
+    )
     daemon = env.daemon(config)
     env.devices.insert(0, f"{env.pool}-thin0")
     thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
@@ -278,11 +293,21 @@ def test_a_filesystem_reaching_its_reserve_is_said_before_the_loop_fails(env: En
     """A 1 GiB sparse pool on a 128 MiB filesystem: said once, at err, while the filesystem still
     has room; when_full switches the pool; the writer ends with an error, never hangs."""
     with small_filesystem(env, "tiny", 128 * MiB) as mnt:
-        config = write_config(env.directory / "config.yaml", {env.pool: {
-            "data_file": str(mnt / "data"), "metadata_file": str(mnt / "metadata"),
-            "data_size": "1GiB", "metadata_size": "4MiB", "low_water_mark": 16,
-            "reserve": "40MiB", "when_full": {"error_after": "1s"},
-        }}, check_interval="1s")  # fmt: skip
+        config = write_config(
+            env.directory / "config.yaml",
+            {
+                env.pool: {
+                    "data_file": str(mnt / "data"),
+                    "metadata_file": str(mnt / "metadata"),
+                    "data_size": "1GiB",
+                    "metadata_size": "4MiB",
+                    "low_water_mark": 16,
+                    "reserve": "40MiB",
+                    "when_full": {"error_after": "1s"},
+                }
+            },
+            check_interval="1s",
+        )
         daemon = env.daemon(config)
         thin = env.thin(size=1 * GiB)
         warned_with_free: int | None = None
@@ -334,10 +359,14 @@ def test_a_frozen_backing_filesystem_holds_up_no_other_pool(env: Env) -> None:
 
     def pool(directory: Path) -> dict[str, object]:
         return {
-            "data_file": str(directory / "data"), "metadata_file": str(directory / "metadata"),
-            "data_size": "64MiB", "metadata_size": "8MiB", "low_water_mark": 256, "data": fixed,
+            "data_file": str(directory / "data"),
+            "metadata_file": str(directory / "metadata"),
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 256,
+            "data": fixed,
             "reserve": "32MiB",
-        }  # fmt: skip
+        }
 
     with small_filesystem(env, "frozen", 512 * MiB) as mnt:
         env.devices.append(other)
@@ -358,9 +387,17 @@ def test_a_frozen_backing_filesystem_holds_up_no_other_pool(env: Env) -> None:
             try:
                 before = event_nr(env.dm, other)
                 writer_b = subprocess.Popen(  # crosses b's mark, then waits for the thaw
-                    ["dd", "if=/dev/zero", f"of={thin_b}", "bs=1M", "count=16", "seek=40",
-                     "oflag=direct"], stderr=subprocess.PIPE,
-                )  # fmt: skip
+                    [
+                        "dd",
+                        "if=/dev/zero",
+                        f"of={thin_b}",
+                        "bs=1M",
+                        "count=16",
+                        "seek=40",
+                        "oflag=direct",
+                    ],
+                    stderr=subprocess.PIPE,
+                )
                 deadline = time.monotonic() + 10
                 while event_nr(env.dm, other) == before and time.monotonic() < deadline:
                     time.sleep(0.05)
@@ -481,16 +518,28 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
     of write mode (needs_check). The daemon must say so once, at err or worse, never grow the
     pool, never leave it suspended, and keep running."""
     with small_filesystem(env, "metafs", 64 * MiB) as mnt:
-        config = write_config(env.directory / "config.yaml", {env.pool: {
-            "data_file": str(env.data), "metadata_file": str(mnt / "metadata"),
-            "data_size": "1GiB", "metadata_size": "16MiB", "reserve": 0,
-        }}, check_interval="1s")  # fmt: skip
+        config = write_config(
+            env.directory / "config.yaml",
+            {
+                env.pool: {
+                    "data_file": str(env.data),
+                    "metadata_file": str(mnt / "metadata"),
+                    "data_size": "1GiB",
+                    "metadata_size": "16MiB",
+                    "reserve": 0,
+                }
+            },
+            check_interval="1s",
+        )
         daemon = env.daemon(config)
         env.devices.insert(0, f"{env.pool}-thin0")
         thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
         filler = mnt / "filler"  # now fill the metadata file's filesystem
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=100"],
-                       capture_output=True, check=False)  # fmt: skip
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=100"],
+            capture_output=True,
+            check=False,
+        )
         dd_zero(thin, 256)  # may fail: the pool stops accepting writes
         deadline = time.monotonic() + 30
         while True:

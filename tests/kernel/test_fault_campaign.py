@@ -47,10 +47,17 @@ RATE = 6  # MiB/s: the fill lasts the whole campaign, a low-water event every ~5
 MARK_BLOCKS = 512  # 32 MiB: about a restart's worth of writing (~5 s here)
 #: Growths every ~32 MiB (threshold off, fixed mark): one every ~5 s of writing.
 CAMPAIGN_POOL: dict[str, object] = {
-    "data_size": "64MiB", "metadata_size": "16MiB", "low_water_mark": MARK_BLOCKS, "reserve": 0,
-    "data": {"threshold": "100%", "adaptive_low_water": False, "step": "16MiB",
-             "step_percent": "0%"},
-}  # fmt: skip
+    "data_size": "64MiB",
+    "metadata_size": "16MiB",
+    "low_water_mark": MARK_BLOCKS,
+    "reserve": 0,
+    "data": {
+        "threshold": "100%",
+        "adaptive_low_water": False,
+        "step": "16MiB",
+        "step_percent": "0%",
+    },
+}
 OUT_OF_SPACE = "switching pool to out-of-data-space"
 SUSPENDED_LIMIT = 8.0  # seconds: a resume takes milliseconds; this is a stuck pool
 READY_TIMEOUT = 90.0
@@ -71,8 +78,9 @@ class Campaign:
         diagnostics = self.env.diagnostics()
         unstuck = self.env.unstick()
         history = "\n".join(self.notes)
-        pytest.fail(f"{why}\ncampaign so far:\n{history}\nunstuck: {unstuck}\n{diagnostics}",
-                    pytrace=False)  # fmt: skip
+        pytest.fail(
+            f"{why}\ncampaign so far:\n{history}\nunstuck: {unstuck}\n{diagnostics}", pytrace=False
+        )
 
     def healthy_wait(self, seconds: float) -> None:
         """Sleep, watching that the pool is not stuck and the writer is fine; read the
@@ -242,8 +250,13 @@ def test_fault_campaign() -> None:
         # thin_check wants the pool inactive: remove the thin and the pool, check the file
         teardown(env.dm, env.devices, [])
         env.devices.clear()
-        check = subprocess.run(["thin_check", str(env.metadata)], capture_output=True, text=True,
-                               timeout=120, check=False)  # fmt: skip
+        check = subprocess.run(
+            ["thin_check", str(env.metadata)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert check.returncode == 0, (
             f"thin_check: {check.stdout}{check.stderr}\n{dm_diagnostics(env.pool)}"
         )

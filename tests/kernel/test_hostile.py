@@ -50,9 +50,12 @@ EX_TEMPFAIL = 75
 
 #: Small pool, fixed mark, small steps: the pool grows several times in a few hundred MiB.
 SMALL_POOL: dict[str, object] = {
-    "data_size": "64MiB", "metadata_size": "16MiB", "low_water_mark": 128, "reserve": 0,
+    "data_size": "64MiB",
+    "metadata_size": "16MiB",
+    "low_water_mark": 128,
+    "reserve": 0,
     "data": {"adaptive_low_water": False, "step": "32MiB", "step_percent": "0%"},
-}  # fmt: skip
+}
 FAST_CHECKS: dict[str, object] = {"check_interval": "1s"}
 
 
@@ -176,10 +179,12 @@ def test_manual_grow_during_fill_is_adopted() -> None:
         numbers = {str(manual), str(manual * 512), str(manual_blocks), format_bytes(manual * 512)}
         words = re.compile(r"(?i)outside|someone else|by hand|external|adopt|not by thinwatchd")
         said = [
-            line for line in daemon.log().splitlines()
-            if words.search(line) and any(n in line for n in numbers)
+            line
+            for line in daemon.log().splitlines()
+            if words.search(line)
+            and any(n in line for n in numbers)
             and "after a restart" not in line
-        ]  # fmt: skip
+        ]
         assert said, (
             f"the daemon never logged that the pool was grown to {manual} sectors "
             f"({format_bytes(manual * 512)}) by someone else:\n{daemon.log()}"
@@ -225,8 +230,11 @@ def test_operator_refused_resume_does_not_hang_writers() -> None:
 def _thinwatchd(config: object, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "thinwatchd", "--config", str(config), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        text=True,
+    )
 
 
 def test_second_instance_exits_and_the_first_keeps_working() -> None:
@@ -266,8 +274,10 @@ def test_second_instance_exits_and_the_first_keeps_working() -> None:
                 pytrace=False,
             )
         elapsed = time.monotonic() - started
-        print(f"second instance: exit {second.returncode} after {elapsed:.1f} s "
-              f"(check-config {baseline:.1f} s): {out!r}")  # fmt: skip
+        print(
+            f"second instance: exit {second.returncode} after {elapsed:.1f} s "
+            f"(check-config {baseline:.1f} s): {out!r}"
+        )
         lines = [line for line in out.splitlines() if line.strip()]
         assert second.returncode == EX_TEMPFAIL, f"exit {second.returncode}, output:\n{out}"
         assert len(lines) == 1, f"want one line, got:\n{out}"
@@ -354,9 +364,13 @@ def _leave_interrupted(env: HostileEnv, state: str) -> None:
 
 @pytest.mark.parametrize(
     "state",
-    ["inactive_longer", "suspended_no_inactive", "suspended_inactive_shorter",
-     "resume_refused_stale"],
-)  # fmt: skip
+    [
+        "inactive_longer",
+        "suspended_no_inactive",
+        "suspended_inactive_shorter",
+        "resume_refused_stale",
+    ],
+)
 def test_start_over_a_pool_left_between_suspend_load_and_resume(state: str) -> None:
     """Whatever a crash between suspend, load and resume left, with a writer blocked on the
     pool: the daemon comes up, the pool ends ACTIVE with the longest valid length (the data
@@ -376,8 +390,11 @@ def test_start_over_a_pool_left_between_suspend_load_and_resume(state: str) -> N
             second.start(timeout=90)
         except AssertionError as exc:
             diagnostics = env.diagnostics()
-            pytest.fail(f"daemon did not come up over {state}: {exc}; unstuck: "
-                        f"{env.unstick()}\n{diagnostics}", pytrace=False)  # fmt: skip
+            pytest.fail(
+                f"daemon did not come up over {state}: {exc}; unstuck: "
+                f"{env.unstick()}\n{diagnostics}",
+                pytrace=False,
+            )
         ready = time.monotonic() - started
         await_writer(env, blocked, deadline=60)
         print(f"{state}: ready after {ready:.1f} s; {second.log()}")

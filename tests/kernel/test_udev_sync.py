@@ -45,9 +45,11 @@ def fake_udev(tmp_path: Path) -> UdevSync:
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "95-dm-notify.rules").write_text("")
     return UdevSync(
-        dev_dir=str(tmp_path / "dev"), udev_control=str(tmp_path / "control"),
-        rule_dirs=(str(tmp_path / "rules"),), timeout=5.0,
-    )  # fmt: skip
+        dev_dir=str(tmp_path / "dev"),
+        udev_control=str(tmp_path / "control"),
+        rule_dirs=(str(tmp_path / "rules"),),
+        timeout=5.0,
+    )
 
 
 def test_cookie_carries_flags_and_a_base(fake_udev: UdevSync) -> None:

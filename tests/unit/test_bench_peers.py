@@ -119,10 +119,16 @@ def test_parse_workload() -> None:
 
 def cell(**kw: object) -> dict[str, object]:
     base: dict[str, object] = {
-        "writer_s": 10.0, "writer_exit": 0, "out_of_space": [], "growths": 0,
-        "event_to_grown_s": [], "longest_stall_s": 0.1, "pool_data_bytes": 1024 << 20,
-        "backing_size": 1024 << 20, "backing_allocated": 600 << 20,
-    }  # fmt: skip
+        "writer_s": 10.0,
+        "writer_exit": 0,
+        "out_of_space": [],
+        "growths": 0,
+        "event_to_grown_s": [],
+        "longest_stall_s": 0.1,
+        "pool_data_bytes": 1024 << 20,
+        "backing_size": 1024 << 20,
+        "backing_allocated": 600 << 20,
+    }
     base.update(kw)
     return base
 
@@ -172,10 +178,12 @@ def test_unanswered_event() -> None:
 
 def test_aggregate_rounds() -> None:
     rounds = [
-        {**cell(writer_s=10.0, growths=3, event_to_grown_s=[0.1], out_of_space=[(1.0, 0.2)]),
-         "series": {"t": [0.0]}},
+        {
+            **cell(writer_s=10.0, growths=3, event_to_grown_s=[0.1], out_of_space=[(1.0, 0.2)]),
+            "series": {"t": [0.0]},
+        },
         {**cell(writer_s=14.0, growths=5, event_to_grown_s=[0.3]), "series": {"t": [1.0]}},
-    ]  # fmt: skip
+    ]
     agg = aggregate(rounds)
     assert agg["writer_s"] == 12.0
     assert agg["writer_range_s"] == (10.0, 14.0)
@@ -188,8 +196,9 @@ def test_aggregate_rounds() -> None:
 
 
 def test_aggregate_keeps_a_failure_and_an_error() -> None:
-    failed = cell(writer_s=61.0, writer_exit=1, writer_says="No space left on device",
-                  written_bytes=64 << 20)  # fmt: skip
+    failed = cell(
+        writer_s=61.0, writer_exit=1, writer_says="No space left on device", written_bytes=64 << 20
+    )
     agg = aggregate([failed, {"error": "RuntimeError('x')"}])
     assert agg["writer_exit"] == 1
     assert agg["writer_s"] == 61.0
@@ -200,15 +209,21 @@ def test_aggregate_keeps_a_failure_and_an_error() -> None:
 
 
 def test_schedule_reverses_every_other_round_and_runs_docker_fixed_once_at_the_end() -> None:
-    args = parse_args(["--systems", "presized,docker-fixed,lvm2", "--workloads", "dd600,ext4",
-                       "--rounds", "2"])  # fmt: skip
+    args = parse_args(
+        ["--systems", "presized,docker-fixed,lvm2", "--workloads", "dd600,ext4", "--rounds", "2"]
+    )
     assert schedule(args) == [
-        (0, "dd600", "presized"), (0, "dd600", "lvm2"),
-        (0, "ext4", "presized"), (0, "ext4", "lvm2"),
-        (1, "dd600", "lvm2"), (1, "dd600", "presized"),
-        (1, "ext4", "lvm2"), (1, "ext4", "presized"),
-        (0, "dd600", "docker-fixed"), (0, "ext4", "docker-fixed"),
-    ]  # fmt: skip
+        (0, "dd600", "presized"),
+        (0, "dd600", "lvm2"),
+        (0, "ext4", "presized"),
+        (0, "ext4", "lvm2"),
+        (1, "dd600", "lvm2"),
+        (1, "dd600", "presized"),
+        (1, "ext4", "lvm2"),
+        (1, "ext4", "presized"),
+        (0, "dd600", "docker-fixed"),
+        (0, "ext4", "docker-fixed"),
+    ]
 
 
 def test_cells_group_runs_in_first_round_order() -> None:

@@ -43,8 +43,11 @@ def test_bad_config_exits_78_with_one_line(tmp_path: Path, text: str, fragment: 
     for command in ("check-config", "run", "status"):
         done = subprocess.run(
             [sys.executable, "-m", "thinwatchd", "--config", str(config), command],
-            capture_output=True, text=True, cwd=REPO, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+        )
         assert done.returncode == EX_CONFIG, done.stderr
         assert fragment in done.stderr
         assert "Traceback" not in done.stderr

@@ -224,8 +224,11 @@ ERRORS = [
     (config(top="daemon: {log_levl: info}\n"), "daemon.log_levl", "did you mean 'log_level'?"),
     (config("data_szie: 1G"), "pools.p.data_szie", "did you mean 'data_size'?"),
     (config("data: {treshold: 80%}"), "pools.p.data.treshold", "did you mean 'threshold'?"),
-    (config("metadata: {adaptive_low_water: true}"), "pools.p.metadata.adaptive_low_water",
-     "unknown key 'adaptive_low_water'; allowed: threshold, step, step_percent, max_size"),
+    (
+        config("metadata: {adaptive_low_water: true}"),
+        "pools.p.metadata.adaptive_low_water",
+        "unknown key 'adaptive_low_water'; allowed: threshold, step, step_percent, max_size",
+    ),
     (config("when_full: {error_afer: 1s}"), "pools.p.when_full.error_afer", "'error_after'?"),
     (config(top="defaults: {reserv: 1G}\n"), "defaults.reserv", "did you mean 'reserve'?"),
     (config("name: x"), "pools.p.name", "unknown key 'name'"),
@@ -233,8 +236,11 @@ ERRORS = [
     (config("data: 5"), "pools.p.data", "'5' is not a mapping"),
     (config("data_size: [1]"), "pools.p.data_size", "a list is not a size; use a number of bytes"),
     (config("data_size: {a: 1}"), "pools.p.data_size", "a mapping is not a size"),
-    (config("preallocate: yes"), "pools.p.preallocate",
-     "'yes' is not a boolean; use true or false"),
+    (
+        config("preallocate: yes"),
+        "pools.p.preallocate",
+        "'yes' is not a boolean; use true or false",
+    ),
     (config("preallocate: off"), "pools.p.preallocate", "'off' is not a boolean"),
     (config("data: {adaptive_low_water: 1}"), "pools.p.data.adaptive_low_water", "not a boolean"),
     (config("features: skip_block_zeroing"), "pools.p.features", "is not a list"),
@@ -263,42 +269,74 @@ ERRORS = [
     (config(data="/var/lib/"), "pools.p.data_file", "is not an absolute path to a file"),
     (config(meta="/var/.."), "pools.p.metadata_file", "not an absolute path to a file"),
     (config(meta="5"), "pools.p.metadata_file", "'5' is not an absolute path"),
-    (config(meta=DATA), "pools.p.metadata_file",
-     f"'{DATA}' is already pools.p.data_file"),
+    (config(meta=DATA), "pools.p.metadata_file", f"'{DATA}' is already pools.p.data_file"),
     (config(meta="/var/lib/thinwatchd/p/./data"), "pools.p.metadata_file", "already"),
-    (config() + f"  q:\n    data_file: /q/data\n    metadata_file: {META}\n",
-     "pools.q.metadata_file", "is already pools.p.metadata_file"),
-    (config(top=f"daemon: {{metrics_file: {DATA}}}\n"), "daemon.metrics_file",
-     "is already pools.p.data_file"),
+    (
+        config() + f"  q:\n    data_file: /q/data\n    metadata_file: {META}\n",
+        "pools.q.metadata_file",
+        "is already pools.p.metadata_file",
+    ),
+    (
+        config(top=f"daemon: {{metrics_file: {DATA}}}\n"),
+        "daemon.metrics_file",
+        "is already pools.p.data_file",
+    ),
     (config(top="daemon: {metrics_file: x.prom}\n"), "daemon.metrics_file", "not an absolute"),
     # sizes
-    (config("data: {step: 1 gig}"), "pools.p.data.step",
-     "'1 gig' is not a size; use a number of bytes or a number with a unit like 512MiB or 1GiB"),
+    (
+        config("data: {step: 1 gig}"),
+        "pools.p.data.step",
+        "'1 gig' is not a size; use a number of bytes or a number with a unit like 512MiB or 1GiB",
+    ),
     (config("data_size: -1G"), "pools.p.data_size", "'-1G' is negative"),
     (config("data_size: 9E"), "pools.p.data_size", "larger than any file"),
-    (config("data_size: 1K"), "pools.p.data_size",
-     "'1K' is less than one data block; use at least 64.0KiB (65536 bytes)"),
+    (
+        config("data_size: 1K"),
+        "pools.p.data_size",
+        "'1K' is less than one data block; use at least 64.0KiB (65536 bytes)",
+    ),
     (config("data_size: 0"), "pools.p.data_size", "less than one data block"),
     (config("reserve: 5%"), "pools.p.reserve", "or set reserve_percent: 5%"),
     (config("data: {step: 20%}"), "pools.p.data.step", "or set step_percent: 20%"),
     (config("metadata_size: 1M"), "pools.p.metadata_size", "'1M' is too small; use at least 2MiB"),
     (config("metadata_size: 16G"), "pools.p.metadata_size", "use at most 16646400KiB"),
-    (config("metadata: {max_size: 15.9GiB}"), "pools.p.metadata.max_size",
-     "'15.9GiB' is more than the kernel can use"),
-    (config("data: {max_size: 50G}"), "pools.p.data.max_size",
-     "'50G' is below data_size (100.0GiB)"),
-    (config("data: {max_size: 60K}", top="defaults: {data_size: 64K}\n"),
-     "pools.p.data.max_size", "'60K' is below data_size"),
-    (config(top="defaults: {data: {max_size: 10G}}\n"), "pools.p.data.max_size",
-     "'10G' (from defaults.data.max_size) is below data_size"),
-    (config("metadata_size: 1G\nmetadata: {max_size: 512M}"), "pools.p.metadata.max_size",
-     "'512M' is below metadata_size (1.0GiB)"),
-    (config("data: {step: 0, step_percent: 0}"), "pools.p.data.step",
-     "'0' with step_percent 0 would never grow the file"),
+    (
+        config("metadata: {max_size: 15.9GiB}"),
+        "pools.p.metadata.max_size",
+        "'15.9GiB' is more than the kernel can use",
+    ),
+    (
+        config("data: {max_size: 50G}"),
+        "pools.p.data.max_size",
+        "'50G' is below data_size (100.0GiB)",
+    ),
+    (
+        config("data: {max_size: 60K}", top="defaults: {data_size: 64K}\n"),
+        "pools.p.data.max_size",
+        "'60K' is below data_size",
+    ),
+    (
+        config(top="defaults: {data: {max_size: 10G}}\n"),
+        "pools.p.data.max_size",
+        "'10G' (from defaults.data.max_size) is below data_size",
+    ),
+    (
+        config("metadata_size: 1G\nmetadata: {max_size: 512M}"),
+        "pools.p.metadata.max_size",
+        "'512M' is below metadata_size (1.0GiB)",
+    ),
+    (
+        config("data: {step: 0, step_percent: 0}"),
+        "pools.p.data.step",
+        "'0' with step_percent 0 would never grow the file",
+    ),
     (config("metadata: {step: 0, step_percent: 0%}"), "pools.p.metadata.step", "never grow"),
     # block size and low-water mark
-    (config("data_block_size: 64"), "pools.p.data_block_size",
-     "'64' is not a valid block size; use 128 to 2097152 sectors in steps of 128"),
+    (
+        config("data_block_size: 64"),
+        "pools.p.data_block_size",
+        "'64' is not a valid block size; use 128 to 2097152 sectors in steps of 128",
+    ),
     (config("data_block_size: 200"), "pools.p.data_block_size", "not a valid block size"),
     (config("data_block_size: 2097280"), "pools.p.data_block_size", "not a valid block size"),
     (config("data_block_size: 96KiB"), "pools.p.data_block_size", "not a valid block size"),
@@ -310,39 +348,69 @@ ERRORS = [
     (config("low_water_mark: 2G"), "pools.p.low_water_mark", "not a number of data blocks"),
     # features
     (config("features: [read_only]"), "pools.p.features[0]", "'read_only' is not allowed"),
-    (config("features: [ignore_discard, ignore_discard]"), "pools.p.features[1]",
-     "'ignore_discard' is listed twice"),
-    (config("features: [skip_zeroing]"), "pools.p.features[0]",
-     "'skip_zeroing' is not a thin-pool feature; use one of skip_block_zeroing, ignore_discard, "
-     "no_discard_passdown, error_if_no_space (did you mean 'skip_block_zeroing'?)"),
+    (
+        config("features: [ignore_discard, ignore_discard]"),
+        "pools.p.features[1]",
+        "'ignore_discard' is listed twice",
+    ),
+    (
+        config("features: [skip_zeroing]"),
+        "pools.p.features[0]",
+        "'skip_zeroing' is not a thin-pool feature; use one of skip_block_zeroing, ignore_discard, "
+        "no_discard_passdown, error_if_no_space (did you mean 'skip_block_zeroing'?)",
+    ),
     (config("features: [[x]]"), "pools.p.features[0]", "a list is not a thin-pool feature"),
     # percentages
-    (config("data: {threshold: 0}"), "pools.p.data.threshold",
-     "'0' is out of range; use more than 0% and at most 100%"),
+    (
+        config("data: {threshold: 0}"),
+        "pools.p.data.threshold",
+        "'0' is out of range; use more than 0% and at most 100%",
+    ),
     (config("data: {threshold: 100.1%}"), "pools.p.data.threshold", "out of range"),
-    (config("metadata: {threshold: 0.8}"), "pools.p.metadata.threshold",
-     "'0.8' is ambiguous; write 80% or, for under 1%, 0.8%"),
-    (config("data: {threshold: eighty}"), "pools.p.data.threshold",
-     "'eighty' is not a percentage; use a number like 80 or 80%"),
+    (
+        config("metadata: {threshold: 0.8}"),
+        "pools.p.metadata.threshold",
+        "'0.8' is ambiguous; write 80% or, for under 1%, 0.8%",
+    ),
+    (
+        config("data: {threshold: eighty}"),
+        "pools.p.data.threshold",
+        "'eighty' is not a percentage; use a number like 80 or 80%",
+    ),
     (config("data: {step_percent: -5%}"), "pools.p.data.step_percent", "'-5%' is negative"),
     (config("reserve_percent: 100%"), "pools.p.reserve_percent", "out of range"),
     (config("reserve_percent: .5"), "pools.p.reserve_percent", "ambiguous"),
     # durations and the daemon
-    (config(top="daemon: {check_interval: 0.5s}\n"), "daemon.check_interval",
-     "'0.5s' is out of range; use 1s to 1h"),
+    (
+        config(top="daemon: {check_interval: 0.5s}\n"),
+        "daemon.check_interval",
+        "'0.5s' is out of range; use 1s to 1h",
+    ),
     (config(top="daemon: {check_interval: 2h}\n"), "daemon.check_interval", "out of range"),
-    (config(top="daemon: {check_interval: 1:30}\n"), "daemon.check_interval",
-     "'1:30' is not a duration; use a number of seconds or a number with a unit like 500ms"),
-    (config(top="daemon: {log_level: warn}\n"), "daemon.log_level",
-     "'warn' is not a level; use one of debug, info, warning, error (did you mean 'warning'?)"),
+    (
+        config(top="daemon: {check_interval: 1:30}\n"),
+        "daemon.check_interval",
+        "'1:30' is not a duration; use a number of seconds or a number with a unit like 500ms",
+    ),
+    (
+        config(top="daemon: {log_level: warn}\n"),
+        "daemon.log_level",
+        "'warn' is not a level; use one of debug, info, warning, error (did you mean 'warning'?)",
+    ),
     (config(top="daemon: {log_level: 3}\n"), "daemon.log_level", "'3' is not a level"),
-    (config("when_full: {error_after: soon}"), "pools.p.when_full.error_after",
-     "'soon' is not a duration"),
+    (
+        config("when_full: {error_after: soon}"),
+        "pools.p.when_full.error_after",
+        "'soon' is not a duration",
+    ),
     (config("when_full: {error_after: -1s}"), "pools.p.when_full.error_after", "is negative"),
     # a bad default is reported even though the only pool overrides it
-    (config("reserve: 1G", top="defaults: {reserve: lots}\n"), "defaults.reserve",
-     "'lots' is not a size"),
-]  # fmt: skip
+    (
+        config("reserve: 1G", top="defaults: {reserve: lots}\n"),
+        "defaults.reserve",
+        "'lots' is not a size",
+    ),
+]
 
 
 @pytest.mark.parametrize(("text", "key_path", "fragment"), ERRORS)
@@ -533,9 +601,13 @@ def _check_config_in_child(path: Path | str) -> tuple[int, str, float]:
 
     done = subprocess.run(
         [sys.executable, "-c", code, "--config", str(path), "check-config"],
-        capture_output=True, text=True, timeout=10, preexec_fn=limit_memory, check=False,
+        capture_output=True,
+        text=True,
+        timeout=10,
+        preexec_fn=limit_memory,
+        check=False,
         cwd=EXAMPLE.parent,
-    )  # fmt: skip
+    )
     seconds = float(done.stdout.splitlines()[-1]) if done.stdout.strip() else float("inf")
     return done.returncode, done.stderr, seconds
 
@@ -588,10 +660,27 @@ SCALARS = st.one_of(
     st.floats(),
     st.text(max_size=12),
     st.sampled_from(
-        ["1G", "64KiB", "2M", "80%", "0.5", "10s", "never", "/a", "/b", "/a/", "read_only",
-         "skip_block_zeroing", "-1", str(METADATA_MAX_BYTES), "128", "2097152", "0"]
+        [
+            "1G",
+            "64KiB",
+            "2M",
+            "80%",
+            "0.5",
+            "10s",
+            "never",
+            "/a",
+            "/b",
+            "/a/",
+            "read_only",
+            "skip_block_zeroing",
+            "-1",
+            str(METADATA_MAX_BYTES),
+            "128",
+            "2097152",
+            "0",
+        ]
     ),
-)  # fmt: skip
+)
 ANY_VALUE = st.recursive(
     SCALARS,
     lambda children: st.one_of(

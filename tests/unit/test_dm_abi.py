@@ -80,7 +80,10 @@ def test_flag_values() -> None:
 # --- packing ---------------------------------------------------------------------------------
 
 HEADER_BYTES = (
-    u32(4) + u32(37) + u32(0)  # version
+    # version
+    u32(4)
+    + u32(37)
+    + u32(0)
     + bytes.fromhex("00040000")  # data_size 1024
     + bytes.fromhex("38010000")  # data_start 312
     + bytes.fromhex("02000000")  # target_count 2
@@ -89,10 +92,14 @@ HEADER_BYTES = (
     + bytes.fromhex("34124d0d")  # event_nr / cookie 0x0d4d1234
     + bytes(4)  # padding
     + bytes.fromhex("03fd000000000000")  # dev 253:3 = (253 << 8) | 3
-    + b"pool" + bytes(124)  # name[128] @48
-    + b"abc" + bytes(126)  # uuid[129] @176
+    # name[128] @48
+    + b"pool"
+    + bytes(124)
+    # uuid[129] @176
+    + b"abc"
+    + bytes(126)
     + bytes(7)  # data[7] @305
-)  # fmt: skip
+)
 
 
 def test_header_layout_by_hand() -> None:
@@ -113,12 +120,23 @@ def test_table_load_payload_two_targets_padded_to_8() -> None:
     )
     expected = (
         # spec 1 @0: params "7:1 7:0 128 16" = 14 bytes + NUL = 15 -> 16; next = 40 + 16 = 56
-        u64(0) + u64(2048) + u32(0) + u32(56) + b"thin-pool" + bytes(7)
-        + b"7:1 7:0 128 16\0" + bytes(1)
+        u64(0)
+        + u64(2048)
+        + u32(0)
+        + u32(56)
+        + b"thin-pool"
+        + bytes(7)
+        + b"7:1 7:0 128 16\0"
+        + bytes(1)
         # spec 2 @56: params "" = NUL -> 8; next = 40 + 8 = 48 (relative to this spec)
-        + u64(2048) + u64(1024) + u32(0) + u32(48) + b"error" + bytes(11)
+        + u64(2048)
+        + u64(1024)
+        + u32(0)
+        + u32(48)
+        + b"error"
+        + bytes(11)
         + bytes(8)
-    )  # fmt: skip
+    )
     assert len(expected) == 104
     assert payload == expected
 
@@ -141,11 +159,20 @@ def test_message_payload() -> None:
 
 LIST_DEVICES_DATA = (
     # record 1 @0: dev 253:0, next 32, "pool\0" @12..17, align 8 -> 24: event_nr 7, flags 0
-    bytes.fromhex("00fd000000000000") + u32(32) + b"pool\0" + bytes(7) + u32(7) + u32(0)
+    bytes.fromhex("00fd000000000000")
+    + u32(32)
+    + b"pool\0"
+    + bytes(7)
+    + u32(7)
+    + u32(0)
     # record 2 @32: dev 253:1, next 0, "thin-volume-1\0" @44..58 -> 64: event_nr 3, flags 0
-    + bytes.fromhex("01fd000000000000") + u32(0) + b"thin-volume-1\0" + bytes(6)
-    + u32(3) + u32(0)
-)  # fmt: skip
+    + bytes.fromhex("01fd000000000000")
+    + u32(0)
+    + b"thin-volume-1\0"
+    + bytes(6)
+    + u32(3)
+    + u32(0)
+)
 
 
 def test_parse_list_devices_with_event_nr() -> None:
@@ -165,11 +192,24 @@ POOL_STATUS = b"1 10/4096 100/512 - rw discard_passdown queue_if_no_space - 1024
 TABLE_STATUS_DATA = (
     # spec 1 @0: status text 64 bytes + NUL = 65 -> 72; next spec @112 (relative to the DATA
     # start, not to this spec as in TABLE_LOAD)
-    u64(0) + u64(65536) + u32(0) + u32(112) + b"thin-pool" + bytes(7) + POOL_STATUS + b"\0"
+    u64(0)
+    + u64(65536)
+    + u32(0)
+    + u32(112)
+    + b"thin-pool"
+    + bytes(7)
+    + POOL_STATUS
+    + b"\0"
     + bytes(7)
     # spec 2 @112, next (unused after the last) 160
-    + u64(65536) + u64(8) + u32(0) + u32(160) + b"error" + bytes(11) + b"\0"
-)  # fmt: skip
+    + u64(65536)
+    + u64(8)
+    + u32(0)
+    + u32(160)
+    + b"error"
+    + bytes(11)
+    + b"\0"
+)
 
 
 def test_parse_table_status_reply() -> None:

@@ -152,8 +152,11 @@ def test_header_is_zero_and_holds_data(tmp_path: Path) -> None:
 
 def test_make_dirs_creates_private_parents(tmp_path: Path) -> None:
     target = tmp_path / "a" / "b" / "c"
-    assert FILES.make_dirs(str(target)) == [str(tmp_path / "a"), str(tmp_path / "a" / "b"),
-                                            str(target)]  # fmt: skip
+    assert FILES.make_dirs(str(target)) == [
+        str(tmp_path / "a"),
+        str(tmp_path / "a" / "b"),
+        str(target),
+    ]
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) & 0o077 == 0
     assert FILES.make_dirs(str(target)) == []
     (tmp_path / "file").write_bytes(b"")

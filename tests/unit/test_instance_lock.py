@@ -36,10 +36,24 @@ def config(tmp_path: Path) -> Path:
 
 def _run_second(config: Path, lock: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "thinwatchd.cli", "--config", str(config), "run",
-         "--lock-file", str(lock), "--log-target", "stderr"],
-        capture_output=True, text=True, timeout=60, cwd=REPO, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "thinwatchd.cli",
+            "--config",
+            str(config),
+            "run",
+            "--lock-file",
+            str(lock),
+            "--log-target",
+            "stderr",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
 
 
 def test_default_path() -> None:
@@ -92,13 +106,19 @@ def test_unknown_holder(tmp_path: Path) -> None:
 def test_lock_dies_with_a_sigkilled_holder(tmp_path: Path) -> None:
     lock = tmp_path / "thinwatchd.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; "
-         "from thinwatchd.instance_lock import hold_instance_lock; "
-         "lock = hold_instance_lock(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)",
-         str(lock)],
-        stdout=subprocess.PIPE, text=True, cwd=REPO,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from thinwatchd.instance_lock import hold_instance_lock; "
+            "lock = hold_instance_lock(Path(sys.argv[1])); "
+            "print('held', flush=True); time.sleep(600)",
+            str(lock),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         with pytest.raises(InstanceLockedError) as caught:

@@ -34,13 +34,18 @@ INFO_BYTES = (
     + u64(4096)  # lo_offset @24
     + u64(0)  # lo_sizelimit @32
     + u32(3)  # lo_number @40
-    + u32(0) + u32(0)  # lo_encrypt_type @44, lo_encrypt_key_size @48
+    + u32(0)  # lo_encrypt_type @44
+    + u32(0)  # lo_encrypt_key_size @48
     + u32(16)  # lo_flags @52: DIRECT_IO
-    + b"/scratch/data" + bytes(64 - 13)  # lo_file_name[64] @56
+    # lo_file_name[64] @56
+    + b"/scratch/data"
+    + bytes(64 - 13)
     + bytes(64)  # lo_crypt_name @120
     + bytes(32)  # lo_encrypt_key @184
-    + u64(0) + u64(0)  # lo_init[2] @216
-)  # fmt: skip
+    # lo_init[2] @216
+    + u64(0)
+    + u64(0)
+)
 INFO = LoopInfo(0xFE01, 12, 4096, 0, 3, 16, "/scratch/data")
 
 

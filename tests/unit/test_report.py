@@ -33,9 +33,21 @@ def report(used: int, allocated: int) -> PoolReport:
 def test_the_table_shows_what_the_data_file_takes_on_disk() -> None:
     header, row = format_table([report(2 * GiB, 2 * GiB)]).splitlines()
     assert header.split() == [
-        "POOL", "SIZE", "DATA%", "META%", "MODE", "FILE", "ALLOCATED", "FS", "FREE", "CAP", "IN",
-        "FS", "FULL", "IN",
-    ]  # fmt: skip
+        "POOL",
+        "SIZE",
+        "DATA%",
+        "META%",
+        "MODE",
+        "FILE",
+        "ALLOCATED",
+        "FS",
+        "FREE",
+        "CAP",
+        "IN",
+        "FS",
+        "FULL",
+        "IN",
+    ]
     assert row.split()[6] == "2.0GiB"
 
 
@@ -71,8 +83,9 @@ def test_the_daemons_estimates_are_shown_in_the_table_and_json() -> None:
 def test_without_a_running_daemon_the_estimates_are_unknown_and_the_table_says_why() -> None:
     lines = format_table([report(2 * GiB, 2 * GiB)], "/run/thinwatchd/estimates.json").splitlines()
     assert lines[1].split()[-2:] == ["?", "?"]
-    assert lines[-1].startswith("?: no estimate from a running thinwatchd (none fresh in "
-                                "/run/thinwatchd/estimates.json)")  # fmt: skip
+    assert lines[-1].startswith(
+        "?: no estimate from a running thinwatchd (none fresh in /run/thinwatchd/estimates.json)"
+    )
     assert report(2 * GiB, 2 * GiB).as_json()["estimated"] is False
 
 

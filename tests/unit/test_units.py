@@ -159,9 +159,17 @@ def test_parsers_raise_only_value_error(value: object) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("80%", 80.0), ("80", 80.0), (80, 80.0), (12.5, 12.5), (" 12.5 % ", 12.5), ("0%", 0.0),
-     ("250%", 250.0), (".5%", 0.5)],
-)  # fmt: skip
+    [
+        ("80%", 80.0),
+        ("80", 80.0),
+        (80, 80.0),
+        (12.5, 12.5),
+        (" 12.5 % ", 12.5),
+        ("0%", 0.0),
+        ("250%", 250.0),
+        (".5%", 0.5),
+    ],
+)
 def test_parse_percent(value: str | int | float, expected: float) -> None:
     assert parse_percent(value) == expected
 
@@ -187,9 +195,20 @@ def test_parse_percent_rejects(value: object, fragment: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("10s", 10.0), ("500ms", 0.5), ("2m", 120.0), ("1h", 3600.0), ("1.5h", 5400.0),
-     ("10", 10.0), (10, 10.0), (0.25, 0.25), ("0", 0.0), ("10S", 10.0), (" 3 s ", 3.0)],
-)  # fmt: skip
+    [
+        ("10s", 10.0),
+        ("500ms", 0.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1.5h", 5400.0),
+        ("10", 10.0),
+        (10, 10.0),
+        (0.25, 0.25),
+        ("0", 0.0),
+        ("10S", 10.0),
+        (" 3 s ", 3.0),
+    ],
+)
 def test_parse_duration(value: str | int | float, expected: float) -> None:
     assert parse_duration(value) == expected
 
@@ -215,5 +234,8 @@ def test_parse_duration_rejects(value: object, fragment: str) -> None:
 
 def test_durations_read_roughly() -> None:
     assert [format_duration(s) for s in (45, 720, 3 * 3600 + 1200, 5 * 86400)] == [
-        "45 s", "12 min", "3 h 20 min", "5 days"
-    ]  # fmt: skip
+        "45 s",
+        "12 min",
+        "3 h 20 min",
+        "5 days",
+    ]
