@@ -103,29 +103,25 @@ class DaemonProcess:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(self._sock_path)
 
+    def spawn(self) -> None:
+        """Start `thinwatchd run` as the unit runs it (Nice=-10), without waiting for it."""
+        env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
+        self.spawned = time.monotonic()
+        argv = [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run"]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*argv, "--log-target", "stderr"],
+                stdout=log,
+                stderr=log,
+                env=env,
+                cwd=REPO,
+                preexec_fn=lambda: os.nice(UNIT_NICE),
+            )
+
     def start(self, timeout: float = 120.0) -> None:
         """Start the daemon; return once it sent READY=1. Raise if it exits or times out."""
-        env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        # Niceness as in systemd/thinwatchd.service (Nice=-10): run it as it ships.
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "thinwatchd",
-                "--config",
-                str(self.config),
-                "run",
-                "--log-target",
-                "stderr",
-            ],
-            stdout=log,
-            stderr=log,
-            env=env,
-            cwd=REPO,
-            preexec_fn=lambda: os.nice(UNIT_NICE),
-        )
-        log.close()
+        self.spawn()
+        assert self.proc is not None
         if not self.wait_for("READY=1", timeout):
             code = self.proc.poll()
             raise AssertionError(f"daemon not ready (exit {code}); log:\n{self.log()}")
@@ -793,28 +789,6 @@ def await_writer(
 
 class SpawnedDaemon(DaemonProcess):
     """A DaemonProcess started without waiting for READY=1 (to kill it at any moment)."""
-
-    def spawn(self) -> None:
-        env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
-        self.spawned = time.monotonic()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "thinwatchd",
-                    "--config",
-                    str(self.config),
-                    "run",
-                    "--log-target",
-                    "stderr",
-                ],
-                stdout=log,
-                stderr=log,
-                env=env,
-                cwd=REPO,
-                preexec_fn=lambda: os.nice(UNIT_NICE),
-            )
 
     def drain(self) -> None:
         """Read every queued notification, as systemd would (an unread socket fills up)."""
