@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.errors import ThinwatchError
 from thinwatchd.estimates import Estimate
 from thinwatchd.forecast import worth_reclaiming
-from thinwatchd.kernel.api import DeviceMapperApi
+from thinwatchd.kernel.api import DeviceMapperApi, FileInfo
 from thinwatchd.kernel.fs import Files
 from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import ThinPoolLine, thin_pool_target
-from thinwatchd.units import Bytes, DataBlocks, disk_blocks_to_bytes, format_bytes, format_duration
+from thinwatchd.units import Bytes, DataBlocks, format_bytes, format_duration
 
 __all__ = ["PoolReport", "format_table", "pool_report", "with_estimate"]
 
@@ -52,15 +51,15 @@ class PoolReport:
 
 def pool_report(dm: DeviceMapperApi, settings: PoolSettings) -> PoolReport:
     """Return the live report for one configured pool; never raises for a pool-level problem."""
-    size: Bytes | None = None
-    allocated: Bytes | None = None
+    data_file: FileInfo | None = None
     free: Bytes | None = None
     try:
-        st = os.stat(settings.data_file)
-        size, allocated = Bytes(st.st_size), disk_blocks_to_bytes(st.st_blocks)
-        free = Files().space(str(settings.data_file)).free
-    except (OSError, ThinwatchError):
+        files, path = Files(), str(settings.data_file)
+        data_file = files.inspect(path, follow=True)
+        free = files.space(path).free
+    except ThinwatchError:
         pass
+    size, allocated = (None, None) if data_file is None else (data_file.size, data_file.allocated)
     base = PoolReport(
         name=settings.name,
         active=False,

@@ -28,6 +28,7 @@ __all__ = [
     "data_blocks_to_sectors",
     "disk_blocks_to_bytes",
     "format_bytes",
+    "fs_blocks_to_bytes",
     "meta_blocks_to_bytes",
     "parse_duration",
     "parse_percent",
@@ -83,6 +84,11 @@ def sectors_to_bytes(sectors: int) -> Bytes:
 def disk_blocks_to_bytes(st_blocks: int) -> Bytes:
     """Return the bytes a file has on disk from stat's st_blocks (always 512-byte units)."""
     return Bytes(st_blocks * 512)
+
+
+def fs_blocks_to_bytes(blocks: int, fragment_size: int) -> Bytes:
+    """Return the bytes in statvfs's blocks of a filesystem (f_bavail, f_blocks: f_frsize units)."""
+    return Bytes(blocks * fragment_size)
 
 
 def data_block_bytes(block_size: Sectors) -> Bytes:

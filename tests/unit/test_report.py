@@ -4,10 +4,16 @@ the running daemon's time-to-full estimates."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
+from typing import cast
 
 from thinwatchd.estimates import Estimate
 from thinwatchd.forecast import RECLAIM_HINT_BYTES
-from thinwatchd.report import PoolReport, format_table, with_estimate
+from thinwatchd.kernel.api import DeviceMapperApi
+from thinwatchd.kernel.names import pool_name
+from thinwatchd.report import PoolReport, format_table, pool_report, with_estimate
+from thinwatchd.settings import PoolSettings
 from thinwatchd.units import Bytes
 
 GiB = 1024**3
@@ -94,3 +100,29 @@ def test_a_preallocated_file_has_nothing_to_give_back() -> None:
     its file is allocated beyond the data in use."""
     preallocated = dataclasses.replace(report(1 * GiB, 100 * GiB), reclaimable=None)
     assert len(format_table([preallocated]).splitlines()) == 2
+
+
+class _NoDevices:
+    """A device-mapper with no pool device: pool_report reads only the data file."""
+
+    def info(self, name: str) -> None:
+        return None
+
+
+def test_the_data_file_is_measured_even_without_a_pool_device(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with open(data, "wb") as f:
+        f.write(b"x" * 65536)
+        f.truncate(GiB)  # sparse beyond the first 64 KiB
+    settings = PoolSettings(
+        name=pool_name("pool"), data_file=data, metadata_file=tmp_path / "metadata"
+    )
+    report = pool_report(cast(DeviceMapperApi, _NoDevices()), settings)
+    assert (report.active, report.mode, report.data_file_size) == (False, "absent", GiB)
+    assert report.data_file_allocated == os.stat(data).st_blocks * 512
+    assert 65536 <= (report.data_file_allocated or 0) < GiB
+    assert report.backing_fs_free is not None and report.backing_fs_free > 0  # changes by itself
+
+    data.unlink()
+    gone = pool_report(cast(DeviceMapperApi, _NoDevices()), settings)
+    assert (gone.data_file_size, gone.data_file_allocated, gone.backing_fs_free) == (None,) * 3

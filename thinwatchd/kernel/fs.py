@@ -14,7 +14,7 @@ import stat as _stat
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import FileInfo, FsSpace
 from thinwatchd.kernel.syscalls import FALLOC_FL_KEEP_SIZE, Syscalls
-from thinwatchd.units import Bytes, disk_blocks_to_bytes
+from thinwatchd.units import Bytes, disk_blocks_to_bytes, fs_blocks_to_bytes
 
 __all__ = ["Files", "make_node", "open_device_node"]
 
@@ -77,7 +77,10 @@ class Files:
             st = self.sys.statvfs(path)
         except OSError as exc:
             raise _error("statvfs", path, exc) from exc
-        return FsSpace(Bytes(st.f_bavail * st.f_frsize), Bytes(st.f_blocks * st.f_frsize))
+        return FsSpace(
+            free=fs_blocks_to_bytes(st.f_bavail, st.f_frsize),
+            total=fs_blocks_to_bytes(st.f_blocks, st.f_frsize),
+        )
 
     def open_regular(self, path: str, flags: int = _os.O_RDWR) -> int:
         """Open an existing regular file without following a symlink; return the fd.
