@@ -1,7 +1,7 @@
 """The pools' backing files and filesystems as the policy sees them, each looked at once a pass.
 
 How far a pool file may grow depends on every pool file on its filesystem: the unwritten part
-of each sparse one is promised (policy.BackingFs.promised_elsewhere). Stat-ing every pool file
+of each sparse one is promised (room.BackingFs.promised_elsewhere). Stat-ing every pool file
 for each pool, and a statvfs per pool file, made one check of N pools O(N²) syscalls (5 million
 for 1,000 pools: longer than the watchdog, on the fake kernel). Instead, BackingFiles keeps the
 last look at every pool file between passes, and what they promise summed per filesystem

@@ -111,7 +111,7 @@ def _semop(semid: int, op: int, flags: int = 0, timeout: float | None = None) ->
         _call("semtimedop", semid, _ctypes.byref(buf), 1, _ctypes.byref(ts))
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)  # compared and hashed as itself, as before
 class UdevSync:
     """udev synchronisation for dm devices, compatible with lvm2's udev rules."""
 
