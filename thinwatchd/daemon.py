@@ -26,7 +26,7 @@ from thinwatchd.activation import activate
 from thinwatchd.config import load_settings
 from thinwatchd.dm_events import DmEvents
 from thinwatchd.errors import ConfigError, ThinwatchError
-from thinwatchd.events import EventLoop, Timer
+from thinwatchd.events import EventLoop, RateLimited, Timer
 from thinwatchd.extender import Extender
 from thinwatchd.kernel.api import Kernel, MetadataChecker
 from thinwatchd.logs import MessageId, event
@@ -39,7 +39,7 @@ from thinwatchd.pool import Pool
 from thinwatchd.pool_files import check_distinct_files
 from thinwatchd.pool_journal import announce
 from thinwatchd.pool_state import ManagedPool, PoolState
-from thinwatchd.publish import Publisher, pool_figures, status_line
+from thinwatchd.publish import PUBLISH_SECONDS, Publisher, pool_figures, status_line
 from thinwatchd.reconciles import Reconciles
 from thinwatchd.settings import PoolSettings, Settings, keep_fixed
 from thinwatchd.unbuilt import Unbuilt
@@ -75,6 +75,8 @@ class Daemon:
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
         self.publisher = Publisher(self.notifier, estimates_file)
+        # Late-bound, as the callbacks below: tests count publications through _publish.
+        self.publications = RateLimited(self.loop, PUBLISH_SECONDS, lambda: self._publish())
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
         self.unbuilt = Unbuilt()
@@ -95,7 +97,7 @@ class Daemon:
             self.pools,
             building=lambda name: self.workers.busy(name),  # late-bound, as the others
             lost=lambda managed: self._lost(managed),
-            publish=lambda: self._publish(),  # late-bound: tests count publications
+            publish=self.publications,
         )
 
     # -- start-up --------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class Daemon:
         try:
             loop.run()
             self.reconciles.finish()
+            self.publications.flush()  # the files as of the last pass
         finally:
             self.workers.close()
             self.reconcilers.close()

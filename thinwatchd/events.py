@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["EventLoop", "Timer"]
+__all__ = ["EventLoop", "RateLimited", "Timer"]
 
 Callback = Callable[[], None]
 
@@ -168,3 +168,40 @@ class EventLoop:
             handler = self._signal_handlers.get(signum)
             if handler is not None:
                 self._call(handler)
+
+
+class RateLimited:
+    """Runs a callback on the loop at most once per interval, and never misses the last call.
+
+    A call less than interval after the last run schedules one run at the interval's end
+    (further calls until then join it), so the state as of the latest call is always acted on,
+    at most interval late. For work whose cost grows with everything (not with what changed),
+    called after events that may come many times a second.
+    """
+
+    def __init__(self, loop: EventLoop, interval: float, callback: Callback) -> None:
+        self._loop = loop
+        self._interval = interval
+        self._callback = callback
+        self._last: float | None = None
+        self._pending: Timer | None = None
+
+    def __call__(self) -> None:
+        if self._pending is not None:
+            return  # a run is due already; it will see this call's state
+        now = self._loop.time()
+        if self._last is None or now - self._last >= self._interval:
+            self._run()
+        else:
+            self._pending = self._loop.call_at(self._last + self._interval, self._run)
+
+    def flush(self) -> None:
+        """Run now if a run is pending (before the loop stops for good)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._run()
+
+    def _run(self) -> None:
+        self._pending = None
+        self._last = self._loop.time()
+        self._callback()

@@ -144,6 +144,7 @@ def test_metrics_give_the_free_space_the_last_pass_saw(
     d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
     shared.extra = free - shared.free()
     d._reconcile(d.pools["a"])  # a pass of a only: b's filesystem is the same one
+    d.publications.flush()  # what the pass publishes, at once (not up to PUBLISH_SECONDS later)
     metrics = (tmp_path / "metrics.prom").read_text()
     for name in ("a", "b"):
         assert f'thinwatchd_backing_fs_free_bytes{{pool="{name}"}} {free}' in metrics
@@ -162,6 +163,7 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
         os.fsync(f.fileno())
     to_mark(fake, d, "a")
     d._pass(list(d.pools.values()), survey=True)  # a grows; every file is looked at
+    d.publications.flush()
     metrics = (tmp_path / "metrics.prom").read_text()
     for name in ("a", "b"):
         allocated = os.stat(tmp_path / f"{name}.data").st_blocks * 512
@@ -174,6 +176,12 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
         if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.DATA_GROWN
     ]
     assert int(grown["DATA_FILE_ALLOCATED_BYTES"]) == os.stat(tmp_path / "a.data").st_blocks * 512
+
+
+def survey(d: Daemon) -> None:
+    """A safety check's pass, and its publication at once (not up to PUBLISH_SECONDS later)."""
+    d._pass(list(d.pools.values()), survey=True)
+    d.publications.flush()
 
 
 def filling(
@@ -201,7 +209,7 @@ def filling(
         clock.now += 10
         d._pass(list(d.pools.values()), survey=True)
     shared.extra = 1200 * MiB - shared.free()
-    d._pass(list(d.pools.values()), survey=True)
+    survey(d)
     return d, shared, lines
 
 
@@ -237,12 +245,12 @@ def test_the_journal_warns_once_when_a_pool_is_full_soon(
 
     d, shared, _ = filling(fake, kernel, tmp_path)  # within the default hour: a's cap too
     assert sorted(warned()) == [("a", "backing_fs"), ("a", "cap"), ("b", "backing_fs")]
-    d._pass(list(d.pools.values()), survey=True)
+    survey(d)
     assert len(warned()) == 3  # once
     shared.extra += 64 * 1024 * MiB  # room for hours: forgotten...
-    d._pass(list(d.pools.values()), survey=True)
+    survey(d)
     shared.extra -= 64 * 1024 * MiB  # ...and near again: said again
-    d._pass(list(d.pools.values()), survey=True)
+    survey(d)
     assert sorted(warned()[3:]) == [("a", "backing_fs"), ("b", "backing_fs")]
 
 
@@ -273,7 +281,7 @@ def test_the_journal_says_once_how_to_give_back_what_the_data_file_holds_unused(
     def settle(allocated: int) -> list[int]:
         on_disk["a"] = used + allocated
         on_disk["b"] = 0
-        d._pass(list(d.pools.values()), survey=True)
+        survey(d)
         return hinted()
 
     assert settle(1024 * MiB - 1) == []  # under the threshold
@@ -291,7 +299,7 @@ def test_the_estimates_for_status_are_written_after_each_pass(
     """What `thinwatchd status` shows as CAP IN and FS FULL IN (read in another process)."""
     d, _, _ = filling(fake, kernel, tmp_path)
     d.publisher.estimates_file = tmp_path / "estimates.json"
-    d._pass(list(d.pools.values()), survey=True)
+    survey(d)
     written = d.publisher.estimates_file
     now = os.stat(written).st_mtime
     estimates = read_estimates(written, now, max_age=60)
@@ -304,7 +312,7 @@ def test_the_estimates_for_status_are_written_after_each_pass(
     d.publisher.estimates_file = tmp_path / "gone" / "estimates.json"
     caplog.set_level(logging.WARNING, logger="thinwatchd")
     for _ in range(3):
-        d._pass(list(d.pools.values()), survey=True)
+        survey(d)
     said = [r.getMessage() for r in caplog.records if "cannot write estimates" in r.getMessage()]
     assert len(said) == 1, said
 

@@ -171,6 +171,7 @@ def test_metrics_say_when_growth_is_refused_and_the_cap(
     assert f"{refused} 0" in (tmp_path / "m.prom").read_text()
     fill(fake, d, clock, 120 * MiB // BLOCK)  # past the mark of the capped 128 MiB
     d._reconcile(d.pools["pool"])
+    d.publications.flush()  # what the pass publishes, at once (not up to PUBLISH_SECONDS later)
     metrics = (tmp_path / "m.prom").read_text()
     assert f"{refused} 1" in metrics
     assert 'thinwatchd_growth_refused{pool="pool",target="metadata"} 0' in metrics
@@ -267,6 +268,7 @@ def test_metrics_file_agrees_with_the_kernel(
     d.start()
     fill(fake, d, clock, 60 * MiB // BLOCK)
     d._reconcile(d.pools["pool"])  # what the safety timer does
+    d.publications.flush()
     metrics = (tmp_path / "m.prom").read_text()
     st = status(fake)
     assert f'thinwatchd_data_used_bytes{{pool="pool"}} {st.data_used * BLOCK}' in metrics

@@ -43,6 +43,7 @@ from thinwatchd.metrics import write_atomically
 from thinwatchd.notify import Notifier
 from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
 from thinwatchd.policy import GrowthTarget
+from thinwatchd.publish import PUBLISH_SECONDS
 from thinwatchd.reconciles import RECONCILE_THREADS
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.workers import Workers
@@ -368,9 +369,50 @@ def test_a_writeback_watch_growing_several_pools_is_one_pass(cached: Bed) -> Non
     def watch() -> None:
         bed.clock.now += WRITEBACK_WATCH_SECONDS
         bed.daemon.loop.run_once(max_wait=0)
+        bed.clock.now += PUBLISH_SECONDS  # the pass's publication, due by then
+        bed.daemon.loop.run_once(max_wait=0)
 
     cost = bed.measure(watch)
     for name in bed.names:
         assert bed.daemon.pools[name].state.growths[GrowthTarget.DATA] == grown[name] + 1, name
     assert (cost.metrics_writes, cost.statuses) == (1, 1), cost.summary()
     assert cost.count("statvfs") <= 1 + bed.n, cost.summary()
+
+
+@pytest.fixture
+def hundred(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    yield from _bed(tmp_path_factory, 100)
+
+
+def test_passes_in_quick_succession_publish_once_a_second_with_the_last_state(
+    hundred: Bed,
+) -> None:
+    """Ten pools reaching their marks 10 ms apart, each grown in a pass of its own: STATUS= and
+    the metrics file (O(pools) each) are written for the first pass, then once when
+    PUBLISH_SECONDS have passed, with every growth in them; not ten times."""
+    bed = hundred
+    bed.clock.now += PUBLISH_SECONDS  # the last publication is old
+    names = bed.names[:10]
+
+    def growths() -> None:
+        for name in names:
+            status = parse_pool_status(bed.fake.status(name)[0].params)
+            assert isinstance(status, ThinPoolWorkingStatus)
+            bed.fake.write_blocks(
+                name, status.data_free - bed.daemon.pools[name].pool.table.low_water_mark
+            )
+            bed.clock.now += 0.01
+            bed.daemon._check_events()
+
+    passes = bed.measure(growths)
+    assert (passes.metrics_writes, passes.statuses) == (1, 1), passes.summary()
+    assert all(bed.daemon.pools[n].state.growths[GrowthTarget.DATA] == 1 for n in names)
+    bed.clock.now += PUBLISH_SECONDS
+    later = bed.measure(lambda: bed.daemon.loop.run_once(max_wait=0))
+    assert (later.metrics_writes, later.statuses) == (1, 1), later.summary()
+    metrics = bed.metrics.read_text()
+    for name in names:
+        status = parse_pool_status(bed.fake.status(name)[0].params)
+        assert isinstance(status, ThinPoolWorkingStatus)
+        total = status.data_total * 64 * 1024
+        assert f'thinwatchd_data_total_bytes{{pool="{name}"}} {total}' in metrics, name

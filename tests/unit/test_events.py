@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from thinwatchd.events import EventLoop
+from thinwatchd.events import EventLoop, RateLimited
 
 
 class Clock:
@@ -64,4 +64,33 @@ def test_stop_ends_run() -> None:
     loop = EventLoop(clock)
     loop.call_later(0, loop.stop)
     loop.run()
+    loop.close()
+
+
+def test_rate_limited_runs_at_most_once_per_interval_and_never_misses_the_last_call() -> None:
+    clock = Clock()
+    loop = EventLoop(clock)
+    runs: list[float] = []
+    limited = RateLimited(loop, 1.0, lambda: runs.append(clock.now))
+    limited()  # the first call runs at once
+    assert runs == [0.0]
+    for now in (0.1, 0.5, 0.9):  # calls within the interval: one run, at its end
+        clock.now = now
+        limited()
+        loop.run_once(max_wait=0)
+    assert runs == [0.0]
+    clock.now = 1.0
+    loop.run_once(max_wait=0)
+    assert runs == [0.0, 1.0]
+    clock.now = 2.5  # a call after a quiet interval runs at once
+    limited()
+    assert runs == [0.0, 1.0, 2.5]
+    clock.now = 2.6
+    limited()
+    limited.flush()  # a pending run, done now (before the loop stops)...
+    assert runs == [0.0, 1.0, 2.5, 2.6]
+    clock.now = 3.5
+    loop.run_once(max_wait=0)  # ...is not done again at its time
+    limited.flush()  # nothing pending: nothing to do
+    assert runs == [0.0, 1.0, 2.5, 2.6]
     loop.close()
