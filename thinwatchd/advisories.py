@@ -1,7 +1,8 @@
 """What the daemon tells people ahead of trouble, from each pass's figures.
 
-- FULL_SOON (journal, warning): a pool is predicted to reach its cap or its filesystem's
-  reserve within ``daemon.warn_full_within``;
+- FULL_SOON (journal, warning): a pool is predicted to reach its cap, or a filesystem the
+  reserve of a pool on it, within ``daemon.warn_full_within`` (once per filesystem, not once per
+  pool on it: 1,000 pools on /var/lib fill one filesystem);
 - SPACE_RECLAIMABLE (journal, info): its data file holds much more than the pool uses, which
   discards (fstrim, containerd's ``discard_blocks``) would give back to the host;
 - the soonest of those limits within a day, for STATUS=.
@@ -13,16 +14,17 @@ gone (hysteresis), so a fleet's journal is not flooded by a rate hovering around
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from thinwatchd.forecast import worth_reclaiming
 from thinwatchd.logs import MessageId, event
 from thinwatchd.metrics import PoolMetrics
 from thinwatchd.pool import Pool
-from thinwatchd.pool_state import pool_fields
+from thinwatchd.pool_state import ManagedPool, pool_fields
 from thinwatchd.status import ThinPoolWorkingStatus
 from thinwatchd.units import format_bytes, format_duration
 
-__all__ = ["RECLAIMABLE", "advise", "soonest_full"]
+__all__ = ["RECLAIMABLE", "advise", "soonest_full", "warn_filesystems_full_soon"]
 
 #: STATUS= names the pool that runs out of room soonest, if within this.
 SAY_FULL_WITHIN_SECONDS = 86400.0
@@ -56,30 +58,80 @@ def advise(m: PoolMetrics, pool: Pool, said: set[str], horizon: float) -> None:
 
 
 def _warn_full_soon(m: PoolMetrics, pool: Pool, said: set[str], horizon: float) -> None:
-    """Warn once per limit predicted to be reached within horizon seconds (0: never); again only
-    after the estimate has been beyond twice the horizon."""
-    if horizon <= 0 or m.full_in is None:
-        return
-    for limit, seconds, what in (
-        ("cap", m.full_in.cap, "its cap (data.max_size)"),
-        ("backing_fs", m.full_in.backing_fs, "its filesystem's reserve"),
-    ):
-        if seconds is None or seconds > 2 * horizon:
-            said.discard(limit)
-        elif seconds <= horizon and limit not in said:
-            said.add(limit)
-            event(
-                logging.WARNING,
-                MessageId.FULL_SOON,
-                f"pool {m.name} reaches {what} in about {format_duration(seconds)} at "
-                f"{format_bytes(int(m.fill_rate or 0))}/s",
-                pool_fields(pool, m.status, m.data_file_allocated_bytes)
-                | {
-                    "LIMIT": limit,
-                    "SECONDS_LEFT": round(seconds),
-                    "FILL_RATE_BYTES_PER_SECOND": round(m.fill_rate or 0),
-                },
+    """Warn once when the pool is predicted to reach its cap within horizon seconds (0: never);
+    again only after the estimate has been beyond twice the horizon."""
+    seconds = None if m.full_in is None else m.full_in.cap
+    if horizon <= 0 or seconds is None or seconds > 2 * horizon:
+        said.discard("cap")
+    elif seconds <= horizon and "cap" not in said:
+        said.add("cap")
+        event(
+            logging.WARNING,
+            MessageId.FULL_SOON,
+            f"pool {m.name} reaches its cap (data.max_size) in about "
+            f"{format_duration(seconds)} at {format_bytes(int(m.fill_rate or 0))}/s",
+            pool_fields(pool, m.status, m.data_file_allocated_bytes)
+            | {
+                "LIMIT": "cap",
+                "SECONDS_LEFT": round(seconds),
+                "FILL_RATE_BYTES_PER_SECOND": round(m.fill_rate or 0),
+            },
+        )
+
+
+#: Pools named in a FULL_SOON message about a filesystem (the POOLS field has them all).
+_NAMED_POOLS = 5
+
+
+def warn_filesystems_full_soon(
+    figures: list[PoolMetrics], pools: Mapping[str, ManagedPool], said: set[int], horizon: float
+) -> None:
+    """Warn once per filesystem predicted to reach a reserve of a pool on it within horizon
+    seconds (0: never), naming the pool whose reserve comes first and every pool at risk; again
+    only after the soonest estimate on it has been beyond twice the horizon. said holds the
+    filesystems (st_dev) warned about, updated in place."""
+    by_fs: dict[int, list[tuple[float, PoolMetrics]]] = {}
+    for m in figures:
+        seconds = None if m.full_in is None else m.full_in.backing_fs
+        if m.backing_fs is not None and seconds is not None and m.name in pools:
+            by_fs.setdefault(m.backing_fs, []).append((seconds, m))
+    said.intersection_update(by_fs)  # a filesystem nothing fills any more is forgotten
+    for dev, estimates in by_fs.items():
+        soonest = min(s for s, _ in estimates)
+        if horizon <= 0 or soonest > 2 * horizon:
+            said.discard(dev)
+        elif soonest <= horizon and dev not in said:
+            said.add(dev)
+            _say_filesystem_full_soon(
+                sorted((s, m.name, m) for s, m in estimates if s <= horizon), pools
             )
+
+
+def _say_filesystem_full_soon(
+    at_risk: list[tuple[float, str, PoolMetrics]], pools: Mapping[str, ManagedPool]
+) -> None:
+    seconds, name, m = at_risk[0]
+    pool = pools[name].pool
+    names = [n for _, n, _ in at_risk]
+    shown = ", ".join(names[:_NAMED_POOLS])
+    if len(names) > _NAMED_POOLS:
+        shown += f" and {len(names) - _NAMED_POOLS} more"
+    rate = int(m.backing_fs_fill_rate or 0)
+    event(
+        logging.WARNING,
+        MessageId.FULL_SOON,
+        f"pool {name}'s filesystem ({pool.settings.data_file.parent}) reaches its reserve in "
+        f"about {format_duration(seconds)} at {format_bytes(rate)}/s, every pool on it "
+        f"together; {len(names)} pool{'s' if len(names) != 1 else ''} at risk: {shown}",
+        pool_fields(pool, m.status, m.data_file_allocated_bytes)
+        | {
+            "LIMIT": "backing_fs",
+            "SECONDS_LEFT": round(seconds),
+            "FILL_RATE_BYTES_PER_SECOND": round(m.fill_rate or 0),
+            "FS_FILL_RATE_BYTES_PER_SECOND": rate,
+            "POOLS": ",".join(names),
+        },
+    )
 
 
 def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:

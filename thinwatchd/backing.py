@@ -17,8 +17,12 @@ last look at every pool file between passes, and what they promise summed per fi
   When the filesystem's room limits a decision, it is taken again after a fresh look at every
   file there (look_again): no growth is made smaller, or refused, for a stale figure.
 
-Pools are reconciled in worker threads side by side, sharing a pass: one lock serializes the
-looks (each is one lstat or statvfs; a growth itself runs outside it).
+Pools are reconciled in worker threads side by side, sharing a pass. Looks at one filesystem
+(its files' lstat, its statvfs) are made by one thread at a time, under that filesystem's lock,
+so a pass looks at each once; the tables are kept under a lock never held across a syscall. A
+filesystem whose syscalls stall (a dead NFS server, a dying disk) so holds up only the pools on
+it, never a pool on another filesystem. Files never looked at yet (a pool just built) are looked
+at first by whoever asks, as their filesystem is not known before.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ class BackingFiles:
         self._promised: dict[int, int] = {}  # st_dev -> what its pool files promise
         self._spaces: dict[int, tuple[int, FsSpace]] = {}  # st_dev -> (pass, statvfs)
         self._passes = itertools.count(1)
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()  # the tables above; never held across a syscall
+        self._fs_locks: dict[int | None, threading.Lock] = {}  # st_dev -> its looks
+        self._unseen_lock = threading.Lock()  # looks at the unseen files
 
     def watch(self, paths: Iterable[str]) -> None:
         """Count these files' promises from the next pass on (a pool that was just built)."""
@@ -73,12 +79,8 @@ class BackingFiles:
 
     def free(self, path: str) -> Bytes | None:
         """Return the free bytes of path's filesystem as last looked at (None: never)."""
-        with self.lock:
-            look = self._files.get(path)
-            if look is None or look.info is None:
-                return None
-            space = self._spaces.get(look.info.dev)
-            return None if space is None else space[1].free
+        space = self.space(path)
+        return None if space is None else space[1].free
 
     def space(self, path: str) -> tuple[int, FsSpace] | None:
         """Return (st_dev, statvfs) of path's filesystem as last looked at (None: never)."""
@@ -97,14 +99,31 @@ class BackingFiles:
 
     # -- the pass's work -------------------------------------------------------------------
 
+    def fs_lock(self, dev: int | None) -> threading.Lock:
+        """Return the lock under which the filesystem dev is looked at (None: files whose
+        filesystem is not known yet)."""
+        with self.lock:
+            return self._fs_locks.setdefault(dev, threading.Lock())
+
+    def last_dev(self, path: str) -> int | None:
+        """Return the filesystem path was on when last looked at (None: never, or gone)."""
+        with self.lock:
+            look = self._files.get(path)
+            return None if look is None or look.info is None else look.info.dev
+
+    def promised(self, dev: int) -> int:
+        with self.lock:
+            return self._promised.get(dev, 0)
+
     def _store(self, path: str, info: FileInfo | None, at: int) -> None:
-        old = self._files.get(path)
-        if old is not None and old.info is not None:
-            self._promised[old.info.dev] -= _promise(old.info)
-        if info is not None:
-            self._promised[info.dev] = self._promised.get(info.dev, 0) + _promise(info)
-        self._files[path] = _Look(info, at)
-        self._unseen.discard(path)
+        with self.lock:
+            old = self._files.get(path)
+            if old is not None and old.info is not None:
+                self._promised[old.info.dev] -= _promise(old.info)
+            if info is not None:
+                self._promised[info.dev] = self._promised.get(info.dev, 0) + _promise(info)
+            self._files[path] = _Look(info, at)
+            self._unseen.discard(path)
 
     def _look_other(self, path: str, at: int) -> None:
         """Look at another pool's file; one that cannot be looked at promises nothing (its own
@@ -116,52 +135,68 @@ class BackingFiles:
         self._store(path, info, at)
 
     def _look_unseen(self, at: int) -> None:
-        for path in list(self._unseen):
-            self._look_other(path, at)
+        with self._unseen_lock:
+            with self.lock:
+                unseen = list(self._unseen)
+            for path in unseen:
+                self._look_other(path, at)
 
-    def _survey(self, at: int) -> None:
-        for path in [p for p, look in self._files.items() if look.at != at]:
+    def _stale_on(self, dev: int, at: int) -> list[str]:
+        """Return the files last seen on dev that this pass has not looked at."""
+        with self.lock:
+            return [
+                p
+                for p, look in self._files.items()
+                if look.at != at and look.info is not None and look.info.dev == dev
+            ]
+
+    def _survey(self, dev: int, at: int) -> None:
+        """Look at every file last seen on dev not yet looked at in this pass (under its lock)."""
+        for path in self._stale_on(dev, at):
             self._look_other(path, at)
 
     def _own(self, path: str, at: int) -> FileInfo:
         """Return the pool's own file as this pass sees it; raise if it cannot be looked at."""
-        look = self._files.get(path)
-        if look is not None and look.at == at and look.info is not None:
-            return look.info
-        info = self.files.inspect(path)
-        self._store(path, info, at)
+        with self.fs_lock(self.last_dev(path)):
+            with self.lock:
+                look = self._files.get(path)
+            if look is not None and look.at == at and look.info is not None:
+                return look.info
+            info = self.files.inspect(path)
+            self._store(path, info, at)
         if info is None:
             raise KernelError("stat", path, errno.ENOENT, "the pool file is gone")
         return info
 
     def _space(self, path: str, dev: int, at: int) -> FsSpace:
-        seen = self._spaces.get(dev)
+        """Return path's filesystem's statvfs as this pass sees it (under its lock)."""
+        with self.lock:
+            seen = self._spaces.get(dev)
         if seen is not None and seen[0] == at:
             return seen[1]
         space = self.files.space(path)
-        self._spaces[dev] = (at, space)
+        with self.lock:
+            self._spaces[dev] = (at, space)
         return space
 
     def _changed(self, path: str, at: int) -> None:
-        look = self._files.get(path)
-        if look is not None and look.info is not None and look.info.dev in self._spaces:
-            self._spaces[look.info.dev] = (0, self._spaces[look.info.dev][1])
+        dev = self.last_dev(path)
+        with self.lock:
+            if dev is not None and dev in self._spaces:
+                self._spaces[dev] = (0, self._spaces[dev][1])
         # Now, for every pool after it in the pass; a failure here is its own pool's to say,
         # at its next look.
-        self._look_other(path, at)
+        with self.fs_lock(dev):
+            self._look_other(path, at)
 
     def _look_again(self, path: str, at: int) -> bool:
-        own = self._files.get(path)
-        if own is None or own.info is None:
+        dev = self.last_dev(path)
+        if dev is None:
             return False
-        dev = own.info.dev
-        stale = [
-            p
-            for p, look in self._files.items()
-            if look.at != at and look.info is not None and look.info.dev == dev
-        ]
-        for other in stale:
-            self._look_other(other, at)
+        with self.fs_lock(dev):
+            stale = self._stale_on(dev, at)
+            for other in stale:
+                self._look_other(other, at)
         return bool(stale)
 
 
@@ -171,7 +206,9 @@ class BackingLook:
     def __init__(self, files: BackingFiles, at: int, survey: bool) -> None:
         self._files = files
         self._at = at
-        self._to_survey = survey
+        self._survey = survey
+        self._surveyed: set[int] = set()  # filesystems (st_dev) this survey pass looked at
+        self._lock = threading.Lock()  # _surveyed
 
     def figures(self, path: str) -> BackingFs:
         """Return the filesystem figures the policy needs for the pool file path.
@@ -179,14 +216,17 @@ class BackingLook:
         Raise KernelError if the file or its filesystem cannot be looked at (ENOENT: gone).
         """
         files, at = self._files, self._at
-        with files.lock:
-            files._look_unseen(at)
-            if self._to_survey:
-                self._to_survey = False
-                files._survey(at)
-            own = files._own(path, at)
+        files._look_unseen(at)
+        own = files._own(path, at)
+        with files.fs_lock(own.dev):
+            if self._survey:
+                with self._lock:
+                    first = own.dev not in self._surveyed
+                    self._surveyed.add(own.dev)
+                if first:
+                    files._survey(own.dev, at)
             space = files._space(path, own.dev, at)
-            promised = files._promised.get(own.dev, 0) - _promise(own)
+            promised = files.promised(own.dev) - _promise(own)
         return BackingFs(
             free_bytes=space.free,
             total_bytes=space.total,
@@ -199,11 +239,9 @@ class BackingLook:
     def changed(self, path: str) -> None:
         """The pass changed path (grew it): look at it again now, and at its filesystem when
         figures are next asked for."""
-        with self._files.lock:
-            self._files._changed(path, self._at)
+        self._files._changed(path, self._at)
 
     def look_again(self, path: str) -> bool:
         """Look again at every file on path's filesystem not yet looked at in this pass; return
         whether there was any (whether figures(path) may now say something else)."""
-        with self._files.lock:
-            return self._files._look_again(path, self._at)
+        return self._files._look_again(path, self._at)

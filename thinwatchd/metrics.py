@@ -43,6 +43,8 @@ class PoolMetrics:
     data_max_bytes: Bytes | None = None  # pools.<name>.data.max_size (None: no cap)
     refused: tuple[GrowthTarget, ...] = ()  # whose growth is refused now
     fill_rate: float | None = None  # data bytes/s, as last measured
+    backing_fs: int | None = None  # st_dev of the data file's filesystem, as last looked at
+    backing_fs_fill_rate: float | None = None  # bytes/s, every pool on that filesystem together
     full_in: FullIn | None = None  # when the cap and the filesystem's reserve are reached
 
 

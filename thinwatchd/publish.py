@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from thinwatchd.advisories import advise, soonest_full
+from thinwatchd.advisories import advise, soonest_full, warn_filesystems_full_soon
 from thinwatchd.backing import BackingFiles
 from thinwatchd.estimates import render_estimates
 from thinwatchd.forecast import full_in
@@ -71,6 +71,8 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
                 refused=tuple(sorted(state.refusals)),
                 fill_rate=rate,
                 full_in=full,
+                backing_fs=None if space is None else space[0],
+                backing_fs_fill_rate=None if space is None else fs_rates.get(space[0]),
             )
         )
     return out
@@ -115,6 +117,7 @@ class Publisher:
         self.notifier = notifier
         self.estimates_file = estimates_file  # for `thinwatchd status` (estimates.py)
         self._write_failed: set[str] = set()  # published files whose last write failed
+        self._full_soon_said: set[int] = set()  # filesystems (st_dev) warned about (advisories)
 
     def publish(
         self,
@@ -128,6 +131,7 @@ class Publisher:
             managed = pools.get(m.name)
             if managed is not None:
                 advise(m, managed.pool, managed.said, horizon)
+        warn_filesystems_full_soon(figures, pools, self._full_soon_said, horizon)
         self.notifier.status(status_line(pools, figures, config_error))
         if settings is not None and settings.daemon.metrics_file is not None:
             self._write(settings.daemon.metrics_file, render(figures), "metrics")

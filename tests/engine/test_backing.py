@@ -50,7 +50,11 @@ class SharedFilesystem(Files):
 
 
 def start(
-    tmp_path: Path, kernel: Kernel, capacity: int, **pool: object
+    tmp_path: Path,
+    kernel: Kernel,
+    capacity: int,
+    names: tuple[str, ...] = ("a", "b"),
+    pool: dict[str, object] | None = None,
 ) -> tuple[Daemon, SharedFilesystem]:
     shared = SharedFilesystem(kernel.files, tmp_path, capacity)  # type: ignore[arg-type]
     kernel.files = shared
@@ -62,9 +66,9 @@ def start(
             "metadata_size": "8MiB",
             "low_water_mark": 16,
             "reserve": 0,
-            **pool,
+            **(pool or {}),
         }
-        for name in ("a", "b")
+        for name in names
     }
     config = tmp_path / "config.yaml"
     daemon = {"check_interval": "1h", "metrics_file": f"{tmp_path}/metrics.prom"}
@@ -127,7 +131,7 @@ def test_a_growth_earlier_in_a_pass_is_seen_by_the_next_pool(
 ) -> None:
     """Two preallocated pools grow in one event pass with room for 24 MiB: the second one
     sees what the first took (statvfs again after a growth), and gets the 8 MiB left."""
-    d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, **PREALLOCATED)
+    d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, pool=PREALLOCATED)
     assert shared.free() == 24 * MiB
     to_mark(fake, d, "a")
     to_mark(fake, d, "b")
@@ -234,24 +238,60 @@ def test_metrics_and_status_say_when_the_filesystem_reaches_the_reserve(
 def test_the_journal_warns_once_when_a_pool_is_full_soon(
     fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """a's cap, once for a; the filesystem both fill, once for it (not once per pool on it),
+    naming the pool whose reserve comes first and every pool at risk."""
     caplog.set_level(logging.INFO, logger="thinwatchd")
 
-    def warned() -> list[tuple[str, str]]:
+    def warned() -> list[dict[str, str]]:
         return [
-            (r.journal_fields["POOL"], r.journal_fields["LIMIT"])  # type: ignore[attr-defined]
+            r.journal_fields  # type: ignore[attr-defined]
             for r in caplog.records
             if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.FULL_SOON
         ]
 
     d, shared, _ = filling(fake, kernel, tmp_path)  # within the default hour: a's cap too
-    assert sorted(warned()) == [("a", "backing_fs"), ("a", "cap"), ("b", "backing_fs")]
+    assert sorted((w["POOL"], w["LIMIT"]) for w in warned()) == [
+        ("a", "backing_fs"),  # the same reserve (0) for both: the first by name
+        ("a", "cap"),
+    ]
+    (fs,) = [w for w in warned() if w["LIMIT"] == "backing_fs"]
+    assert fs["POOLS"] == "a,b" and int(fs["FS_FILL_RATE_BYTES_PER_SECOND"]) == 4 * MiB, fs
+    assert int(fs["FILL_RATE_BYTES_PER_SECOND"]) == MiB and int(fs["SECONDS_LEFT"]) == 300, fs
     survey(d)
-    assert len(warned()) == 3  # once
+    assert len(warned()) == 2  # once
     shared.extra += 64 * 1024 * MiB  # room for hours: forgotten...
     survey(d)
     shared.extra -= 64 * 1024 * MiB  # ...and near again: said again
     survey(d)
-    assert sorted(warned()[3:]) == [("a", "backing_fs"), ("b", "backing_fs")]
+    assert [(w["POOL"], w["LIMIT"]) for w in warned()[2:]] == [("a", "backing_fs")]
+
+
+def test_many_pools_filling_one_filesystem_make_one_warning(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """30 pools filling one filesystem: one FULL_SOON about it, naming five in its message and
+    all 30 in POOLS; not 30 warnings for one filesystem."""
+    caplog.set_level(logging.WARNING, logger="thinwatchd")
+    names = tuple(f"p{i:02d}" for i in range(30))
+    d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB, names=names)
+    clock = d.loop._clock
+    assert isinstance(clock, Clock)
+    for _ in range(3):
+        for name in names:
+            fake.write_blocks(name, MiB // (64 * 1024))
+        clock.now += 10
+        survey(d)
+    shared.extra = 600 * MiB - shared.free()  # 3 MiB/s together: 200 s to the reserve
+    survey(d)
+    warnings = [
+        r
+        for r in caplog.records
+        if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.FULL_SOON
+    ]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    fields = warnings[0].journal_fields  # type: ignore[attr-defined]
+    assert fields["LIMIT"] == "backing_fs" and fields["POOLS"] == ",".join(names), fields
+    assert "30 pools at risk: p00, p01, p02, p03, p04 and 25 more" in warnings[0].getMessage()
 
 
 def test_the_journal_says_once_how_to_give_back_what_the_data_file_holds_unused(
@@ -326,7 +366,7 @@ def test_a_preallocated_pool_is_never_told_to_give_space_back(
 ) -> None:
     """Its file is allocated whole on purpose; fstrim would only undo that."""
     caplog.set_level(logging.INFO, logger="thinwatchd")
-    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB, **PREALLOCATED)
+    d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB, pool=PREALLOCATED)
     monkeypatch.setattr(d.extender.backing, "allocated", lambda path: 100 * 1024 * MiB)
     d._pass(list(d.pools.values()), survey=True)
     said = [

@@ -10,6 +10,9 @@ for that pool's I/O only. On the real kernel: tests/kernel/test_daemon.py (a fro
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -163,6 +166,62 @@ def test_a_stalled_backing_filesystem_holds_up_no_other_pool(
     thawed.set()
     serve_until(daemon, lambda: growths(daemon, "a") == 1, "a never grew")
     no_internal_errors(caplog)
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A directory on another filesystem than tmp_path's: /dev/shm, a tmpfs on any Linux."""
+    other = Path(tempfile.mkdtemp(prefix="thinwatchd-test-", dir="/dev/shm"))
+    assert os.stat(other).st_dev != os.stat(tmp_path).st_dev, "/dev/shm is on tmp_path's fs"
+    yield other
+    shutil.rmtree(other)
+
+
+@both_thread_counts
+def test_a_filesystem_whose_stat_stalls_holds_up_no_pool_on_another(
+    fake: FakeKernel,
+    kernel: Kernel,
+    tmp_path: Path,
+    other_filesystem: Path,
+    threads: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """a's files on one filesystem, b's on another; a's filesystem stalls every lstat (a dead
+    NFS server): b still grows. Looks at a filesystem (lstat, statvfs) are serialized per
+    filesystem, never across them, and never under a lock b needs."""
+    homes = {"a": other_filesystem, "b": tmp_path}
+    pools = {
+        name: {
+            "data_file": f"{home}/{name}.data",
+            "metadata_file": f"{home}/{name}.meta",
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 16,
+            "reserve": 0,
+        }
+        for name, home in homes.items()
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"daemon": {"check_interval": "1h"}, "pools": pools}))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop())
+    d.start()
+    thawed = threading.Event()
+    try:
+        fake.stall("lstat", f"{other_filesystem}/", lambda: thawed.wait(PATIENCE))
+        to_mark(fake, d, "a")
+        to_mark(fake, d, "b")
+        d._check_events()  # one pass, a first: its look at a.data stalls
+        serve_until(d, lambda: growths(d, "b") == 1, "b waited behind a's filesystem")
+        assert growths(d, "a") == 0
+        thawed.set()
+        serve_until(d, lambda: growths(d, "a") == 1, "a never grew")
+        no_internal_errors(caplog)
+    finally:
+        thawed.set()
+        d.reconcilers.run_until_idle(timeout=PATIENCE)
+        d.reconcilers.close()
+        d.workers.close()
+        d.loop.close()
 
 
 def test_an_event_during_a_growth_is_served_after_it(
