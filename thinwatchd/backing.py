@@ -51,6 +51,9 @@ def _promise(info: FileInfo | None) -> Bytes:
 class _Look:
     info: FileInfo | None  # None: missing or unreadable when looked at (promises nothing)
     at: int  # the pass that looked (0: stale, to be looked at again)
+    # The filesystem it was last seen on, kept when a look fails: a file that could not be
+    # looked at once is still surveyed with its filesystem's files, under that one's lock.
+    dev: int | None = None
 
 
 class BackingFiles:
@@ -106,10 +109,10 @@ class BackingFiles:
             return self._fs_locks.setdefault(dev, threading.Lock())
 
     def last_dev(self, path: str) -> int | None:
-        """Return the filesystem path was on when last looked at (None: never, or gone)."""
+        """Return the filesystem path was last seen on (None: never seen)."""
         with self.lock:
             look = self._files.get(path)
-            return None if look is None or look.info is None else look.info.dev
+            return None if look is None else look.dev
 
     def promised(self, dev: int) -> int:
         with self.lock:
@@ -122,7 +125,8 @@ class BackingFiles:
                 self._promised[old.info.dev] -= _promise(old.info)
             if info is not None:
                 self._promised[info.dev] = self._promised.get(info.dev, 0) + _promise(info)
-            self._files[path] = _Look(info, at)
+            dev = info.dev if info is not None else old.dev if old is not None else None
+            self._files[path] = _Look(info, at, dev)
             self._unseen.discard(path)
 
     def _look_other(self, path: str, at: int) -> None:
@@ -135,6 +139,9 @@ class BackingFiles:
         self._store(path, info, at)
 
     def _look_unseen(self, at: int) -> None:
+        with self.lock:
+            if not self._unseen:
+                return  # the usual case: no wait behind another pool's first look
         with self._unseen_lock:
             with self.lock:
                 unseen = list(self._unseen)
@@ -144,11 +151,7 @@ class BackingFiles:
     def _stale_on(self, dev: int, at: int) -> list[str]:
         """Return the files last seen on dev that this pass has not looked at."""
         with self.lock:
-            return [
-                p
-                for p, look in self._files.items()
-                if look.at != at and look.info is not None and look.info.dev == dev
-            ]
+            return [p for p, look in self._files.items() if look.at != at and look.dev == dev]
 
     def _survey(self, dev: int, at: int) -> None:
         """Look at every file last seen on dev not yet looked at in this pass (under its lock)."""
@@ -181,12 +184,14 @@ class BackingFiles:
 
     def _changed(self, path: str, at: int) -> None:
         dev = self.last_dev(path)
-        with self.lock:
-            if dev is not None and dev in self._spaces:
-                self._spaces[dev] = (0, self._spaces[dev][1])
-        # Now, for every pool after it in the pass; a failure here is its own pool's to say,
-        # at its next look.
+        # Under the filesystem's lock: a statvfs running now may have read the free space from
+        # before the growth, and must not store it over this mark.
         with self.fs_lock(dev):
+            with self.lock:
+                if dev is not None and dev in self._spaces:
+                    self._spaces[dev] = (0, self._spaces[dev][1])
+            # Now, for every pool after it in the pass; a failure here is its own pool's to
+            # say, at its next look.
             self._look_other(path, at)
 
     def _look_again(self, path: str, at: int) -> bool:

@@ -7,6 +7,7 @@ real, their filesystem is not theirs alone).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from dataclasses import replace
@@ -17,6 +18,7 @@ import yaml
 
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock
+from thinwatchd.backing import BackingFiles
 from thinwatchd.daemon import Daemon
 from thinwatchd.estimates import read_estimates
 from thinwatchd.events import EventLoop
@@ -375,3 +377,25 @@ def test_a_preallocated_pool_is_never_told_to_give_space_back(
         if getattr(r, "journal_fields", {}).get("MESSAGE_ID") == MessageId.SPACE_RECLAIMABLE
     ]
     assert said == []
+
+
+def test_a_file_that_could_not_be_looked_at_once_is_counted_again_at_the_next_check(
+    fake: FakeKernel, tmp_path: Path
+) -> None:
+    """q's lstat fails once (EIO) during p's survey: q promises nothing for that pass, and the
+    next safety check looks at it again with its filesystem's files (it was surveyed by the
+    filesystem it was last seen on), so p's figures count q's unwritten 48 MiB again."""
+    p, q = str(tmp_path / "p.data"), str(tmp_path / "q.data")
+    for path in (p, q):
+        with open(path, "wb") as f:
+            f.truncate(48 * MiB)  # sparse: all of it promised
+    backing = BackingFiles(Files(fake.syscalls))
+    backing.watch([p, q])
+
+    def promised_to_others() -> int:
+        return backing.new_pass(survey=True).figures(p).promised_elsewhere
+
+    assert promised_to_others() == 48 * MiB
+    fake.fail("lstat", errno.EIO, target=q)
+    assert promised_to_others() == 0  # q could not be looked at: it promises nothing
+    assert promised_to_others() == 48 * MiB
