@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.units import Bytes
 
 MiB = 1024**2
+GiB = 1024**3
+#: Long enough for anything here many times over; a test that waits this long has failed.
+PATIENCE = 5.0
 
 
 class SharedFilesystem(Files):
@@ -399,3 +403,47 @@ def test_a_file_that_could_not_be_looked_at_once_is_counted_again_at_the_next_ch
     fake.fail("lstat", errno.EIO, target=q)
     assert promised_to_others() == 0  # q could not be looked at: it promises nothing
     assert promised_to_others() == 48 * MiB
+
+
+class SlowStatvfs(Files):
+    """A filesystem whose statvfs reads the free space, then takes until released to return
+    (a slow syscall), with the free space set by the test."""
+
+    def __init__(self, files: Files) -> None:
+        super().__init__(files.sys)
+        self.free = 100 * GiB
+        self.read = threading.Event()  # a statvfs has read the free space
+        self.release = threading.Event()
+
+    def space(self, path: str) -> FsSpace:
+        seen = FsSpace(Bytes(self.free), Bytes(200 * GiB))
+        self.read.set()
+        self.release.wait(PATIENCE)
+        return seen
+
+
+def test_a_growth_during_a_slow_statvfs_is_not_counted_as_free_space(
+    fake: FakeKernel, tmp_path: Path
+) -> None:
+    """q's statvfs reads the free space, then p's preallocated growth takes 10 GiB and says so
+    (changed) before that statvfs returns: r's figures, later in the pass, must look again and
+    see 90 GiB, not the 100 GiB read before the growth."""
+    paths = {name: str(tmp_path / f"{name}.data") for name in ("p", "q", "r")}
+    for path in paths.values():
+        with open(path, "wb") as f:
+            f.write(b"\1" * 4096)  # allocated: promises nothing that matters here
+    fs = SlowStatvfs(Files(fake.syscalls))
+    backing = BackingFiles(fs)
+    backing.watch(paths.values())
+    look = backing.new_pass()
+    slow = threading.Thread(target=look.figures, args=(paths["q"],))
+    slow.start()
+    assert fs.read.wait(PATIENCE)
+    fs.free -= 10 * GiB  # p's growth took it...
+    grown = threading.Thread(target=look.changed, args=(paths["p"],))
+    grown.start()  # ...and says so while q's statvfs is still out
+    grown.join(0.2)
+    fs.release.set()
+    slow.join(PATIENCE)
+    grown.join(PATIENCE)
+    assert look.figures(paths["r"]).free_bytes == 90 * GiB
