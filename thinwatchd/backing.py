@@ -153,10 +153,13 @@ class BackingFiles:
         with self.lock:
             return [p for p, look in self._files.items() if look.at != at and look.dev == dev]
 
-    def _survey(self, dev: int, at: int) -> None:
-        """Look at every file last seen on dev not yet looked at in this pass (under its lock)."""
-        for path in self._stale_on(dev, at):
+    def _survey(self, dev: int, at: int) -> bool:
+        """Look at every file last seen on dev not yet looked at in this pass (under its lock);
+        return whether there was any."""
+        stale = self._stale_on(dev, at)
+        for path in stale:
             self._look_other(path, at)
+        return bool(stale)
 
     def _own(self, path: str, at: int) -> FileInfo:
         """Return the pool's own file as this pass sees it; raise if it cannot be looked at."""
@@ -199,10 +202,7 @@ class BackingFiles:
         if dev is None:
             return False
         with self.fs_lock(dev):
-            stale = self._stale_on(dev, at)
-            for other in stale:
-                self._look_other(other, at)
-        return bool(stale)
+            return self._survey(dev, at)
 
 
 class BackingLook:
