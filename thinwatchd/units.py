@@ -11,7 +11,6 @@ __all__ = [
     "DURATION_HINT",
     "MAX_SIZE_BYTES",
     "META_BLOCK_BYTES",
-    "META_BLOCK_SECTORS",
     "PERCENT_HINT",
     "SECTOR_BYTES",
     "SIZE_HINT",
@@ -51,7 +50,6 @@ MetaBlocks = NewType("MetaBlocks", int)
 #: include/linux/blk_types.h SECTOR_SHIFT = 9
 SECTOR_BYTES = 512
 META_BLOCK_BYTES = Bytes(4096)
-META_BLOCK_SECTORS = META_BLOCK_BYTES // SECTOR_BYTES
 
 
 def format_duration(seconds: float) -> str:

@@ -11,13 +11,23 @@ from hypothesis import strategies as st
 
 from thinwatchd.units import (
     MAX_SIZE_BYTES,
+    Sectors,
+    bytes_to_data_blocks,
+    bytes_to_data_blocks_up,
+    bytes_to_meta_blocks,
     bytes_to_sectors,
+    data_block_bytes,
+    data_blocks_to_bytes,
+    data_blocks_to_sectors,
     format_bytes,
     format_duration,
+    meta_blocks_to_bytes,
     parse_duration,
     parse_percent,
     parse_size,
     sectors_to_bytes,
+    whole_data_blocks,
+    whole_meta_blocks,
 )
 
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
@@ -239,3 +249,21 @@ def test_durations_read_roughly() -> None:
         "3 h 20 min",
         "5 days",
     ]
+
+
+@given(st.integers(0, 2**50), st.integers(1, 16384).map(lambda n: Sectors(128 * n)))
+def test_block_conversions_round_as_the_kernel_counts(size: int, block_size: Sectors) -> None:
+    """Whole blocks round down (the kernel ignores a partial block), the blocks needed to hold a
+    size round up, and converting back gives the bytes of those blocks."""
+    block = data_block_bytes(block_size)
+    assert block == block_size * 512
+    blocks = bytes_to_data_blocks(size, block_size)
+    assert data_blocks_to_bytes(blocks, block_size) == whole_data_blocks(size, block_size)
+    assert whole_data_blocks(size, block_size) <= size < whole_data_blocks(size, block_size) + block
+    needed = bytes_to_data_blocks_up(size, block_size)
+    assert needed - blocks == (0 if size % block == 0 else 1)
+    assert data_blocks_to_sectors(blocks, block_size) * 512 == data_blocks_to_bytes(
+        blocks, block_size
+    )
+    assert whole_meta_blocks(size) == meta_blocks_to_bytes(bytes_to_meta_blocks(size))
+    assert whole_meta_blocks(size) % 4096 == 0 and size - whole_meta_blocks(size) < 4096
