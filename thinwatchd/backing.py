@@ -64,6 +64,7 @@ class BackingFiles:
         self._files: dict[str, _Look] = {}
         self._unseen: set[str] = set()  # watched, never looked at
         self._promised: dict[int, int] = {}  # st_dev -> what its pool files promise
+        self._on_fs: dict[int, dict[str, None]] = {}  # st_dev -> the files last seen on it
         self._spaces: dict[int, tuple[int, FsSpace]] = {}  # st_dev -> (pass, statvfs)
         self._passes = itertools.count(1)
         self.lock = threading.Lock()  # the tables above; never held across a syscall
@@ -126,6 +127,10 @@ class BackingFiles:
             if info is not None:
                 self._promised[info.dev] = self._promised.get(info.dev, 0) + _promise(info)
             dev = info.dev if info is not None else old.dev if old is not None else None
+            if old is not None and old.dev is not None and old.dev != dev:
+                del self._on_fs[old.dev][path]
+            if dev is not None:
+                self._on_fs.setdefault(dev, {})[path] = None  # an ordered set: looks in order
             self._files[path] = _Look(info, at, dev)
             self._unseen.discard(path)
 
@@ -149,9 +154,10 @@ class BackingFiles:
                 self._look_other(path, at)
 
     def _stale_on(self, dev: int, at: int) -> list[str]:
-        """Return the files last seen on dev that this pass has not looked at."""
+        """Return the files last seen on dev that this pass has not looked at (those on other
+        filesystems are not even scanned: a check of N pools on N filesystems stays O(N))."""
         with self.lock:
-            return [p for p, look in self._files.items() if look.at != at and look.dev == dev]
+            return [p for p in self._on_fs.get(dev, ()) if self._files[p].at != at]
 
     def _survey(self, dev: int, at: int) -> bool:
         """Look at every file last seen on dev not yet looked at in this pass (under its lock);
