@@ -70,6 +70,12 @@ class BackingFiles:
         self.lock = threading.Lock()  # the tables above; never held across a syscall
         self._fs_locks: dict[int | None, threading.Lock] = {}  # st_dev -> its looks
         self._unseen_lock = threading.Lock()  # looks at the unseen files
+        # Growths decided and not yet made, per filesystem: what the next decision there must
+        # count as taken. Decisions on one filesystem are made one at a time, each holding its
+        # decision lock from its figures to its booking, so two growths side by side never
+        # both take the same free space.
+        self._booked: dict[int, dict[str, int]] = {}  # st_dev -> path -> bytes
+        self._decision_locks: dict[int | None, threading.Lock] = {}
 
     def watch(self, paths: Iterable[str]) -> None:
         """Count these files' promises from the next pass on (a pool that was just built)."""
@@ -118,6 +124,52 @@ class BackingFiles:
     def promised(self, dev: int) -> int:
         with self.lock:
             return self._promised.get(dev, 0)
+
+    def booked(self, dev: int, but: str = "") -> int:
+        """Return what growths decided on dev and not yet made will take (but path's own)."""
+        with self.lock:
+            return sum(n for p, n in self._booked.get(dev, {}).items() if p != but)
+
+    def decision_lock(self, path: str) -> threading.Lock:
+        """Return the lock held from a growth decision's figures on path's filesystem to its
+        booking (None's, for a file never looked at, until its filesystem is known)."""
+        dev = self.last_dev(path)
+        with self.lock:
+            return self._decision_locks.setdefault(dev, threading.Lock())
+
+    def book(self, path: str, nbytes: int) -> None:
+        """Count nbytes as taken on path's filesystem until path is next looked at after it
+        changed (BackingLook.changed) or the booking is dropped (unbook)."""
+        dev = self.last_dev(path)
+        if dev is None or nbytes <= 0:
+            return
+        with self.lock:
+            self._booked.setdefault(dev, {})[path] = nbytes
+
+    def unbook(self, path: str) -> None:
+        dev = self.last_dev(path)
+        with self.lock:
+            if dev is not None and path in self._booked.get(dev, {}):
+                del self._booked[dev][path]
+
+    def filesystems(self) -> dict[int, list[str]]:
+        """Return every filesystem (st_dev) and the pool files last seen on it."""
+        with self.lock:
+            return {dev: list(paths) for dev, paths in self._on_fs.items() if paths}
+
+    def look_at_fs(self, dev: int) -> None:
+        """Look at every file last seen on dev now (under its lock), outside any pass."""
+        with self.fs_lock(dev):
+            with self.lock:
+                at = next(self._passes)
+            for path in self._stale_on(dev, at):
+                self._look_other(path, at)
+
+    def file_info(self, path: str) -> FileInfo | None:
+        """Return path's last look (None: never looked at, or missing then)."""
+        with self.lock:
+            look = self._files.get(path)
+            return None if look is None else look.info
 
     def _store(self, path: str, info: FileInfo | None, at: int) -> None:
         with self.lock:
@@ -200,8 +252,13 @@ class BackingFiles:
                 if dev is not None and dev in self._spaces:
                     self._spaces[dev] = (0, self._spaces[dev][1])
             # Now, for every pool after it in the pass; a failure here is its own pool's to
-            # say, at its next look.
+            # say, at its next look. What the growth took is in that look (its file) and in
+            # the next statvfs, so its booking goes in the same step: a decision on this
+            # filesystem sees the growth either booked or made, never neither nor both.
             self._look_other(path, at)
+            with self.lock:
+                if dev is not None:
+                    self._booked.get(dev, {}).pop(path, None)
 
     def _look_again(self, path: str, at: int) -> bool:
         dev = self.last_dev(path)
@@ -237,7 +294,7 @@ class BackingLook:
                 if first:
                     files._survey(own.dev, at)
             space = files._space(path, own.dev, at)
-            promised = files.promised(own.dev) - _promise(own)
+            promised = files.promised(own.dev) - _promise(own) + files.booked(own.dev, path)
         return BackingFs(
             free_bytes=space.free,
             total_bytes=space.total,
@@ -246,6 +303,19 @@ class BackingLook:
             promised_elsewhere=Bytes(max(0, promised)),
             path=os.path.dirname(path),
         )
+
+    def deciding(self, path: str) -> threading.Lock:
+        """The lock to hold from figures(path) to book(path): one growth decision at a time
+        on path's filesystem."""
+        return self._files.decision_lock(path)
+
+    def book(self, path: str, nbytes: int) -> None:
+        """A growth of path by nbytes is decided: the next decisions on its filesystem count
+        it as taken until changed(path) (or unbook(path): it will not be made)."""
+        self._files.book(path, nbytes)
+
+    def unbook(self, path: str) -> None:
+        self._files.unbook(path)
 
     def changed(self, path: str) -> None:
         """The pass changed path (grew it): look at it again now, and at its filesystem when

@@ -163,9 +163,13 @@ class Extender:
                     state.failing, state.failed_attempts = None, 0
                 break
             if backing_off or state.unfinished is not None:
+                look.unbook(self._path(pool, decision))  # not made now
                 blocked = True  # backing off after a failure; the daemon's timer comes back
                 break
-            grown = self._grow(pool, state, decision, started, look, writeback)
+            try:
+                grown = self._grow(pool, state, decision, started, look, writeback)
+            finally:
+                look.unbook(self._path(pool, decision))  # made or not: no longer to come
             if grown is None:
                 blocked = True
                 break
@@ -267,10 +271,19 @@ class Extender:
         """Decide on the pass's figures for path; when its filesystem's room limits the
         decision, decide again on fresh figures of every file there (others' promises may be
         one check old, and overstated)."""
-        decision = decide(look.figures(path))
-        if _room_bound(decision) and look.look_again(path):
+        with look.deciding(path):  # no other growth decided on this filesystem meanwhile
             decision = decide(look.figures(path))
+            if _room_bound(decision) and look.look_again(path):
+                decision = decide(look.figures(path))
+            if isinstance(decision, Grow):
+                look.book(path, decision.new_size - decision.old_size)
         return decision
+
+    @staticmethod
+    def _path(pool: Pool, decision: Grow) -> str:
+        """Return the file decision grows."""
+        data = decision.target is GrowthTarget.DATA
+        return str(pool.settings.data_file if data else pool.settings.metadata_file)
 
     # -- execution -------------------------------------------------------------------------
 
@@ -291,7 +304,7 @@ class Extender:
         """
         settings, files = pool.settings, self.kernel.files
         data = decision.target is GrowthTarget.DATA
-        path = str(settings.data_file if data else settings.metadata_file)
+        path = self._path(pool, decision)
         loop = pool.data_loop if data else pool.meta_loop
         steps: dict[str, float] = {"DECIDE_MS": self.clock()}
         if writeback is not None:
@@ -313,7 +326,7 @@ class Extender:
             files.grow(
                 path,
                 decision.new_size,
-                preallocate=settings.preallocate,
+                preallocate=settings.allocates(metadata=not data),
                 sync=False,
                 identity=(loop.backing_dev, loop.backing_inode),
             )

@@ -13,8 +13,10 @@ import os
 import stat
 
 from thinwatchd.errors import KernelError, PoolSetupError
+from thinwatchd.forecast import reserve_bytes
 from thinwatchd.kernel.api import FileInfo, FilesApi
 from thinwatchd.settings import PoolSettings
+from thinwatchd.units import Bytes, format_bytes
 
 __all__ = ["check_distinct_files", "prepare_files"]
 
@@ -122,12 +124,33 @@ def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
         (meta, meta_info, settings.metadata_size),
         (data, data_info, settings.data_size),
     ):
+        allocate = settings.allocates(metadata=path == meta)
         if info is None:
             files.make_dirs(os.path.dirname(os.path.abspath(path)))
-            files.create(path, size, preallocate=settings.preallocate)
+        if allocate and (info is None or info.size < size):
+            _check_room(settings, files, path, Bytes(size - (0 if info is None else info.size)))
+        if info is None:
+            files.create(path, size, preallocate=allocate)
         elif info.size < size:
-            files.grow(path, size, preallocate=settings.preallocate)
+            files.grow(path, size, preallocate=allocate)
     return True
+
+
+def _check_room(settings: PoolSettings, files: FilesApi, path: str, needed: Bytes) -> None:
+    """Refuse (ENOSPC, a transient error: the unit retries) a new file that would take its
+    filesystem into the pool's reserve, before any of it is allocated."""
+    space = files.space(os.path.dirname(os.path.abspath(path)))
+    reserve = reserve_bytes(settings, space.total)
+    if space.free - needed < reserve:
+        raise KernelError(
+            "create file",
+            path,
+            errno.ENOSPC,
+            f"{_file_key(settings, path)} needs {format_bytes(needed)} and its filesystem has "
+            f"{format_bytes(space.free)} free, less the reserve of {format_bytes(reserve)}: "
+            f"free space there, or lower pools.{settings.name}.data_size / metadata_size / "
+            f"reserve",
+        )
 
 
 def check_distinct_files(pools: list[PoolSettings], files: FilesApi) -> None:

@@ -82,6 +82,14 @@ class PoolSettings:
     metadata: MetadataGrowth = field(default_factory=MetadataGrowth)
     when_full: NoSpaceSettings = field(default_factory=NoSpaceSettings)
 
+    def allocates(self, *, metadata: bool) -> bool:
+        """Whether new space in that file is allocated (fallocate) rather than left sparse.
+
+        Always for metadata: a metadata write that meets a full filesystem fails, and dm-thin
+        then puts the pool read-only with needs_check, to be repaired offline.
+        """
+        return metadata or self.preallocate
+
 
 #: Pool settings a reload cannot change on a running pool.
 FIXED_KEYS = ("data_file", "metadata_file", "data_block_size")

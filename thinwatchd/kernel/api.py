@@ -220,6 +220,12 @@ class FilesApi(Protocol):
         With identity, refuse (ESTALE) unless the file opened is that (st_dev, st_ino).
         """
 
+    def claim(self, path: str, identity: tuple[int, int] | None = None) -> Bytes:
+        """Allocate every hole of the file, changing no byte; return the bytes that took.
+
+        With identity, refuse (ESTALE) unless the file opened is that (st_dev, st_ino).
+        """
+
     def holds_data(self, path: str) -> bool:
         """Return whether any byte of the file was ever written (SEEK_DATA finds data)."""
 

@@ -14,7 +14,7 @@ import stat as _stat
 from thinwatchd.errors import KernelError
 from thinwatchd.kernel.api import FileInfo, FsSpace
 from thinwatchd.kernel.syscalls import FALLOC_FL_KEEP_SIZE, Syscalls
-from thinwatchd.units import Bytes, disk_blocks_to_bytes, fs_blocks_to_bytes
+from thinwatchd.units import Bytes, disk_blocks_to_bytes, format_bytes, fs_blocks_to_bytes
 
 __all__ = ["Files", "make_node", "open_device_node"]
 
@@ -22,6 +22,8 @@ __all__ = ["Files", "make_node", "open_device_node"]
 HEADER_BYTES = 4096
 #: Mode of directories thinwatchd creates for pool files: root's own, like its files.
 DIRECTORY_MODE = 0o700
+#: Zeros written at once where a filesystem cannot fallocate.
+ZERO_CHUNK_BYTES = 1024 * 1024
 
 
 def _kind(mode: int) -> str:
@@ -169,9 +171,56 @@ class Files:
         return list(reversed(missing))
 
     def _preallocate(self, fd: int, offset: int, length: int) -> None:
-        """Allocate [offset, offset+length) beyond EOF without changing the size (KEEP_SIZE)."""
-        if length > 0:
+        """Allocate [offset, offset+length) beyond EOF, the range no loop device sees yet.
+
+        With fallocate(KEEP_SIZE) the size does not change. A filesystem that cannot
+        fallocate (EOPNOTSUPP: NFS before 4.2, ext4 without extents) gets the range written
+        with zeros instead, as posix_fallocate(3) does: that moves EOF, which the caller sets
+        again. Zeros are only ever written past EOF, never into a file a pool is using.
+        """
+        if length <= 0:
+            return
+        try:
             self.sys.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno != _errno.EOPNOTSUPP:
+                raise
+            zeros = bytes(ZERO_CHUNK_BYTES)
+            end = offset + length
+            while offset < end:
+                count = min(ZERO_CHUNK_BYTES, end - offset)
+                offset += self.sys.pwrite(fd, zeros[:count], offset)
+
+    def claim(self, path: str, identity: tuple[int, int] | None = None) -> Bytes:
+        """Allocate every hole of a file in use, without changing a byte of it; return the
+        bytes this took from the filesystem (st_blocks after, less before).
+
+        fallocate(KEEP_SIZE) over the whole file: written blocks stay as they are, holes become
+        unwritten extents that read as zeros, so a pool's write there cannot meet a full
+        filesystem. Safe beside the loop device's own I/O (the filesystem orders it with
+        direct I/O and hole punches). ENOSPC leaves what was allocated so far allocated. A
+        filesystem that cannot fallocate gives EOPNOTSUPP: a file in use is never written to
+        instead. With identity (st_dev, st_ino), the file opened must be that one (ESTALE).
+        """
+        op = "claim holes"
+        fd = self.open_regular(path, _os.O_RDWR)
+        try:
+            st = self.sys.fstat(fd)
+            if identity is not None and (st.st_dev, st.st_ino) != identity:
+                raise KernelError(op, path, _errno.ESTALE, "not the file behind the loop device")
+            before = st.st_blocks
+            try:
+                if st.st_size > 0:
+                    self.sys.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, st.st_size)
+            except OSError as exc:
+                taken = max(0, self.sys.fstat(fd).st_blocks - before)
+                detail = f"{format_bytes(disk_blocks_to_bytes(taken))} claimed before it failed"
+                raise KernelError(op, path, exc.errno or _errno.EIO, detail) from exc
+            return disk_blocks_to_bytes(max(0, self.sys.fstat(fd).st_blocks - before))
+        except OSError as exc:
+            raise _error(op, path, exc) from exc
+        finally:
+            self.sys.close(fd)
 
     def _stage(self, dirfd: int, base: str) -> tuple[int, str | None]:
         """Open an unnamed file in the directory (O_TMPFILE), or a named temporary one."""
@@ -251,7 +300,8 @@ class Files:
         the old or the new size — then fsync unless sync is False (for a pool file the kernel
         makes the size durable itself before it records the new size; see extender.py). Never
         shrinks: raise KernelError(EINVAL) if new_size < the current size (equal is a no-op).
-        EOPNOTSUPP means the filesystem cannot preallocate. With identity (st_dev, st_ino), the
+        Where the filesystem cannot fallocate, the new range is written with zeros (it is past
+        the old EOF: nothing uses it yet). With identity (st_dev, st_ino), the
         open file must be that one (the one behind the loop device): a file replaced under the
         same name is refused with ESTALE, never grown in its place.
         """
@@ -278,9 +328,9 @@ class Files:
                 try:
                     self._preallocate(fd, old, new_size - old)
                 except OSError:
-                    # Give back blocks allocated beyond EOF; the size is still `old`, so this
-                    # truncate can only drop the stray preallocation, never data.
-                    if self.sys.fstat(fd).st_size == old:
+                    # Give back what was allocated or written beyond the old EOF: no loop
+                    # device sees past it yet, so this truncate can only drop that, never data.
+                    if self.sys.fstat(fd).st_size >= old:
                         self.sys.ftruncate(fd, old)
                     raise
             self.sys.ftruncate(fd, new_size)

@@ -69,6 +69,10 @@ class Syscalls:
         self._enter("fsync", str(fd))
         _os.fsync(fd)
 
+    def pwrite(self, fd: int, data: bytes, offset: int) -> int:
+        self._enter("pwrite", str(fd))
+        return _os.pwrite(fd, data, offset)
+
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         self._enter("pread", str(fd))
         return _os.pread(fd, length, offset)
