@@ -152,10 +152,10 @@ class BackingFiles:
             if dev is not None and path in self._booked.get(dev, {}):
                 del self._booked[dev][path]
 
-    def filesystems(self) -> dict[int, list[str]]:
-        """Return every filesystem (st_dev) and the pool files last seen on it."""
+    def filesystems(self) -> list[int]:
+        """Return every filesystem (st_dev) a pool file was last seen on."""
         with self.lock:
-            return {dev: list(paths) for dev, paths in self._on_fs.items() if paths}
+            return [dev for dev, paths in self._on_fs.items() if paths]
 
     def look_at_fs(self, dev: int) -> None:
         """Look at every file last seen on dev now (under its lock), outside any pass."""
@@ -164,6 +164,13 @@ class BackingFiles:
                 at = next(self._passes)
             for path in self._stale_on(dev, at):
                 self._look_other(path, at)
+
+    def changed(self, path: str) -> None:
+        """path changed outside a pass (its holes claimed): look at it again now, and at its
+        filesystem when figures are next asked for."""
+        with self.lock:
+            at = next(self._passes)
+        self._changed(path, at)
 
     def file_info(self, path: str) -> FileInfo | None:
         """Return path's last look (None: never looked at, or missing then)."""

@@ -42,12 +42,16 @@ from thinwatchd.pool_state import ManagedPool, PoolState
 from thinwatchd.publish import PUBLISH_SECONDS, Publisher, pool_figures, status_line
 from thinwatchd.reconciles import Reconciles
 from thinwatchd.settings import PoolSettings, Settings, keep_fixed
+from thinwatchd.space_watch import SPACE_WATCH_SECONDS, SpaceWatch, pool_files_by_fs
 from thinwatchd.unbuilt import Unbuilt
 from thinwatchd.workers import Workers
 
 __all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
+
+#: A filesystem look running this long (a stalled filesystem) no longer holds up the others'.
+SPACE_STUCK_SECONDS = 1.0
 
 
 class Daemon:
@@ -84,6 +88,12 @@ class Daemon:
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
         self.extender = Extender(kernel, self.loop.time)
+        self.space_watch = SpaceWatch(
+            self.extender.backing, kernel.files, self.extender.page_cache, self.loop.time
+        )
+        # Looks at backing filesystems: their own threads, so that a stalled one holds up no
+        # growth; one per filesystem at a time.
+        self.space_workers = Workers(self.loop, max_threads=2, stuck_after=SPACE_STUCK_SECONDS)
         self.dm_events = DmEvents(
             self.loop,
             kernel.dm,
@@ -209,6 +219,7 @@ class Daemon:
         self._schedule_check()
         self._schedule_watchdog()
         self._schedule_writeback_watch()
+        self._schedule_space_watch()
         self.notifier.ready(self.status_line())
         log.info("thinwatchd ready: %s", self.status_line())
         try:
@@ -217,6 +228,7 @@ class Daemon:
             self.publications.flush()  # the files as of the last pass
         finally:
             self.workers.close()
+            self.space_workers.close()
             self.reconcilers.close()
             loop.close()
 
@@ -243,6 +255,33 @@ class Daemon:
     def _schedule_writeback_watch(self) -> None:
         if self.kernel.memory is not None:  # without the counters, nothing to watch
             watch_writeback(self.loop, self.extender.page_cache, self.pools, self._pass)
+
+    def _schedule_space_watch(self) -> None:
+        """Every SPACE_WATCH_SECONDS, look at the backing filesystems that are due, each in a
+        job of its own (a stalled one holds up no other); pools refused room are reconciled
+        as soon as their filesystem's free space rises."""
+        watch = self.space_watch
+
+        def tick() -> None:
+            due = watch.due(self.loop.time())
+            if due:
+                by_fs = pool_files_by_fs(list(self.pools.values()), watch.backing)
+                for dev in due:
+                    there = by_fs.get(dev, [])
+                    self.space_workers.submit(
+                        f"fs {dev}",
+                        functools.partial(watch.look, dev, there),
+                        functools.partial(looked, there),
+                    )
+            self.loop.call_later(SPACE_WATCH_SECONDS, tick)
+
+        def looked(there: list[ManagedPool], rose: object, error: BaseException | None) -> None:
+            if error is not None:
+                log.critical("internal error watching a backing filesystem", exc_info=error)
+            elif rose:
+                self._pass([m for m in there if m.state.refused_since is not None])
+
+        self.loop.call_later(SPACE_WATCH_SECONDS, tick)
 
     def _schedule_watchdog(self) -> None:
         interval = self.notifier.watchdog_interval

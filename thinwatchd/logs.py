@@ -35,6 +35,9 @@ class MessageId(enum.StrEnum):
     BACKING_FS_LOW = "98127a65fa8b4f80944a947f37c7637e"
     FULL_SOON = "126ac4407baf4839bd759b76db675260"
     SPACE_RECLAIMABLE = "9beb66023ffe4a81af6f5a610feb59d1"
+    HOLES_CLAIMED = "9dec06cb1f034ef79d6402b8c20656f8"
+    CLAIM_FAILED = "30bafbb2833a478c85a461d0ca8351c3"
+    HOLES_LEFT = "2f13fb47b4364c2ea8718ef57cf9fdb6"
 
 
 def event(

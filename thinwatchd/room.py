@@ -1,7 +1,9 @@
 """The room a pool file has on its backing filesystem: what statvfs and stat say, less the
-reserve and what sparse files have promised, and the writes a full filesystem would fail.
+reserve and what sparse files have promised, the writes a full filesystem would fail, and when
+the holes of the pool files must be claimed (allocated) before a neighbour takes that space.
 
-Pure, like the policy that reads it; backing.py fills it in from the kernel.
+Pure, like the policy that reads it; backing.py fills it in from the kernel, space_watch.py
+looks and claims.
 """
 
 from __future__ import annotations
@@ -13,7 +15,22 @@ from thinwatchd.settings import PoolSettings
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import Bytes, data_blocks_to_bytes
 
-__all__ = ["BackingFs", "backing_shortfall"]
+__all__ = [
+    "CLAIM_REACTION_SECONDS",
+    "NEIGHBOUR_BYTES_PER_SECOND",
+    "BackingFs",
+    "backing_shortfall",
+    "claim_margin",
+    "must_claim",
+    "next_look_seconds",
+]
+
+#: The fastest a neighbour is taken to fill a filesystem once it has filled the page cache:
+#: a fast NVMe disk's sustained writes. A faster one it has been seen to be counts instead.
+NEIGHBOUR_BYTES_PER_SECOND = 2 * 1024**3
+#: From a look at a filesystem that finds its headroom short to its holes claimed: the watch's
+#: tick (0.2 s), the thread that takes the look, and fallocate over the files.
+CLAIM_REACTION_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,3 +74,33 @@ def backing_shortfall(status: ThinPoolStatus, settings: PoolSettings, backing: B
     pool_free = data_blocks_to_bytes(max(0, status.data_free), settings.data_block_size)
     holes = Bytes(max(0, backing.file_size - backing.file_allocated))
     return min(pool_free, holes)
+
+
+def claim_margin(reserve: Bytes, dirty_limit: int, fill_rate: float) -> Bytes:
+    """Return the headroom (free space beyond what the pool files' holes promise) under which
+    the holes are claimed: what a neighbour can take before a claim lands.
+
+    A buffered writer takes up to the page cache's dirty limit at memory speed (delayed
+    allocation reserves the blocks at once, and statvfs counts them), then its disk's rate:
+    NEIGHBOUR_BYTES_PER_SECOND, or the fastest fill_rate seen on the filesystem, for
+    CLAIM_REACTION_SECONDS. Never less than the reserve, which no growth may take either.
+    """
+    rate = max(float(NEIGHBOUR_BYTES_PER_SECOND), fill_rate)
+    return Bytes(max(reserve, dirty_limit + int(rate * CLAIM_REACTION_SECONDS)))
+
+
+def must_claim(free: int, promised: int, margin: int) -> bool:
+    """Return whether the data files' holes must be claimed now: the filesystem's free space
+    beyond what they promise is under the margin (a tight filesystem, or a neighbour filling
+    it). Otherwise the host keeps the space that discards gave back."""
+    return promised > 0 and free - promised < margin
+
+
+def next_look_seconds(
+    free: int, promised: int, margin: int, fastest: float, slowest: float
+) -> float:
+    """Return when to look at a filesystem again: before a neighbour writing at
+    NEIGHBOUR_BYTES_PER_SECOND could take the headroom above the margin, within
+    [fastest, slowest]. A roomy filesystem is looked at rarely, a tight one every tick."""
+    above = free - promised - margin
+    return min(slowest, max(fastest, above / NEIGHBOUR_BYTES_PER_SECOND))

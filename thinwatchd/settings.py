@@ -64,17 +64,19 @@ class NoSpaceSettings:
 
 @dataclass(frozen=True)
 class PoolSettings:
-    """One pool (``pools.<name>``). Defaults are Docker 0.7's loopback pool."""
+    """One pool (``pools.<name>``). Docker 0.7's loopback pool, made for a pool that grows:
+    its block size and features, but files that start small and are allocated, not sparse
+    (README: "Defaults")."""
 
     name: PoolName  # validated: config.py makes it with kernel.names.pool_name_problem
     data_file: Path
     metadata_file: Path
-    data_size: Bytes = Bytes(100 * GiB)  # initial size of a new data file
-    metadata_size: Bytes = Bytes(2 * GiB)  # initial size of a new metadata file
+    data_size: Bytes = Bytes(1 * GiB)  # initial size of a new data file
+    metadata_size: Bytes = Bytes(128 * MiB)  # initial size of a new metadata file
     data_block_size: Sectors = Sectors(128)  # table.valid_block_size says what the kernel takes
-    low_water_mark: DataBlocks = DataBlocks(32768)  # the floor of the adaptive mark
+    low_water_mark: DataBlocks = DataBlocks(4096)  # the floor of the adaptive mark
     features: tuple[Feature, ...] = (Feature.SKIP_BLOCK_ZEROING,)
-    preallocate: bool = False  # fallocate new space instead of leaving it sparse
+    preallocate: bool = True  # fallocate new data space instead of leaving it sparse
     direct_io: bool = True  # loop devices bypass the page cache (cheap flushes, no double cache)
     reserve: Bytes = Bytes(1 * GiB)  # keep this much free on the backing filesystem
     reserve_percent: float = 0.0  # ...or this share of it, whichever is larger

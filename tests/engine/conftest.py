@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,18 @@ def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Activations run in one worker thread, one at a time; reconciles inline (InlineWorkers)."""
     monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
     monkeypatch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
+
+
+@pytest.fixture(autouse=True)
+def give_back_pool_files(tmp_path: Path) -> Iterator[None]:
+    """The pool files here are real and, as by default, allocated: a test's growths take real
+    disk. pytest keeps every test's tmp_path until the session ends, so each test's files go
+    as soon as it is done (hundreds of tests each growing a pool by 1 GiB would fill a disk)."""
+    yield
+    for path in tmp_path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and path.stat().st_blocks > 2048:
+                path.unlink()
 
 
 @pytest.fixture

@@ -72,6 +72,7 @@ def start(
             "metadata_size": "8MiB",
             "low_water_mark": 16,
             "reserve": 0,
+            "preallocate": False,  # sparse data files: their holes are promises
             **(pool or {}),
         }
         for name in names

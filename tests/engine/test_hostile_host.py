@@ -292,7 +292,14 @@ def test_a_filesystem_at_its_reserve_is_said_once_and_when_full_applies(
     tiny = TinyFilesystem(kernel.files, free=200 * MiB)  # type: ignore[arg-type]
     kernel.files = tiny
     clock = Clock()
-    daemon = start(tmp_path, kernel, clock, reserve="1MiB", when_full={"error_after": "5s"})
+    daemon = start(
+        tmp_path,
+        kernel,
+        clock,
+        reserve="1MiB",
+        preallocate=False,
+        when_full={"error_after": "5s"},
+    )
     assert MessageId.BACKING_FS_LOW not in message_ids(caplog)
     tiny.free = 512 * 1024  # below the reserve; the pool still has ~all its blocks in holes
     daemon._reconcile(daemon.pools["pool"])

@@ -148,7 +148,11 @@ class Bed:
             make_file(f"{root}/{name}.data", 4 * MiB)
         self.config = root / "config.yaml"
         daemon = {"check_interval": f"{CHECK_INTERVAL:g}s", "metrics_file": str(self.metrics)}
-        self.config.write_text(yaml.safe_dump({"daemon": daemon, "pools": pools}))
+        # 1,000 pools: counts of calls, not a disk's worth of allocated blocks.
+        defaults = {"preallocate": False}
+        self.config.write_text(
+            yaml.safe_dump({"daemon": daemon, "defaults": defaults, "pools": pools})
+        )
         self.daemon = self._new_daemon()
         self.started = self.measure(self.daemon.start)
         self.daemon.workers.close()

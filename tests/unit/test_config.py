@@ -306,9 +306,9 @@ ERRORS = [
         "'15.9GiB' is more than the kernel can use",
     ),
     (
-        config("data: {max_size: 50G}"),
+        config("data: {max_size: 512M}"),
         "pools.p.data.max_size",
-        "'50G' is below data_size (100.0GiB)",
+        "'512M' is below data_size (1.0GiB)",
     ),
     (
         config("data: {max_size: 60K}", top="defaults: {data_size: 64K}\n"),
@@ -316,9 +316,9 @@ ERRORS = [
         "'60K' is below data_size",
     ),
     (
-        config(top="defaults: {data: {max_size: 10G}}\n"),
+        config(top="defaults: {data: {max_size: 100M}}\n"),
         "pools.p.data.max_size",
-        "'10G' (from defaults.data.max_size) is below data_size",
+        "'100M' (from defaults.data.max_size) is below data_size",
     ),
     (
         config("metadata_size: 1G\nmetadata: {max_size: 512M}"),

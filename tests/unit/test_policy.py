@@ -52,7 +52,16 @@ from thinwatchd.units import Bytes, DataBlocks, MetaBlocks
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 BB = 64 * KiB  # default data block: 128 sectors
 
-POOL = PoolSettings(pool_name("docker-pool"), Path("/var/lib/data"), Path("/var/lib/meta"))
+#: Docker 0.7's loopback pool: 100 GiB sparse data, 2 GiB metadata, mark 32768 blocks (2 GiB).
+POOL = PoolSettings(
+    pool_name("docker-pool"),
+    Path("/var/lib/data"),
+    Path("/var/lib/meta"),
+    data_size=Bytes(100 * GiB),
+    metadata_size=Bytes(2 * GiB),
+    low_water_mark=DataBlocks(32768),
+    preallocate=False,
+)
 NO_HISTORY = FillHistory()
 
 
