@@ -185,3 +185,50 @@ def test_only_run_takes_the_lock(
     monkeypatch.setattr("thinwatchd.cli.hold_instance_lock", forbidden)
     _refuse_dm(monkeypatch, errno.ENOENT)
     assert main(["--config", str(_config(tmp_path)), command]) in (0, 69)
+
+
+# --- status and a tampered estimates file (issue 19, item 7) ------------------------------------
+
+
+class _NoPools:
+    """A device-mapper with no devices: every configured pool shows as absent."""
+
+    def __enter__(self) -> _NoPools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def info(self, name: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ('{"version": 1, "written_at": 1' + "0" * 400 + ', "pools": {}}', "401 digits"),
+        ("[" * 100_000 + "]" * 100_000, "nested more than"),
+        ('{"version": 1, "written_at": NaN, "pools": {}}', "NaN"),
+    ],
+)
+def test_status_ignores_tampered_estimates_in_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    why: str,
+    as_json: bool,
+) -> None:
+    monkeypatch.setattr("thinwatchd.kernel.dm.DeviceMapper", _NoPools)
+    argv = ["--config", str(_config(tmp_path)), "status", "--lock-file", str(tmp_path / "lock")]
+    argv += ["--json"] if as_json else []
+    absent = main(argv)  # no estimates file
+    clean = capsys.readouterr()
+    assert clean.err == ""
+    (tmp_path / "estimates.json").write_text(text)
+    assert main(argv) == absent == 1  # the pool is not active; the estimates change nothing
+    tampered = capsys.readouterr()
+    assert tampered.out == clean.out  # as if there were no file
+    assert tampered.err.startswith(f"thinwatchd: ignoring {tmp_path}/estimates.json: ")
+    assert why in tampered.err and tampered.err.count("\n") == 1, tampered.err
