@@ -18,6 +18,7 @@ import pathlib
 import tempfile
 import time
 
+import thinwatchd.daemon
 import thinwatchd.publish
 import thinwatchd.reconciles
 import thinwatchd.workers
@@ -39,6 +40,7 @@ def main() -> None:
     # As the engine tests run it: reconciles inline, one thread (CPU is the process's).
     thinwatchd.workers.MAX_THREADS = 1
     thinwatchd.reconciles.reconcile_workers = InlineWorkers  # type: ignore[assignment]
+    thinwatchd.daemon.file_workers = InlineWorkers  # type: ignore[assignment]
     bed = Bed(pathlib.Path(tempfile.mkdtemp(prefix="pass-cost-")), args.pools)
     try:
         d = bed.daemon

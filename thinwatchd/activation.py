@@ -69,6 +69,31 @@ def _loop_for(
     return loop
 
 
+def _refuse_loops_in_use(
+    kernel: Kernel, settings: PoolSettings, meta_loop: LoopDevice, data_loop: LoopDevice
+) -> None:
+    """Refuse to build a pool on a loop that a live table maps (another pool's, thinwatchd's or
+    not: a reload that handed a running pool's file to a new one). The kernel refuses a
+    metadata device in use, but maps one data device into two pools, and the new pool's
+    metadata would then give away the other's blocks. Only when a loop already backed the
+    file: one table per device, read only then (a reboot's rebuild attaches new loops)."""
+    ours = {
+        device_number(loop.dev): (key, loop)
+        for key, loop in (("metadata_file", meta_loop), ("data_file", data_loop))
+    }
+    for device in kernel.dm.list_devices():
+        for target in kernel.dm.table(device.name):
+            for token in target.params.split():
+                if token in ours:
+                    key, loop = ours[token]
+                    raise PoolSetupError(
+                        f"pools.{settings.name}.{key}: {getattr(settings, key)} is mapped by "
+                        f"the live device {device.name} (through {loop.path}); a pool of its "
+                        f"own would hand out that pool's blocks. Point pools.{settings.name}."
+                        f"{key} at another file, or remove {device.name} first"
+                    )
+
+
 def _wanted_table(
     settings: PoolSettings, meta: LoopDevice, data: LoopDevice, low_water: DataBlocks
 ) -> ThinPoolTable:
@@ -113,6 +138,7 @@ def activate(
             "pool %s: removed a table-less device left by an interrupted creation", settings.name
         )
     new = prepare_files(settings, kernel.files)
+    attached = [index.find(str(settings.metadata_file)), index.find(str(settings.data_file))]
     meta_loop = _loop_for(
         kernel, index, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
     )
@@ -120,6 +146,8 @@ def activate(
         kernel, index, str(settings.data_file), attach=True, direct_io=settings.direct_io
     )
     assert meta_loop is not None and data_loop is not None
+    if any(attached):
+        _refuse_loops_in_use(kernel, settings, meta_loop, data_loop)
     if not new and check_metadata is not None:
         report = check_metadata(meta_loop.path)
         if report is not None:

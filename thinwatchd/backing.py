@@ -21,8 +21,8 @@ Pools are reconciled in worker threads side by side, sharing a pass. Looks at on
 (its files' lstat, its statvfs) are made by one thread at a time, under that filesystem's lock,
 so a pass looks at each once; the tables are kept under a lock never held across a syscall. A
 filesystem whose syscalls stall (a dead NFS server, a dying disk) so holds up only the pools on
-it, never a pool on another filesystem. Files never looked at yet (a pool just built) are looked
-at first by whoever asks, as their filesystem is not known before.
+it, never a pool on another filesystem. A pool just built has its files looked at in its build's
+thread, before any pass counts them: no pass waits on a file whose filesystem is not known.
 """
 
 from __future__ import annotations
@@ -62,14 +62,12 @@ class BackingFiles:
     def __init__(self, files: FilesApi) -> None:
         self.files = files
         self._files: dict[str, _Look] = {}
-        self._unseen: set[str] = set()  # watched, never looked at
         self._promised: dict[int, int] = {}  # st_dev -> what its pool files promise
         self._on_fs: dict[int, dict[str, None]] = {}  # st_dev -> the files last seen on it
         self._spaces: dict[int, tuple[int, FsSpace]] = {}  # st_dev -> (pass, statvfs)
         self._passes = itertools.count(1)
         self.lock = threading.Lock()  # the tables above; never held across a syscall
         self._fs_locks: dict[int | None, threading.Lock] = {}  # st_dev -> its looks
-        self._unseen_lock = threading.Lock()  # looks at the unseen files
         # Growths decided and not yet made, per filesystem: what the next decision there must
         # count as taken. Decisions on one filesystem are made one at a time, each holding its
         # decision lock from its figures to its booking, so two growths side by side never
@@ -78,9 +76,11 @@ class BackingFiles:
         self._decision_locks: dict[int | None, threading.Lock] = {}
 
     def watch(self, paths: Iterable[str]) -> None:
-        """Count these files' promises from the next pass on (a pool that was just built)."""
-        with self.lock:
-            self._unseen.update(p for p in paths if p not in self._files)
+        """Count these files' promises from now on, looking at each now: in the caller's thread
+        (a pool just built, in its build's worker), so that no pass ever waits on a file whose
+        filesystem, and so whose lock, is not known yet."""
+        for path in paths:
+            self._look_other(path, 0)  # 0: stale, looked at again by its own pool's next pass
 
     def new_pass(self, *, survey: bool = False) -> BackingLook:
         """Start a pass; a survey (the safety check) looks at every pool file once."""
@@ -191,7 +191,6 @@ class BackingFiles:
             if dev is not None:
                 self._on_fs.setdefault(dev, {})[path] = None  # an ordered set: looks in order
             self._files[path] = _Look(info, at, dev)
-            self._unseen.discard(path)
 
     def _look_other(self, path: str, at: int) -> None:
         """Look at another pool's file; one that cannot be looked at promises nothing (its own
@@ -201,16 +200,6 @@ class BackingFiles:
         except ThinwatchError:
             info = None
         self._store(path, info, at)
-
-    def _look_unseen(self, at: int) -> None:
-        with self.lock:
-            if not self._unseen:
-                return  # the usual case: no wait behind another pool's first look
-        with self._unseen_lock:
-            with self.lock:
-                unseen = list(self._unseen)
-            for path in unseen:
-                self._look_other(path, at)
 
     def _stale_on(self, dev: int, at: int) -> list[str]:
         """Return the files last seen on dev that this pass has not looked at (those on other
@@ -291,7 +280,6 @@ class BackingLook:
         Raise KernelError if the file or its filesystem cannot be looked at (ENOENT: gone).
         """
         files, at = self._files, self._at
-        files._look_unseen(at)
         own = files._own(path, at)
         with files.fs_lock(own.dev):
             if self._survey:

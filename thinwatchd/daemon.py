@@ -14,6 +14,7 @@ threads, side by side, and publish.py says what a pass found.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -50,8 +51,14 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
 
-#: A filesystem look running this long (a stalled filesystem) no longer holds up the others'.
-SPACE_STUCK_SECONDS = 1.0
+#: A job on pool files running this long (a stalled filesystem) no longer holds up the others.
+FILE_STUCK_SECONDS = 1.0
+
+
+def file_workers(loop: EventLoop) -> Workers:
+    """The worker threads for syscalls on pool files and their filesystems (tests swap in ones
+    that run inline)."""
+    return Workers(loop, max_threads=2, stuck_after=FILE_STUCK_SECONDS)
 
 
 class Daemon:
@@ -78,22 +85,29 @@ class Daemon:
         self.pools: dict[str, ManagedPool] = {}
         self.config_error: str | None = None
         self._check_timer: Timer | None = None
-        self.publisher = Publisher(self.notifier, estimates_file)
+        # Syscalls on pool files and their filesystems, which can stall (a dead NFS server, a
+        # disk retrying EIO): never on the loop's thread, and one stalled filesystem holds up
+        # no other. The space watch's looks, the loops' checks after udev events, a reload's
+        # look at the new config's files, the metrics and estimates files' writes.
+        self.file_workers = file_workers(self.loop)
+        self.publisher = Publisher(
+            self.notifier,
+            estimates_file,
+            lambda write: self.file_workers.submit("publish", write, self._checked),
+        )
         # Late-bound, as the callbacks below: tests count publications through _publish.
         self.publications = RateLimited(self.loop, PUBLISH_SECONDS, lambda: self._publish())
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
         self.unbuilt = Unbuilt()
         self._reload_pending = False
+        self._reloads = 0  # each reload's check of its files is a job of its own
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
         self.extender = Extender(kernel, self.loop.time)
         self.space_watch = SpaceWatch(
             self.extender.backing, kernel.files, self.extender.page_cache, self.loop.time
         )
-        # Looks at backing filesystems: their own threads, so that a stalled one holds up no
-        # growth; one per filesystem at a time.
-        self.space_workers = Workers(self.loop, max_threads=2, stuck_after=SPACE_STUCK_SECONDS)
         self.dm_events = DmEvents(
             self.loop,
             kernel.dm,
@@ -165,7 +179,10 @@ class Daemon:
                 if on_error is not None:
                     on_error(error or RuntimeError("no pool"))
                     return
-                self.unbuilt.failed(settings, error, retry=name not in self.pools)
+                # Retried at each check if it is a new pool still in the config: a reload that
+                # removed it while it was being built must not see it built later.
+                wanted = name not in self.pools and self._configured(name)
+                self.unbuilt.failed(settings, error, retry=wanted)
                 return
             self.unbuilt.built(name)
             # A reload while it was being built may have changed its policy: apply the current
@@ -175,13 +192,20 @@ class Daemon:
             if on_error is None:  # at start-up, the first _check_events reconciles every pool
                 self._reconcile(managed)
 
-        self.workers.submit(
-            name, lambda: activate(settings, self.kernel, self.check_metadata, loops), done
-        )
+        def build() -> Pool:
+            pool = activate(settings, self.kernel, self.check_metadata, loops)
+            self.extender.watch(pool)  # its files' first look, here rather than on the loop
+            return pool
+
+        self.workers.submit(name, build, done)
 
     def _loop_index(self) -> LoopIndex:
         """Return a loop index for one pass (it scans the loops on its first lookup only)."""
         return LoopIndex(self.kernel.loops, self.kernel.files)
+
+    def _configured(self, name: str) -> bool:
+        """Return whether the config in force names the pool."""
+        return self.settings is not None and any(p.name == name for p in self.settings.pools)
 
     def _current_settings(self, built: PoolSettings) -> PoolSettings:
         pools = self.settings.pools if self.settings is not None else ()
@@ -196,7 +220,6 @@ class Daemon:
         managed = ManagedPool(pool, state or PoolState())
         self.pools[settings.name] = managed
         self.loop_owners.forget()  # its loops are new
-        self.extender.watch(pool)
         try:
             status = pool.read_status(self.kernel.dm)
         except ThinwatchError:
@@ -226,9 +249,11 @@ class Daemon:
             loop.run()
             self.reconciles.finish()
             self.publications.flush()  # the files as of the last pass
+            with contextlib.suppress(TimeoutError):  # (a stalled filesystem: not for long)
+                self.file_workers.run_until_idle(timeout=FILE_STUCK_SECONDS)
         finally:
             self.workers.close()
-            self.space_workers.close()
+            self.file_workers.close()
             self.reconcilers.close()
             loop.close()
 
@@ -268,7 +293,7 @@ class Daemon:
                 by_fs = pool_files_by_fs(list(self.pools.values()), watch.backing)
                 for dev in due:
                     there = by_fs.get(dev, [])
-                    self.space_workers.submit(
+                    self.file_workers.submit(
                         f"fs {dev}",
                         functools.partial(watch.look, dev, there),
                         functools.partial(looked, there),
@@ -329,8 +354,17 @@ class Daemon:
         managed, loop, path = owner
         if device.action == "remove":
             self._lost(managed)
-        else:
-            self.loop_owners.check(managed, loop, path)
+        else:  # a stat of the loop's file: in a worker, as it may stall
+            self.file_workers.submit(
+                f"check {loop.path}",
+                functools.partial(self.loop_owners.check, managed, loop, path),
+                self._checked,
+            )
+
+    @staticmethod
+    def _checked(_: object, error: BaseException | None) -> None:
+        if error is not None:
+            log.critical("internal error in a job on pool files", exc_info=error)
 
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
@@ -419,16 +453,36 @@ class Daemon:
                     getattr(old, fixed[0]),
                 )
             managed.pool.settings = settings
-        try:
-            check_distinct_files(list(new.pools), self.kernel.files)
-        except ThinwatchError as exc:
-            log.error("new pools not built: %s", exc)
-            return new
         self.unbuilt.keep_only(wanted)
-        loops = self._loop_index()
-        for name, settings in wanted.items():
-            if name not in self.pools and not self.workers.busy(name):
-                self._activate(settings, loops=loops)
+        live: dict[tuple[object, ...], tuple[str, str]] = {
+            (loop.backing_dev, loop.backing_inode): (f"pools.{name}.{key}", str(path))
+            for name, managed in self.pools.items()
+            for key, loop, path in (
+                ("metadata_file", managed.pool.meta_loop, managed.pool.settings.metadata_file),
+                ("data_file", managed.pool.data_loop, managed.pool.settings.data_file),
+            )
+        }
+
+        def checked(_: object, error: BaseException | None) -> None:
+            if isinstance(error, ThinwatchError):
+                log.error("new pools not built: %s", error)
+                return
+            if error is not None:
+                log.critical("internal error checking the new config's files", exc_info=error)
+                return
+            if self.settings is not new:
+                return  # a later reload came meanwhile: its own check builds its pools
+            loops = self._loop_index()
+            for name, settings in wanted.items():
+                if name not in self.pools and not self.workers.busy(name):
+                    self._activate(settings, loops=loops)
+
+        self._reloads += 1
+        self.file_workers.submit(
+            f"reload {self._reloads}",
+            lambda: check_distinct_files(list(new.pools), self.kernel.files, live),
+            checked,
+        )
         return new
 
     def _schedule_check_after_reload(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Mapping
 
 from thinwatchd.errors import KernelError, PoolSetupError
 from thinwatchd.forecast import reserve_bytes
@@ -153,16 +154,22 @@ def _check_room(settings: PoolSettings, files: FilesApi, path: str, needed: Byte
         )
 
 
-def check_distinct_files(pools: list[PoolSettings], files: FilesApi) -> None:
+def check_distinct_files(
+    pools: list[PoolSettings],
+    files: FilesApi,
+    live: Mapping[tuple[object, ...], tuple[str, str]] | None = None,
+) -> None:
     """Refuse two pool files that are one file under two spellings (links, bind mounts).
 
     Compared by (st_dev, st_ino), across all pools: one loop device would otherwise become
     both a pool's metadata and data, or two pools' data. A file still to be created is known
     by its nearest existing directory's (st_dev, st_ino) and the rest of its path, so two
-    spellings of one new file are caught before pools are built side by side. Raise
+    spellings of one new file are caught before pools are built side by side. live gives the
+    files running pools use, by their loops' (st_dev, st_ino), as (key, path): a reload must
+    not give one to another pool, whatever the new config says of the running one. Raise
     PoolSetupError naming both keys.
     """
-    seen: dict[tuple[object, ...], tuple[str, str]] = {}
+    seen: dict[tuple[object, ...], tuple[str, str]] = dict(live or {})
     for settings in pools:
         for path in (str(settings.metadata_file), str(settings.data_file)):
             try:

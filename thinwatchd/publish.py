@@ -5,9 +5,10 @@ advisories. Nothing here makes a syscall but the two file writes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from thinwatchd.advisories import advise, soonest_full, warn_filesystems_full_soon
@@ -113,9 +114,17 @@ PUBLISH_SECONDS = 1.0
 class Publisher:
     """Publishes a pass's figures; a file that cannot be written is said once until it can."""
 
-    def __init__(self, notifier: Notifier, estimates_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        notifier: Notifier,
+        estimates_file: Path | None = None,
+        off_loop: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
         self.notifier = notifier
         self.estimates_file = estimates_file  # for `thinwatchd status` (estimates.py)
+        # Runs the file writes away from the event loop (the metrics file's filesystem may
+        # stall); without it, they are written at once.
+        self.off_loop = off_loop
         self._write_failed: set[str] = set()  # published files whose last write failed
         self._full_soon_said: set[int] = set()  # filesystems (st_dev) warned about (advisories)
 
@@ -133,10 +142,22 @@ class Publisher:
                 advise(m, managed.pool, managed.said, horizon)
         warn_filesystems_full_soon(figures, pools, self._full_soon_said, horizon)
         self.notifier.status(status_line(pools, figures, config_error))
+        writes: list[tuple[Path, str, str]] = []
         if settings is not None and settings.daemon.metrics_file is not None:
-            self._write(settings.daemon.metrics_file, render(figures), "metrics")
+            writes.append((settings.daemon.metrics_file, render(figures), "metrics"))
         if self.estimates_file is not None:
-            self._write(self.estimates_file, render_estimates(figures, time.time()), "estimates")
+            text = render_estimates(figures, time.time())
+            writes.append((self.estimates_file, text, "estimates"))
+        if not writes:
+            return
+        if self.off_loop is None:
+            self._write_all(writes)
+        else:
+            self.off_loop(functools.partial(self._write_all, writes))
+
+    def _write_all(self, writes: list[tuple[Path, str, str]]) -> None:
+        for path, text, what in writes:
+            self._write(path, text, what)
 
     def _write(self, path: Path, text: str, what: str) -> None:
         """Replace a published file; say a failure once until a write succeeds again."""

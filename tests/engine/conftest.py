@@ -77,9 +77,11 @@ class InlineWorkers:
 
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Activations run in one worker thread, one at a time; reconciles inline (InlineWorkers)."""
+    """Activations run in one worker thread, one at a time; reconciles and the jobs on pool
+    files (the space watch, loop checks, a reload's file check, published files) inline."""
     monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
     monkeypatch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
+    monkeypatch.setattr("thinwatchd.daemon.file_workers", InlineWorkers)
 
 
 @pytest.fixture(autouse=True)

@@ -212,6 +212,9 @@ class SyncWorkers:
     def busy(self, key: str) -> bool:
         return key in self._running
 
+    def keys(self) -> list[str]:
+        return list(self._running)
+
     def submit(self, key: str, job: Callable[[], Any], done: Callable[..., None]) -> bool:
         if key in self._running:
             return False
@@ -240,7 +243,7 @@ class SyncWorkers:
 def _use_sync_workers(d: Daemon) -> None:
     """Swap the daemon's thread workers for SyncWorkers (builds) and InlineWorkers
     (reconciles): recordings are made outside the tests' fixtures, which do the latter."""
-    for attr in ("workers", "reconcilers"):
+    for attr in ("workers", "file_workers", "reconcilers"):
         threaded = getattr(d, attr)
         threaded.close()
         for name in ("_wake_r", "_wake_w"):  # no thread ever ran: its pipe can go now
@@ -249,6 +252,7 @@ def _use_sync_workers(d: Daemon) -> None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
     d.workers = SyncWorkers(d.loop)  # type: ignore[assignment]
+    d.file_workers = SyncWorkers(d.loop)  # type: ignore[assignment]
     d.reconcilers = InlineWorkers()  # type: ignore[assignment]
 
 
@@ -344,9 +348,13 @@ class Env:
 
 def settle(d: Daemon | None) -> None:
     """Deliver finished worker jobs (a build, a rebuild) to the daemon, as its loop would."""
-    workers = getattr(d, "workers", None)
-    if workers is not None:
-        workers.run_until_idle()
+    if d is None:
+        return
+    for _ in range(10):  # a reload's file check, then the builds it starts
+        d.file_workers.run_until_idle()
+        d.workers.run_until_idle()
+        if not d.file_workers.keys() and not d.workers.keys():
+            return
 
 
 def run_due(env: Env, d: Daemon) -> None:

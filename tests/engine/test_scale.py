@@ -74,6 +74,7 @@ def counting_metrics() -> Iterator[None]:
         patch.setattr("thinwatchd.publish.write_atomically", counted)
         patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
         patch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
+        patch.setattr("thinwatchd.daemon.file_workers", InlineWorkers)
         yield
 
 

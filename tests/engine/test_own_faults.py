@@ -1,0 +1,205 @@
+"""Issue 19: thinwatchd's own faults. Each test here failed on the code before its fix.
+
+Reloads that race a build, a reload that hands a running pool's file to a new pool, syscalls
+on pool files made on the event loop's thread, and files never looked at yet behind one lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.engine.fake_kernel import FakeKernel, Fault
+from tests.engine.test_growth import Clock
+from thinwatchd.daemon import Daemon
+from thinwatchd.errors import KernelError
+from thinwatchd.events import EventLoop
+from thinwatchd.kernel.api import Kernel
+from thinwatchd.notify import Notifier
+
+MiB = 1024**2
+#: Long enough for anything here many times over; a test that waits this long has failed.
+PATIENCE = 5.0
+
+
+def small_pool(tmp: Path, name: str, **keys: object) -> dict[str, object]:
+    return {
+        "data_file": f"{tmp}/{name}.data",
+        "metadata_file": f"{tmp}/{name}.meta",
+        "data_size": "64MiB",
+        "metadata_size": "8MiB",
+        "low_water_mark": 16,
+        "reserve": 0,
+        **keys,
+    }
+
+
+def configure(path: Path, pools: dict[str, dict[str, object]]) -> Path:
+    path.write_text(yaml.safe_dump({"daemon": {"check_interval": "10s"}, "pools": pools}))
+    return path
+
+
+def started(tmp_path: Path, kernel: Kernel, pools: dict[str, dict[str, object]]) -> Daemon:
+    config = configure(tmp_path / "config.yaml", pools)
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    daemon.start()
+    daemon._started = True
+    return daemon
+
+
+def test_a_pool_removed_while_its_build_fails_is_not_built_later(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Item 6: a reload adds pool extra; a second reload removes it while its build runs; the
+    build then fails. It must not go on the retry list (the next check would build it)."""
+    one = {"pool": small_pool(tmp_path, "pool")}
+    daemon = started(tmp_path, kernel, one)
+    fake.faults.append(Fault("lstat", errno.EIO, target="extra", times=None))
+    configure(daemon.config_path, {**one, "extra": small_pool(tmp_path, "extra")})
+    daemon.reload()  # extra's build starts in a worker; its result reaches the loop later
+    daemon.file_workers.run_until_idle(timeout=PATIENCE)  # once the new files are checked
+    assert daemon.workers.busy("extra")
+    configure(daemon.config_path, one)
+    daemon.reload()  # the second SIGHUP, before that result
+    daemon.workers.run_until_idle(timeout=PATIENCE)
+    assert "extra" not in daemon.unbuilt.pending
+    fake.faults.clear()
+    for settings in list(daemon.unbuilt.pending.values()):  # what the safety check builds
+        daemon._activate(settings)
+    daemon.workers.run_until_idle(timeout=PATIENCE)
+    assert "extra" not in fake.devices and "extra" not in daemon.pools
+
+
+@pytest.mark.parametrize("how", ["moved", "removed"])
+def test_a_reload_never_builds_a_new_pool_on_a_running_pools_file(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, how: str
+) -> None:
+    """Item 5: pool a runs on a.data. A reload gives that file to a new pool b (with new
+    metadata of its own: the kernel refuses a metadata device in use, not a data device), a
+    moved to new paths (or removed from the config: it stays active). b is refused, naming
+    the running pool; no second table maps a's data loop."""
+    daemon = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")})
+    thief = small_pool(tmp_path, "b", data_file=f"{tmp_path}/a.data")
+    pools = {"b": thief}
+    if how == "moved":
+        pools["a"] = small_pool(tmp_path, "a-elsewhere")
+    configure(daemon.config_path, pools)
+    daemon.reload()
+    daemon.workers.run_until_idle(timeout=PATIENCE)
+    assert "b" not in fake.devices
+    assert "b" not in daemon.pools
+
+
+def test_a_stalled_lstat_of_a_new_pool_holds_up_no_other_pools_check(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Item 4: pool b was just built; its first look (an lstat) stalls. Pool a's check, on
+    another filesystem's files as far as anyone knows, must not wait for it."""
+    daemon = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")})
+    release = threading.Event()
+    stalled = threading.Event()
+
+    def stall() -> None:
+        stalled.set()
+        release.wait(PATIENCE)
+
+    looks = daemon.extender.backing
+    fake.stall("lstat", "b.data", stall)
+    done = threading.Event()
+
+    def check_b() -> None:
+        looks.watch([f"{tmp_path}/b.data"])  # as a pool just built is
+        with contextlib.suppress(KernelError):  # (b.data is not even there)
+            looks.new_pass().figures(f"{tmp_path}/b.data")
+
+    def check_a() -> None:
+        assert stalled.wait(PATIENCE)
+        looks.new_pass().figures(f"{tmp_path}/a.data")
+        done.set()
+
+    threads = [threading.Thread(target=check_b), threading.Thread(target=check_a)]
+    for t in threads:
+        t.start()
+    try:
+        assert done.wait(2.0), "a's look waited for b's stalled first look"
+    finally:
+        release.set()
+        for t in threads:
+            t.join(PATIENCE)
+
+
+@pytest.fixture(autouse=True)
+def file_workers_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's own threads for jobs on pool files (conftest runs them inline)."""
+    from thinwatchd.workers import Workers
+
+    monkeypatch.setattr(
+        "thinwatchd.daemon.file_workers",
+        lambda loop: Workers(loop, max_threads=2, stuck_after=1.0),
+    )
+
+
+@pytest.fixture
+def stalled_files(fake: FakeKernel) -> Iterator[Callable[[str], None]]:
+    """Make every lstat and stat of paths containing a text wait (a hard-mounted NFS that
+    stopped answering) until the test ends."""
+    release = threading.Event()
+
+    def stall(target: str) -> None:
+        for op in ("lstat", "stat", "statvfs"):
+            fake.stall(op, target, lambda: release.wait(PATIENCE))
+
+    yield stall
+    release.set()
+
+
+def test_a_udev_change_of_a_loop_whose_file_stalls_does_not_stop_the_loop(
+    fake: FakeKernel,
+    kernel: Kernel,
+    tmp_path: Path,
+    stalled_files: Callable[[str], None],
+) -> None:
+    """Item 2: each growth's LOOP_SET_CAPACITY sends a udev "change"; checking that the loop
+    still backs the pool's file stats that file. On the loop's thread, a stalled filesystem
+    stopped every event and the watchdog; now the loop returns at once."""
+    from tests.engine.test_growth import FakeMonitor, FakeUdevDevice
+
+    monitor = FakeMonitor()
+    config = configure(tmp_path / "config.yaml", {"a": small_pool(tmp_path, "a")})
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(), udev_monitor=monitor)
+    d.start()
+    d.loop.add_reader(monitor.fileno(), d._on_udev)
+    stalled_files(f"{tmp_path}/a.")
+    loop = d.pools["a"].pool.data_loop
+    monitor.send(FakeUdevDevice("change", loop.path))
+    started_at = time.monotonic()
+    d.loop.run_once(max_wait=0.1)
+    assert time.monotonic() - started_at < 1.0, "the loop waited for a stalled stat"
+    assert d.file_workers.busy(f"check {loop.path}")
+
+
+def test_a_reload_whose_new_files_stall_does_not_stop_the_loop(
+    fake: FakeKernel,
+    kernel: Kernel,
+    tmp_path: Path,
+    stalled_files: Callable[[str], None],
+) -> None:
+    """Item 2: a reload looks at every pool file of the new config (two spellings of one file,
+    a running pool's file). On the loop's thread, one stalled filesystem stopped everything."""
+    daemon = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")})
+    (tmp_path / "nfs").mkdir()
+    stalled_files(f"{tmp_path}/nfs")
+    configure(
+        daemon.config_path,
+        {"a": small_pool(tmp_path, "a"), "b": small_pool(tmp_path / "nfs", "b")},
+    )
+    started_at = time.monotonic()
+    daemon.reload()
+    assert time.monotonic() - started_at < 1.0, "the reload waited for a stalled stat"
