@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
+import shlex
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -73,7 +74,8 @@ def printable_path(path: object) -> str:
 
 
 def _read_config(path: Path) -> str:
-    """Return the text of path, which must be a regular UTF-8 file of at most MAX_CONFIG_BYTES."""
+    """Return the text of path, which must be a regular UTF-8 file of at most MAX_CONFIG_BYTES
+    that nobody but root (or our user) could have written (_check_trusted)."""
     shown = printable_path(path)
 
     def refused(problem: str) -> ConfigError:
@@ -86,9 +88,11 @@ def _read_config(path: Path) -> str:
         kind = _file_kind(path) if e.errno == errno.ENXIO else None  # a socket cannot be opened
         raise refused(_not_regular(kind) if kind else e.strerror or str(e)) from None
     try:
-        mode = os.fstat(fd).st_mode  # of what was opened, not of what the name meant a moment ago
-        if not stat.S_ISREG(mode):
-            raise refused(_not_regular(_FILE_KINDS.get(stat.S_IFMT(mode), "special file")))
+        info = os.fstat(fd)  # of what was opened, not of what the name meant a moment ago
+        if not stat.S_ISREG(info.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "special file")
+            raise refused(_not_regular(kind))
+        _check_trusted(path, info, shown)
         data = bytearray()
         while len(data) <= MAX_CONFIG_BYTES:  # read one byte past the cap to see it is passed
             chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
@@ -127,6 +131,84 @@ def _file_kind(path: Path) -> str | None:
 
 def _not_regular(kind: str) -> str:
     return f"it is a {kind}, not a regular file; {_WRONG_FILE}"
+
+
+def _check_trusted(path: Path, info: os.stat_result, shown: str) -> None:
+    """Refuse a config that anyone but root or our user could have written, or could swap.
+
+    The config decides which files root formats and grows, so it is checked as sshd's
+    StrictModes checks a user's files, and as pool files are (pool_files._inspect_pool_file):
+
+    - the file (fstat of what was opened): owned by root or our user, and not writable by group
+      or others;
+    - every directory from the file's up to /: owned by root or our user, and not writable by
+      group or others unless it is sticky. In a sticky directory (/tmp, 1777) only an entry's
+      owner, the directory's owner or root may rename or remove the entry, and every entry on
+      the way is checked to be root's or ours, so nobody else can swap it: a config in
+      /tmp/xyz (tempfile.mkdtemp, 0700 root) or in /tmp itself is accepted; one in a directory
+      another user owns is not, wherever it is;
+    - symlinks are followed, and the directories of both the path as given (made absolute:
+      those that hold its links) and the file it resolves to are checked. A link in a sticky
+      directory owned by another user is not followed by the kernel (fs.protected_symlinks).
+
+    Mode bits only: a POSIX ACL that grants write shows in the group bits (its mask), so it is
+    refused too. The same rule holds for run, reload, check-config and status.
+    """
+    trusted = (0, os.geteuid())
+    owners = "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
+    if info.st_uid not in trusted or info.st_mode & 0o022:
+        raise ConfigError(
+            "",
+            f"{shown} is {_owned(info)}; a config file must be owned by {owners} and writable by "
+            f"nobody else: it decides which files root formats and grows. Fix it with: "
+            f"{_fix(str(path), info, trusted)}",
+        )
+    for directory in _directories(path):
+        try:
+            found = os.stat(directory)
+        except OSError as e:
+            problem = f"cannot check its directory {printable_path(directory)}"
+            raise ConfigError("", f"{shown}: {problem}: {e.strerror or e}") from None
+        sticky = bool(found.st_mode & stat.S_ISVTX)
+        if found.st_uid not in trusted or (found.st_mode & 0o022 and not sticky):
+            raise ConfigError(
+                "",
+                f"{shown}: its directory {printable_path(directory)} is {_owned(found)}; every "
+                f"directory up to / must be owned by {owners} and writable by nobody else (or "
+                "sticky, as /tmp), or the config could be swapped. Fix it with: "
+                f"{_fix(directory, found, trusted, sticky=sticky)}",
+            )
+
+
+def _owned(info: os.stat_result) -> str:
+    return f"owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):04o}"
+
+
+def _fix(path: str, info: os.stat_result, trusted: tuple[int, int], sticky: bool = False) -> str:
+    """Return the commands that make path trusted (_check_trusted), for a one-line message."""
+    quoted = shlex.quote(path)
+    shown = quoted if quoted.isprintable() else printable_path(path)
+    commands = []
+    if info.st_uid not in trusted:
+        commands.append(f"chown {'root' if trusted[1] == 0 else trusted[1]} {shown}")
+    if info.st_mode & 0o022 and not sticky:
+        commands.append(f"chmod go-w {shown}")
+    return " && ".join(commands)
+
+
+def _directories(path: Path) -> list[str]:
+    """Return the directories above path, nearest first: those of the path as given (made
+    absolute), then those of the file it resolves to that are not among them."""
+    directories: list[str] = []
+    for name in (os.path.abspath(path), os.path.realpath(path)):
+        directory = os.path.dirname(name)
+        while directory not in directories:
+            directories.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:  # / (or //)
+                break
+            directory = parent
+    return directories
 
 
 def parse_settings(text: str, source: str) -> Settings:

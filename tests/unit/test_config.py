@@ -586,8 +586,8 @@ def test_big_config_with_comments_loads(tmp_path: Path) -> None:
     assert time.process_time() - start < 1.0
 
 
-def _check_config_in_child(path: Path | str) -> tuple[int, str, float]:
-    """Run check-config on path in a child with 1 GiB of address space and 10 s to finish.
+def _check_config_in_child(path: Path | str, *command: str) -> tuple[int, str, float]:
+    """Run check-config (or command) on path in a child with 1 GiB of address space and 10 s.
 
     Return the exit code, stderr, and the CPU seconds main() took (inf if it never returned).
     """
@@ -600,7 +600,7 @@ def _check_config_in_child(path: Path | str) -> tuple[int, str, float]:
         resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30))
 
     done = subprocess.run(
-        [sys.executable, "-c", code, "--config", str(path), "check-config"],
+        [sys.executable, "-c", code, "--config", str(path), *(command or ["check-config"])],
         capture_output=True,
         text=True,
         timeout=10,
@@ -635,6 +635,138 @@ def test_issue_7_files_exit_78_at_once(tmp_path: Path, name: str, fragment: str)
     assert stderr.startswith(f"thinwatchd: cannot read {path}: ") and fragment in stderr
     assert len(stderr.splitlines()) == 1, stderr
     assert seconds < 1.0
+
+
+# --- Who may write it (issue 19, item 8): the file and every directory above it, as sshd's
+# StrictModes; a config decides which files root formats and grows ----------------------------
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+NOBODY = 65534
+
+
+def _safe_dir(tmp_path: Path) -> Path:
+    """Return a directory only we can write (pytest's tmp_path may sit in a group-writable one
+    when the tests are not run as root; then skip)."""
+    directory = tmp_path / "etc"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    try:
+        load_settings(_write(directory / "probe.yaml"))
+    except ConfigError as e:
+        pytest.skip(f"the test directory itself is refused: {e}")
+    return directory
+
+
+def _write(path: Path, mode: int = 0o644) -> Path:
+    path.write_text(config())
+    os.chmod(path, mode)
+    return path
+
+
+def _refused(path: Path) -> str:
+    error = _loads_quickly(path)
+    assert error.key_path == "" and str(path) in str(error)
+    return str(error)
+
+
+def _owners() -> str:
+    return "root" if os.geteuid() == 0 else f"root or uid {os.geteuid()}"
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666, 0o620, 0o602], ids=oct)
+def test_a_config_writable_by_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = _write(_safe_dir(tmp_path) / "config.yaml", mode)
+    assert _refused(path) == (
+        f"{path} is owned by uid {os.geteuid()} with mode {mode:04o}; a config file must be "
+        f"owned by {_owners()} and writable by nobody else: it decides which files root formats "
+        f"and grows. Fix it with: chmod go-w {path}"
+    )
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o600, 0o640, 0o444, 0o400], ids=oct)
+def test_a_config_only_we_can_write_loads(tmp_path: Path, mode: int) -> None:
+    path = _write(_safe_dir(tmp_path) / "config.yaml", mode)
+    assert load_settings(path).pools == (default_pool(),)
+
+
+@as_root
+def test_a_config_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    path = _write(_safe_dir(tmp_path) / "config.yaml", 0o644)
+    os.chown(path, NOBODY, NOBODY)
+    message = _refused(path)
+    assert message.startswith(f"{path} is owned by uid {NOBODY} with mode 0644; ")
+    assert message.endswith(f"Fix it with: chown root {path}")
+    os.chmod(path, 0o664)
+    assert _refused(path).endswith(f"Fix it with: chown root {path} && chmod go-w {path}")
+
+
+@pytest.mark.parametrize("mode", [0o775, 0o757, 0o777, 0o2775], ids=oct)
+def test_a_directory_others_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """Whoever can write a directory on the way can rename the config and put another there."""
+    safe = _safe_dir(tmp_path)
+    (safe / "thinwatchd").mkdir()
+    path = _write(safe / "thinwatchd" / "config.yaml")
+    for directory in (path.parent, safe):  # its own directory, and one further up
+        os.chmod(directory, mode)
+        assert _refused(path) == (
+            f"{path}: its directory {directory} is owned by uid {os.geteuid()} with mode "
+            f"{mode:04o}; every directory up to / must be owned by {_owners()} and writable by "
+            "nobody else (or sticky, as /tmp), or the config could be swapped. Fix it with: "
+            f"chmod go-w {directory}"
+        )
+        os.chmod(directory, 0o755)
+    assert load_settings(path).pools == (default_pool(),)
+
+
+@as_root
+def test_a_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    safe = _safe_dir(tmp_path)
+    path = _write(safe / "config.yaml")
+    os.chown(safe, NOBODY, NOBODY)
+    assert _refused(path).endswith(f"Fix it with: chown root {safe}")
+
+
+@as_root
+def test_a_sticky_directory_is_safe_when_root_owns_it(tmp_path: Path) -> None:
+    """As /tmp (1777): only an entry's owner, the directory's owner or root may rename or remove
+    it, and every entry on the way is checked to be root's (or ours)."""
+    sticky = _safe_dir(tmp_path) / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    private = sticky / "pytest-of-root"  # as tempfile.mkdtemp or pytest make under /tmp
+    private.mkdir(mode=0o700)
+    for path in (_write(sticky / "config.yaml"), _write(private / "config.yaml")):
+        assert load_settings(path).pools == (default_pool(),)
+    os.chown(private, NOBODY, NOBODY)  # its owner could swap the file
+    assert "its directory" in _refused(private / "config.yaml")
+    os.chown(sticky, NOBODY, NOBODY)  # the sticky directory's owner may remove any entry
+    assert _refused(sticky / "config.yaml").endswith(f"Fix it with: chown root {sticky}")
+
+
+def test_symlinks_are_checked_where_they_are_and_where_they_lead(tmp_path: Path) -> None:
+    safe = _safe_dir(tmp_path)
+    unsafe = safe / "unsafe"
+    unsafe.mkdir()
+    os.chmod(unsafe, 0o777)
+    # A link in a safe directory to a file in an unsafe one: the file could be swapped.
+    (safe / "to-unsafe.yaml").symlink_to(_write(unsafe / "config.yaml"))
+    assert f"its directory {unsafe} " in _refused(safe / "to-unsafe.yaml")
+    # A link in an unsafe directory to a safe file: the link could be pointed elsewhere.
+    (unsafe / "to-safe.yaml").symlink_to(_write(safe / "config.yaml"))
+    assert f"its directory {unsafe} " in _refused(unsafe / "to-safe.yaml")
+    # Links between safe directories are fine.
+    (safe / "link.yaml").symlink_to(safe / "config.yaml")
+    assert load_settings(safe / "link.yaml").pools == (default_pool(),)
+
+
+@pytest.mark.parametrize("command", ["check-config", "status", "run"])
+def test_every_command_refuses_an_unsafe_config_in_one_line(tmp_path: Path, command: str) -> None:
+    """check-config says why; status refuses it too, as run (and a reload) do."""
+    path = _write(_safe_dir(tmp_path) / "config.yaml", 0o666)
+    lock = ["--lock-file", str(tmp_path / "lock")] if command != "check-config" else []
+    code, stderr, _ = _check_config_in_child(path, command, *lock)
+    assert code == EX_CONFIG, stderr
+    assert stderr == f"thinwatchd: {_refused(path)}\n"
 
 
 def test_exit_code_is_ex_config() -> None:
