@@ -178,7 +178,11 @@ class Workers:
                 len(self._in_background) - self._stuck(self._in_background)
             )
             takeable = len(self._urgent) + min(len(self._background), max(0, background_room))
-            # Threads not running a job are waiting for one, or about to.
+            # Threads not running a job are waiting for one, or about to. Wake them: a
+            # background job they left queued may be theirs to take now that a running one
+            # counts as stuck (submit does not wake them while the lane looks full).
+            if takeable:
+                self._ready.notify(takeable)
             unserved = takeable - (len(self._threads) - len(self._in_progress))
         spare = max(
             0,
@@ -201,7 +205,11 @@ class Workers:
             self._start_failed = False
             self._threads.append(thread)
             unserved -= 1
-        waiting = unserved > 0 or (self._background and background_room <= 0)
+        with self._ready:
+            # Jobs still queued: a thread just started may take one, but the running ones may
+            # all turn stuck (a stalled filesystem) and none would be left to take the rest:
+            # look again once they may count as stuck.
+            waiting = unserved > 0 or bool(self._urgent or self._background)
         if waiting and self._review is None and (self._stuck_after or self._start_failed):
             self._review = self._loop.call_later(self._stuck_after or 1.0, self._look_again)
 

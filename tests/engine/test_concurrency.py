@@ -490,3 +490,54 @@ def test_two_growths_on_one_filesystem_side_by_side_never_take_the_same_room(
     assert shared.free() == 0
     d.reconcilers.close()
     d.workers.close()
+
+
+def test_safety_checks_stuck_on_a_stalled_filesystem_hold_up_no_other_pools_check(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, other_filesystem: Path
+) -> None:
+    """Issue 19, item 3: pools a and b sit on a filesystem whose stat stalls; c does not. Two
+    safety checks come while the stall lasts: a's and b's checks stick in the background lane,
+    and c's must still run (and c, refused room, must still switch to error_if_no_space after
+    when_full.error_after), not wait as long as the stall."""
+    homes = {"a": tmp_path, "b": tmp_path, "c": other_filesystem}
+    pools = {
+        name: {
+            "data_file": f"{home}/{name}/data",
+            "metadata_file": f"{home}/{name}/metadata",
+            "data_size": "64MiB",
+            "metadata_size": "8MiB",
+            "low_water_mark": 16,
+            "reserve": 0,
+            "when_full": {"error_after": "0.5s"},
+            "data": {"max_size": "64MiB"},  # c cannot grow: refused, when_full applies
+        }
+        for name, home in homes.items()
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"daemon": {"check_interval": "1s"}, "pools": pools}))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop())
+    d.start()
+    thawed = threading.Event()
+    try:
+        for name in ("a", "b"):
+            fake.stall("lstat", f"{tmp_path}/{name}/", lambda: thawed.wait(PATIENCE))
+        to_mark(fake, d, "c")
+        d._schedule_check()  # a safety check every second, as run() has it
+        serve_until(d, lambda: d.reconcilers.busy("a") and d.reconcilers.busy("b"), "no stall")
+        serve_until(
+            d,
+            lambda: status_of(fake, "c").no_space_policy.value == "error_if_no_space",
+            "c's checks waited behind a's and b's stalled ones",
+        )
+    finally:
+        thawed.set()
+        d.reconcilers.run_until_idle(timeout=PATIENCE)
+        d.reconcilers.close()
+        d.workers.close()
+        d.loop.close()
+
+
+def status_of(fake: FakeKernel, name: str) -> ThinPoolWorkingStatus:
+    status = parse_pool_status(fake.status(name)[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    return status

@@ -303,6 +303,7 @@ def test_a_filesystem_reaching_its_reserve_is_said_before_the_loop_fails(env: En
                     "metadata_size": "4MiB",
                     "low_water_mark": 16,
                     "reserve": "40MiB",
+                    "preallocate": False,  # the sparse promise this test is about
                     "when_full": {"error_after": "1s"},
                 }
             },
@@ -514,10 +515,24 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
 
 
 def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
-    """Metadata on a full filesystem: the kernel fails metadata writes and takes the pool out
-    of write mode (needs_check). The daemon must say so once, at err or worse, never grow the
-    pool, never leave it suspended, and keep running."""
+    """Sparse metadata on a full filesystem: the kernel fails metadata writes and takes the pool
+    out of write mode (needs_check). thinwatchd makes and grows metadata allocated, so this is a
+    metadata file made sparse by someone else (Docker's), on a filesystem already full when
+    the daemon starts: its holes cannot be claimed, and it says so. Then the daemon must say
+    needs_check once, at err or worse, never grow the pool, never leave it suspended, and keep
+    running."""
     with small_filesystem(env, "metafs", 64 * MiB) as mnt:
+        with open(mnt / "metadata", "wb") as f:
+            f.truncate(16 * MiB)  # sparse, and never used: a new pool's, made by someone else
+        # Fill the metadata file's filesystem before the daemon starts, all but 4 MiB: room for
+        # the new pool's first metadata writes, none for the file's 16 MiB of holes.
+        vfs = os.statvfs(mnt)
+        spare = (vfs.f_bfree * vfs.f_frsize - 4 * MiB) // MiB
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=1M", f"count={spare}"],
+            capture_output=True,
+            check=False,
+        )
         config = write_config(
             env.directory / "config.yaml",
             {
@@ -534,12 +549,6 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
         daemon = env.daemon(config)
         env.devices.insert(0, f"{env.pool}-thin0")
         thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
-        filler = mnt / "filler"  # now fill the metadata file's filesystem
-        subprocess.run(
-            ["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=100"],
-            capture_output=True,
-            check=False,
-        )
         dd_zero(thin, 256)  # may fail: the pool stops accepting writes
         deadline = time.monotonic() + 30
         while True:
@@ -557,6 +566,7 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
         log = daemon.log()
         assert "needs_check" in raw, raw  # what the kernel does with failed metadata writes
         assert "needs checking (needs_check)" in log and "thin_repair" in log, log
+        assert log.count("cannot allocate the") == 1, "the unclaimable holes, said once"
         assert log.count("needs checking") == 1, "said once per state change"
         assert log.count("cannot grow data") <= 1, "said once per state change"
         assert daemon.proc is not None and daemon.proc.poll() is None, "the daemon keeps running"
