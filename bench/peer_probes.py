@@ -1,5 +1,6 @@
-"""What bench/peers.py watches while a writer runs: its progress and the pool (a sampler
-thread), the CPU time of the processes that grow the pool, and commands that must not hang it.
+"""What bench/peers.py watches while a writer runs: its progress, the pool and the room its files
+take on their filesystem (a sampler thread), the CPU time of the processes that grow the pool,
+and commands that must not hang it.
 """
 
 from __future__ import annotations
@@ -16,16 +17,52 @@ from thinwatchd.kernel.dm import DeviceMapper
 
 PROGRESS_EVERY = 0.05  # s between writer-progress samples; every second one also reads the pool
 
+Sample = tuple[float, int, int, int]  # (t, pool data bytes, used bytes, room taken bytes)
+
+
+def room_taken(files: list[Path]) -> int:
+    """Bytes the files take on their filesystem (st_blocks * 512, holes not counted); a file
+    that is not there (yet, or any more) takes none."""
+    total = 0
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_blocks * 512
+    return total
+
+
+def file_room(path: Path) -> tuple[int, int] | None:
+    """A file's size and the bytes it takes (st_blocks * 512), or None if it is not there."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_blocks * 512
+
+
+def block_bytes(dm: DeviceMapper, pool: str) -> int:
+    """The pool's data block size in bytes, from its table."""
+    (target,) = dm.table(pool)
+    return int(target.params.split()[2]) * 512
+
+
+def sample(dm: DeviceMapper, pool: str, block: int, files: list[Path], t: float = 0.0) -> Sample:
+    """The pool's data size and use (status read with NOFLUSH: no commit) and the room its files
+    take, at time t."""
+    usage = pool_usage(dm, pool)
+    return t, usage["total_blocks"] * block, usage["used_blocks"] * block, room_taken(files)
+
 
 class Sampler:
-    """The writer's progress (wchar) every PROGRESS_EVERY s, the pool's size and use every 2nd."""
+    """The writer's progress (wchar) every PROGRESS_EVERY s; every 2nd, the pool's size and use
+    and the room its backing files take (data and metadata files; lvm2: the PV's file)."""
 
-    def __init__(self, pool: str) -> None:
+    def __init__(self, pool: str, files: list[Path]) -> None:
         self.pool = pool
+        self.files = files
         self.pid: int | None = None
         self.t0 = time.monotonic()
         self.progress: list[tuple[float, int]] = []
-        self.series: list[tuple[float, int, int]] = []  # (t, data bytes, used bytes)
+        self.series: list[Sample] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -35,8 +72,7 @@ class Sampler:
 
     def _run(self) -> None:
         with DeviceMapper() as dm:
-            (target,) = dm.table(self.pool)
-            block = int(target.params.split()[2]) * 512
+            block = block_bytes(dm, self.pool)
             tick = 0
             while not self._stop.is_set():
                 t = time.monotonic() - self.t0
@@ -45,10 +81,7 @@ class Sampler:
                     self.progress.append((t, chars))
                 if tick % 2 == 0:
                     with contextlib.suppress(Exception):  # a sampler must not end the cell
-                        usage = pool_usage(dm, self.pool)
-                        self.series.append(
-                            (t, usage["total_blocks"] * block, usage["used_blocks"] * block)
-                        )
+                        self.series.append(sample(dm, self.pool, block, self.files, t))
                 tick += 1
                 self._stop.wait(PROGRESS_EVERY)
 

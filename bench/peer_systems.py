@@ -1,9 +1,11 @@
 """The systems bench/peers.py compares: each builds a fresh pool and one thin volume, and keeps it
 growing (or not) its own way until stop().
 
-Every pool's data starts at START (64 MiB) on a loop device with direct I/O over a sparse file on
-the guest's scratch disk, blocks are 64 KiB and block zeroing is off, so only the growth
-mechanism and its policy differ.
+Every pool's data starts at START (64 MiB) on a loop device with direct I/O over a file on the
+guest's scratch disk, blocks are 64 KiB and block zeroing is off, so only the growth mechanism
+and its policy differ. The files are sparse except where a system's own policy allocates them:
+thinwatchd's defaults (preallocate: true) allocate each growth of the data file, and the
+metadata file (128 MiB) whole.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ LVM_VG = "peersvg"
 
 @dataclass
 class Rig:
-    """What a workload needs from a system: a thin volume, its pool's dm name, the data file."""
+    """What a workload needs from a system: a thin volume, its pool's dm name, the data file,
+    and every file the pool keeps on the host's filesystem (the room it takes there)."""
 
     thin: str
     pool: str  # the device whose target is thin-pool (status, kernel-log tag)
-    backing: Path
+    backing: Path  # the data file (lvm2: the PV's file)
+    files: list[Path]  # data and metadata files (lvm2: the PV's file, which holds both)
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,7 +73,8 @@ class System(Protocol):
 
 
 class Thinwatchd:
-    """The real daemon with a config from bench/workloads.py (data_size 64MiB in both)."""
+    """The real daemon with a config from bench/workloads.py: data_size 64MiB in both, the rest
+    the daemon's defaults (preallocate included), or the tight mark and steps."""
 
     grows = True
 
@@ -88,7 +93,7 @@ class Thinwatchd:
         self.daemon = DaemonProcess(config, directory / f"{name}.log")
         self.daemon.start()
         thin = create_thin(dm, name, f"{name}-thin", 0, THIN_SIZE)
-        return Rig(thin, name, data)
+        return Rig(thin, name, data, [data, meta])
 
     def pids(self) -> list[int]:
         return [self.daemon.proc.pid] if self.daemon and self.daemon.proc else []
@@ -125,7 +130,7 @@ class Manual:
 
     def start(self, dm: DeviceMapper, directory: Path, mib: int) -> Rig:
         self.pool = ManualPool(dm, directory, self.size(mib), self.low_water, direct_io=True)
-        return Rig(self.pool.thin, self.pool.name, self.pool.data)
+        return Rig(self.pool.thin, self.pool.name, self.pool.data, [self.pool.data, self.pool.meta])
 
     def stop(self) -> dict[str, Any]:
         self.pool.close()
@@ -162,7 +167,7 @@ class Floor(Manual):
         self.error: str | None = None
         self.thread = threading.Thread(target=self._grow, args=(own,), daemon=True)
         self.thread.start()
-        return Rig(self.pool.thin, self.pool.name, self.pool.data)
+        return Rig(self.pool.thin, self.pool.name, self.pool.data, [self.pool.data, self.pool.meta])
 
     def _grow(self, dm: DeviceMapper) -> None:
         try:
@@ -347,7 +352,7 @@ class Lvm:
             "table": target.params,
             "low_water_blocks": int(target.params.split()[3]),
         }
-        return Rig(f"/dev/mapper/{LVM_VG}-thin", pool, self.pv, notes)
+        return Rig(f"/dev/mapper/{LVM_VG}-thin", pool, self.pv, [self.pv], notes)
 
     def pids(self) -> list[int]:
         return [Lvm.dmeventd.pid] if Lvm.dmeventd else []  # lvextend runs inside dmeventd

@@ -8,7 +8,9 @@ Run inside a guest with dm-thin (``bash bench/run_peers`` boots the VM test bed,
 Systems (bench/peer_systems.py), each on a fresh pool and thin volume per workload:
 
 - ``presized``: big enough from the start (the workload + 1 GiB): the baseline for the ratio;
-- ``thinwatchd``: the daemon with the config defaults (2 GiB mark, 1 GiB / 20% steps);
+- ``thinwatchd``: the daemon with the config defaults (256 MiB mark, raised to hold the page
+  cache's dirty limit; 1 GiB / 20% steps; every growth of the data file allocated, the 128 MiB
+  metadata file allocated whole), but data_size 64MiB, as every pool here starts;
 - ``thinwatchd-tight``: 16 MiB mark, 128 MiB steps (bench/workloads.py's tight config);
 - ``floor``: no daemon; one thread polls for dm events and does the four growth steps by ioctl
   with the tight policy: the least a growth can cost here;
@@ -20,8 +22,9 @@ Systems (bench/peer_systems.py), each on a fresh pool and thin volume per worklo
   never grown: when and how its writer fails (bounded by ``--writer-timeout``).
 
 Every growing pool starts with 64 MiB of data: what scripts/demo and the earlier benchmarks use,
-and small enough that every workload must grow every system several times (thinwatchd's
-defaults grow to twice their 2 GiB mark at start-up, before any writer: that is their policy).
+and small enough that every workload must grow every system several times (thinwatchd, in both
+configs, grows at start-up, before any writer, to leave twice its mark free: the mark raised to
+the page cache's dirty limit, about 660 MiB in the 3 GiB guest, so 1.3 GiB: that is its policy).
 Loops use direct I/O for all, lvm2's included, blocks are 64 KiB and zeroing is off.
 
 Workloads: ``ddN``, dd if=/dev/zero bs=1M oflag=direct of N MiB into the thin volume; ``ext4``:
@@ -38,16 +41,20 @@ device" (since the pool's creation, mkfs included; after the writer, up to 15 s 
 that answers the last event); the writer's time; its longest stall (its /proc/<pid>/io wchar,
 sampled every 50 ms: the longest time it did not move, from its first write to its end); the
 CPU time of the process that grows the pool (the daemon, dmeventd, the DIY shell and what it
-ran) while the writer ran; the pool's data size and usage every 100 ms (the plot); at the end
-the pool's data size and its backing file's size and allocated bytes (lvm2: the PV's file).
+ran) while the writer ran; the pool's data size and usage every 100 ms (the plot); the room the
+pool takes on the host's filesystem (st_blocks * 512 of its data and metadata files; lvm2: the
+PV's file, which holds both) against its data in use: at rest (set up, settled, just before the
+writer), the most seen every 100 ms from the writer's start to the end, and at the end; at the
+end also the pool's data size and the data file's size and allocated bytes.
 
 ``--rounds`` (2) runs every cell that often, the systems in reverse order every other round,
 docker-fixed once per workload at the end. The table gives medians (writer time: median and
 range; the ratio is to presized's median), episodes and event-to-grown times pooled, and the
-longest stall. The host's load from other guests moves writer times by up to 2x between cells:
-compare the ratios with that in mind, and the kernel-log columns first.
+longest stall; a second table gives each system's room taken beside lvm2's. The host's load
+from other guests moves writer times by up to 2x between cells: compare the ratios with that in
+mind, and the kernel-log columns first. Room taken does not depend on the host's load.
 
-Writes peers.json and peers.md to $THINWATCHD_VM_OUT when set, and prints the table.
+Writes peers.json and peers.md to $THINWATCHD_VM_OUT when set, and prints the tables.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peer_systems
-from bench.peer_probes import Sampler, bounded, cpu_seconds
+from bench.peer_probes import Sampler, block_bytes, bounded, cpu_seconds, file_room, sample
 from bench.peers_report import (
     Record,
     dd_bytes,
@@ -73,7 +80,8 @@ from bench.peers_report import (
     out_of_space_episodes,
     pool_tag,
     regroup,
-    table,
+    report,
+    room,
     unanswered_event,
 )
 from bench.workloads import drop_caches, mkfs_mount, pool_usage, say
@@ -172,7 +180,9 @@ def run_cell(
             mnt = directory / "mnt"
             mkfs_mount(rig.thin, "ext4", mnt)
         time.sleep(args.settle)  # the same quiet start for every system's writer
-        sampler = Sampler(rig.pool)
+        block = block_bytes(dm, rig.pool)
+        rest = sample(dm, rig.pool, block, rig.files)
+        sampler = Sampler(rig.pool, rig.files)
         cpu_before = cpu_seconds(system.pids())
         try:
             cell.update(
@@ -185,19 +195,23 @@ def run_cell(
         if cpu_before is not None and cpu_after is not None:
             cell["grower_cpu_s"] = round(cpu_after - cpu_before, 2)
         usage = pool_usage(dm, rig.pool)
+        end = sample(dm, rig.pool, block, rig.files, time.monotonic() - sampler.t0)
         st = rig.backing.stat()
         cell.update(
             out_of_space=out_of_space_episodes(records),
             growths=growths(records),
             event_to_grown_s=event_to_grown(records),
             longest_stall_s=longest_stall(sampler.progress, cell["writer_s"]),
-            pool_data_bytes=sampler.series[-1][1] if sampler.series else 0,
+            pool_data_bytes=end[1],
             backing_size=st.st_size,
             backing_allocated=st.st_blocks * 512,
+            **room(rest, sampler.series, end),
+            files_end={p.name: file_room(p) for p in rig.files},
             series={
-                "t": [round(t, 2) for t, _, _ in sampler.series],
-                "data_mib": [round(d / MiB, 1) for _, d, _ in sampler.series],
-                "used_mib": [round(u / MiB, 1) for _, _, u in sampler.series],
+                "t": [round(t, 2) for t, _, _, _ in sampler.series],
+                "data_mib": [round(d / MiB, 1) for _, d, _, _ in sampler.series],
+                "used_mib": [round(u / MiB, 1) for _, _, u, _ in sampler.series],
+                "room_mib": [round(r / MiB, 1) for _, _, _, r in sampler.series],
             },
             kernel_log=[f"[{t:.3f}] {m}" for t, m in records][:200],
         )
@@ -365,7 +379,7 @@ def main() -> None:
             peer_systems.Lvm.stop_dmeventd()
     result["guest_s"] = round(time.monotonic() - started, 1)
     save()
-    text = table(result)
+    text = report(result)
     print(text)
     if out_dir:
         Path(out_dir, "peers.md").write_text(text + "\n")

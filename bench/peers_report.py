@@ -1,4 +1,5 @@
-"""The pure half of bench/peers.py: kernel-log parsing, stalls, percentiles and the table.
+"""The pure half of bench/peers.py: kernel-log parsing, stalls, percentiles, room taken and the
+tables.
 
 Nothing here touches a device, so tests/unit/test_bench_peers.py runs it on any host.
 """
@@ -116,6 +117,33 @@ def percentile(xs: Sequence[float], q: int) -> float | None:
     return statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
+RoomSample = tuple[float, int, int, int]  # (t, pool data bytes, used bytes, room taken bytes)
+
+ROOM_KEYS = (
+    "used_rest_bytes",
+    "room_rest_bytes",
+    "used_at_peak_bytes",
+    "room_peak_bytes",
+    "used_end_bytes",
+    "room_end_bytes",
+)
+
+
+def room(rest: RoomSample, series: Sequence[RoomSample], end: RoomSample) -> dict[str, int]:
+    """The room the pool's files take on the host's filesystem, and the pool's data in use, at
+    rest (set up, before the writer), at the peak (the most any sample from the writer's start
+    to the end took: the series, then the end) and at the end."""
+    peak = max([*series, end], key=lambda s: s[3])
+    return {
+        "used_rest_bytes": rest[2],
+        "room_rest_bytes": rest[3],
+        "used_at_peak_bytes": peak[2],
+        "room_peak_bytes": peak[3],
+        "used_end_bytes": end[2],
+        "room_end_bytes": end[3],
+    }
+
+
 # -- rounds into one cell ----------------------------------------------------------------------
 
 
@@ -139,7 +167,8 @@ def aggregate(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "event_to_grown_s": [x for r in ok for x in r.get("event_to_grown_s", [])],
         "longest_stall_s": max((r["longest_stall_s"] for r in ok), default=None),
     }
-    for key in ("growths", "grower_cpu_s", "pool_data_bytes", "backing_size", "backing_allocated"):
+    keys = ("growths", "grower_cpu_s", "pool_data_bytes", "backing_size", "backing_allocated")
+    for key in (*keys, *ROOM_KEYS):
         cell[key] = median([r[key] for r in ok if r.get(key) is not None])
     if failed:
         cell.update({k: failed[0].get(k) for k in ("written_bytes", "writer_says", "timed_out")})
@@ -157,6 +186,21 @@ def aggregate(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def fmt(x: float | None, digits: int = 0) -> str:
     return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def mib(cell: dict[str, Any], key: str) -> float | None:
+    """The cell's figure in MiB, or None if it has none (a run from before it was measured)."""
+    value = cell.get(key)
+    return None if value is None else value / MiB
+
+
+def over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def room_cell(cell: dict[str, Any]) -> str:
+    """Room taken in MiB: at rest / at the peak / at the end."""
+    return " / ".join(fmt(mib(cell, f"room_{when}_bytes")) for when in ("rest", "peak", "end"))
 
 
 def outcome(cell: dict[str, Any]) -> str:
@@ -194,8 +238,9 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "| workload | system | out-of-space episodes (time in it) | writer s | x pre-sized "
         "| growths | event→grown p50 / p90 ms | longest stall s | grower CPU s "
-        "| pool data MiB at end | backing file MiB: size / allocated | outcome |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pool data MiB at end | in use MiB at end | room taken MiB: rest / peak / end "
+        "| room ÷ in use at end | outcome |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for workload, cells in result["cells"].items():
         base = cells.get("presized", {}).get("writer_s")
@@ -208,11 +253,48 @@ def table(result: dict[str, Any]) -> str:
                 f"| {fmt(ratio, 2)} | {fmt(cell.get('growths'))} "
                 f"| {fmt(percentile(lat, 50))} / {fmt(percentile(lat, 90))} "
                 f"| {fmt(cell.get('longest_stall_s'), 2)} | {fmt(cell.get('grower_cpu_s'), 2)} "
-                f"| {fmt(cell.get('pool_data_bytes', 0) / MiB)} "
-                f"| {fmt(cell.get('backing_size', 0) / MiB)} / "
-                f"{fmt(cell.get('backing_allocated', 0) / MiB)} | {outcome(cell)} |"
+                f"| {fmt(mib(cell, 'pool_data_bytes'))} | {fmt(mib(cell, 'used_end_bytes'))} "
+                f"| {room_cell(cell)} "
+                f"| {fmt(over(cell.get('room_end_bytes'), cell.get('used_end_bytes')), 2)} "
+                f"| {outcome(cell)} |"
             )
     return "\n".join(lines)
+
+
+def room_table(result: dict[str, Any], against: str = "lvm2") -> str:
+    """Room taken beside lvm2's, per workload: how much more (MiB) at rest, at the peak and at
+    the end, and how many times lvm2's at the peak and at the end. Empty without lvm2 cells."""
+    lines = [
+        f"| workload | system | room taken MiB: rest / peak / end "
+        f"| more than {against}, MiB: rest / peak / end | x {against}: peak / end |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for workload, cells in result["cells"].items():
+        base = cells.get(against)
+        if base is None or base.get("room_end_bytes") is None:
+            continue
+        for system, cell in cells.items():
+            if cell.get("room_end_bytes") is None:
+                continue
+            more = []
+            for when in ("rest", "peak", "end"):
+                key = f"room_{when}_bytes"
+                more.append(fmt((cell[key] - base[key]) / MiB, 0))
+            times = [
+                fmt(over(cell[f"room_{when}_bytes"], base[f"room_{when}_bytes"]), 2)
+                for when in ("peak", "end")
+            ]
+            lines.append(
+                f"| {workload} | {system} | {room_cell(cell)} | {' / '.join(more)} "
+                f"| {' / '.join(times)} |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def report(result: dict[str, Any]) -> str:
+    """The table, then room taken beside lvm2's (when lvm2 ran)."""
+    beside = room_table(result)
+    return table(result) + (f"\n\n{beside}" if beside else "")
 
 
 def regroup(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -226,7 +308,7 @@ def regroup(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main() -> None:
     """python -m bench.peers_report peers.json: the table again, from the runs (on the host)."""
     result = json.loads(Path(sys.argv[1]).read_text())
-    print(table({"cells": regroup(result["runs"])}))
+    print(report({"cells": regroup(result["runs"])}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The pure parts of bench/peers.py: kernel-log parsing, stalls, percentiles and the table."""
+"""The pure parts of bench/peers.py: kernel-log parsing, stalls, percentiles, room taken and the
+tables."""
 
 from __future__ import annotations
 
@@ -16,9 +17,14 @@ from bench.peers_report import (
     percentile,
     pool_tag,
     regroup,
+    report,
+    room,
+    room_table,
     table,
     unanswered_event,
 )
+
+M = 1 << 20
 
 TAG = pool_tag(253, 4)
 LOG = [
@@ -128,6 +134,12 @@ def cell(**kw: object) -> dict[str, object]:
         "pool_data_bytes": 1024 << 20,
         "backing_size": 1024 << 20,
         "backing_allocated": 600 << 20,
+        "used_rest_bytes": 0,
+        "room_rest_bytes": 2 * M,
+        "used_at_peak_bytes": 600 * M,
+        "room_peak_bytes": 610 * M,
+        "used_end_bytes": 600 * M,
+        "room_end_bytes": 610 * M,
     }
     base.update(kw)
     return base
@@ -157,6 +169,7 @@ def test_table_rows_ratios_and_failures() -> None:
     lines = table(result).splitlines()
     assert len(lines) == 5
     assert lines[2].startswith("| dd600 | presized | 0 | 10.0 | 1.00 | 0 | - / - |")
+    assert lines[2].endswith("| 1,024 | 600 | 2 / 610 / 610 | 1.02 | ok |")
     assert "| **2** (1.5 s) | 30.0 | 3.00 | 7 | 1,500 / 1,580 |" in lines[3]
     fixed = lines[4]
     assert "**1** (never left)" in fixed
@@ -235,3 +248,70 @@ def test_cells_group_runs_in_first_round_order() -> None:
     grouped = regroup(runs)
     assert list(grouped["dd600"]) == ["b", "a"]
     assert grouped["dd600"]["b"]["writer_s"] == 2.0
+
+
+def test_room_at_rest_at_the_peak_and_at_the_end() -> None:
+    rest = (0.0, 64 * M, 0, 1200 * M)
+    series = [(0.1, 64 * M, 10 * M, 1200 * M), (5.0, 2000 * M, 900 * M, 2200 * M)]
+    end = (9.0, 2000 * M, 600 * M, 2100 * M)  # a discard gave some back
+    assert room(rest, series, end) == {
+        "used_rest_bytes": 0,
+        "room_rest_bytes": 1200 * M,
+        "used_at_peak_bytes": 900 * M,
+        "room_peak_bytes": 2200 * M,
+        "used_end_bytes": 600 * M,
+        "room_end_bytes": 2100 * M,
+    }
+
+
+def test_room_peak_counts_the_end_and_not_the_rest() -> None:
+    rest = (0.0, 64 * M, 0, 500 * M)  # before the writer: not its peak
+    end = (3.0, 64 * M, 40 * M, 45 * M)
+    got = room(rest, [], end)
+    assert (got["room_peak_bytes"], got["used_at_peak_bytes"]) == (45 * M, 40 * M)
+    assert room(rest, [(1.0, 64 * M, 30 * M, 35 * M)], end)["room_peak_bytes"] == 45 * M
+
+
+def test_aggregate_takes_the_median_room() -> None:
+    agg = aggregate(
+        [cell(room_end_bytes=600 * M), cell(room_end_bytes=700 * M), cell(room_end_bytes=800 * M)]
+    )
+    assert agg["room_end_bytes"] == 700 * M
+    assert agg["room_rest_bytes"] == 2 * M
+
+
+def test_table_of_a_run_without_room_figures_shows_dashes() -> None:
+    old = {k: v for k, v in cell().items() if "rest" not in k and "peak" not in k}
+    del old["used_end_bytes"], old["room_end_bytes"]
+    text = table({"cells": {"dd600": {"lvm2": aggregate([old])}}})
+    assert text.splitlines()[2].endswith("| 1,024 | - | - / - / - | - | ok |")
+    assert room_table({"cells": {"dd600": {"lvm2": aggregate([old])}}}) == ""
+
+
+def test_room_table_says_how_much_more_than_lvm2() -> None:
+    result = {
+        "cells": {
+            "dd600": {
+                "thinwatchd": cell(
+                    room_rest_bytes=1216 * M, room_peak_bytes=1817 * M, room_end_bytes=1817 * M
+                ),
+                "lvm2": cell(
+                    room_rest_bytes=16 * M, room_peak_bytes=617 * M, room_end_bytes=617 * M
+                ),
+            },
+            "ext4": {"thinwatchd": cell()},  # no lvm2 cell: no row
+        }
+    }
+    lines = room_table(result).splitlines()
+    assert lines[0].startswith("| workload | system | room taken MiB: rest / peak / end |")
+    assert len(lines) == 4
+    assert lines[2] == (
+        "| dd600 | thinwatchd | 1,216 / 1,817 / 1,817 | 1,200 / 1,200 / 1,200 | 2.94 / 2.94 |"
+    )
+    assert lines[3] == "| dd600 | lvm2 | 16 / 617 / 617 | 0 / 0 / 0 | 1.00 / 1.00 |"
+    assert report(result) == table(result) + "\n\n" + room_table(result)
+
+
+def test_report_without_lvm2_is_the_table() -> None:
+    result = {"cells": {"dd600": {"presized": cell()}}}
+    assert report(result) == table(result)
