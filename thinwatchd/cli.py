@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from thinwatchd import __version__
@@ -157,7 +161,7 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
 def _run_locked(path: Path, estimates: Path) -> int:
     from thinwatchd.daemon import Daemon
     from thinwatchd.runtime import open_kernel, udev_monitor
-    from thinwatchd.thincheck import thin_check
+    from thinwatchd.thincheck import end_all, thin_check
 
     try:
         kernel = open_kernel()
@@ -172,21 +176,45 @@ def _run_locked(path: Path, estimates: Path) -> int:
         udev_monitor=udev_monitor(),
         estimates_file=estimates,
     )
+    # Nothing thinwatchd started may outlive it (KillMode=process): a SIGTERM while pools are
+    # still being built (a long thin_check at boot) ends the checks, then the process as before;
+    # run() handles SIGTERM itself from READY=1 on.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM)
+    if main:
+        signal.signal(signal.SIGTERM, _end_checks_then_die(end_all))
     try:
-        daemon.start()
-    except ConfigError:
-        raise
-    except PoolMismatchError as exc:
-        log.error("%s", exc)
-        return EX_CONFIG
-    except PoolSetupError as exc:
-        log.error("%s", exc)
-        return EX_DATAERR
-    except ThinwatchError as exc:
-        log.error("start-up failed: %s", exc)
-        return 1
-    daemon.run()
-    return 0
+        try:
+            daemon.start()
+        except ConfigError:
+            raise
+        except PoolMismatchError as exc:
+            log.error("%s", exc)
+            return EX_CONFIG
+        except PoolSetupError as exc:
+            log.error("%s", exc)
+            return EX_DATAERR
+        except ThinwatchError as exc:
+            log.error("start-up failed: %s", exc)
+            return 1
+        daemon.run()
+        return 0
+    finally:
+        ended = end_all()  # a rebuild's check under way when SIGTERM came
+        if ended:
+            log.info("ended %d thin_check(s) still running", ended)
+        if main:
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _end_checks_then_die(end_all: Callable[[], int]) -> Callable[[int, object], None]:
+    def handler(signum: int, _frame: object) -> None:
+        end_all()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    return handler
 
 
 if __name__ == "__main__":
