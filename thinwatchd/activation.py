@@ -233,9 +233,17 @@ def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
     info = dm.info(pool.name)
     assert info is not None
     if info.suspended or info.inactive_present:
-        # A crash (ours, or another process's) between load, suspend and resume.
+        # A crash (ours, or another process's) between load, suspend and resume, or a resume
+        # the kernel refused (our last instance's growth).
         before = pool.length
-        ensure_resumed(kernel, pool)
+        try:
+            ensure_resumed(kernel, pool)
+        except PoolSetupError as exc:
+            # Adopted all the same: its writers wait either way, and the daemon keeps trying
+            # to resume it with backoff; failing the start would leave nobody trying.
+            pool.left_suspended = True
+            pool.recovered.append(f"found suspended and cannot resume it yet: {exc}")
+            return
         pool.recovered.append(
             ("resumed a suspended pool" if info.suspended else "dropped a stale inactive table")
             + (f" (table {before} -> {pool.length} sectors)" if pool.length != before else "")

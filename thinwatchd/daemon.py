@@ -218,6 +218,7 @@ class Daemon:
         """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
+        managed.state.own_suspend |= pool.left_suspended
         self.pools[settings.name] = managed
         self.loop_owners.forget()  # its loops are new
         try:

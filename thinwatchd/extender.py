@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from thinwatchd.backing import BackingFiles, BackingLook
-from thinwatchd.errors import KernelError, ThinwatchError
+from thinwatchd.errors import KernelError, RollbackError, ThinwatchError
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.logs import MessageId, event
 from thinwatchd.page_cache import PageCache
@@ -221,6 +221,17 @@ class Extender:
             ensure_resumed(self.kernel, pool)
             return False
         if not info.suspended:
+            state.own_suspend = False
+            return False
+        if state.own_suspend:
+            # Ours: a resume the kernel refused and its rollback too. Writers wait until one
+            # is accepted; try again (a failure is said once, and retried with backoff).
+            if state.retry_at is not None and self.clock() < state.retry_at:
+                return True
+            ensure_resumed(self.kernel, pool)
+            state.own_suspend = False
+            state.failing, state.failed_attempts, state.retry_at = None, 0, None
+            log.warning("pool %s: resumed at last, its writers go on", pool.name)
             return False
         if not state.suspended_said:
             state.suspended_said = True
@@ -361,6 +372,8 @@ class Extender:
             pool.reload(self.kernel, pool.table.with_low_water_mark(decision.low_water_mark))
             steps["RELOAD_MS"] = self.clock()
         except ThinwatchError as exc:
+            if isinstance(exc, RollbackError):
+                state.own_suspend = True  # the kernel refused every resume: ours to retry
             self.journal.failure(pool, state, decision.target, exc)
             return None
         state.unfinished = None

@@ -62,6 +62,9 @@ class Pool:
     length: Sectors  # of the active table
     activation: Activation = Activation.ADOPTED
     recovered: list[str] = field(default_factory=list)  # interrupted work finished at startup
+    # Found suspended at start-up and the kernel refused every resume yet: the daemon keeps
+    # trying (PoolState.own_suspend) rather than give up the pool.
+    left_suspended: bool = False
 
     @property
     def name(self) -> str:

@@ -76,17 +76,25 @@ class PoolJournal:
         state.failed_attempts += 1
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (state.failed_attempts - 1))
         state.retry_at = self.clock() + delay
-        key = failure_key(exc)
+        # A pool left suspended is one streak, from the growth whose resume failed to the
+        # resume that is accepted, whatever each attempt meets.
+        key = "left suspended" if state.own_suspend else failure_key(exc)
         if key == state.failing:
             log.debug("pool %s: attempt %d failed again: %s", pool.name, state.failed_attempts, exc)
             return
         state.failing = key
-        what = (
-            f"growing {target} of {pool.name} failed: {exc}; the pool is resumed on its "
-            f"previous size"
-            if target != "check"
-            else f"checking {pool.name} failed: {exc}"
-        )
+        if state.own_suspend:
+            what = (
+                f"growing {target} of {pool.name} failed: {exc}; the kernel refused to resume "
+                f"the pool, which is SUSPENDED: its writers wait until a resume is accepted"
+                if target != "check"
+                else f"resuming {pool.name}, left suspended by a failed growth, failed: {exc}; "
+                f"its writers wait"
+            )
+        elif target != "check":
+            what = f"growing {target} of {pool.name} failed: {exc}; the pool keeps its size"
+        else:
+            what = f"checking {pool.name} failed: {exc}"
         event(
             logging.ERROR,
             MessageId.GROWTH_FAILED,

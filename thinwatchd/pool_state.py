@@ -43,6 +43,9 @@ class PoolState:
     unfinished: Grow | None = None  # a growth whose file grew but the kernel has not seen it
     retune_failing: str | None = None  # the last failed retune reload, said once
     suspended_said: bool = False  # a suspend by someone else was said
+    # Left suspended by our own failed resume (its rollback failed too), or found suspended at
+    # start-up and not resumed yet: ours to resume, with backoff, until the kernel accepts.
+    own_suspend: bool = False
     last_growth: GrowthRecord | None = None
     status: ThinPoolStatus | None = None
     written_at_status: int | None = None  # WritebackState.written when status was read

@@ -41,6 +41,8 @@ def retune_table(
     """
     if status is not None and (not isinstance(status, ThinPoolWorkingStatus) or status.needs_check):
         return
+    if state.own_suspend:
+        return  # a reload would meet the same refusal; resuming it comes first
     table = pool.table
     if isinstance(status, ThinPoolWorkingStatus):
         mark = low_water_mark(pool.settings, status.data_total, state.history, writeback)

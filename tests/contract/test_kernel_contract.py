@@ -159,6 +159,24 @@ def test_a_shrink_is_refused_at_resume_and_the_longest_table_resumes_it(be: Back
     assert be.write_blocks(pool.name, 10, 1) == 1
 
 
+def test_a_plain_resume_of_a_pool_left_suspended_runs_its_preresume_again(be: Backend) -> None:
+    # dm_resume() of a suspended device with no inactive table runs the active table's
+    # preresume again: a resume "as it is" meets the same refusal, and the pool stays suspended
+    # (what a failed growth's rollback meets while the kernel still refuses).
+    pool = make_pool(be)
+    be.kernel.dm.load_table(pool.name, [pool.target(Sectors(pool.length // 2))])
+    with pytest.raises(KernelError):
+        be.kernel.dm.resume(pool.name)
+    with pytest.raises(KernelError) as caught:
+        be.kernel.dm.resume(pool.name)  # no inactive table now: the active one's preresume
+    assert caught.value.errno == errno.EINVAL
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and info.suspended and not info.inactive_present
+    ensure_resumed(be.kernel, pool)
+    info = be.kernel.dm.info(pool.name)
+    assert info is not None and not info.suspended
+
+
 def test_a_reload_after_someone_else_grew_the_pool_keeps_their_length(be: Backend) -> None:
     # An operator grows the pool by hand (truncate, losetup -c, dmsetup reload + resume); our
     # cached length is now short. The next reload must build on the live table, not the cache.

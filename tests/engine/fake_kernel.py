@@ -141,6 +141,7 @@ class FakeKernel:
         # Pool name -> what its resume waits for first, outside the lock (a slow drain).
         self.draining: dict[str, Callable[[], object]] = {}
         self._stalls: list[tuple[str, str, Callable[[], object]]] = []
+        self._preresume_faults: dict[str, tuple[int, int]] = {}  # name -> (errno, times)
 
     def stall(self, op: str, target: str, wait: Callable[[], object]) -> None:
         """Make file syscalls op on paths containing target call wait() first, outside the lock
@@ -283,6 +284,10 @@ class FakeKernel:
         if dev.inactive is None:
             if dev.active is None:
                 raise KernelError("DM_DEV_RESUME", name, errno.EINVAL, "no table")
+            pool_target = next((t for t in dev.active if t.target_type == "thin-pool"), None)
+            if dev.suspended and pool_target is not None:
+                # dm_resume() of a suspended device runs the active table's preresume again.
+                dev.pool = self._preresume(dev, pool_target)
             dev.suspended = False
             return False
         new = dev.inactive
@@ -470,7 +475,16 @@ class FakeKernel:
             if other.name != name and other.pool is not None and other.pool.meta_loop == meta.index:
                 raise KernelError("DM_TABLE_LOAD", name, errno.EBUSY, "metadata device in use")
 
+    def fail_preresume(self, name: str, code: int, times: int) -> None:
+        """Make pool_preresume of name fail the next `times` resumes with errno code (a
+        metadata commit that fails): the device stays suspended, the new table swapped in."""
+        self._preresume_faults[name] = (code, times)
+
     def _preresume(self, dev: FakeDevice, target: Target) -> PoolRuntime:
+        code, times = self._preresume_faults.get(dev.name, (0, 0))
+        if times > 0:
+            self._preresume_faults[dev.name] = (code, times - 1)
+            raise KernelError("DM_DEV_RESUME", dev.name, code, "pool_preresume failed")
         meta, data, block, low_water, features = self._parse_pool_params(dev.name, target.params)
         key = (meta.st_dev, meta.st_ino)
         md = self.metadata.get(key)

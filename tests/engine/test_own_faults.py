@@ -203,3 +203,36 @@ def test_a_reload_whose_new_files_stall_does_not_stop_the_loop(
     started_at = time.monotonic()
     daemon.reload()
     assert time.monotonic() - started_at < 1.0, "the reload waited for a stalled stat"
+
+
+def test_a_pool_our_failed_resume_left_suspended_is_resumed_once_the_kernel_accepts(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 1: a growth's resume fails in pool_preresume (the device stays suspended on the
+    new table) and so do the rollback's resumes. The journal must not say the pool was
+    resumed; every later check must try again (not take it for an operator's dmsetup
+    suspend), and resume it once the kernel accepts."""
+    from tests.engine.test_backing import to_mark
+
+    daemon = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")})
+    clock = daemon.loop._clock
+    fake.fail_preresume("a", errno.EIO, times=10**6)  # the growth's resume, every rollback's
+    to_mark(fake, daemon, "a")
+    daemon._check_events()
+    info = fake.info("a")
+    assert info is not None and info.suspended
+    failed = [r.getMessage() for r in caplog.records if "SUSPENDED" in r.getMessage()]
+    assert len(failed) == 1, caplog.text
+    assert "resumed on its previous size" not in caplog.text
+    for _ in range(3):  # checks while the kernel still refuses: said no more, never given up
+        clock.now += 60  # type: ignore[attr-defined]
+        daemon._pass(list(daemon.pools.values()), survey=True)
+        info = fake.info("a")
+        assert info is not None and info.suspended
+    assert "suspended by someone else" not in caplog.text
+    fake.fail_preresume("a", errno.EIO, times=0)  # the metadata device answers again
+    clock.now += 60  # type: ignore[attr-defined]
+    daemon._pass(list(daemon.pools.values()), survey=True)
+    info = fake.info("a")
+    assert info is not None and not info.suspended
+    assert "resumed at last" in caplog.text
