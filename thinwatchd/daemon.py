@@ -51,6 +51,9 @@ __all__ = ["Daemon"]
 
 log = logging.getLogger("thinwatchd")
 
+#: The least time a stopping daemon leaves its pools room for (a restart under systemd: the
+#: unit's RestartSec= and the next start-up, which measured 3-9 s in the guest).
+ABSENCE_MIN_SECONDS = 10.0
 #: A job on pool files running this long (a stalled filesystem) no longer holds up the others.
 FILE_STUCK_SECONDS = 1.0
 
@@ -102,6 +105,8 @@ class Daemon:
         self.unbuilt = Unbuilt()
         self._reload_pending = False
         self._reloads = 0  # each reload's check of its files is a job of its own
+        self._born = self.loop.time()  # start-up's duration: how long a restart leaves pools
+        self._ready_at: float | None = None
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
         self.extender = Extender(kernel, self.loop.time)
@@ -245,9 +250,11 @@ class Daemon:
         self._schedule_writeback_watch()
         self._schedule_space_watch()
         self.notifier.ready(self.status_line())
+        self._ready_at = self.loop.time()
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
+            self.reconciles.parting_pass(self.absence_seconds())
             self.reconciles.finish()
             self.publications.flush()  # the files as of the last pass
             with contextlib.suppress(TimeoutError):  # (a stalled filesystem: not for long)
@@ -257,6 +264,12 @@ class Daemon:
             self.file_workers.close()
             self.reconcilers.close()
             loop.close()
+
+    def absence_seconds(self) -> float:
+        """Return how long the pools may go unwatched after this daemon stops: twice its own
+        start-up (the next instance's, a restart's), at least ABSENCE_MIN_SECONDS."""
+        took = (self._ready_at or self.loop.time()) - self._born
+        return max(ABSENCE_MIN_SECONDS, 2 * took)
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""

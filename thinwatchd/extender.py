@@ -43,7 +43,7 @@ from thinwatchd.pool_state import GrowthRecord, PoolState
 from thinwatchd.retune import retune_table
 from thinwatchd.room import BackingFs
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
-from thinwatchd.units import data_blocks_to_sectors
+from thinwatchd.units import Bytes, data_blocks_to_sectors
 from thinwatchd.writeback import WritebackState
 
 __all__ = ["Extender"]
@@ -103,17 +103,19 @@ class Extender:
         state: PoolState,
         woke: float | None = None,
         look: BackingLook | None = None,
+        keep_free: Bytes = Bytes(0),
     ) -> ThinPoolStatus | None:
         """Bring one pool to a state with room to write; return its latest status.
 
         woke is when the loop woke for the event that led here: growth times count from it.
         look is the pass this reconcile belongs to (new_pass); without it, a pass of its own.
+        keep_free: grow, if need be, to leave that much free (the daemon is about to stop).
         A kernel or file error anywhere in the check is a failed growth as far as writers are
         concerned: said once, retried with backoff, and when_full's clock runs. Only ENXIO (the
         device is gone) is raised, for the daemon to rebuild the pool.
         """
         try:
-            return self._reconcile(pool, state, woke, look or self.new_pass())
+            return self._reconcile(pool, state, woke, look or self.new_pass(), keep_free)
         except ThinwatchError as exc:
             if isinstance(exc, KernelError) and exc.errno == errno.ENXIO:
                 raise
@@ -124,7 +126,12 @@ class Extender:
             return state.status
 
     def _reconcile(
-        self, pool: Pool, state: PoolState, woke: float | None, look: BackingLook
+        self,
+        pool: Pool,
+        state: PoolState,
+        woke: float | None,
+        look: BackingLook,
+        keep_free: Bytes = Bytes(0),
     ) -> ThinPoolStatus:
         dm = self.kernel.dm
         started = self.clock() if woke is None else woke
@@ -155,7 +162,7 @@ class Extender:
                     self.clock(), pool.data_bytes(status.data_used)
                 )
             data_fs = look.figures(str(pool.settings.data_file))
-            decision = self._decide(pool, state, status, look, writeback)
+            decision = self._decide(pool, state, status, look, writeback, keep_free)
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
                 if state.unfinished is None:  # nothing to retry: the growth is not wanted now
@@ -250,6 +257,7 @@ class Extender:
         status: ThinPoolStatus,
         look: BackingLook,
         writeback: WritebackState | None,
+        keep_free: Bytes = Bytes(0),
     ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
@@ -265,6 +273,7 @@ class Extender:
                 state.history,
                 table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
                 writeback=writeback,
+                keep_free=keep_free,
             )
 
         meta = self._decide_on(look, str(settings.metadata_file), metadata)

@@ -53,6 +53,7 @@ __all__ = [
     "decide_metadata",
     "describe",
     "no_space_mode",
+    "parting_room",
 ]
 
 
@@ -214,6 +215,7 @@ def decide_data(
     history: FillHistory,
     table_mark: DataBlocks = DataBlocks(0),
     writeback: WritebackState | None = None,
+    keep_free: Bytes = Bytes(0),
 ) -> Decision:
     """Return what to do about the pool's data file.
 
@@ -224,7 +226,8 @@ def decide_data(
     (writeback_threatens, with adaptive_low_water). Grow by max(step, step_percent), and
     enough to leave twice the mark free plus one growth's worth of filling; in whole blocks,
     never past max_size nor the filesystem's room (the unwritten part of sparse files counts
-    as used).
+    as used). keep_free: act too while less is free, and leave at least that free (what the
+    pool needs while no daemon watches it: parting_room).
     """
     pool = settings.name
     if (refusal := _blocked(status, pool, GrowthTarget.DATA)) is not None:
@@ -255,6 +258,8 @@ def decide_data(
         why = f"{shown(free)} free <= low-water mark {shown(mark)} + "
         why += f"{format_bytes(early.pending)} dirty or under writeback, "
         why += f"{format_bytes(early.writeback)} of it in flight"
+    elif as_bytes(free) < keep_free:
+        why = f"{shown(free)} free < {format_bytes(keep_free)} to last until the next daemon"
     else:
         why = f"{shown(free)} free of {shown(total)}"
         return NoAction(pool, GrowthTarget.DATA, f"{why}, above the mark of {shown(mark)}")
@@ -268,6 +273,7 @@ def decide_data(
         current + step,
         as_bytes(used + 2 * base) + filling,
         as_bytes(_min_total_clear(used, thr)) + filling,
+        as_bytes(used) + keep_free + filling,
     )
     fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
     if isinstance(fitted, Refuse):
@@ -371,3 +377,11 @@ def describe(decision: Decision) -> str:
     elif decision.limited_by is RefusalReason.BACKING_FS_FULL:
         text += "; limited by the backing filesystem's free space"
     return f"{text}; low-water mark {decision.low_water_mark} blocks"
+
+
+def parting_room(history: FillHistory, absence_seconds: float) -> Bytes:
+    """Return the free space a pool needs to go unwatched for absence_seconds (a restart: no
+    one answers the kernel's event meanwhile): what it fills in that time at the steepest
+    rate of the last minute. 0 while nothing fills."""
+    rate = history.fill_rate() or 0.0
+    return Bytes(math.ceil(rate * absence_seconds))

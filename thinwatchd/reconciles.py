@@ -20,6 +20,7 @@ from thinwatchd.backing import BackingLook
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.events import EventLoop
 from thinwatchd.extender import Extender
+from thinwatchd.policy import parting_room
 from thinwatchd.pool_state import ManagedPool
 from thinwatchd.workers import Workers
 
@@ -190,6 +191,24 @@ class Reconciles:
                 self.run_pass([managed])
 
         managed.retry = self.loop.call_at(retry_at, retry)
+
+    def parting_pass(self, absence_seconds: float) -> None:
+        """Before the process exits (a stop, a restart, an upgrade): grow each pool that fills
+        so it has room for absence_seconds unwatched (policy.parting_room); the pool must not
+        notice that the daemon was away. finish() then waits for these growths."""
+        look = self.extender.new_pass()
+        for managed in list(self.pools.values()):
+            room = parting_room(managed.state.history, absence_seconds)
+            name = managed.pool.name
+            if not room or self.workers.busy(name) or self.building(name):
+                continue
+            self.workers.submit(
+                name,
+                functools.partial(
+                    self.extender.reconcile, managed.pool, managed.state, None, look, room
+                ),
+                lambda _status, _error: None,  # said by the extender; nothing is retried now
+            )
 
     def finish(self) -> None:
         """Let growths in flight finish before the process exits (nothing new starts)."""

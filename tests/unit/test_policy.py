@@ -30,6 +30,7 @@ from thinwatchd.policy import (
     decide_metadata,
     describe,
     no_space_mode,
+    parting_room,
 )
 from thinwatchd.room import BackingFs
 from thinwatchd.settings import (
@@ -720,3 +721,23 @@ def test_time_to_full_when_already_there_or_not_filling() -> None:
     assert full_in(capped, 1 * GiB, 0.0, 10 * GiB, TiB, None) == FullIn(None, None)
     assert full_in(pool(), 1 * GiB, MiB, None, 0, None) == FullIn(None, None)  # no cap, fs unseen
     assert seconds_until(10, 4, 2.0) == 3.0
+
+
+def test_parting_room_is_what_the_pool_fills_while_unwatched() -> None:
+    history = FillHistory().record(0.0, 0).record(10.0, 100 * MiB)  # 10 MiB/s
+    assert parting_room(history, 30.0) == 300 * MiB
+    assert parting_room(NO_HISTORY, 30.0) == 0
+
+
+def test_a_pool_short_of_its_parting_room_grows_to_hold_it() -> None:
+    """keep_free: act while less is free, and leave at least that much free."""
+    settings = pool(
+        low_water_mark=DataBlocks(16),
+        data=DataGrowth(step=Bytes(64 * MiB), step_percent=0.0, adaptive_low_water=False),
+    )
+    st = status(used=100, total=1024)  # 924 blocks (57.75 MiB) free, far above the mark
+    fs = fs_for(1024 * BB)
+    assert isinstance(decide_data(st, settings, fs, NO_HISTORY), NoAction)
+    d = grow(decide_data(st, settings, fs, NO_HISTORY, keep_free=Bytes(300 * MiB)))
+    assert d.new_size - 100 * BB >= 300 * MiB
+    assert "to last until the next daemon" in d.reason
