@@ -152,6 +152,11 @@ class BackingFiles:
             if dev is not None and path in self._booked.get(dev, {}):
                 del self._booked[dev][path]
 
+    def file_on(self, dev: int) -> str | None:
+        """Return a pool file last seen on dev (one to statvfs it by), None if there is none."""
+        with self.lock:
+            return next(iter(self._on_fs.get(dev, ())), None)
+
     def filesystems(self) -> list[int]:
         """Return every filesystem (st_dev) a pool file was last seen on."""
         with self.lock:

@@ -304,21 +304,22 @@ class Daemon:
         def tick() -> None:
             due = watch.due(self.loop.time())
             if due:
-                by_fs = pool_files_by_fs(list(self.pools.values()), watch.backing)
+                pools = list(self.pools.values())  # looked through in a full look only
                 for dev in due:
-                    there = by_fs.get(dev, [])
                     self.file_workers.submit(
                         f"fs {dev}",
-                        functools.partial(watch.look, dev, there),
-                        functools.partial(looked, there),
+                        functools.partial(watch.look, dev, pools),
+                        functools.partial(looked, dev),
                     )
             self.loop.call_later(SPACE_WATCH_SECONDS, tick)
 
-        def looked(there: list[ManagedPool], rose: object, error: BaseException | None) -> None:
+        def looked(dev: int, rose: object, error: BaseException | None) -> None:
             if error is not None:
                 log.critical("internal error watching a backing filesystem", exc_info=error)
             elif rose:
-                self._pass([m for m in there if m.state.refused_since is not None])
+                refused = [m for m in self.pools.values() if m.state.refused_since is not None]
+                there = pool_files_by_fs(refused, watch.backing).get(dev, [])
+                self._pass(there)
 
         self.loop.call_later(SPACE_WATCH_SECONDS, tick)
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from thinwatchd.backing import BackingFiles
 from thinwatchd.errors import KernelError, ThinwatchError
 from thinwatchd.forecast import reserve_bytes
-from thinwatchd.kernel.api import FilesApi
+from thinwatchd.kernel.api import FilesApi, FsSpace
 from thinwatchd.logs import MessageId, event
 from thinwatchd.page_cache import PageCache
 from thinwatchd.pool_state import ManagedPool
@@ -76,6 +76,9 @@ class _Fs:
 
     next_at: float = 0.0
     free: int | None = None  # at the last look
+    promised_at_full: int = 0  # what its pool files promised at the last full look
+    risen: int = 0  # every rise of its free space since (holes discards may have punched)
+    reserve: Bytes = Bytes(0)  # the largest reserve of its pools, at the last full look
     at: float = 0.0
     peak_rate: float = 0.0  # the fastest its free space fell, decaying
     failed: dict[str, str] = field(default_factory=dict)  # path -> the claim failure said
@@ -107,29 +110,59 @@ class SpaceWatch:
 
     def look(self, dev: int, pools: list[ManagedPool]) -> bool:
         """Look at filesystem dev and claim what must be claimed there (in a worker thread);
-        return whether its free space rose since the last look (room may be back)."""
-        files = [self._pool_file(m, dev, metadata) for m in pools for metadata in (True, False)]
-        ours = [f for f in files if f is not None]
+        return whether its free space rose since the last look (room may be back).
+
+        pools are all the daemon's; only a full look (the first, and one whose estimate says a
+        claim may be due) goes through them. Otherwise a look is one statvfs and arithmetic:
+        what the files promised at the last full look (or since, by the passes' looks: a sparse
+        growth), plus every rise of the free space since (holes a discard may have punched:
+        counted as promised until a full look says otherwise). A pool's own writes into holes
+        lower the promise: the estimate errs safe, but for a discard hidden by a neighbour's
+        writes in the same tick.
+        """
         with self._lock:
             fs = self._fs.setdefault(dev, _Fs())
-        if not ours:
+        path = self.backing.file_on(dev)
+        if path is None:
             fs.next_at = self.clock() + SPACE_WATCH_MAX_SECONDS
             return False
         try:
-            space = self.files.space(ours[0].path)
+            space = self.files.space(path)
         except ThinwatchError:
             fs.next_at = self.clock() + SPACE_WATCH_SECONDS  # its pools' checks say why
             return False
         now = self.clock()
         rose = fs.free is not None and space.free > fs.free
+        if rose:
+            fs.risen += space.free - (fs.free or 0)
         self._record_rate(fs, space.free, now)
-        if fs.free is None or rose:
-            self.backing.look_at_fs(dev)  # discards may have punched holes since
-        reserve = max(f.reserve_for(space.total) for f in ours)
         writeback = self.page_cache.sample()
-        margin = claim_margin(
-            reserve, 0 if writeback is None else writeback.dirty_limit, fs.peak_rate
+        dirty_limit = 0 if writeback is None else writeback.dirty_limit
+        margin: int = claim_margin(fs.reserve, dirty_limit, fs.peak_rate)
+        promised = max(self.backing.promised(dev), fs.promised_at_full) + fs.risen
+        if fs.free is None or must_claim(space.free, promised, margin):
+            space, promised, margin = self._full_look(dev, fs, pools, space, dirty_limit)
+        fs.free, fs.at = space.free, now
+        fs.next_at = now + next_look_seconds(
+            space.free, promised, margin, SPACE_WATCH_SECONDS, SPACE_WATCH_MAX_SECONDS
         )
+        return rose
+
+    def _full_look(
+        self, dev: int, fs: _Fs, pools: list[ManagedPool], space: FsSpace, dirty_limit: int
+    ) -> tuple[FsSpace, int, int]:
+        """Look at every pool file on dev, say what is new, claim what must be claimed; return
+        the free space, what the files promise and the margin, after it."""
+        ours = [
+            f
+            for m in pools
+            for metadata in (True, False)
+            if (f := self._pool_file(m, dev, metadata)) is not None
+        ]
+        self.backing.look_at_fs(dev)
+        fs.risen = 0
+        fs.reserve = max((f.reserve_for(space.total) for f in ours), default=Bytes(0))
+        margin = claim_margin(fs.reserve, dirty_limit, fs.peak_rate)
         promised = self._promised(ours)
         self._say_holes_once(ours, space.free, promised, margin)
         claim = [f for f in ours if f.metadata and self._holes(f.path)]
@@ -140,11 +173,8 @@ class SpaceWatch:
             with contextlib.suppress(ThinwatchError):  # its own claim is no neighbour's fill
                 space = self.files.space(ours[0].path)
             promised = self._promised(ours)
-        fs.free, fs.at = space.free, now
-        fs.next_at = now + next_look_seconds(
-            space.free, promised, margin, SPACE_WATCH_SECONDS, SPACE_WATCH_MAX_SECONDS
-        )
-        return rose
+        fs.promised_at_full = promised
+        return space, promised, margin
 
     # -- internals --------------------------------------------------------------------------
 
