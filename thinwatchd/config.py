@@ -46,6 +46,7 @@ from thinwatchd.settings import (
     PoolSettings,
     Settings,
 )
+from thinwatchd.small_files import FILE_KINDS, file_kind, read_capped
 from thinwatchd.strict_yaml import load_strict_yaml
 from thinwatchd.units import data_block_bytes, format_bytes, show_value, whole_data_blocks
 
@@ -90,20 +91,14 @@ def _read_config(path: Path) -> str:
     try:
         info = os.fstat(fd)  # of what was opened, not of what the name meant a moment ago
         if not stat.S_ISREG(info.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "special file")
-            raise refused(_not_regular(kind))
+            raise refused(_not_regular(file_kind(info.st_mode)))
         _check_trusted(path, info, shown)
-        data = bytearray()
-        while len(data) <= MAX_CONFIG_BYTES:  # read one byte past the cap to see it is passed
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_capped(fd, MAX_CONFIG_BYTES)
     except OSError as e:
         raise refused(e.strerror or str(e)) from None
     finally:
         os.close(fd)
-    if len(data) > MAX_CONFIG_BYTES:
+    if data is None:
         limit = f"{MAX_CONFIG_BYTES // 1024**2} MiB"
         raise refused(f"it is larger than {limit}, the limit for a config file; {_WRONG_FILE}")
     try:
@@ -113,18 +108,11 @@ def _read_config(path: Path) -> str:
 
 
 _WRONG_FILE = "--config must name the YAML config file"
-_FILE_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
 
 
 def _file_kind(path: Path) -> str | None:
     try:
-        return _FILE_KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
+        return FILE_KINDS.get(stat.S_IFMT(os.stat(path).st_mode))
     except OSError:
         return None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from thinwatchd.metrics import PoolMetrics
+from thinwatchd.small_files import FILE_KINDS, file_kind, read_capped
 
 __all__ = [
     "ESTIMATES_NAME",
@@ -133,21 +134,15 @@ def _read_checked(path: Path) -> _Document:
     try:
         info = os.fstat(fd)  # of what was opened, not of what the name meant a moment ago
         if not stat.S_ISREG(info.st_mode):
-            kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "special file")
-            raise _Unusable(f"it is a {kind}, not a regular file")
+            raise _Unusable(f"it is a {file_kind(info.st_mode)}, not a regular file")
         if info.st_size > MAX_ESTIMATES_BYTES:
             raise _Unusable(_too_big())
-        data = bytearray()
-        while len(data) <= MAX_ESTIMATES_BYTES:  # one byte past the cap, if it grew meanwhile
-            chunk = os.read(fd, MAX_ESTIMATES_BYTES + 1 - len(data))
-            if not chunk:
-                break
-            data += chunk
+        data = read_capped(fd, MAX_ESTIMATES_BYTES)
     except OSError as e:
         raise _Unusable(e.strerror or str(e)) from None
     finally:
         os.close(fd)
-    if len(data) > MAX_ESTIMATES_BYTES:
+    if data is None:
         raise _Unusable(_too_big())
     try:
         text = data.decode("utf-8")
@@ -156,23 +151,14 @@ def _read_checked(path: Path) -> _Document:
     return _checked(_parse(text))
 
 
-_FILE_KINDS = {
-    stat.S_IFDIR: "directory",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-}
-
-
 def _open_refused(path: Path, error: OSError) -> str:
     if error.errno in (errno.ELOOP, errno.ENXIO):  # O_NOFOLLOW met a symlink; or a socket
         with contextlib.suppress(OSError):
             mode = os.lstat(path).st_mode
             if stat.S_ISLNK(mode):
                 return "it is a symlink; the daemon writes a regular file there"
-            if stat.S_IFMT(mode) in _FILE_KINDS:
-                return f"it is a {_FILE_KINDS[stat.S_IFMT(mode)]}, not a regular file"
+            if stat.S_IFMT(mode) in FILE_KINDS:
+                return f"it is a {FILE_KINDS[stat.S_IFMT(mode)]}, not a regular file"
     return error.strerror or str(error)
 
 
