@@ -167,7 +167,20 @@ class SpaceWatch:
         self._say_holes_once(ours, space.free, promised, margin)
         claim = [f for f in ours if f.metadata and self._holes(f.path)]
         if must_claim(space.free, promised, margin):
-            claim += [f for f in ours if not f.metadata and self._holes(f.path)]
+            data = [f for f in ours if not f.metadata and self._holes(f.path)]
+            if space.free >= promised:
+                claim += data
+            else:  # over-promised: a claim would take the host's last bytes, and not hold
+                for f in data:
+                    short = KernelError(
+                        "claim holes",
+                        f.path,
+                        errno.ENOSPC,
+                        f"the pool files there promise {format_bytes(promised)} in holes and "
+                        f"it has {format_bytes(space.free)} free: left unclaimed, rather than "
+                        f"take the host's last bytes",
+                    )
+                    self._claim_failed(fs, f, self._holes(f.path), short)
         if claim:
             self._claim(fs, claim, space.free, promised, margin)
             with contextlib.suppress(ThinwatchError):  # its own claim is no neighbour's fill

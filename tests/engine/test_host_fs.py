@@ -325,3 +325,19 @@ def test_claim_refuses_a_file_that_is_not_the_one_behind_the_loop(tmp_path: Path
     assert raised.value.errno == errno.ESTALE
     assert Files().claim(str(path), (st.st_dev, st.st_ino)) == 4 * MiB
     assert holes(path) == 0
+
+
+def test_an_over_promised_data_file_is_not_claimed_into_the_hosts_last_bytes(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docker's 100 GiB sparse file adopted on a /var with less free: claiming what fits would
+    take every byte the host has left and still not hold the pool. Left alone, said once."""
+    pool: dict[str, object] = {"preallocate": False, "data_size": "2GiB", "reserve": "64MiB"}
+    d, shared = start(tmp_path, kernel, capacity=64 * GiB, names=("a",), pool=pool)
+    shared.extra = -(shared.free() - 1 * GiB)  # 1 GiB free, 2 GiB of holes
+    look(d)
+    look(d)
+    assert holes(tmp_path / "a.data") == 2 * GiB
+    assert shared.free() == 1 * GiB
+    said = [r for r in caplog.records if "take the host's last bytes" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR
