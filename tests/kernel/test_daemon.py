@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,7 @@ from tests.kernel.harness import (
     GiB,
     KernelLog,
     MiB,
+    build_pool,
     create_thin,
     dd_zero,
     kernel_lines,
@@ -517,19 +519,17 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
 def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
     """Sparse metadata on a full filesystem: the kernel fails metadata writes and takes the pool
     out of write mode (needs_check). thinwatchd makes and grows metadata allocated, so this is a
-    metadata file made sparse by someone else (Docker's), on a filesystem already full when
-    the daemon starts: its holes cannot be claimed, and it says so. Then the daemon must say
+    pool built by hand on a sparse metadata file (Docker's), whose filesystem is full when the
+    daemon adopts it: its holes cannot be claimed, and it says so. Then the daemon must say
     needs_check once, at err or worse, never grow the pool, never leave it suspended, and keep
     running."""
     with small_filesystem(env, "metafs", 64 * MiB) as mnt:
-        with open(mnt / "metadata", "wb") as f:
-            f.truncate(16 * MiB)  # sparse, and never used: a new pool's, made by someone else
-        # Fill the metadata file's filesystem before the daemon starts, all but 4 MiB: room for
-        # the new pool's first metadata writes, none for the file's 16 MiB of holes.
-        vfs = os.statvfs(mnt)
-        spare = (vfs.f_bfree * vfs.f_frsize - 4 * MiB) // MiB
-        subprocess.run(
-            ["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=1M", f"count={spare}"],
+        by_hand = SimpleNamespace(
+            metadata=mnt / "metadata", data=env.data, pool=env.pool, dm=env.dm
+        )
+        build_pool(by_hand, 1 * GiB, 16 * MiB)  # type: ignore[arg-type]
+        subprocess.run(  # then fill its filesystem, to the last block
+            ["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=1M"],
             capture_output=True,
             check=False,
         )
