@@ -279,6 +279,12 @@ def decide_data(
     if isinstance(fitted, Refuse):
         return fitted
     new, limited = fitted
+    if limited is RefusalReason.BACKING_FS_FULL:
+        # Short of room: take what leaves one mark free, not the whole step, and leave the rest
+        # to the other pools on the filesystem. Taking all of it starved the next pool out of
+        # data space into error_if_no_space, and its writers into EIO.
+        enough = _ceil_to(as_bytes(used + base) + filling + keep_free, bb)
+        new = Bytes(max(min(new, enough), min(new, current + bb)))
     return Grow(
         pool,
         GrowthTarget.DATA,

@@ -137,15 +137,17 @@ def test_a_growth_earlier_in_a_pass_is_seen_by_the_next_pool(
     fake: FakeKernel, kernel: Kernel, tmp_path: Path
 ) -> None:
     """Two preallocated pools grow in one event pass with room for 24 MiB: the second one
-    sees what the first took (statvfs again after a growth), and gets the 8 MiB left."""
+    sees what the first took (statvfs again after a growth), and grows within the 8 MiB left."""
     d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, pool=PREALLOCATED)
     assert shared.free() == 24 * MiB
     to_mark(fake, d, "a")
     to_mark(fake, d, "b")
     d._check_events()
     sizes = sorted(os.stat(tmp_path / f"{name}.data").st_size for name in ("a", "b"))
-    assert sizes == [16 * MiB, 24 * MiB]
-    assert shared.free() == 0
+    # The first takes its step (16 MiB); the second, short of room, takes what leaves its mark
+    # free, out of the 8 MiB left (the rest stays for whoever needs it next), never more.
+    assert sizes[1] == 24 * MiB and 8 * MiB < sizes[0] <= 16 * MiB, sizes
+    assert shared.free() == 16 * MiB - sizes[0] >= 0
 
 
 @pytest.mark.parametrize("free", [100 * MiB, 3 * MiB])

@@ -468,7 +468,7 @@ def test_two_growths_on_one_filesystem_side_by_side_never_take_the_same_room(
     with room for 24 MiB and a 16 MiB step each. Each thread's statvfs waits (up to 0.3 s) for
     the other's: decided side by side on one figure, both grew by 16 MiB, 8 MiB more than the
     filesystem had (4-6 runs in 20 without the wait). One decision at a time per filesystem,
-    each booked before the next is taken: 16 MiB and 8 MiB, and nothing beyond the room."""
+    each booked before the next is taken: 16 MiB, then within the 8 MiB left, nothing beyond."""
     from tests.engine.test_backing import PREALLOCATED, start, to_mark
 
     d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, pool=PREALLOCATED)
@@ -486,8 +486,10 @@ def test_two_growths_on_one_filesystem_side_by_side_never_take_the_same_room(
     d._check_events()
     d.reconcilers.run_until_idle(timeout=PATIENCE)
     sizes = sorted(os.stat(tmp_path / f"{name}.data").st_size for name in ("a", "b"))
-    assert sizes == [16 * MiB, 24 * MiB]
-    assert shared.free() == 0
+    # The first takes its step (16 MiB); the second, short of room, takes what leaves its mark
+    # free, out of the 8 MiB left (the rest stays for whoever needs it next), never more.
+    assert sizes[1] == 24 * MiB and 8 * MiB < sizes[0] <= 16 * MiB, sizes
+    assert shared.free() == 16 * MiB - sizes[0] >= 0
     d.reconcilers.close()
     d.workers.close()
 

@@ -528,6 +528,8 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
             metadata=mnt / "metadata", data=env.data, pool=env.pool, dm=env.dm
         )
         build_pool(by_hand, 1 * GiB, 16 * MiB)  # type: ignore[arg-type]
+        env.devices.insert(0, f"{env.pool}-thin0")
+        thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
         subprocess.run(  # then fill its filesystem, to the last block
             ["dd", "if=/dev/zero", f"of={mnt / 'filler'}", "bs=1M"],
             capture_output=True,
@@ -547,8 +549,6 @@ def test_metadata_write_errors_are_reported_not_fought(env: Env) -> None:
             check_interval="1s",
         )
         daemon = env.daemon(config)
-        env.devices.insert(0, f"{env.pool}-thin0")
-        thin = create_thin(env.dm, env.pool, f"{env.pool}-thin0", 0, 1 * GiB)
         dd_zero(thin, 256)  # may fail: the pool stops accepting writes
         deadline = time.monotonic() + 30
         while True:

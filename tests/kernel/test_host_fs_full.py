@@ -1008,12 +1008,6 @@ def test_a_neighbour_filling_the_backing_fs_never_fails_a_writer(fs: str, direct
         verify_and_check(env, {writer: ONE_POOL_FILES}, coverage(env))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="greedy growth: once the neighbour leaves, the first pool reconciled takes all the "
-    "room above the reserve (up to used + twice its mark) and the other, still out of data "
-    "space, gets none; after when_full.error_after (60 s) its writer gets EIO",
-)
 def test_two_pools_on_one_backing_fs_both_survive_the_neighbour() -> None:
     """Two pools on one 1 GiB backing filesystem, each with a page-cache writer (24 files of
     16 MiB), and the same neighbour: neither writer fails, both pools stay rw, and both grow

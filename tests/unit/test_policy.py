@@ -242,8 +242,28 @@ def test_partial_growth_when_the_full_one_does_not_fit() -> None:
     fs = fs_for(64 * MiB, free=3 * GiB)
     d = grow(decide_data(status(1000, 1024), POOL, fs, NO_HISTORY))
     assert d.limited_by is RefusalReason.BACKING_FS_FULL
-    assert d.new_size == 64 * MiB + 2 * GiB  # up to the 1 GiB reserve
+    # Short of room (2 GiB above the 1 GiB reserve): one mark (2 GiB) free, not all there is.
+    assert d.new_size == 1000 * BB + 2 * GiB < 64 * MiB + 2 * GiB
     assert "limited by the backing filesystem" in describe(d)
+
+
+def test_pools_short_of_room_on_one_filesystem_each_get_their_mark_not_the_first_all() -> None:
+    """Issue 18's kernel test: room came back (221 MiB) to two pools out of data space, each
+    needing about 70 MiB; the first took all of it and the second was switched to
+    error_if_no_space, its writers to EIO. Each now takes one mark's worth free."""
+    settings = pool(
+        low_water_mark=DataBlocks(512),  # 32 MiB
+        data=DataGrowth(step=Bytes(128 * MiB), step_percent=0.0, adaptive_low_water=False),
+    )
+    room = 221 * MiB
+    fs = fs_for(336 * MiB, free=1 * GiB + room)
+    first = grow(decide_data(status(336 * 16, 336 * 16), settings, fs, NO_HISTORY))
+    assert first.limited_by is RefusalReason.BACKING_FS_FULL
+    taken = first.new_size - first.old_size
+    assert taken == 32 * MiB  # one mark free
+    fs = fs_for(336 * MiB, free=1 * GiB + room - taken)
+    second = grow(decide_data(status(336 * 16, 336 * 16), settings, fs, NO_HISTORY))
+    assert second.new_size - second.old_size == 32 * MiB
 
 
 def test_sparse_promises_count_as_used() -> None:
