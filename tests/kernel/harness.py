@@ -847,3 +847,22 @@ def build_pool(
     env.dm.create(env.pool)
     env.dm.load_table(env.pool, [Target(Sectors(0), Sectors(length), "thin-pool", params)])
     UdevNodes().resume_synced(env.dm, env.pool)
+
+
+@contextlib.contextmanager
+def dirty_bytes(limit: int) -> Iterator[None]:
+    """vm.dirty_bytes = limit, background at half of it; the old values come back after."""
+    vm = Path("/proc/sys/vm")
+    keys = ("dirty_bytes", "dirty_background_bytes", "dirty_ratio", "dirty_background_ratio")
+    saved = {key: (vm / key).read_text() for key in keys}
+    (vm / "dirty_bytes").write_text(str(limit))
+    (vm / "dirty_background_bytes").write_text(str(limit // 2))
+    try:
+        yield
+    finally:
+        # Writing a *_ratio zeroes its *_bytes and back: restore whichever was in use.
+        for kind in ("", "background_"):
+            if int(saved[f"dirty_{kind}bytes"]):
+                (vm / f"dirty_{kind}bytes").write_text(saved[f"dirty_{kind}bytes"])
+            else:
+                (vm / f"dirty_{kind}ratio").write_text(saved[f"dirty_{kind}ratio"])

@@ -60,6 +60,7 @@ from tests.kernel.harness import (
     KernelLog,
     MiB,
     create_thin,
+    dirty_bytes,
     dm_diagnostics,
     rescue_pool,
     scratch_dir,
@@ -756,25 +757,6 @@ def error_queued_io(dm: DeviceMapper, pool: str) -> list[str]:
         return [f"{pool}: switched to error_if_no_space"]
     except Exception as exc:
         return [f"{pool}: error_if_no_space failed: {exc!r}"]
-
-
-@contextlib.contextmanager
-def dirty_bytes(limit: int) -> Iterator[None]:
-    """vm.dirty_bytes = limit, background at half of it; the old values come back after."""
-    vm = Path("/proc/sys/vm")
-    keys = ("dirty_bytes", "dirty_background_bytes", "dirty_ratio", "dirty_background_ratio")
-    saved = {key: (vm / key).read_text() for key in keys}
-    (vm / "dirty_bytes").write_text(str(limit))
-    (vm / "dirty_background_bytes").write_text(str(limit // 2))
-    try:
-        yield
-    finally:
-        # Writing a *_ratio zeroes its *_bytes and back: restore whichever was in use.
-        for kind in ("", "background_"):
-            if int(saved[f"dirty_{kind}bytes"]):
-                (vm / f"dirty_{kind}bytes").write_text(saved[f"dirty_{kind}bytes"])
-            else:
-                (vm / f"dirty_{kind}ratio").write_text(saved[f"dirty_{kind}ratio"])
 
 
 @contextlib.contextmanager

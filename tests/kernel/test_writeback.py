@@ -28,6 +28,7 @@ from tests.kernel.harness import (
     KernelLog,
     MiB,
     create_thin,
+    dirty_bytes,
     scratch_dir,
     teardown,
     write_config,
@@ -52,20 +53,8 @@ MKFS = {
 @pytest.fixture
 def dirty_limit() -> Iterator[int]:
     """vm.dirty_bytes = 96 MiB, background at half of it; the old values come back after."""
-    vm = Path("/proc/sys/vm")
-    keys = ("dirty_bytes", "dirty_background_bytes", "dirty_ratio", "dirty_background_ratio")
-    saved = {key: (vm / key).read_text() for key in keys}
-    (vm / "dirty_bytes").write_text(str(DIRTY_BYTES))
-    (vm / "dirty_background_bytes").write_text(str(DIRTY_BYTES // 2))
-    try:
+    with dirty_bytes(DIRTY_BYTES):
         yield DIRTY_BYTES
-    finally:
-        # Writing a *_ratio zeroes its *_bytes and back: restore whichever was in use.
-        for kind in ("", "background_"):
-            if int(saved[f"dirty_{kind}bytes"]):
-                (vm / f"dirty_{kind}bytes").write_text(saved[f"dirty_{kind}bytes"])
-            else:
-                (vm / f"dirty_{kind}ratio").write_text(saved[f"dirty_{kind}ratio"])
 
 
 def test_the_kernel_reports_the_dirty_limit_it_enforces(dirty_limit: int) -> None:
