@@ -70,17 +70,14 @@ def _loop_for(
 
 
 def _refuse_loops_in_use(
-    kernel: Kernel, settings: PoolSettings, meta_loop: LoopDevice, data_loop: LoopDevice
+    kernel: Kernel, settings: PoolSettings, attached: dict[str, LoopDevice]
 ) -> None:
     """Refuse to build a pool on a loop that a live table maps (another pool's, thinwatchd's or
     not: a reload that handed a running pool's file to a new one). The kernel refuses a
     metadata device in use, but maps one data device into two pools, and the new pool's
     metadata would then give away the other's blocks. Only when a loop already backed the
     file: one table per device, read only then (a reboot's rebuild attaches new loops)."""
-    ours = {
-        device_number(loop.dev): (key, loop)
-        for key, loop in (("metadata_file", meta_loop), ("data_file", data_loop))
-    }
+    ours = {device_number(loop.dev): (key, loop) for key, loop in attached.items()}
     for device in kernel.dm.list_devices():
         for target in kernel.dm.table(device.name):
             for token in target.params.split():
@@ -137,8 +134,17 @@ def activate(
         log.warning(
             "pool %s: removed a table-less device left by an interrupted creation", settings.name
         )
-    new = prepare_files(settings, kernel.files)
-    attached = [index.find(str(settings.metadata_file)), index.find(str(settings.data_file))]
+
+    def refuse_loops_in_use() -> None:  # before anything is made: a refusal leaves nothing
+        attached = {
+            key: loop
+            for key in ("metadata_file", "data_file")
+            if (loop := index.find(str(getattr(settings, key)))) is not None
+        }
+        if attached:
+            _refuse_loops_in_use(kernel, settings, attached)
+
+    new = prepare_files(settings, kernel.files, before_making=refuse_loops_in_use)
     meta_loop = _loop_for(
         kernel, index, str(settings.metadata_file), attach=True, direct_io=settings.direct_io
     )
@@ -146,8 +152,6 @@ def activate(
         kernel, index, str(settings.data_file), attach=True, direct_io=settings.direct_io
     )
     assert meta_loop is not None and data_loop is not None
-    if any(attached):
-        _refuse_loops_in_use(kernel, settings, meta_loop, data_loop)
     if not new and check_metadata is not None:
         report = check_metadata(meta_loop.path)
         if report is not None:

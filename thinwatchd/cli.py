@@ -160,7 +160,7 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
 
 def _run_locked(path: Path, estimates: Path) -> int:
     from thinwatchd.daemon import Daemon
-    from thinwatchd.runtime import open_kernel, udev_monitor
+    from thinwatchd.runtime import open_kernel, process_age, udev_monitor
     from thinwatchd.thincheck import end_all, thin_check
 
     try:
@@ -175,6 +175,7 @@ def _run_locked(path: Path, estimates: Path) -> int:
         check_metadata=thin_check,
         udev_monitor=udev_monitor(),
         estimates_file=estimates,
+        age=process_age(),
     )
     # Nothing thinwatchd started may outlive it (KillMode=process): a SIGTERM while pools are
     # still being built (a long thin_check at boot) ends the checks, then the process as before;

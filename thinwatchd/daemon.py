@@ -54,6 +54,8 @@ log = logging.getLogger("thinwatchd")
 #: The least time a stopping daemon leaves its pools room for (a restart under systemd: the
 #: unit's RestartSec= and the next start-up, which measured 3-9 s in the guest).
 ABSENCE_MIN_SECONDS = 10.0
+#: systemd's own time between a stop and the next start: the unit's RestartSec=2s, and more.
+RESTART_GAP_SECONDS = 3.0
 #: A job on pool files running this long (a stalled filesystem) no longer holds up the others.
 FILE_STUCK_SECONDS = 1.0
 
@@ -77,6 +79,7 @@ class Daemon:
         check_metadata: MetadataChecker | None = None,
         udev_monitor: Any = None,
         estimates_file: Path | None = None,
+        age: float = 0.0,
     ) -> None:
         self.config_path = config_path
         self.kernel = kernel
@@ -105,7 +108,9 @@ class Daemon:
         self.unbuilt = Unbuilt()
         self._reload_pending = False
         self._reloads = 0  # each reload's check of its files is a job of its own
-        self._born = self.loop.time()  # start-up's duration: how long a restart leaves pools
+        # When the process started (age: seconds before now, its interpreter and imports): a
+        # start-up's whole duration is how long a restart leaves the pools unwatched.
+        self._born = self.loop.time() - age
         self._ready_at: float | None = None
         self.loop_owners = LoopOwners(kernel)
         self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
@@ -254,8 +259,7 @@ class Daemon:
         log.info("thinwatchd ready: %s", self.status_line())
         try:
             loop.run()
-            self.reconciles.parting_pass(self.absence_seconds())
-            self.reconciles.finish()
+            self.leave_room()
             self.publications.flush()  # the files as of the last pass
             with contextlib.suppress(TimeoutError):  # (a stalled filesystem: not for long)
                 self.file_workers.run_until_idle(timeout=FILE_STUCK_SECONDS)
@@ -265,11 +269,20 @@ class Daemon:
             self.reconcilers.close()
             loop.close()
 
+    def leave_room(self) -> None:
+        """Before the process exits: let the growths and checks in flight end (each was
+        decided without the parting room), then grow every filling pool to last the absence
+        (Reconciles.parting_pass), and wait for those growths."""
+        self.reconciles.finish(share=0.5)
+        self.reconciles.parting_pass(self.absence_seconds())
+        self.reconciles.finish(share=0.5)
+
     def absence_seconds(self) -> float:
         """Return how long the pools may go unwatched after this daemon stops: twice its own
-        start-up (the next instance's, a restart's), at least ABSENCE_MIN_SECONDS."""
+        start-up from exec to READY=1 (the next instance's, under a load that may be worse),
+        plus systemd's gap (RestartSec=), at least ABSENCE_MIN_SECONDS."""
         took = (self._ready_at or self.loop.time()) - self._born
-        return max(ABSENCE_MIN_SECONDS, 2 * took)
+        return max(ABSENCE_MIN_SECONDS, 2 * took + RESTART_GAP_SECONDS)
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""

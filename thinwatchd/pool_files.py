@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from thinwatchd.errors import KernelError, PoolSetupError
 from thinwatchd.forecast import reserve_bytes
@@ -70,8 +70,13 @@ def _inspect_pool_file(files: FilesApi, settings: PoolSettings, path: str) -> Fi
     return info
 
 
-def prepare_files(settings: PoolSettings, files: FilesApi) -> bool:
+def prepare_files(
+    settings: PoolSettings, files: FilesApi, before_making: Callable[[], None] | None = None
+) -> bool:
     """Create whatever files a new pool lacks; return True if the pool is new (never activated).
+
+    before_making runs once the files on disk are found fit, before anything is made: a
+    refusal there leaves nothing behind.
 
     Raise PoolSetupError when the files on disk could hold a used pool that is incomplete (we
     never format metadata next to data that may be reachable, nor attach used metadata to a
@@ -80,7 +85,7 @@ def prepare_files(settings: PoolSettings, files: FilesApi) -> bool:
     ENOSPC, ENOMEM) are raised as KernelError: a later start may succeed.
     """
     try:
-        return _prepare_files_unchecked(settings, files)
+        return _prepare_files_unchecked(settings, files, before_making)
     except KernelError as exc:
         if exc.errno not in _PERMANENT_FILE_ERRORS:
             raise
@@ -92,7 +97,9 @@ def prepare_files(settings: PoolSettings, files: FilesApi) -> bool:
         raise PoolSetupError(f"{key}: {exc}; fix the path or its permissions") from exc
 
 
-def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
+def _prepare_files_unchecked(
+    settings: PoolSettings, files: FilesApi, before_making: Callable[[], None] | None
+) -> bool:
     data, meta = str(settings.data_file), str(settings.metadata_file)
     data_info = _inspect_pool_file(files, settings, data)
     meta_info = _inspect_pool_file(files, settings, meta)
@@ -108,6 +115,8 @@ def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
                 f"{data} is missing; refusing to create an empty one (the thin volumes would "
                 f"read zeros). Restore the data file or fix pools.{settings.name}.data_file"
             )
+        if before_making is not None:
+            before_making()
         return False
     # Data written but no used metadata: a lost or mistyped metadata file, never our own
     # interrupted creation (it makes the metadata first, and writes no data; a preallocated
@@ -119,6 +128,8 @@ def _prepare_files_unchecked(settings: PoolSettings, files: FilesApi) -> bool:
             f"{state}; refusing to format new metadata over it. Restore the metadata file or fix "
             f"pools.{settings.name}.metadata_file"
         )
+    if before_making is not None:
+        before_making()
     # A new pool (or a creation interrupted part-way): metadata first; a new file reads as
     # zeros, and its zero header is what marks the pool as never activated.
     for path, info, size in (

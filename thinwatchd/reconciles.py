@@ -96,6 +96,7 @@ class Reconciles:
     publish: Callable[[], None]  # after a pass
     workers: Workers = field(init=False)
     stopping: bool = field(default=False, init=False)
+    _stuck_said: set[str] = field(default_factory=set, init=False)  # at a stop, said once
 
     def __post_init__(self) -> None:
         self.workers = reconcile_workers(self.loop)
@@ -210,16 +211,22 @@ class Reconciles:
                 lambda _status, _error: None,  # said by the extender; nothing is retried now
             )
 
-    def finish(self) -> None:
-        """Let growths in flight finish before the process exits (nothing new starts)."""
+    def finish(self, share: float = 1.0) -> None:
+        """Let growths in flight finish before the process exits (nothing new starts), for at
+        most that share of STOP_WAIT_SECONDS."""
+        timeout = STOP_WAIT_SECONDS * share
         try:
-            self.workers.run_until_idle(timeout=STOP_WAIT_SECONDS)
+            self.workers.run_until_idle(timeout=timeout)
         except TimeoutError:
-            names = ", ".join(sorted(self.workers.keys()))
+            stuck = set(self.workers.keys())
+            if stuck <= self._stuck_said:
+                return  # said at the last wait
+            self._stuck_said |= stuck
+            names = ", ".join(sorted(stuck))
             log.error(
                 "stopping while pool(s) %s are still being checked or grown after %g s (a "
                 "stalled backing filesystem?); if one is left suspended, the next start "
                 "resumes it",
                 names,
-                STOP_WAIT_SECONDS,
+                timeout,
             )

@@ -14,7 +14,7 @@ from thinwatchd.kernel.memory import Memory
 from thinwatchd.kernel.nodes import UdevNodes
 from thinwatchd.kernel.udev_sync import UDEV_CONTROL
 
-__all__ = ["open_kernel", "udev_monitor"]
+__all__ = ["open_kernel", "process_age", "udev_monitor"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -40,3 +40,17 @@ def udev_monitor() -> Any:
         log.warning("no udev monitor (%s); relying on dm events and the timer", exc)
         return None
     return monitor
+
+
+def process_age() -> float:
+    """Return the seconds since this process started (its interpreter and imports included),
+    from /proc/self/stat's start time and /proc/uptime; 0.0 if they cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            # The command name (field 2) may hold spaces: fields count from after its ")".
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))

@@ -97,6 +97,7 @@ def test_a_reload_never_builds_a_new_pool_on_a_running_pools_file(
     daemon.workers.run_until_idle(timeout=PATIENCE)
     assert "b" not in fake.devices
     assert "b" not in daemon.pools
+    assert not (tmp_path / "b.meta").exists()  # refused before anything was made
 
 
 def test_a_stalled_lstat_of_a_new_pool_holds_up_no_other_pools_check(
@@ -267,3 +268,42 @@ def test_a_stopping_daemon_leaves_a_filling_pool_room_for_its_absence(
     assert status.data_free * 64 * 1024 >= 300 * MiB, status
     assert "to last until the next daemon" in caplog.text
     assert (tmp_path / "idle.data").stat().st_size == idle_size
+
+
+def test_a_pool_being_reconciled_at_the_stop_still_gets_its_parting_room(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Item 10, found in the systemd guest: a growth (or a check) in flight when SIGTERM came
+    made the parting pass skip its pool, and that growth had been decided without the parting
+    room: the pool then ran out of space while the daemon was away. Now the parting pass comes
+    after what is in flight."""
+    from thinwatchd.workers import Workers
+
+    pool = small_pool(
+        tmp_path,
+        "a",
+        preallocate=False,
+        data={"step": "16MiB", "step_percent": "0%", "adaptive_low_water": False},
+    )
+    daemon = started(tmp_path, kernel, {"a": pool})
+    clock = daemon.loop._clock
+    for _ in range(4):  # 10 MiB/s for 4 s, a check each second
+        fake.write_blocks("a", 160)
+        clock.now += 1  # type: ignore[attr-defined]
+        daemon._pass(list(daemon.pools.values()), survey=True)
+    daemon.reconcilers = Workers(daemon.loop, max_threads=2)
+    released = threading.Event()
+    fake.draining["a"] = lambda: released.wait(0.3)  # the growth's resume, still draining
+    status = parse_pool_status(fake.status("a")[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    fake.write_blocks("a", status.data_free - daemon.pools["a"].pool.table.low_water_mark)
+    daemon._check_events()  # a's growth starts, and waits in its drain: SIGTERM comes now
+    assert daemon.reconcilers.busy("a")
+    try:
+        daemon.leave_room()
+    finally:
+        daemon.reconcilers.close()
+    needed = 10 * MiB * daemon.absence_seconds()
+    status = parse_pool_status(fake.status("a")[0].params)
+    assert isinstance(status, ThinPoolWorkingStatus)
+    assert status.data_free * 64 * 1024 >= needed, (status, needed)
