@@ -82,6 +82,7 @@ class _Fs:
     at: float = 0.0
     peak_rate: float = 0.0  # the fastest its free space fell, decaying
     failed: dict[str, str] = field(default_factory=dict)  # path -> the claim failure said
+    unclaimed: bool = False  # the last full look left holes it had to claim: tried on a rise
 
 
 class SpaceWatch:
@@ -140,7 +141,12 @@ class SpaceWatch:
         dirty_limit = 0 if writeback is None else writeback.dirty_limit
         margin: int = claim_margin(fs.reserve, dirty_limit, fs.peak_rate)
         promised = max(self.backing.promised(dev), fs.promised_at_full) + fs.risen
-        if fs.free is None or must_claim(space.free, promised, margin):
+        # A full look is due when a claim may be; after one that could not claim everything
+        # (ENOSPC, EOPNOTSUPP, over-promised), only once the free space rises again: looking
+        # at every file there at each tick would change nothing, at O(pools) a tick.
+        if fs.free is None or (
+            must_claim(space.free, promised, margin) and (not fs.unclaimed or rose)
+        ):
             space, promised, margin = self._full_look(dev, fs, pools, space, dirty_limit)
         fs.free, fs.at = space.free, now
         fs.next_at = now + next_look_seconds(
@@ -187,6 +193,9 @@ class SpaceWatch:
                 space = self.files.space(ours[0].path)
             promised = self._promised(ours)
         fs.promised_at_full = promised
+        fs.unclaimed = any(self._holes(f.path) for f in claim) or (
+            must_claim(space.free, promised, margin) and space.free < promised
+        )
         return space, promised, margin
 
     # -- internals --------------------------------------------------------------------------
@@ -317,8 +326,8 @@ class SpaceWatch:
             logging.ERROR,
             MessageId.CLAIM_FAILED,
             f"pool {f.pool}: cannot allocate the {format_bytes(holes)} of holes in {f.path}: "
-            f"{what}; {then}. Free space on that filesystem (retried every "
-            f"{SPACE_WATCH_SECONDS:g} s)",
+            f"{what}; {then}. Free space on that filesystem (tried again each time its "
+            f"free space rises)",
             {"POOL": f.pool, "PATH": f.path, "HOLES_BYTES": holes, "ERRNO": exc.errno},
         )
 
