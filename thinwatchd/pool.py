@@ -28,7 +28,7 @@ from thinwatchd.kernel.api import (
 )
 from thinwatchd.logs import MessageId, event
 from thinwatchd.settings import PoolSettings
-from thinwatchd.status import ThinPoolStatus, parse_pool_status
+from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import ThinPoolLine, ThinPoolTable, thin_pool_target
 from thinwatchd.units import (
     Bytes,
@@ -177,13 +177,24 @@ def retrying(call: Callable[[], _T]) -> _T:
 
 
 def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
-    """Leave the pool resumed, on the longest valid table, whatever interrupted a reload.
+    """Leave the pool resumed, on the table of its recorded size, whatever interrupted a reload.
 
-    A resume whose preresume fails (a table shorter than the pool's recorded size) leaves the
-    device suspended with that table active; a crash or another process between suspend and
-    resume leaves it suspended too. Every writer of a suspended pool hangs, so: drop any
-    inactive table, then try the tables the kernel could accept, longest first (the data loop's
-    whole size, our last good length, the active one), and resume.
+    A resume whose preresume fails (a table shorter than the pool's recorded size, a metadata
+    device smaller than its superblock says) leaves the device suspended with that table
+    active; a crash or another process between suspend and resume leaves it suspended too.
+    Every writer of a suspended pool hangs, so: drop any inactive table, load the table the
+    kernel accepts without growing the pool, and resume.
+
+    That table is the pool's size as its metadata records it (the status's data total, which
+    a suspended pool reports too): never shorter ("pool target too small"), and never longer,
+    because a longer one is a growth, and a growth whose preresume fails after the data device
+    was resized keeps that resize in memory, uncommitted, and the next one adds it again
+    (measured on Linux 6.1: eight refused resumes of 1024 -> 2048 blocks, then an accepted
+    one, and the pool recorded 9216 blocks on a 2048-block device). Only when the status
+    cannot be read are the other candidates tried, longest first (the data loop's whole size,
+    our last good length, the active one). Once resumed, the metadata is committed (a status
+    read without NOFLUSH), so that what a refused preresume left in memory is recorded before
+    the next growth could add to it.
     """
     dm, name = kernel.dm, pool.name
     try:
@@ -214,17 +225,22 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
             info = dataclasses.replace(info, suspended=True)
     if not info.suspended:
         return
-    lengths = {pool.length}
     failure: ThinwatchError | None = None
-    # Each figure is one more candidate; one that cannot be read is no reason to stop here.
-    try:
-        lengths.add(pool.length_for(retrying(lambda: kernel.loops.size(pool.data_loop))))
-        active = thin_pool_target(retrying(lambda: dm.table(name)))
-        if active is not None:
-            lengths.add(active.length)
-    except ThinwatchError as exc:
-        failure = exc
-    for length in sorted(lengths - {0}, reverse=True):
+    recorded = _recorded_length(dm, pool)
+    if recorded is not None:
+        candidates = [recorded]
+    else:
+        lengths = {pool.length}
+        # Each figure is one more candidate; one that cannot be read is no reason to stop here.
+        try:
+            lengths.add(pool.length_for(retrying(lambda: kernel.loops.size(pool.data_loop))))
+            active = thin_pool_target(retrying(lambda: dm.table(name)))
+            if active is not None:
+                lengths.add(active.length)
+        except ThinwatchError as exc:
+            failure = exc
+        candidates = sorted(lengths - {0}, reverse=True)
+    for length in candidates:
         try:
             dm.load_table(name, [pool.target(length)])
             kernel.nodes.resume_nowait(dm, name)
@@ -235,8 +251,11 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
             continue
         log.warning("pool %s: found suspended; resumed on a table of %d sectors", name, length)
         pool.length = length
+        _commit(kernel, pool)
         return
     try:
+        if recorded is not None:  # the active table may be a refused growth: not resumed as is
+            raise failure or PoolSetupError(f"pool {name}: no table to resume")
         kernel.nodes.resume_nowait(dm, name)  # as it is, if no table of ours is accepted
     except ThinwatchError as exc:
         raise PoolSetupError(
@@ -244,6 +263,41 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
             f"({failure or exc}): its writers are blocked. See the kernel log (dmesg) and "
             f"dmsetup table {name}; dmsetup resume {name} once its data device is back"
         ) from exc
+    _commit(kernel, pool)
+
+
+def _recorded_length(dm: DeviceMapperApi, pool: Pool) -> Sectors | None:
+    """The pool's size as its metadata records it, as a table length; None if unknown."""
+    try:
+        status = pool.read_status(dm)
+    except ThinwatchError:
+        return None
+    if not isinstance(status, ThinPoolWorkingStatus) or status.data_total <= 0:
+        return None
+    return data_blocks_to_sectors(status.data_total, pool.settings.data_block_size)
+
+
+def _commit(kernel: Kernel, pool: Pool) -> None:
+    """Commit the pool's metadata (a status read without NOFLUSH does) and say if the size it
+    records is more than its data device holds: writes to those blocks would fail."""
+    try:
+        kernel.dm.status(pool.name)
+        recorded = _recorded_length(kernel.dm, pool)
+        device = pool.length_for(kernel.loops.size(pool.data_loop))
+    except ThinwatchError as exc:
+        log.warning("pool %s: resumed, but committing its metadata failed: %s", pool.name, exc)
+        return
+    if recorded is not None and recorded > device:
+        event(
+            logging.ERROR,
+            MessageId.CHANGED_OUTSIDE,
+            f"pool {pool.name} records {recorded} sectors of data but its data device holds "
+            f"{device}: the kernel kept the growth of a refused resume (someone resumed a "
+            f"longer table more than once). Writes past the device will fail: grow "
+            f"{pool.settings.data_file} to at least {recorded * 512} bytes (truncate -s, then "
+            f"losetup -c) and thinwatchd reloads the pool on it",
+            {"POOL": pool.name, "OLD_SECTORS": device, "NEW_SECTORS": recorded},
+        )
 
 
 # -- building ------------------------------------------------------------------------------

@@ -71,12 +71,21 @@ class PoolMetadata:
     """What the kernel keeps in the metadata device's superblock and btrees."""
 
     data_total: int = 0  # blocks recorded in the superblock (0 = freshly formatted)
+    # The data space map's size in memory, when a resize is not committed yet: a preresume
+    # that failed after resizing it (the real kernel's sm_disk_extend grows it by the
+    # difference from the *committed* size each time, so refused resumes add up).
+    data_in_memory: int | None = None
     data_used: int = 0
     meta_used: int = 6  # a fresh pool's metadata already holds a few blocks
     meta_total: int = 0  # metadata blocks as of the last (pre)resume: the kernel reads it then
     transaction_id: int = 0
     needs_check: bool = False
     thins: set[int] = field(default_factory=set)
+
+    def commit(self) -> None:
+        """Record what is in memory, as a metadata commit does."""
+        if self.data_in_memory is not None:
+            self.data_total, self.data_in_memory = self.data_in_memory, None
 
 
 @dataclass
@@ -320,6 +329,8 @@ class FakeKernel:
 
     def status(self, name: str, *, noflush: bool = False) -> list[Target]:
         dev = self._get("DM_TABLE_STATUS", name)
+        if not noflush and not dev.suspended and dev.pool is not None:
+            dev.pool.metadata.commit()  # pool_status() commits first, unless NOFLUSH
         out = []
         for t in dev.active or []:
             text = self._pool_status(dev) if t.target_type == "thin-pool" else ""
@@ -404,6 +415,9 @@ class FakeKernel:
         pool = dev.pool
         assert pool is not None and not dev.suspended
         written = 0
+        # A write commits what is in memory within a second (COMMIT_PERIOD): at once here.
+        pool.metadata.commit()
+        device_blocks = self.loops[pool.data_loop].capacity // (pool.block_sectors * 512)
         for _ in range(blocks):
             if pool.mode in ("ro", "fail"):
                 pool.failed_writes += 1
@@ -417,6 +431,10 @@ class FakeKernel:
                     pool.failed_writes += 1
                 else:
                     pool.queued_blocks += 1
+                continue
+            if pool.metadata.data_used >= device_blocks:  # recorded, but not on the device
+                pool.failed_writes += 1
+                self.kernel_log.append(f"{name}: I/O error past the end of the data device")
                 continue
             self._allocate(dev)
             written += 1
@@ -481,10 +499,6 @@ class FakeKernel:
         self._preresume_faults[name] = (code, times)
 
     def _preresume(self, dev: FakeDevice, target: Target) -> PoolRuntime:
-        code, times = self._preresume_faults.get(dev.name, (0, 0))
-        if times > 0:
-            self._preresume_faults[dev.name] = (code, times - 1)
-            raise KernelError("DM_DEV_RESUME", dev.name, code, "pool_preresume failed")
         meta, data, block, low_water, features = self._parse_pool_params(dev.name, target.params)
         key = (meta.st_dev, meta.st_ino)
         md = self.metadata.get(key)
@@ -504,8 +518,8 @@ class FakeKernel:
             )
             if md.needs_check:
                 pool.mode = "ro"
-        # maybe_resize_metadata_dev(): the metadata device's size is read at preresume only.
-        md.meta_total = max(md.meta_total, meta.capacity // META_BLOCK)
+        # maybe_resize_data_dev(), against the committed size; the resize stays in memory
+        # until the commit at the end of a preresume that succeeds.
         wanted = target.length // block
         if wanted < md.data_total:
             raise KernelError(
@@ -525,7 +539,24 @@ class FakeKernel:
                         f"{dev.name}: growing the data device from {md.data_total} to "
                         f"{wanted} blocks"
                     )
-                md.data_total = wanted
+                in_memory = md.data_total if md.data_in_memory is None else md.data_in_memory
+                md.data_in_memory = in_memory + wanted - md.data_total
+        # maybe_resize_metadata_dev(): the metadata device's size is read at preresume only,
+        # and may not be less than the superblock records.
+        meta_blocks = meta.capacity // META_BLOCK
+        if meta_blocks < md.meta_total:
+            raise KernelError(
+                "DM_DEV_RESUME",
+                dev.name,
+                errno.EINVAL,
+                f"metadata device ({meta_blocks} blocks) too small: expected {md.meta_total}",
+            )
+        code, times = self._preresume_faults.get(dev.name, (0, 0))
+        if times > 0:  # the commit fails: what was resized stays in memory
+            self._preresume_faults[dev.name] = (code, times - 1)
+            raise KernelError("DM_DEV_RESUME", dev.name, code, "pool_preresume failed")
+        md.meta_total = max(md.meta_total, meta_blocks)
+        md.commit()
         return pool
 
     @staticmethod
