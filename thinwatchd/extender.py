@@ -75,9 +75,17 @@ class Extender:
     different pools in threads side by side (they share the backing look and the writeback
     sample, each behind a lock; a pool's own state is its reconcile's alone)."""
 
-    def __init__(self, kernel: Kernel, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        clock: Callable[[], float] = time.monotonic,
+        unwatched_seconds: Callable[[], float] = lambda: 0.0,
+    ) -> None:
         self.kernel = kernel
         self.clock = clock
+        # How long a pool may go without a daemon (this one killed, the next not yet up): the
+        # data marks hold that long of filling at each pool's rate.
+        self.unwatched_seconds = unwatched_seconds
         # Every pool file watched: their unwritten sparse space counts as promised.
         self.backing = BackingFiles(kernel.files)
         self.journal = PoolJournal(self.backing, clock)
@@ -191,7 +199,16 @@ class Extender:
                 state.refused_since = self.clock()
         else:
             state.refused_since = None
-        retune_table(self.kernel, self.journal, pool, state, status, self.clock(), writeback)
+        retune_table(
+            self.kernel,
+            self.journal,
+            pool,
+            state,
+            status,
+            self.clock(),
+            writeback,
+            self.unwatched_seconds(),
+        )
         state.status = status
         return status
 
@@ -261,9 +278,10 @@ class Extender:
     ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
+        unwatched = self.unwatched_seconds()
 
         def metadata(fs: BackingFs) -> Decision:
-            return decide_metadata(status, settings, fs, state.history, writeback)
+            return decide_metadata(status, settings, fs, state.history, writeback, unwatched)
 
         def data(fs: BackingFs) -> Decision:
             return decide_data(
@@ -274,6 +292,7 @@ class Extender:
                 table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
                 writeback=writeback,
                 keep_free=keep_free,
+                unwatched_seconds=unwatched,
             )
 
         meta = self._decide_on(look, str(settings.metadata_file), metadata)

@@ -60,16 +60,24 @@ def growth_seconds(history: FillHistory) -> float:
 
 
 def base_mark(
-    settings: PoolSettings, history: FillHistory, writeback: WritebackState | None = None
+    settings: PoolSettings,
+    history: FillHistory,
+    writeback: WritebackState | None = None,
+    unwatched_seconds: float = 0.0,
 ) -> DataBlocks:
     """Return the configured mark raised by the measured fill rate and by the page cache's
-    largest possible burst (writeback)."""
+    largest possible burst (writeback).
+
+    unwatched_seconds: how long the pool may go without a daemon (one killed, and restarted by
+    systemd); the mark holds that long of filling at the measured rate, so a pool filling when
+    the daemon dies does not run out of space before the next one answers."""
     floor = settings.low_water_mark
     if not settings.data.adaptive_low_water:
         return floor
     raised = 0.0
     if (rate := history.fill_rate()) is not None:
-        raised = rate * growth_seconds(history) * SAFETY_FACTOR + ADAPTIVE_MARGIN_BYTES
+        covered = max(growth_seconds(history) * SAFETY_FACTOR, unwatched_seconds)
+        raised = rate * covered + ADAPTIVE_MARGIN_BYTES
     if writeback is not None:
         # Dirty pages reach the pool all at once (a sync, the flusher) and a growth started
         # meanwhile waits until they are in: the mark must hold the whole burst.
@@ -83,6 +91,7 @@ def low_water_mark(
     data_blocks: DataBlocks,
     history: FillHistory | None = None,
     writeback: WritebackState | None = None,
+    unwatched_seconds: float = 0.0,
 ) -> DataBlocks:
     """Return the data low-water mark to load for a pool of data_blocks blocks.
 
@@ -91,7 +100,7 @@ def low_water_mark(
     the threshold.
     """
     return max(
-        base_mark(settings, history or FillHistory(), writeback),
+        base_mark(settings, history or FillHistory(), writeback, unwatched_seconds),
         threshold_mark(data_blocks, settings.data.threshold_percent),
     )
 

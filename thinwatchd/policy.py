@@ -216,6 +216,7 @@ def decide_data(
     table_mark: DataBlocks = DataBlocks(0),
     writeback: WritebackState | None = None,
     keep_free: Bytes = Bytes(0),
+    unwatched_seconds: float = 0.0,
 ) -> Decision:
     """Return what to do about the pool's data file.
 
@@ -227,7 +228,8 @@ def decide_data(
     enough to leave twice the mark free plus one growth's worth of filling; in whole blocks,
     never past max_size nor the filesystem's room (the unwritten part of sparse files counts
     as used). keep_free: act too while less is free, and leave at least that free (what the
-    pool needs while no daemon watches it: parting_room).
+    pool needs while no daemon watches it: parting_room). unwatched_seconds: how long the
+    pool may go without a daemon at any moment (a crash), held by the mark (marks.base_mark).
     """
     pool = settings.name
     if (refusal := _blocked(status, pool, GrowthTarget.DATA)) is not None:
@@ -243,7 +245,7 @@ def decide_data(
         return format_bytes(as_bytes(blocks))
 
     used, total, free = status.data_used, status.data_total, status.data_free
-    mark = low_water_mark(settings, total, history, writeback)
+    mark = low_water_mark(settings, total, history, writeback, unwatched_seconds)
     early = writeback if settings.data.adaptive_low_water else None
     thr = settings.data.threshold_percent
     if status.mode is PoolMode.OUT_OF_DATA_SPACE:
@@ -265,7 +267,7 @@ def decide_data(
         return NoAction(pool, GrowthTarget.DATA, f"{why}, above the mark of {shown(mark)}")
     if (refusal := _unfit(status, pool, GrowthTarget.DATA, meta_ok=False)) is not None:
         return refusal
-    base = base_mark(settings, history, writeback)
+    base = base_mark(settings, history, writeback, unwatched_seconds)
     filling = math.ceil((history.fill_rate() or 0.0) * growth_seconds(history))
     current = Bytes(max(as_bytes(total), _ceil_to(fs.file_size, bb)))
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
@@ -290,7 +292,9 @@ def decide_data(
         GrowthTarget.DATA,
         current,
         new,
-        low_water_mark(settings, bytes_to_data_blocks(new, bs), history, writeback),
+        low_water_mark(
+            settings, bytes_to_data_blocks(new, bs), history, writeback, unwatched_seconds
+        ),
         why,
         limited,
     )
@@ -302,6 +306,7 @@ def decide_metadata(
     fs: BackingFs,
     history: FillHistory,
     writeback: WritebackState | None = None,
+    unwatched_seconds: float = 0.0,
 ) -> Decision:
     """Return what to do about the pool's metadata file.
 
@@ -347,7 +352,7 @@ def decide_metadata(
         return fitted
     new, limited = fitted
     # The reload that picks up the new size carries the data mark too.
-    mark = low_water_mark(settings, status.data_total, history, writeback)
+    mark = low_water_mark(settings, status.data_total, history, writeback, unwatched_seconds)
     return Grow(pool, GrowthTarget.METADATA, current, new, mark, why, limited)
 
 

@@ -30,6 +30,7 @@ def retune_table(
     status: ThinPoolStatus | None,
     now: float,
     writeback: WritebackState | None = None,
+    unwatched_seconds: float = 0.0,
 ) -> None:
     """Reload once if the table's mark or no-space policy should change.
 
@@ -45,7 +46,9 @@ def retune_table(
         return  # a reload would meet the same refusal; resuming it comes first
     table = pool.table
     if isinstance(status, ThinPoolWorkingStatus):
-        mark = low_water_mark(pool.settings, status.data_total, state.history, writeback)
+        mark = low_water_mark(
+            pool.settings, status.data_total, state.history, writeback, unwatched_seconds
+        )
         if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
             table = table.with_low_water_mark(mark)
     policy = no_space_mode(pool.settings, state.refused_since, now)

@@ -150,7 +150,7 @@ def test_a_pool_whose_drain_stalls_holds_up_no_other(
     daemon._check_events()
     serve_until(daemon, lambda: growths(daemon, "a") == 2, "a's second event waited")
     released.set()
-    serve_until(daemon, lambda: growths(daemon, "b") == 1, "b never grew")
+    serve_until(daemon, lambda: growths(daemon, "b") >= 1, "b never grew")
     no_internal_errors(caplog)
 
 

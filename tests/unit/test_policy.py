@@ -345,6 +345,26 @@ def test_mark_follows_fill_rate_and_growth_time() -> None:
     assert low_water_mark(off, DataBlocks(1024), h) == 5
 
 
+def test_mark_holds_the_filling_while_no_daemon_watches() -> None:
+    """A daemon killed (SIGKILL, OOM) leaves a filling pool unwatched until the next one is up:
+    the mark holds that long at the measured rate, when longer than the growths' cover."""
+    settings_ = pool(low_water_mark=0, data=DataGrowth(threshold_percent=0))
+    h = writer(rate=200 * MiB, growth=0.1)
+    covered = low_water_mark(settings_, DataBlocks(1024), h)
+    assert low_water_mark(settings_, DataBlocks(1024), h, unwatched_seconds=0.2) == covered
+    crash = low_water_mark(settings_, DataBlocks(1024), h, unwatched_seconds=3.6)
+    assert crash == -(-(200 * MiB * 3.6 + ADAPTIVE_MARGIN_BYTES) // BB)
+    # No rate measured, or adaptive off: nothing to hold.
+    assert low_water_mark(settings_, DataBlocks(1024), NO_HISTORY, unwatched_seconds=60) == 0
+    off = pool(low_water_mark=5, data=DataGrowth(threshold_percent=0, adaptive_low_water=False))
+    assert low_water_mark(off, DataBlocks(1024), h, unwatched_seconds=60) == 5
+    # decide_data carries it into the table and the growth's size.
+    d = grow(
+        decide_data(status(1000, 1024), settings_, fs_for(1024 * BB), h, unwatched_seconds=3.6)
+    )
+    assert d.low_water_mark >= crash
+
+
 def test_adaptive_mark_is_capped() -> None:
     settings_ = pool(low_water_mark=0)
     h = writer(rate=100 * GiB, growth=30.0)  # a glitch: a growth stalled for 30 s
