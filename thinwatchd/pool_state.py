@@ -86,3 +86,5 @@ class ManagedPool:
     # timed from the earliest wake-up that asked.
     again: bool = False
     again_woke: float | None = None
+    # The growth a follow-up check was scheduled after (Reconciles.FOLLOW_UP_SECONDS later).
+    followed: GrowthRecord | None = None

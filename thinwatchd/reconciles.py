@@ -25,6 +25,7 @@ from thinwatchd.pool_state import ManagedPool
 from thinwatchd.workers import Workers
 
 __all__ = [
+    "FOLLOW_UP_SECONDS",
     "RECONCILE_THREADS",
     "STOP_WAIT_SECONDS",
     "STUCK_SECONDS",
@@ -47,6 +48,10 @@ SURVEY_THREADS = 1
 #: A reconcile running this long (a stalled backing filesystem, a drain under heavy writeback)
 #: no longer counts against RECONCILE_THREADS: the pools queued behind it get a thread.
 STUCK_SECONDS = 0.5
+#: A pool is checked again this long after each growth of it: the fill rate measured across
+#: the growth sets its mark (a fill that has just begun was measured over the idle time before
+#: it), before a daemon killed then could leave it too little room for its absence.
+FOLLOW_UP_SECONDS = 1.0
 #: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
 #: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
 STOP_WAIT_SECONDS = 20.0
@@ -161,6 +166,7 @@ class Reconciles:
                 log.info("pool %s: checked without error again", managed.pool.name)
                 managed.error = None
             self._schedule_retry(managed)
+            self._follow_up(managed)
         finally:
             reconciles.done()
         if managed.again and self.pools.get(managed.pool.name) is managed:
@@ -192,6 +198,22 @@ class Reconciles:
                 self.run_pass([managed])
 
         managed.retry = self.loop.call_at(retry_at, retry)
+
+    def _follow_up(self, managed: ManagedPool) -> None:
+        """Check a pool once more FOLLOW_UP_SECONDS after each growth of it while it fills:
+        one status read per growth, so its mark follows the rate measured across the growth."""
+        grown = managed.state.last_growth
+        if grown is None or grown is managed.followed:
+            return
+        managed.followed = grown
+        if not managed.state.history.fill_rate():
+            return  # not filling (a growth at start-up): nothing to measure
+
+        def check() -> None:
+            if self.pools.get(managed.pool.name) is managed:
+                self.run_pass([managed])
+
+        self.loop.call_later(FOLLOW_UP_SECONDS, check)
 
     def parting_pass(self, absence_seconds: float) -> None:
         """Before the process exits (a stop, a restart, an upgrade): grow each pool that fills

@@ -315,6 +315,36 @@ def test_a_killed_daemon_leaves_a_filling_pool_room_until_the_next_is_up(
     assert runtime.mode != "out_of_data_space" and runtime.queued_blocks == 0, runtime.mode
 
 
+def test_a_fill_that_has_just_begun_gets_its_mark_from_the_rate_across_its_first_growth(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """Found in the guest's SIGKILLs: the first growth of a fill that began after a quiet spell
+    measured its rate over that spell (5 MiB/s against 32), and a daemon killed 4 s later left
+    the pool a mark for that rate. A check one second after each growth measures the rate
+    across it and raises the mark."""
+    from tests.engine.test_backing import to_mark
+    from thinwatchd.reconciles import FOLLOW_UP_SECONDS
+
+    pool = small_pool(
+        tmp_path, "a", preallocate=False, data={"step": "16MiB", "step_percent": "0%"}
+    )
+    daemon = started(tmp_path, kernel, {"a": pool})
+    clock = daemon.loop._clock
+    now = daemon.loop.time()
+    daemon._born, daemon._ready_at = now - 5.5, now  # absence after a kill: 14 s
+    daemon._pass(list(daemon.pools.values()), survey=True)  # used 0, a quiet 10 s begin
+    clock.now += 10  # type: ignore[attr-defined]
+    to_mark(fake, daemon, "a")  # the writer's first seconds: the event
+    daemon._check_events()  # the growth, from a rate over the quiet spell
+    first = daemon.pools["a"].pool.table.low_water_mark
+    fake.write_blocks("a", 512)  # 32 MiB in the next second
+    clock.now += FOLLOW_UP_SECONDS  # type: ignore[attr-defined]
+    daemon.loop.run_once(max_wait=0)  # the follow-up check
+    daemon.reconciles.finish()
+    mark = daemon.pools["a"].pool.table.low_water_mark
+    assert mark * 64 * 1024 >= 32 * MiB * 14, (first, mark)
+
+
 def test_a_pool_being_reconciled_at_the_stop_still_gets_its_parting_room(
     fake: FakeKernel, kernel: Kernel, tmp_path: Path
 ) -> None:
