@@ -16,8 +16,11 @@ The restarts come in three kinds: two with an event pending, one after low water
 - after low water: `systemctl restart` as soon as the kernel logs "reached low water mark".
 
 The same fill with `systemctl kill -s KILL` (the unit restarts the daemon: Restart=on-failure),
-three kills, one of each kind: a SIGKILL leaves no parting room, so episodes are expected; that
-variant only reports its figures.
+three kills, one of each kind, must cost no episode either. A killed daemon leaves no parting
+room: the adaptive mark holds the fill rate for as long as a killed daemon's pools go unwatched
+(systemd's gap and twice the start-up, Daemon.crash_absence_seconds; commit 30059dc), and a
+filling pool is checked a second after each growth so the mark follows a fill that has just
+begun (0082e39). Before them, each of 3 kills cost an episode of 3.8-8.7 s.
 
 Each variant writes its figures (per restart: SIGTERM to READY=1 and where the time went, the
 parting growth, the growths in flight, the room left against what the writer wrote while no
@@ -693,11 +696,11 @@ def test_restarts_during_a_fast_fill_cost_no_out_of_space(fill: Fill) -> None:
     assert pool_mode(fill) == "rw", text
 
 
-def test_sigkills_during_a_fast_fill_figures(fill: Fill) -> None:
-    """A SIGKILL leaves no parting room: the episodes are a finding, reported, not asserted."""
+def test_sigkills_during_a_fast_fill_cost_no_out_of_space(fill: Fill) -> None:
     progress, _code = run_fill(fill, kill=True)
     time.sleep(2)
-    text, _episodes = report(fill, progress, kill=True)
+    text, episodes = report(fill, progress, kill=True)
     print(text)
     assert fill.actions, text
+    assert not episodes, f"out of space while a killed daemon was away: {episodes}\n{text}"
     assert pool_mode(fill) == "rw", text
