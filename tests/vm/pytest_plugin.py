@@ -2,7 +2,10 @@
 
 Where this host cannot run them natively (no dm-thin, not root, or no systemd as PID 1), the
 first such test boots ONE guest per mode, which runs every selected test of that mode with
-``python -m pytest ... --junitxml``. Each outer test then reports its inner result: passed,
+``python -m pytest ... --junitxml``. The guests of both modes boot at once: many of their tests
+wait on the clock (paced fills, stalls, restarts), so side by side they take little more than
+the longer one (``THINWATCHD_VM_PARALLEL=0`` boots them one after the other; so does ``-s``,
+whose live output would interleave). Each outer test then reports its inner result: passed,
 failed with the inner traceback (plus the guest's dmesg tail), skipped with the inner reason.
 Tests the guest never ran fail with the guest's console tail. Inside a guest
 (``THINWATCHD_IN_VM=1``) every test runs natively.
@@ -17,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -39,6 +43,7 @@ __all__ = ["InnerFailure", "VmTestBed", "mode_of"]
 
 TIMEOUT_ENV = "THINWATCHD_VM_TIMEOUT"  # seconds per guest boot (default 1800)
 MEM_ENV = "THINWATCHD_VM_MEM"  # MiB (default 2048)
+PARALLEL_ENV = "THINWATCHD_VM_PARALLEL"  # "0": one guest at a time
 _TAIL = 40
 _Outcome = Literal["passed", "failed", "skipped"]
 
@@ -78,6 +83,7 @@ class VmTestBed:
         self._config = config
         self._native: dict[Mode, bool] = {}
         self._batches: dict[Mode, Batch] = {}
+        self._booting: dict[Mode, Future[Batch]] = {}
 
     def runs_natively(self, mode: Mode) -> bool:
         """Return True if this host runs ``mode``'s tests itself."""
@@ -104,15 +110,36 @@ class VmTestBed:
             return None
         batch = self._batches.get(mode)
         if batch is None:
-            batch = self._batches[mode] = self._run_batch(item.session, mode)
+            if mode not in self._booting:
+                self._boot(item.session, mode)
+            batch = self._batches[mode] = self._booting.pop(mode).result()
         reports = _reports(item, batch)
         reports[-1] = _teardown(item, nextitem, reports[-1])
         _emit(item, reports)
         return True
 
-    def _run_batch(self, session: pytest.Session, mode: Mode) -> Batch:
+    def _boot(self, session: pytest.Session, first: Mode) -> None:
+        """Start mode first's guest and, unless told otherwise, every other mode's that the
+        session needs, each in a thread of its own (its batch is read when its test comes)."""
+        modes = [first]
+        if os.environ.get(PARALLEL_ENV, "1") != "0" and not self._live():
+            needed = {mode_of(i) for i in session.items}
+            modes += [
+                m
+                for m in Mode
+                if m is not first
+                and m in needed
+                and m not in self._batches
+                and not self.runs_natively(m)
+            ]
+        missing = hostcheck.missing_pieces()  # once, here: it may prepare the test bed
+        pool = ThreadPoolExecutor(max_workers=len(modes), thread_name_prefix="guest")
+        for mode in modes:
+            self._booting[mode] = pool.submit(self._run_batch, session, mode, missing)
+        pool.shutdown(wait=False)
+
+    def _run_batch(self, session: pytest.Session, mode: Mode, missing: Sequence[str]) -> Batch:
         items = [i for i in session.items if mode_of(i) is mode]
-        missing = hostcheck.missing_pieces()
         if missing:
             return Batch(mode, unavailable="the VM test bed lacks " + "; ".join(missing))
         kernel = find_prepared()
