@@ -50,6 +50,10 @@ INSTALLED = [  # what scripts/install makes, and enable
     Path("/usr/local/bin/thinwatchd"),
     Path(f"/etc/systemd/system/{UNIT}"),
     Path("/etc/systemd/system/containerd.service.d/thinwatchd.conf"),  # containerd is installed
+    Path("/etc/systemd/system/docker.service.d/thinwatchd.conf"),  # and so is docker.io
+    Path("/usr/local/share/man/man8/thinwatchd.8"),
+    Path("/usr/local/share/man/man5/thinwatchd.yaml.5"),
+    Path("/usr/local/lib/systemd/catalog/thinwatchd.catalog"),
     Path("/etc/thinwatchd"),
 ]
 ROOT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -219,6 +223,9 @@ def test_quick_start_as_written(fresh_machine: Path) -> None:
         assert os.path.realpath(command) == "/opt/thinwatchd/bin/thinwatchd"
         exec_start = run("systemctl", "show", "-P", "ExecStart", UNIT).stdout
         assert "path=/usr/local/bin/thinwatchd " in exec_start, exec_start
+        assert [str(p) for p in INSTALLED if not p.exists()] == [], done.stdout
+        page = run("man", "-w", "thinwatchd", env=root_env).stdout.strip()
+        assert page == "/usr/local/share/man/man8/thinwatchd.8", page
 
     def edit_config() -> None:
         pass  # sudoedit: the example config is used as it is
