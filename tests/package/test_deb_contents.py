@@ -194,6 +194,8 @@ def test_maintainer_scripts_enable_without_starting_and_restart_on_upgrade(
     assert "deb-systemd-invoke stop thinwatchd.service" in scripts["prerm"]
     assert "deb-systemd-helper purge 'thinwatchd.service'" in scripts["postrm"]
     assert "pools and their files are left alone" in scripts["postrm"]
+    # A host that had scripts/install hears which of its copies override the package's.
+    assert "/etc/systemd/system/thinwatchd.service /usr/local/bin/thinwatchd" in postinst
 
 
 def test_the_upgrade_package_is_newer_and_the_same_tree(release: Package, upgrade: Package) -> None:
