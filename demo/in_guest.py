@@ -13,7 +13,15 @@ import subprocess
 import sys
 import time
 
-from tests.kernel.harness import REPO, MiB, create_thin, dd_zero, installed_unit, scratch_dir
+from tests.kernel.harness import (
+    REPO,
+    MiB,
+    create_thin,
+    dd_zero,
+    installed_unit,
+    pool_config,
+    scratch_dir,
+)
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.logs import MessageId
 
@@ -35,17 +43,8 @@ def sh(*args: str) -> str:
 def main() -> int:
     directory = scratch_dir() / "demo"
     directory.mkdir(exist_ok=True)
-    config = {
-        "daemon": {"check_interval": "5s", "metrics_file": str(directory / "thinwatchd.prom")},
-        "pools": {
-            POOL: {
-                "data_file": str(directory / "data"),
-                "metadata_file": str(directory / "metadata"),
-                "data_size": "64MiB",
-                "metadata_size": "64MiB",
-            }
-        },
-    }
+    config = pool_config(POOL, directory, data_size="64MiB", metadata_size="64MiB")
+    config["daemon"] = {"check_interval": "5s", "metrics_file": str(directory / "thinwatchd.prom")}
     with installed_unit(directory, config) as unit:
         banner(f"config /etc/thinwatchd/config.yaml: pool {POOL}, data file starting at 64 MiB")
         print(unit.config_path.read_text(), flush=True)

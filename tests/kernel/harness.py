@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -33,6 +34,7 @@ from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
+from thinwatchd.logs import MessageId
 from thinwatchd.units import Sectors, bytes_to_sectors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -258,6 +260,22 @@ def kernel_log() -> Iterator[KernelLog]:
         yield log
     finally:
         log.close()
+
+
+def pool_config(pool: str, directory: Path, **keys: object) -> dict[str, object]:
+    """A config of one pool, its data and metadata files in directory (installed_unit lets the
+    unit write there), with these keys besides."""
+    files = {"data_file": str(directory / "data"), "metadata_file": str(directory / "metadata")}
+    return {"pools": {pool: {**files, **keys}}}
+
+
+def unit_journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
+    """The installed unit's journal entries with this MESSAGE_ID since then, as journalctl's
+    JSON gives them (each field a string), oldest first."""
+    args = ["journalctl", "-u", "thinwatchd.service", "-o", "json", "--since", since]
+    args += [f"MESSAGE_ID={message_id.value}", "--no-pager"]
+    out = subprocess.run(args, capture_output=True, text=True, check=False).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 @dataclass

@@ -9,7 +9,6 @@ checks every entry on the host; this shows the whole path once, on a live journa
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -20,7 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import REPO, installed_unit, scratch_dir, teardown
+from tests.kernel.harness import (
+    REPO,
+    installed_unit,
+    pool_config,
+    scratch_dir,
+    teardown,
+    unit_journal,
+)
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.logs import MessageId
 
@@ -61,21 +67,6 @@ def explanation(message_id: MessageId, entry: dict[str, str]) -> list[str]:
     return [re.sub(r"@([A-Z0-9_]+)@", lambda m: entry[m[1]], line) for line in lines]
 
 
-def entries(message_id: MessageId, since: str) -> list[dict[str, str]]:
-    out = run(
-        "journalctl",
-        "-u",
-        UNIT,
-        "-o",
-        "json",
-        "--since",
-        since,
-        "--no-pager",
-        f"MESSAGE_ID={message_id.value}",
-    )
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
 def test_journalctl_x_explains_the_daemons_entries(catalog: None) -> None:
     listed = run("journalctl", "--list-catalog")
     for m in MessageId:
@@ -85,25 +76,18 @@ def test_journalctl_x_explains_the_daemons_entries(catalog: None) -> None:
     directory.mkdir()
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     dm = DeviceMapper()
-    config: dict[str, object] = {
-        "pools": {
-            pool: {
-                "data_file": str(directory / "data"),
-                "metadata_file": str(directory / "metadata"),
-                "data_size": "64MiB",
-                "metadata_size": "16MiB",
-            }
-        }
-    }
+    config = pool_config(pool, directory, data_size="64MiB", metadata_size="16MiB")
     try:
         with installed_unit(directory, config):
             run("systemctl", "start", UNIT)  # returns after READY=1: the pool is created
             run("systemctl", "reload", UNIT)
             deadline = time.monotonic() + 20
-            while not entries(MessageId.CONFIG_RELOADED, since) and time.monotonic() < deadline:
+            while (
+                not unit_journal(MessageId.CONFIG_RELOADED, since) and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
             for message_id in (MessageId.POOL_CREATED, MessageId.CONFIG_RELOADED):
-                logged = entries(message_id, since)
+                logged = unit_journal(message_id, since)
                 assert logged, f"no {message_id.name} entry"
                 shown = run(
                     "journalctl",

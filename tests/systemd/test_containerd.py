@@ -19,57 +19,36 @@ It replaces containerd's config and state in /etc and /var/lib: it runs only in 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.kernel.harness import (
-    REPO,
-    KernelLog,
-    MiB,
-    installed_unit,
-    kernel_log,
-    scratch_dir,
-    teardown,
-)
+from tests.kernel.harness import REPO, MiB
+from tests.systemd.consumers import BLOCK, ConsumerSetup, consumer_setup, guest_with, run
 from tests.systemd.oci_image import Image
-from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
-from thinwatchd.status import DiscardMode, PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 
 DOCS_CONFIG = REPO / "docs" / "containerd-config.toml"
-DROPIN = REPO / "systemd" / "containerd.service.d" / "thinwatchd.conf"
 CONTAINERD_CONFIG = Path("/etc/containerd/config.toml")
-INSTALLED_DROPIN = Path("/etc/systemd/system/containerd.service.d/thinwatchd.conf")
 NAMESPACE = "thinwatchd-test"
 SNAPSHOTTER = "devmapper"
-OUT_OF_SPACE = "switching pool to out-of-data-space"
 #: The test pool: small, with a small mark and steps, so a few hundred MiB fill it past its first
 #: size (the example's 2 GiB mark would have it grown to 4 GiB before containerd starts).
 TEST_POOL = {"data_size": "256MiB", "low_water_mark": 1024, "data": {"step": "256MiB"}}
 #: Written into the containers beyond the pool's size at containerd's start.
 OVERFILL = 128 * MiB
 FILE_SIZE = 64 * MiB
-BLOCK = 64 * 1024  # the pool's data block: data_block_size 128 sectors, the default
 #: Share of the containers' writes the data file must give back when they are removed.
 GIVEN_BACK = 0.8
 TOOLS = ("containerd", "ctr", "dmsetup", "blkdiscard", "mkfs.ext4")
-
-
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=timeout)
 
 
 def ctr(*args: str, timeout: float = 300) -> str:
@@ -82,10 +61,6 @@ def snapshots(*args: str) -> str:
     return ctr("snapshots", "--snapshotter", SNAPSHOTTER, *args)
 
 
-def show(unit: str, prop: str) -> str:
-    return run("systemctl", "show", "-P", prop, unit).stdout.strip()
-
-
 def docs_plugin_config() -> dict[str, str]:
     """The devmapper section of docs/containerd-config.toml."""
     plugins = tomllib.loads(DOCS_CONFIG.read_text())["plugins"]
@@ -94,11 +69,8 @@ def docs_plugin_config() -> dict[str, str]:
 
 
 def docs_pool_name() -> str:
-    """The pool docs/containerd-config.toml names; config.example.yaml must have it too."""
-    name = docs_plugin_config()["pool_name"]
-    example = yaml.safe_load((REPO / "config.example.yaml").read_text())
-    assert name in example["pools"], f"{DOCS_CONFIG.name}: pool {name!r} is not in the example"
-    return name
+    """The pool docs/containerd-config.toml names (consumer_setup: the example has it too)."""
+    return docs_plugin_config()["pool_name"]
 
 
 def built_image() -> Image:
@@ -150,109 +122,32 @@ class Container:
             assert done.returncode == 0, done.stderr
 
 
-@dataclass
-class Setup:
-    pool: str
-    directory: Path
-    dm: DeviceMapper
-    klog: KernelLog
-    since: str
-    figures: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def data_file(self) -> Path:
-        return self.directory / "data"
-
-    def status(self) -> ThinPoolWorkingStatus:
-        st = parse_pool_status(self.dm.status(self.pool)[0].params)
-        assert isinstance(st, ThinPoolWorkingStatus), st
-        return st
-
-    def table_bytes(self) -> int:
-        return sum(t.length for t in self.dm.table(self.pool)) * 512
-
-    def allocated(self) -> int:
-        return self.data_file.stat().st_blocks * 512
-
-    def snap_devices(self) -> set[str]:
+class Setup(ConsumerSetup):
+    def volumes(self) -> set[str]:
+        """containerd's thin volumes: its devmapper snapshots, <pool>-snap-<id>."""
         return {d.name for d in self.dm.list_devices() if d.name.startswith(f"{self.pool}-snap-")}
 
-    def logs(self) -> str:
-        out = run(
-            "journalctl",
-            "-u",
-            "thinwatchd",
-            "-u",
-            "containerd",
-            "--since",
-            self.since,
-            "--no-pager",
-        ).stdout
-        return f"{out}\nkernel:\n{self.klog.text()}"
-
-    def grown(self) -> list[dict[str, str]]:
-        out = run(
-            "journalctl",
-            "-u",
-            "thinwatchd.service",
-            "-o",
-            "json",
-            "--since",
-            self.since,
-            f"MESSAGE_ID={MessageId.DATA_GROWN.value}",
-            "--no-pager",
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
 
 @pytest.fixture
-def tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: `bash scripts/bootstrap` installs containerd")
-
-
-@pytest.fixture
-def setup(tools: None) -> Iterator[Setup]:
-    if os.environ.get("THINWATCHD_IN_VM") != "1":
-        pytest.skip("replaces containerd's config and state: only in the throwaway guest")
+def setup() -> Iterator[Setup]:
+    guest_with("containerd", "containerd", *TOOLS)
     pool = docs_pool_name()
-    directory = scratch_dir() / "containerd"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir()
-    files = [directory / "data", directory / "metadata"]
-    keys = {"data_file": str(files[0]), "metadata_file": str(files[1]), **TEST_POOL}
-    config: dict[str, object] = {"pools": {pool: keys}}
     root_path = Path(docs_plugin_config()["root_path"])
     saved = CONTAINERD_CONFIG.read_bytes() if CONTAINERD_CONFIG.exists() else None
-    dm = DeviceMapper()
-    setup: Setup | None = None
     try:
-        with installed_unit(directory, config), kernel_log() as klog:
-            INSTALLED_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(DROPIN, INSTALLED_DROPIN)
+        with consumer_setup(Setup, "containerd", DOCS_CONFIG, pool, TEST_POOL) as setup:
             CONTAINERD_CONFIG.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(DOCS_CONFIG, CONTAINERD_CONFIG)  # as the docs give it
             shutil.rmtree(root_path, ignore_errors=True)  # no state from an earlier run
-            run("systemctl", "daemon-reload")
-            setup = Setup(pool, directory, dm, klog, time.strftime("%Y-%m-%d %H:%M:%S"))
             try:
                 yield setup
             finally:
                 _stop_containerd(setup)
     finally:
-        INSTALLED_DROPIN.unlink(missing_ok=True)
         if saved is not None:
             CONTAINERD_CONFIG.write_bytes(saved)
-        run("systemctl", "daemon-reload")
         run("systemctl", "reset-failed", "containerd.service")
-        snaps = sorted(setup.snap_devices()) if setup else []
-        teardown(dm, [*snaps, pool], files)
-        dm.close()
         shutil.rmtree(root_path, ignore_errors=True)
-        shutil.rmtree(directory, ignore_errors=True)
-        if setup and setup.figures:
-            _report(setup.figures)
 
 
 def _stop_containerd(setup: Setup) -> None:
@@ -262,17 +157,10 @@ def _stop_containerd(setup: Setup) -> None:
     run("systemctl", "stop", "containerd.service")
 
 
-def _report(figures: dict[str, object]) -> None:
-    print("containerd figures:", json.dumps(figures))
-    out = os.environ.get("THINWATCHD_VM_OUT")
-    if out:
-        Path(out, "containerd-figures.json").write_text(json.dumps(figures, indent=2))
-
-
 def _wait_gone(setup: Setup, devices: set[str], timeout: float = 120) -> None:
     """Wait for containerd's garbage collector to delete these thin volumes."""
     deadline = time.monotonic() + timeout
-    while setup.snap_devices() & devices:
+    while setup.volumes() & devices:
         assert time.monotonic() < deadline, f"not removed: {devices}\n{setup.logs()}"
         time.sleep(0.5)
 
@@ -280,23 +168,13 @@ def _wait_gone(setup: Setup, devices: set[str], timeout: float = 120) -> None:
 def test_containerd_on_a_thinwatchd_pool(setup: Setup) -> None:
     started = time.monotonic()
     # 1. Starting containerd starts thinwatchd first (the drop-in's Wants= and After=).
-    assert show("thinwatchd.service", "ActiveState") == "inactive"
-    done = run("systemctl", "start", "containerd.service")
-    assert done.returncode == 0, done.stderr + setup.logs()
-    assert "thinwatchd.service" in show("containerd.service", "Wants").split()
-    assert "thinwatchd.service" in show("containerd.service", "After").split()
-    assert show("thinwatchd.service", "ActiveState") == "active", setup.logs()
-    ready = int(show("thinwatchd.service", "ActiveEnterTimestampMonotonic"))
-    exec_main = int(show("containerd.service", "ExecMainStartTimestampMonotonic"))
-    assert 0 < ready <= exec_main, (ready, exec_main)
+    ready_before = setup.start()
     plugins = ctr("plugins", "ls")
     assert re.search(rf"io\.containerd\.snapshotter\.v1\s+{SNAPSHOTTER}\s+\S+\s+ok", plugins), (
         plugins + setup.logs()
     )
-    st = setup.status()
-    assert st.discard is DiscardMode.PASSDOWN, st  # discards reach the loop device, so the file
-    first = setup.table_bytes()
-    setup.figures.update(pool_first_bytes=first, ready_after_s=(exec_main - ready) / 1e6)
+    first = setup.first_size()
+    setup.figures.update(pool_first_bytes=first, ready_after_s=ready_before)
 
     # 2. An image built here, imported and unpacked into devmapper snapshots.
     image = built_image()
@@ -308,7 +186,7 @@ def test_containerd_on_a_thinwatchd_pool(setup: Setup) -> None:
     layers = [image.diff_ids[0], image.top_chain_id]  # the chain IDs of layers 1 and 1+2
     for chain in layers:
         assert re.search(rf"^{chain}\s.*Committed", listed, re.M), listed
-    assert setup.snap_devices() == set(), "committed layers stay deactivated"
+    assert setup.volumes() == set(), "committed layers stay deactivated"
 
     # 3. Two containers' snapshots on it, mounted, filled past the pool's first size.
     containers = [Container(f"ctr-{n}", setup.directory / f"rootfs-{n}") for n in (1, 2)]
@@ -323,18 +201,12 @@ def test_containerd_on_a_thinwatchd_pool(setup: Setup) -> None:
     for c in containers:
         c.unmount()
     written = sum(c.written for c in containers)
-    st = setup.status()
-    grown = setup.table_bytes()
-    assert written > first and st.data_used * BLOCK > first, (written, st)
-    assert grown > first and setup.grown(), setup.logs()
-    assert st.mode is PoolMode.WRITE, st
-    episodes = [m for _, m in setup.klog.read() if OUT_OF_SPACE in m]
-    assert episodes == [], setup.logs()
+    setup.check_filled(first, written)
 
     # 4. Removing the containers (discard_blocks) gives their blocks back to the filesystem.
     filled = setup.allocated()
     devices = {Path(c.source).name for c in containers}
-    assert devices <= setup.snap_devices()
+    assert devices <= setup.volumes()
     snapshots("rm", *(c.key for c in containers))
     _wait_gone(setup, devices)
     after_containers = setup.allocated()
@@ -343,10 +215,6 @@ def test_containerd_on_a_thinwatchd_pool(setup: Setup) -> None:
     after_image = setup.allocated()
     used_after = setup.status().data_used
     setup.figures.update(
-        pool_grown_bytes=grown,
-        written_bytes=written,
-        growths=len(setup.grown()),
-        out_of_space_episodes=len(episodes),
         allocated_filled=filled,
         allocated_after_containers_rm=after_containers,
         allocated_after_image_rm=after_image,

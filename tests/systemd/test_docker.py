@@ -42,39 +42,24 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.kernel.harness import (
-    REPO,
-    KernelLog,
-    MiB,
-    dirty_bytes,
-    installed_unit,
-    kernel_log,
-    scratch_dir,
-    teardown,
-)
+from tests.kernel.harness import REPO, MiB, dirty_bytes
+from tests.systemd.consumers import BLOCK, ConsumerSetup, consumer_setup, guest_with, run
 from tests.vm.initramfs import find_static_busybox
-from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
-from thinwatchd.status import DiscardMode, PoolMode, ThinPoolWorkingStatus, parse_pool_status
 from thinwatchd.table import parse_pool_table
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 
 DOCS_CONFIG = REPO / "docs" / "docker-daemon.json"
-DROPIN = REPO / "systemd" / "docker.service.d" / "thinwatchd.conf"
 DAEMON_JSON = Path("/etc/docker/daemon.json")
-INSTALLED_DROPIN = Path("/etc/systemd/system/docker.service.d/thinwatchd.conf")
 DATA_ROOT = Path("/var/lib/docker")  # dockerd's default data-root, its devicemapper metadata
 #: Debian's client, the one that matches its dockerd (another may come first on PATH).
 DOCKER = "/usr/bin/docker"
 IMAGE = "localhost/thinwatchd-test:1"
-OUT_OF_SPACE = "switching pool to out-of-data-space"
 #: dm.min_free_space's refusal (daemon/graphdriver/devmapper/deviceset.go, poolHasFreeSpace).
 REFUSED = "less than minimum required"
 
@@ -97,7 +82,6 @@ TEST_POOL = {"data_size": "384MiB", "low_water_mark": 256, "data": {"step": "256
 WRITERS = 2
 #: Written by the containers beyond the pool's size at docker's start.
 OVERFILL = 32 * MiB
-BLOCK = 64 * 1024  # the pool's data block: data_block_size 128 sectors, the default
 #: Share of the containers' writes the data file must give back when they are removed.
 GIVEN_BACK = 0.8
 
@@ -114,18 +98,10 @@ touch /data/done
 BUSYBOX_APPLETS = ("sh", "cat", "echo", "md5sum", "sync", "touch", "true")
 
 
-def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=timeout)
-
-
 def docker(*args: str, timeout: float = 300) -> str:
     done = run(DOCKER, *args, timeout=timeout)
     assert done.returncode == 0, f"docker {' '.join(args)}: {done.stdout}{done.stderr}"
     return done.stdout
-
-
-def show(unit: str, prop: str) -> str:
-    return run("systemctl", "show", "-P", prop, unit).stdout.strip()
 
 
 def docs_options() -> dict[str, str]:
@@ -136,11 +112,8 @@ def docs_options() -> dict[str, str]:
 
 
 def docs_pool_name() -> str:
-    """The pool docs/docker-daemon.json names; config.example.yaml must have it too."""
-    name = docs_options()["dm.thinpooldev"].removeprefix("/dev/mapper/")
-    example = yaml.safe_load((REPO / "config.example.yaml").read_text())
-    assert name in example["pools"], f"{DOCS_CONFIG.name}: pool {name!r} is not in the example"
-    return name
+    """The pool docs/docker-daemon.json names (consumer_setup: config.example.yaml has it too)."""
+    return docs_options()["dm.thinpooldev"].removeprefix("/dev/mapper/")
 
 
 def rootfs_tar(seed: bytes) -> bytes:
@@ -173,27 +146,7 @@ def expected_md5(name: str, mib: int, seed: bytes) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Setup:
-    pool: str
-    directory: Path
-    dm: DeviceMapper
-    klog: KernelLog
-    since: str
-    figures: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def data_file(self) -> Path:
-        return self.directory / "data"
-
-    def status(self) -> ThinPoolWorkingStatus:
-        st = parse_pool_status(self.dm.status(self.pool)[0].params)
-        assert isinstance(st, ThinPoolWorkingStatus), st
-        return st
-
-    def table_bytes(self) -> int:
-        return sum(t.length for t in self.dm.table(self.pool)) * 512
-
+class Setup(ConsumerSetup):
     def mark_bytes(self) -> int:
         """The low-water mark in the pool's table (thinwatchd's, adaptive), in bytes."""
         return parse_pool_table(self.dm.table(self.pool)[0].params).low_water_mark * BLOCK
@@ -204,100 +157,42 @@ class Setup:
         self.figures[f"{phase}_s"] = round(now - since, 1)
         return now
 
-    def allocated(self) -> int:
-        return self.data_file.stat().st_blocks * 512
-
-    def docker_devices(self) -> set[str]:
+    def volumes(self) -> set[str]:
         """Docker's thin volumes: docker-<major>:<minor>-<inode>-<id> (base, images, containers)."""
         names = (d.name for d in self.dm.list_devices())
         return {n for n in names if re.match(r"docker-\d+:\d+-\d+-", n)}
 
-    def journal(self, *units: str) -> str:
-        unit_args = [arg for unit in units for arg in ("-u", unit)]
-        return run("journalctl", *unit_args, "--since", self.since, "--no-pager").stdout
-
-    def logs(self) -> str:
-        out = self.journal("thinwatchd", "docker")
-        return f"{out[-20000:]}\nkernel:\n{self.klog.text()}"
-
-    def grown(self) -> list[dict[str, str]]:
-        out = run(
-            "journalctl",
-            "-u",
-            "thinwatchd.service",
-            "-o",
-            "json",
-            "--since",
-            self.since,
-            f"MESSAGE_ID={MessageId.DATA_GROWN.value}",
-            "--no-pager",
-        ).stdout
-        return [json.loads(line) for line in out.splitlines() if line.strip()]
-
 
 @pytest.fixture
-def tools() -> None:
-    missing = [t for t in ("/usr/sbin/dockerd", DOCKER) if not Path(t).exists()]
-    missing += [t for t in ("dmsetup", "mkfs.xfs") if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"{', '.join(missing)} missing: `bash scripts/bootstrap` installs docker.io")
-
-
-@pytest.fixture
-def setup(tools: None) -> Iterator[Setup]:
-    if os.environ.get("THINWATCHD_IN_VM") != "1":
-        pytest.skip("replaces docker's config and state: only in the throwaway guest")
+def setup() -> Iterator[Setup]:
+    guest_with("docker", "docker.io", "/usr/sbin/dockerd", DOCKER, "dmsetup", "mkfs.xfs")
     pool = docs_pool_name()
-    directory = scratch_dir() / "docker"
-    shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir()
-    files = [directory / "data", directory / "metadata"]
-    keys = {"data_file": str(files[0]), "metadata_file": str(files[1]), **TEST_POOL}
-    config: dict[str, object] = {"pools": {pool: keys}}
     saved = DAEMON_JSON.read_bytes() if DAEMON_JSON.exists() else None
-    made = [p for p in (DAEMON_JSON.parent, INSTALLED_DROPIN.parent) if not p.exists()]
-    dm = DeviceMapper()
-    setup: Setup | None = None
+    made = not DAEMON_JSON.parent.exists()
     try:
-        with dirty_bytes(DIRTY_LIMIT), installed_unit(directory, config), kernel_log() as klog:
-            INSTALLED_DROPIN.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(DROPIN, INSTALLED_DROPIN)
+        with (
+            dirty_bytes(DIRTY_LIMIT),
+            consumer_setup(Setup, "docker", DOCS_CONFIG, pool, TEST_POOL) as setup,
+        ):
             daemon = json.loads(DOCS_CONFIG.read_text())  # as the docs give it...
             daemon.update(TEST_DAEMON_KEYS)  # ...with the test-only keys
             DAEMON_JSON.parent.mkdir(parents=True, exist_ok=True)
             DAEMON_JSON.write_text(json.dumps(daemon, indent=2))
             shutil.rmtree(DATA_ROOT, ignore_errors=True)  # no state from an earlier run
-            run("systemctl", "daemon-reload")
-            setup = Setup(pool, directory, dm, klog, time.strftime("%Y-%m-%d %H:%M:%S"))
             try:
                 yield setup
             finally:
                 # dockerd first (it pulled containerd in), with no client left to reactivate it.
                 run("systemctl", "stop", "docker.socket", "docker.service", "containerd.service")
     finally:
-        INSTALLED_DROPIN.unlink(missing_ok=True)
         DAEMON_JSON.unlink(missing_ok=True)
         if saved is not None:
             DAEMON_JSON.write_bytes(saved)
-        for path in made:
-            shutil.rmtree(path, ignore_errors=True)
-        run("systemctl", "daemon-reload")
+        if made:
+            shutil.rmtree(DAEMON_JSON.parent, ignore_errors=True)
         run("systemctl", "reset-failed", "docker.service", "containerd.service")
-        volumes = sorted(setup.docker_devices()) if setup else []
-        teardown(dm, [*volumes, pool], files)
-        dm.close()
         run("umount", "-R", "-l", str(DATA_ROOT))
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
-        shutil.rmtree(directory, ignore_errors=True)
-        if setup and setup.figures:
-            _report(setup.figures)
-
-
-def _report(figures: dict[str, object]) -> None:
-    print("docker figures:", json.dumps(figures))
-    out = os.environ.get("THINWATCHD_VM_OUT")
-    if out:
-        Path(out, "docker-figures.json").write_text(json.dumps(figures, indent=2))
 
 
 @dataclass
@@ -353,15 +248,7 @@ class Creator(threading.Thread):
 def test_docker_on_a_thinwatchd_pool(setup: Setup) -> None:
     started = time.monotonic()
     # 1. Starting docker starts thinwatchd first (the drop-in's Wants= and After=).
-    assert show("thinwatchd.service", "ActiveState") == "inactive"
-    done = run("systemctl", "start", "docker.service", timeout=600)
-    assert done.returncode == 0, done.stderr + setup.logs()
-    assert "thinwatchd.service" in show("docker.service", "Wants").split()
-    assert "thinwatchd.service" in show("docker.service", "After").split()
-    assert show("thinwatchd.service", "ActiveState") == "active", setup.logs()
-    ready = int(show("thinwatchd.service", "ActiveEnterTimestampMonotonic"))
-    exec_main = int(show("docker.service", "ExecMainStartTimestampMonotonic"))
-    assert 0 < ready <= exec_main, (ready, exec_main)
+    ready_before = setup.start(timeout=600)
 
     # 2. docker info: the devicemapper driver on thinwatchd's pool, as docs/docker-daemon.json says.
     info = json.loads(docker("info", "--format", "{{json .}}"))
@@ -373,14 +260,12 @@ def test_docker_on_a_thinwatchd_pool(setup: Setup) -> None:
     assert driver["Deferred Removal Enabled"] == "true", driver
     assert driver["Deferred Deletion Enabled"] == "true", driver
     min_free = int(docs_options()["dm.min_free_space"].removesuffix("%"))
-    st = setup.status()
-    assert st.discard is DiscardMode.PASSDOWN, st  # discards reach the loop device, so the file
-    first = setup.table_bytes()
+    first = setup.first_size()
     setup.figures.update(
         pool_first_bytes=first,
-        ready_before_dockerd_s=(exec_main - ready) / 1e6,
+        ready_before_dockerd_s=ready_before,
         docker_min_free_space=driver["Thin Pool Minimum Free Space"],
-        base_device_used_bytes=st.data_used * BLOCK,
+        base_device_used_bytes=setup.status().data_used * BLOCK,
     )
     lap = setup.lap("start", started)
 
@@ -405,19 +290,9 @@ def test_docker_on_a_thinwatchd_pool(setup: Setup) -> None:
     lap = setup.lap("fill", lap)
     assert codes == ["0"] * WRITERS, (codes, [docker("logs", w) for w in writers])
     written = WRITERS * mib * MiB
-    st = setup.status()
-    grown = setup.table_bytes()
-    assert written > first and st.data_used * BLOCK > first, (written, first, st)
-    assert grown > first and setup.grown(), setup.logs()
-    assert st.mode is PoolMode.WRITE, st
-    episodes = [m for _, m in setup.klog.read() if OUT_OF_SPACE in m]
-    assert episodes == [], setup.logs()
+    st = setup.check_filled(first, written)
     refused = [c.done.stderr for c in creator.creates if c.done.returncode != 0]
     setup.figures.update(
-        pool_grown_bytes=grown,
-        written_bytes=written,
-        growths=len(setup.grown()),
-        out_of_space_episodes=len(episodes),
         creates=len(creator.creates),
         creates_refused=len(refused),
         lowest_free_share=creator.lowest_free_share,

@@ -63,6 +63,7 @@ from tests.kernel.harness import (
     create_thin,
     dirty_bytes,
     installed_unit,
+    pool_config,
     scratch_dir,
     teardown,
 )
@@ -306,19 +307,15 @@ def fill() -> Iterator[Fill]:
     pool = f"twrst-{uuid.uuid4().hex[:6]}"
     directory = scratch_dir() / pool
     directory.mkdir()
-    config: dict[str, object] = {
-        "pools": {
-            pool: {
-                "data_file": str(directory / "data"),
-                "metadata_file": str(directory / "metadata"),
-                "data_size": "64MiB",
-                "metadata_size": "16MiB",
-                "low_water_mark": 256,  # 16 MiB
-                "reserve": "256MiB",
-                "data": {"step": "128MiB", "step_percent": "0%"},
-            }
-        }
-    }
+    config = pool_config(
+        pool,
+        directory,
+        data_size="64MiB",
+        metadata_size="16MiB",
+        low_water_mark=256,  # 16 MiB
+        reserve="256MiB",
+        data={"step": "128MiB", "step_percent": "0%"},
+    )
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     dm = DeviceMapper()
     klog = KernelLog()

@@ -30,6 +30,7 @@ from tests.kernel.harness import (
     installed_unit,
     scratch_dir,
     teardown,
+    unit_journal,
 )
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.logs import MessageId
@@ -43,22 +44,6 @@ CONFIG = Path("/etc/thinwatchd/config.yaml")
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, check=check)
-
-
-def journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
-    out = run(
-        "journalctl",
-        "-u",
-        UNIT,
-        "-o",
-        "json",
-        "--since",
-        since,
-        f"MESSAGE_ID={message_id.value}",
-        "--no-pager",
-        check=False,
-    ).stdout
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def sample(metrics: str, series: str) -> float:
@@ -134,7 +119,7 @@ def test_start_returns_after_ready_with_the_node(service: Service) -> None:
     assert os.path.exists(f"/dev/mapper/{service.pool}"), service.logs()
     assert show("ActiveState") == "active"
     assert "1 pool" in show("StatusText")
-    created = journal(MessageId.POOL_CREATED, service.since)
+    created = unit_journal(MessageId.POOL_CREATED, service.since)
     assert created and created[0]["POOL"] == service.pool, service.logs()
 
 
@@ -144,7 +129,7 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 2048 * MiB)
     _seconds, code, err = dd_zero(thin, 600)
     assert code == 0, err
-    grown = journal(MessageId.DATA_GROWN, service.since)
+    grown = unit_journal(MessageId.DATA_GROWN, service.since)
     assert grown, service.logs()
     entry = grown[0]
     for key in (
@@ -196,7 +181,7 @@ def test_fill_logs_growth_with_fields_and_metrics_agree(service: Service) -> Non
     table = run(f"{REPO}/.venv/bin/thinwatchd", "--config", str(CONFIG), "status").stdout
     header, row = table.splitlines()[:2]
     assert "?" not in row[header.index("CAP IN") :] and " min" in row, table
-    soon = journal(MessageId.FULL_SOON, service.since)  # the cap: minutes away, within 1 h
+    soon = unit_journal(MessageId.FULL_SOON, service.since)  # the cap: minutes away, within 1 h
     assert [e["LIMIT"] for e in soon if e["LIMIT"] == "cap"] == ["cap"], service.logs()
     out = os.environ.get("THINWATCHD_VM_OUT")
     if out:  # a real daemon's file: monitoring/sample.prom was recorded so
@@ -211,20 +196,20 @@ def test_reload_changes_policy_and_survives_a_broken_edit(service: Service) -> N
     run("systemctl", "start", UNIT)
     service.write_config(low_water_mark=64, data={"step": "3GiB", "step_percent": "0%", **fixed})
     run("systemctl", "reload", UNIT)
-    reloaded = journal(MessageId.CONFIG_RELOADED, service.since)
+    reloaded = unit_journal(MessageId.CONFIG_RELOADED, service.since)
     assert reloaded, service.logs()
     thin = create_thin(service.dm, service.pool, f"{service.pool}-thin", 0, 4096 * MiB)
     assert dd_zero(thin, 600)[1] == 0
     sizes = [
         int(e["NEW_SIZE_BYTES"]) - int(e["OLD_SIZE_BYTES"])
-        for e in journal(MessageId.DATA_GROWN, service.since)
+        for e in unit_journal(MessageId.DATA_GROWN, service.since)
     ]
     assert sizes and max(sizes) >= 3 * 1024**3, service.logs()
     CONFIG.write_text(CONFIG.read_text().replace("3GiB", "3 gigs"))
     run("systemctl", "reload", UNIT)
     time.sleep(1)
     assert show("ActiveState") == "active"
-    rejected = journal(MessageId.CONFIG_REJECTED, service.since)
+    rejected = unit_journal(MessageId.CONFIG_REJECTED, service.since)
     assert rejected and "data.step" in rejected[-1]["MESSAGE"], service.logs()
     assert rejected[-1]["PRIORITY"] == "3"
     assert "config rejected" in show("StatusText")
@@ -244,6 +229,6 @@ def test_watchdog_restarts_a_frozen_daemon_which_adopts_the_pool(service: Servic
     else:
         raise AssertionError("not restarted by the watchdog:\n" + service.logs())
     assert "Watchdog timeout" in service.logs() or "watchdog" in service.logs().lower()
-    adopted = journal(MessageId.POOL_ADOPTED, service.since)
+    adopted = unit_journal(MessageId.POOL_ADOPTED, service.since)
     assert adopted and adopted[-1]["ACTIVATION"] == "adopted", service.logs()
-    assert len(journal(MessageId.POOL_CREATED, service.since)) == 1
+    assert len(unit_journal(MessageId.POOL_CREATED, service.since)) == 1
