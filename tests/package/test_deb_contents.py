@@ -47,6 +47,9 @@ SHIPPED = {
     # systemd's dpkg trigger on /usr/lib/systemd/catalog runs `journalctl --update-catalog`.
     "/usr/lib/systemd/catalog/thinwatchd.catalog": "systemd/thinwatchd.catalog",
     "/usr/share/doc/thinwatchd/README.md.gz": "README.md",
+    # README's "Use with containerd" and "Use with Docker" configs
+    "/usr/share/doc/thinwatchd/examples/containerd-config.toml": "docs/containerd-config.toml",
+    "/usr/share/doc/thinwatchd/examples/docker-daemon.json": "docs/docker-daemon.json",
     "/usr/share/doc/thinwatchd/copyright": "debian/copyright",
     "/usr/share/doc/thinwatchd/changelog.Debian.gz": "debian/changelog",
     "/usr/share/lintian/overrides/thinwatchd": "debian/thinwatchd.lintian-overrides",
