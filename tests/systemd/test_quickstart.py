@@ -1,4 +1,5 @@
-"""README's "Quick start on a real host", step by step, in the systemd guest (a fresh machine).
+"""README's "Quick start on other distributions: scripts/install", step by step, in the
+systemd guest (a fresh machine).
 
 The steps are read from README.md and must be the ones this test knows, so the README and the
 test cannot drift apart. Each runs as written (as root, so without sudo):
@@ -68,9 +69,9 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def readme_quick_start() -> list[str]:
     """Return the commands of README's quick start code block, without comments."""
     text = (REPO / "README.md").read_text()
-    section = text.split("## Quick start on a real host", 1)[1]
+    section = text.split("## Quick start on other distributions: scripts/install", 1)[1]
     block = re.search(r"```sh\n(.*?)```", section, re.S)
-    assert block, "README.md: no code block under 'Quick start on a real host'"
+    assert block, "README.md: no code block under 'Quick start on other distributions'"
     lines = (line.split("#", 1)[0].strip() for line in block[1].splitlines())
     return [line for line in lines if line]
 
