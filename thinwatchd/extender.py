@@ -41,7 +41,7 @@ from thinwatchd.pool import Pool, ensure_resumed
 from thinwatchd.pool_journal import PoolJournal
 from thinwatchd.pool_state import GrowthRecord, PoolState
 from thinwatchd.retune import retune_table
-from thinwatchd.room import BackingFs
+from thinwatchd.room import BackingFs, crash_room_fits
 from thinwatchd.status import ThinPoolStatus, ThinPoolWorkingStatus
 from thinwatchd.units import Bytes, data_blocks_to_sectors
 from thinwatchd.writeback import WritebackState
@@ -191,9 +191,8 @@ class Extender:
             status, data_fs = grown, None  # the file grew: look again
             started = self.clock()
             self.journal.mode(pool, state, status)
-        blocked |= self.journal.fs_at_reserve(
-            pool, state, status, data_fs or look.figures(str(pool.settings.data_file))
-        )
+        data_fs = data_fs or look.figures(str(pool.settings.data_file))
+        blocked |= self.journal.fs_at_reserve(pool, state, status, data_fs)
         if blocked:
             if state.refused_since is None:
                 state.refused_since = self.clock()
@@ -207,10 +206,17 @@ class Extender:
             status,
             self.clock(),
             writeback,
-            self.unwatched_seconds(),
+            self._unwatched_on(data_fs, pool, state),
         )
         state.status = status
         return status
+
+    def _unwatched_on(self, data_fs: BackingFs, pool: Pool, state: PoolState) -> float:
+        """How long the pool's mark covers a killed daemon's absence: the daemon's estimate,
+        or 0 while its data file's filesystem lacks the room to spare (crash_room_fits)."""
+        unwatched = self.unwatched_seconds()
+        rate = state.history.fill_rate()
+        return unwatched if crash_room_fits(data_fs, pool.settings, rate, unwatched) else 0.0
 
     def _adopt_outside_change(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> bool:
         """Notice what someone else did to the pool's device, and adopt or repair it.
@@ -278,9 +284,9 @@ class Extender:
     ) -> Decision:
         """Return the first decision that needs doing: metadata first (a pool out of it is ro)."""
         settings = pool.settings
-        unwatched = self.unwatched_seconds()
 
         def metadata(fs: BackingFs) -> Decision:
+            unwatched = self._unwatched_on(look.figures(str(settings.data_file)), pool, state)
             return decide_metadata(status, settings, fs, state.history, writeback, unwatched)
 
         def data(fs: BackingFs) -> Decision:
@@ -292,7 +298,7 @@ class Extender:
                 table_mark=pool.table.low_water_mark,  # the kernel's event came at this mark
                 writeback=writeback,
                 keep_free=keep_free,
-                unwatched_seconds=unwatched,
+                unwatched_seconds=self._unwatched_on(fs, pool, state),
             )
 
         meta = self._decide_on(look, str(settings.metadata_file), metadata)

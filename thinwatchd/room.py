@@ -17,10 +17,12 @@ from thinwatchd.units import Bytes, data_blocks_to_bytes
 
 __all__ = [
     "CLAIM_REACTION_SECONDS",
+    "CRASH_ROOM_SPARE_FACTOR",
     "NEIGHBOUR_BYTES_PER_SECOND",
     "BackingFs",
     "backing_shortfall",
     "claim_margin",
+    "crash_room_fits",
     "must_claim",
     "next_look_seconds",
 ]
@@ -87,6 +89,22 @@ def claim_margin(reserve: Bytes, dirty_limit: int, fill_rate: float) -> Bytes:
     """
     rate = max(float(NEIGHBOUR_BYTES_PER_SECOND), fill_rate)
     return Bytes(max(reserve, dirty_limit + int(rate * CLAIM_REACTION_SECONDS)))
+
+
+#: The room a filling pool keeps for a killed daemon's absence is taken only while its
+#: filesystem has this many times that room to spare.
+CRASH_ROOM_SPARE_FACTOR = 4
+
+
+def crash_room_fits(
+    fs: BackingFs, settings: PoolSettings, fill_rate: float | None, unwatched_seconds: float
+) -> bool:
+    """Return whether the pool may keep room for a killed daemon's absence (marks.base_mark's
+    unwatched_seconds): only from room to spare, never from what the pools on the filesystem
+    need now. In the guest, two pools on a filesystem a neighbour had filled: the first took
+    the room that came back for its absence, and the second ran out of space into EIO."""
+    wanted = (fill_rate or 0.0) * unwatched_seconds
+    return fs.room(settings) >= CRASH_ROOM_SPARE_FACTOR * wanted
 
 
 def must_claim(free: int, promised: int, margin: int) -> bool:
