@@ -274,6 +274,7 @@ _SECTIONS: dict[str, dict[str, Parser]] = {
         "step_percent": share,
         "max_size": optional(size_value),
         "adaptive_low_water": boolean,
+        "crash_room": boolean,
     },
     "metadata": {
         "threshold": _THRESHOLD,

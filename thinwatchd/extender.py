@@ -213,7 +213,10 @@ class Extender:
 
     def _unwatched_on(self, data_fs: BackingFs, pool: Pool, state: PoolState) -> float:
         """How long the pool's mark covers a killed daemon's absence: the daemon's estimate,
-        or 0 while its data file's filesystem lacks the room to spare (crash_room_fits)."""
+        or 0 without data.crash_room or while its data file's filesystem lacks the room to
+        spare (crash_room_fits)."""
+        if not pool.settings.data.crash_room:
+            return 0.0
         unwatched = self.unwatched_seconds()
         rate = state.history.fill_rate()
         return unwatched if crash_room_fits(data_fs, pool.settings, rate, unwatched) else 0.0

@@ -41,6 +41,8 @@ class DataGrowth:
     step_percent: float = 20.0  # ...or this share of the current size, whichever is larger
     max_size: Bytes | None = None  # never grow the file past this (None: only the fs limits)
     adaptive_low_water: bool = True  # raise the mark from the measured fill rate and growth time
+    # With adaptive_low_water: the mark also holds a killed daemon's absence at the fill rate.
+    crash_room: bool = True
 
 
 @dataclass(frozen=True)

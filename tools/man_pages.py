@@ -212,6 +212,7 @@ KEYS: dict[str, Key] = {
         ("1023MiB",),
     ),
     "data.adaptive_low_water": _BOOLEAN,
+    "data.crash_room": _BOOLEAN,
     "metadata.threshold": _THRESHOLD,
     "metadata.step": _step("metadata"),
     "metadata.step_percent": _STEP_PERCENT,
