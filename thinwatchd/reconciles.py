@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass, field
 
@@ -25,6 +26,7 @@ from thinwatchd.pool_state import ManagedPool
 from thinwatchd.workers import Workers
 
 __all__ = [
+    "FOLLOW_UP_BATCH_SECONDS",
     "FOLLOW_UP_SECONDS",
     "RECONCILE_THREADS",
     "STOP_WAIT_SECONDS",
@@ -52,6 +54,9 @@ STUCK_SECONDS = 0.5
 #: the growth sets its mark (a fill that has just begun was measured over the idle time before
 #: it), before a daemon killed then could leave it too little room for its absence.
 FOLLOW_UP_SECONDS = 1.0
+#: Follow-ups due within this of each other are one pass: pools grown in one event (or close
+#: together) are checked together, a pass per burst of growths, not one per pool.
+FOLLOW_UP_BATCH_SECONDS = 0.5
 #: On SIGTERM, wait this long for growths in flight: a thread cut off between suspend and
 #: resume would leave its pool suspended and its writers hung (TimeoutStopSec= is 30 s).
 STOP_WAIT_SECONDS = 20.0
@@ -102,6 +107,8 @@ class Reconciles:
     workers: Workers = field(init=False)
     stopping: bool = field(default=False, init=False)
     _stuck_said: set[str] = field(default_factory=set, init=False)  # at a stop, said once
+    # Follow-up checks by when they are due (FOLLOW_UP_BATCH_SECONDS apart): pool name -> pool.
+    _follow_ups: dict[float, dict[str, ManagedPool]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.workers = reconcile_workers(self.loop)
@@ -200,20 +207,26 @@ class Reconciles:
         managed.retry = self.loop.call_at(retry_at, retry)
 
     def _follow_up(self, managed: ManagedPool) -> None:
-        """Check a pool once more FOLLOW_UP_SECONDS after each growth of it while it fills:
-        one status read per growth, so its mark follows the rate measured across the growth."""
+        """Check a pool once more FOLLOW_UP_SECONDS (to FOLLOW_UP_BATCH_SECONDS more) after
+        each growth of it while it fills, so its mark follows the rate measured across the
+        growth: one status read per growth, in one pass with the others grown about then."""
         grown = managed.state.last_growth
         if grown is None or grown is managed.followed:
             return
         managed.followed = grown
         if not managed.state.history.fill_rate():
             return  # not filling (a growth at start-up): nothing to measure
+        batch = FOLLOW_UP_BATCH_SECONDS
+        due = math.ceil((self.loop.time() + FOLLOW_UP_SECONDS) / batch) * batch
+        if due not in self._follow_ups:
+            self._follow_ups[due] = {}
 
-        def check() -> None:
-            if self.pools.get(managed.pool.name) is managed:
-                self.run_pass([managed])
+            def check() -> None:
+                pools = self._follow_ups.pop(due).values()
+                self.run_pass([m for m in pools if self.pools.get(m.pool.name) is m])
 
-        self.loop.call_later(FOLLOW_UP_SECONDS, check)
+            self.loop.call_at(due, check)
+        self._follow_ups[due][managed.pool.name] = managed
 
     def parting_pass(self, absence_seconds: float) -> None:
         """Before the process exits (a stop, a restart, an upgrade): grow each pool that fills

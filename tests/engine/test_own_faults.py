@@ -12,8 +12,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from thinwatchd.errors import KernelError
 from thinwatchd.events import EventLoop
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.notify import Notifier
+from thinwatchd.pool_state import ManagedPool
 from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2
@@ -323,7 +325,7 @@ def test_a_fill_that_has_just_begun_gets_its_mark_from_the_rate_across_its_first
     the pool a mark for that rate. A check one second after each growth measures the rate
     across it and raises the mark."""
     from tests.engine.test_backing import to_mark
-    from thinwatchd.reconciles import FOLLOW_UP_SECONDS
+    from thinwatchd.reconciles import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
 
     pool = small_pool(
         tmp_path, "a", preallocate=False, data={"step": "16MiB", "step_percent": "0%"}
@@ -337,12 +339,46 @@ def test_a_fill_that_has_just_begun_gets_its_mark_from_the_rate_across_its_first
     to_mark(fake, daemon, "a")  # the writer's first seconds: the event
     daemon._check_events()  # the growth, from a rate over the quiet spell
     first = daemon.pools["a"].pool.table.low_water_mark
-    fake.write_blocks("a", 512)  # 32 MiB in the next second
-    clock.now += FOLLOW_UP_SECONDS  # type: ignore[attr-defined]
+    fake.write_blocks("a", 768)  # 32 MiB/s until the follow-up, 1.5 s later at the most
+    clock.now += FOLLOW_UP_SECONDS + FOLLOW_UP_BATCH_SECONDS  # type: ignore[attr-defined]
     daemon.loop.run_once(max_wait=0)  # the follow-up check
     daemon.reconciles.finish()
     mark = daemon.pools["a"].pool.table.low_water_mark
     assert mark * 64 * 1024 >= 32 * MiB * 14, (first, mark)
+
+
+def test_pools_grown_in_one_event_are_followed_up_in_one_pass(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path
+) -> None:
+    """The check after a growth is work per burst of growths, not per pool: three filling
+    pools grown in one event pass are checked again together, in one pass."""
+    from tests.engine.test_backing import to_mark
+    from thinwatchd.reconciles import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
+
+    names = ("a", "b", "c")
+    data = {"step": "16MiB", "step_percent": "0%"}
+    pools = {n: small_pool(tmp_path, n, preallocate=False, data=data) for n in names}
+    daemon = started(tmp_path, kernel, pools)
+    clock = daemon.loop._clock
+    daemon._pass(list(daemon.pools.values()), survey=True)
+    clock.now += 2  # type: ignore[attr-defined]
+    for name in names:
+        to_mark(fake, daemon, name)
+    daemon._check_events()  # one pass, three growths
+    daemon.reconciles.finish()
+    assert all(daemon.pools[n].state.last_growth is not None for n in names)
+    passes: list[list[str]] = []
+    run_pass = daemon.reconciles.run_pass
+
+    def counted(pools: Iterable[ManagedPool], *args: Any, **kw: Any) -> None:
+        pools = list(pools)
+        passes.append(sorted(m.pool.name for m in pools))
+        run_pass(pools, *args, **kw)
+
+    daemon.reconciles.run_pass = counted  # type: ignore[method-assign]
+    clock.now += FOLLOW_UP_SECONDS + FOLLOW_UP_BATCH_SECONDS  # type: ignore[attr-defined]
+    daemon.loop.run_once(max_wait=0)
+    assert passes == [list(names)], passes
 
 
 def test_a_pool_being_reconciled_at_the_stop_still_gets_its_parting_room(
