@@ -281,13 +281,16 @@ def _commit(kernel: Kernel, pool: Pool) -> None:
     """Commit the pool's metadata (a status read without NOFLUSH does) and say if the size it
     records is more than its data device holds: writes to those blocks would fail."""
     try:
-        kernel.dm.status(pool.name)
-        recorded = _recorded_length(kernel.dm, pool)
+        target = thin_pool_target(kernel.dm.status(pool.name))
+        status = None if target is None else parse_pool_status(target.params)
         device = pool.length_for(kernel.loops.size(pool.data_loop))
     except ThinwatchError as exc:
         log.warning("pool %s: resumed, but committing its metadata failed: %s", pool.name, exc)
         return
-    if recorded is not None and recorded > device:
+    if not isinstance(status, ThinPoolWorkingStatus):
+        return
+    recorded = data_blocks_to_sectors(status.data_total, pool.settings.data_block_size)
+    if recorded > device:
         event(
             logging.ERROR,
             MessageId.CHANGED_OUTSIDE,
