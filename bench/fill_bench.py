@@ -39,12 +39,12 @@ from tests.kernel.harness import (
     teardown,
     write_config,
 )
+from thinwatchd.base.units import Bytes, Sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
-from thinwatchd.units import Bytes, Sectors
 
 LOW_WATER = "reached low water mark for data device"
 GROWING = "growing the data device"

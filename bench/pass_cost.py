@@ -18,13 +18,13 @@ import pathlib
 import tempfile
 import time
 
-import thinwatchd.daemon
-import thinwatchd.publish
-import thinwatchd.reconciles
-import thinwatchd.workers
+import thinwatchd.base.workers
+import thinwatchd.daemon.daemon
+import thinwatchd.growth.schedule
+import thinwatchd.publish.publisher
 from tests.engine.conftest import InlineWorkers
 from tests.engine.test_scale import Bed
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 
 def main() -> None:
@@ -33,14 +33,14 @@ def main() -> None:
     parser.add_argument("--growths", type=int, default=20)
     args = parser.parse_args()
     # 1 s where publications are not rate-limited (for comparing an older checkout).
-    publish_seconds: float = getattr(thinwatchd.publish, "PUBLISH_SECONDS", 1.0)
+    publish_seconds: float = getattr(thinwatchd.publish.publisher, "PUBLISH_SECONDS", 1.0)
     # The bed's clock jumps an hour to its safety check, so every pool is "full soon": said in
     # the journal, which is not what is measured here.
     logging.getLogger("thinwatchd").setLevel(logging.ERROR)
     # As the engine tests run it: reconciles inline, one thread (CPU is the process's).
-    thinwatchd.workers.MAX_THREADS = 1
-    thinwatchd.reconciles.reconcile_workers = InlineWorkers  # type: ignore[assignment]
-    thinwatchd.daemon.file_workers = InlineWorkers  # type: ignore[assignment]
+    thinwatchd.base.workers.MAX_THREADS = 1
+    thinwatchd.growth.schedule.reconcile_workers = InlineWorkers  # type: ignore[assignment]
+    thinwatchd.daemon.daemon.file_workers = InlineWorkers  # type: ignore[assignment]
     bed = Bed(pathlib.Path(tempfile.mkdtemp(prefix="pass-cost-")), args.pools)
     try:
         d = bed.daemon

@@ -22,8 +22,8 @@ from tests.kernel.harness import (
     pool_config,
     scratch_dir,
 )
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
 
 POOL = "docker-pool"
 THINWATCHD = str(REPO / ".venv" / "bin" / "thinwatchd")

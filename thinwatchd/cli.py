@@ -16,8 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from thinwatchd import __version__
-from thinwatchd.config import load_settings, printable_path
-from thinwatchd.errors import (
+from thinwatchd.base.errors import (
     EX_CANTCREAT,
     EX_CONFIG,
     EX_DATAERR,
@@ -29,15 +28,16 @@ from thinwatchd.errors import (
     PoolSetupError,
     ThinwatchError,
 )
-from thinwatchd.estimates import ESTIMATES_NAME, read_estimates
-from thinwatchd.instance_lock import (
+from thinwatchd.base.logs import setup_logging
+from thinwatchd.config.load import load_settings, printable_path
+from thinwatchd.config.settings import DEFAULT_CONFIG_PATH
+from thinwatchd.daemon.instance_lock import (
     DEFAULT_LOCK_PATH,
     InstanceLockedError,
     LockFileError,
     hold_instance_lock,
 )
-from thinwatchd.logs import setup_logging
-from thinwatchd.settings import DEFAULT_CONFIG_PATH
+from thinwatchd.publish.estimates import ESTIMATES_NAME, read_estimates
 
 __all__ = ["main"]
 
@@ -128,7 +128,7 @@ def _check_config(path: Path) -> int:
 
 def _status(path: Path, estimates_path: Path, *, as_json: bool) -> int:
     from thinwatchd.kernel.dm import DeviceMapper
-    from thinwatchd.report import format_table, pool_report, with_estimate
+    from thinwatchd.publish.pool_report import format_table, pool_report, with_estimate
 
     settings = load_settings(path)
     try:
@@ -159,9 +159,9 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
 
 
 def _run_locked(path: Path, estimates: Path) -> int:
-    from thinwatchd.daemon import Daemon
-    from thinwatchd.runtime import open_kernel, process_age, udev_monitor
-    from thinwatchd.thincheck import end_all, thin_check
+    from thinwatchd.daemon.daemon import Daemon
+    from thinwatchd.kernel.runtime import open_kernel, process_age, udev_monitor
+    from thinwatchd.pool.thin_check import end_all, thin_check
 
     try:
         kernel = open_kernel()

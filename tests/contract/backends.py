@@ -18,9 +18,9 @@ from typing import Protocol
 
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopControlApi, Target
 from thinwatchd.kernel.fs import Files
-from thinwatchd.units import Sectors
 
 BLOCK_BYTES = 64 * 1024
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from tests.contract.backends import Backend, backend
-from thinwatchd.activation import activate
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes, DataBlocks, Sectors
+from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.names import pool_name
-from thinwatchd.pool import Pool, ensure_resumed
-from thinwatchd.settings import PoolSettings
-from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.units import Bytes, DataBlocks, Sectors
+from thinwatchd.pool.bring_up import activate
+from thinwatchd.pool.running import Pool, ensure_resumed
+from thinwatchd.thin.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2
 BLOCKS = 256  # a 16 MiB pool of 64 KiB blocks

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
+from thinwatchd.base.units import Bytes, DataBlocks
+from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.names import pool_name
-from thinwatchd.settings import PoolSettings
-from thinwatchd.units import Bytes, DataBlocks
 
 MiB = 1024**2
 
@@ -79,9 +79,9 @@ class InlineWorkers:
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Activations run in one worker thread, one at a time; reconciles and the jobs on pool
     files (the space watch, loop checks, a reload's file check, published files) inline."""
-    monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-    monkeypatch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
-    monkeypatch.setattr("thinwatchd.daemon.file_workers", InlineWorkers)
+    monkeypatch.setattr("thinwatchd.base.workers.MAX_THREADS", 1)
+    monkeypatch.setattr("thinwatchd.growth.schedule.reconcile_workers", InlineWorkers)
+    monkeypatch.setattr("thinwatchd.daemon.daemon.file_workers", InlineWorkers)
 
 
 @pytest.fixture(autouse=True)

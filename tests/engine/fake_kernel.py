@@ -32,10 +32,10 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes
 from thinwatchd.kernel.api import DmDevice, DmInfo, LoopDevice, Target
 from thinwatchd.kernel.syscalls import Syscalls
-from thinwatchd.units import Bytes
 
 SECTOR = 512
 META_BLOCK = 4096

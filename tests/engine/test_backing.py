@@ -19,16 +19,16 @@ import yaml
 
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock
-from thinwatchd.backing import BackingFiles
-from thinwatchd.daemon import Daemon
-from thinwatchd.estimates import read_estimates
-from thinwatchd.events import EventLoop
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.notify import Notifier
+from thinwatchd.base.units import Bytes
+from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.backing import BackingFiles
 from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.logs import MessageId
-from thinwatchd.notify import Notifier
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.units import Bytes
+from thinwatchd.publish.estimates import read_estimates
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2
 GiB = 1024**3

@@ -24,14 +24,14 @@ import pytest
 import yaml
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.daemon import Daemon
-from thinwatchd.events import EventLoop
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.notify import Notifier
+from thinwatchd.base.workers import Workers
+from thinwatchd.daemon.daemon import Daemon
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.notify import Notifier
-from thinwatchd.policy import GrowthTarget
-from thinwatchd.pool import Pool
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.workers import Workers
+from thinwatchd.policy.decide import GrowthTarget
+from thinwatchd.pool.running import Pool
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 NAMES = ("a", "b")
 MiB = 1024**2
@@ -48,7 +48,7 @@ def returning(value: str | int) -> Callable[[], str | int]:
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     """Overrides conftest's: builds in one thread, reconciles in the daemon's own threads."""
-    monkeypatch.setattr("thinwatchd.workers.MAX_THREADS", 1)
+    monkeypatch.setattr("thinwatchd.base.workers.MAX_THREADS", 1)
 
 
 @pytest.fixture
@@ -57,10 +57,10 @@ def threads(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     0.1 s (a stalled pool's thread must not hold up the pools queued behind it)."""
     which = getattr(request, "param", "default")
     if which == "one":
-        monkeypatch.setattr("thinwatchd.reconciles.RECONCILE_THREADS", 1)
-        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 0.1)
+        monkeypatch.setattr("thinwatchd.growth.schedule.RECONCILE_THREADS", 1)
+        monkeypatch.setattr("thinwatchd.growth.schedule.STUCK_SECONDS", 0.1)
     elif which == "never stuck":
-        monkeypatch.setattr("thinwatchd.reconciles.STUCK_SECONDS", 60.0)
+        monkeypatch.setattr("thinwatchd.growth.schedule.STUCK_SECONDS", 60.0)
     return str(which)
 
 
@@ -313,7 +313,7 @@ def test_a_stop_waits_for_a_stalled_growth_only_so_long(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr("thinwatchd.reconciles.STOP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr("thinwatchd.growth.schedule.STOP_WAIT_SECONDS", 0.3)
     released = threading.Event()
     fake.draining["a"] = lambda: released.wait(PATIENCE)
     to_mark(fake, daemon, "a")

@@ -43,14 +43,14 @@ import pytest
 import thinwatchd
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, Fault, FaultySyscalls
-from thinwatchd.daemon import Daemon
-from thinwatchd.errors import ConfigError, PoolMismatchError, PoolSetupError, ThinwatchError
-from thinwatchd.events import EventLoop
+from thinwatchd.base.errors import ConfigError, PoolMismatchError, PoolSetupError, ThinwatchError
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.notify import Notifier
+from thinwatchd.base.units import Bytes
+from thinwatchd.daemon.daemon import Daemon
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.logs import MessageId
-from thinwatchd.notify import Notifier
-from thinwatchd.units import Bytes
 
 MiB = 1024**2
 HEADER = 4096

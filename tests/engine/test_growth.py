@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.daemon import Daemon
-from thinwatchd.events import EventLoop
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.notify import Notifier
+from thinwatchd.daemon.daemon import Daemon
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.logs import MessageId
-from thinwatchd.notify import Notifier
-from thinwatchd.policy import GrowthTarget
-from thinwatchd.status import ThinPoolWorkingStatus
+from thinwatchd.policy.decide import GrowthTarget
+from thinwatchd.thin.status import ThinPoolWorkingStatus
 
 MiB = 1024**2
 BLOCK = 64 * 1024
@@ -80,7 +80,7 @@ def status(fake: FakeKernel) -> ThinPoolWorkingStatus:
 
 
 def daemon_pool_status(fake: FakeKernel) -> object:
-    from thinwatchd.status import parse_pool_status
+    from thinwatchd.thin.status import parse_pool_status
 
     return parse_pool_status(fake.status("pool")[0].params)
 

@@ -19,13 +19,13 @@ import pytest
 
 from tests.engine.fake_kernel import FakeKernel, Fault
 from tests.engine.test_backing import SharedFilesystem, start, to_mark
-from thinwatchd.daemon import Daemon
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.units import Bytes
+from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.space_watch import pool_files_by_fs
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.logs import MessageId
-from thinwatchd.space_watch import pool_files_by_fs
-from thinwatchd.units import Bytes
 
 MiB = 1024**2
 GiB = 1024**3
@@ -149,8 +149,8 @@ def test_a_new_pool_that_would_take_the_reserve_is_not_created(
     config.write_text(
         f"pools:\n  a:\n    data_file: {tmp_path}/a.data\n    metadata_file: {tmp_path}/a.meta\n"
     )
-    from thinwatchd.events import EventLoop
-    from thinwatchd.notify import Notifier
+    from thinwatchd.base.event_loop import EventLoop
+    from thinwatchd.base.notify import Notifier
 
     d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop())
     with pytest.raises(KernelError) as raised:

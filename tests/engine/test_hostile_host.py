@@ -13,16 +13,16 @@ import pytest
 
 from tests.engine.fake_kernel import FakeKernel
 from tests.engine.test_growth import Clock, status, write_config
-from thinwatchd.activation import activate
-from thinwatchd.daemon import Daemon
-from thinwatchd.errors import PoolSetupError
-from thinwatchd.events import EventLoop
+from thinwatchd.base.errors import PoolSetupError
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.notify import Notifier
+from thinwatchd.base.units import Bytes, Sectors
+from thinwatchd.config.settings import PoolSettings
+from thinwatchd.daemon.daemon import Daemon
 from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.logs import MessageId
-from thinwatchd.notify import Notifier
-from thinwatchd.settings import PoolSettings
-from thinwatchd.units import Bytes, Sectors
+from thinwatchd.pool.bring_up import activate
 
 MiB = 1024**2
 BLOCK = 64 * 1024
@@ -517,7 +517,7 @@ def test_a_deliberate_suspend_is_not_undone_by_a_growth(
 def test_a_suspended_pool_is_resumed_even_if_a_size_read_fails_once(
     fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
 ) -> None:
-    from thinwatchd.pool import ensure_resumed
+    from thinwatchd.pool.running import ensure_resumed
 
     pool = activate(pool_settings, kernel)
     fake.load_table("pool", [pool.target(Sectors(pool.length // 2))])

@@ -21,13 +21,13 @@ import yaml
 
 from tests.engine.fake_kernel import FakeKernel, Fault
 from tests.engine.test_growth import Clock
-from thinwatchd.daemon import Daemon
-from thinwatchd.errors import KernelError
-from thinwatchd.events import EventLoop
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.notify import Notifier
+from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.state import ManagedPool
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.notify import Notifier
-from thinwatchd.pool_state import ManagedPool
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2
 #: Long enough for anything here many times over; a test that waits this long has failed.
@@ -144,10 +144,10 @@ def test_a_stalled_lstat_of_a_new_pool_holds_up_no_other_pools_check(
 @pytest.fixture(autouse=True)
 def file_workers_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """The daemon's own threads for jobs on pool files (conftest runs them inline)."""
-    from thinwatchd.workers import Workers
+    from thinwatchd.base.workers import Workers
 
     monkeypatch.setattr(
-        "thinwatchd.daemon.file_workers",
+        "thinwatchd.daemon.daemon.file_workers",
         lambda loop: Workers(loop, max_threads=2, stuck_after=1.0),
     )
 
@@ -325,7 +325,7 @@ def test_a_fill_that_has_just_begun_gets_its_mark_from_the_rate_across_its_first
     the pool a mark for that rate. A check one second after each growth measures the rate
     across it and raises the mark."""
     from tests.engine.test_backing import to_mark
-    from thinwatchd.reconciles import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
+    from thinwatchd.growth.schedule import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
 
     pool = small_pool(
         tmp_path, "a", preallocate=False, data={"step": "16MiB", "step_percent": "0%"}
@@ -353,7 +353,7 @@ def test_pools_grown_in_one_event_are_followed_up_in_one_pass(
     """The check after a growth is work per burst of growths, not per pool: three filling
     pools grown in one event pass are checked again together, in one pass."""
     from tests.engine.test_backing import to_mark
-    from thinwatchd.reconciles import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
+    from thinwatchd.growth.schedule import FOLLOW_UP_BATCH_SECONDS, FOLLOW_UP_SECONDS
 
     names = ("a", "b", "c")
     data = {"step": "16MiB", "step_percent": "0%"}
@@ -388,7 +388,7 @@ def test_a_pool_being_reconciled_at_the_stop_still_gets_its_parting_room(
     made the parting pass skip its pool, and that growth had been decided without the parting
     room: the pool then ran out of space while the daemon was away. Now the parting pass comes
     after what is in flight."""
-    from thinwatchd.workers import Workers
+    from thinwatchd.base.workers import Workers
 
     pool = small_pool(
         tmp_path,

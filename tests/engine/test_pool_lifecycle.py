@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from tests.engine.fake_kernel import FakeKernel
-from thinwatchd.activation import activate
-from thinwatchd.errors import KernelError, PoolMismatchError, PoolSetupError
+from thinwatchd.base.errors import KernelError, PoolMismatchError, PoolSetupError
+from thinwatchd.base.units import Sectors, bytes_to_sectors
+from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.api import Kernel
-from thinwatchd.pool import Activation
-from thinwatchd.settings import PoolSettings
-from thinwatchd.status import ThinPoolWorkingStatus
-from thinwatchd.units import Sectors, bytes_to_sectors
+from thinwatchd.pool.bring_up import activate
+from thinwatchd.pool.running import Activation
+from thinwatchd.thin.status import ThinPoolWorkingStatus
 
 MiB = 1024**2
 

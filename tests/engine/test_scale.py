@@ -35,18 +35,18 @@ import yaml
 from tests.engine.conftest import FakeNodes, InlineWorkers
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, FakeUdevDevice
-from thinwatchd.daemon import Daemon
-from thinwatchd.events import EventLoop
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.notify import Notifier
+from thinwatchd.base.workers import Workers
+from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.page_cache import WRITEBACK_WATCH_SECONDS
+from thinwatchd.growth.schedule import RECONCILE_THREADS
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.metrics import write_atomically
-from thinwatchd.notify import Notifier
-from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
-from thinwatchd.policy import GrowthTarget
-from thinwatchd.publish import PUBLISH_SECONDS
-from thinwatchd.reconciles import RECONCILE_THREADS
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.workers import Workers
+from thinwatchd.policy.decide import GrowthTarget
+from thinwatchd.publish.metrics import write_atomically
+from thinwatchd.publish.publisher import PUBLISH_SECONDS
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 MiB = 1024**2
 SIZES = (1, 10, 100, 1000)
@@ -71,10 +71,10 @@ def counting_metrics() -> Iterator[None]:
         write(path, text)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("thinwatchd.publish.write_atomically", counted)
-        patch.setattr("thinwatchd.workers.MAX_THREADS", 1)
-        patch.setattr("thinwatchd.reconciles.reconcile_workers", InlineWorkers)
-        patch.setattr("thinwatchd.daemon.file_workers", InlineWorkers)
+        patch.setattr("thinwatchd.publish.publisher.write_atomically", counted)
+        patch.setattr("thinwatchd.base.workers.MAX_THREADS", 1)
+        patch.setattr("thinwatchd.growth.schedule.reconcile_workers", InlineWorkers)
+        patch.setattr("thinwatchd.daemon.daemon.file_workers", InlineWorkers)
         yield
 
 

@@ -15,13 +15,13 @@ import pytest
 from tests.engine.conftest import FakeNodes
 from tests.engine.fake_kernel import FakeKernel, FakePageCache
 from tests.engine.test_growth import Clock, status, write_config
-from thinwatchd.daemon import Daemon
-from thinwatchd.events import EventLoop
+from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.notify import Notifier
+from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.page_cache import WRITEBACK_WATCH_SECONDS
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
-from thinwatchd.notify import Notifier
-from thinwatchd.page_cache import WRITEBACK_WATCH_SECONDS
-from thinwatchd.policy import GrowthTarget
+from thinwatchd.policy.decide import GrowthTarget
 
 MiB = 1024**2
 BLOCK = 64 * 1024

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import yaml
 
+from thinwatchd.base.logs import MessageId
+from thinwatchd.base.units import Sectors, bytes_to_sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
-from thinwatchd.logs import MessageId
-from thinwatchd.units import Sectors, bytes_to_sectors
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024**2

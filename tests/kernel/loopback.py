@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.api import LoopDevice
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.dm_abi import COOKIE_MAGIC
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.udev_sync import UdevSync
-from thinwatchd.units import Bytes
 
 __all__ = ["Devices", "loop_devices", "open_dm", "scratch_dir", "unique"]
 

@@ -22,10 +22,10 @@ from tests.kernel.harness import (
     write_config,
     write_pattern,
 )
+from thinwatchd.base.units import Sectors, bytes_to_sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.nodes import UdevNodes
-from thinwatchd.units import Sectors, bytes_to_sectors
 
 POOL = "reboot-pool"
 THIN = "reboot-thin"

@@ -35,11 +35,11 @@ from tests.kernel.harness import (
     write_config,
     write_pattern,
 )
+from thinwatchd.base.units import Sectors, bytes_to_sectors
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.table import parse_pool_table
-from thinwatchd.units import Sectors, bytes_to_sectors
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.table import parse_pool_table
 
 pytestmark = pytest.mark.kernel
 

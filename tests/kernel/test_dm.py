@@ -16,13 +16,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.kernel.loopback import Devices, loop_devices, open_dm, unique
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper, IoctlFn, _fcntl_ioctl
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.udev_sync import UdevSync
-from thinwatchd.units import Bytes, Sectors, bytes_to_sectors
 
 pytestmark = pytest.mark.kernel
 

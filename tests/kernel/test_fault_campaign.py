@@ -36,7 +36,7 @@ from tests.kernel.harness import (
     teardown,
     verify_stamped,
 )
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = pytest.mark.kernel
 

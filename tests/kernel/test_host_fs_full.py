@@ -69,7 +69,7 @@ from tests.kernel.harness import (
 from thinwatchd.kernel.api import LoopDevice, Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = pytest.mark.kernel
 

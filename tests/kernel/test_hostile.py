@@ -32,11 +32,11 @@ from tests.kernel.harness import (
     run_tool,
     verify_stamped,
 )
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Sectors, format_bytes
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.units import Sectors, format_bytes
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = pytest.mark.kernel
 

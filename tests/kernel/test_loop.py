@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.loopback import scratch_dir, unique
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes
 from thinwatchd.kernel import fs
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.units import Bytes
 
 pytestmark = pytest.mark.kernel
 

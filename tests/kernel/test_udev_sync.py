@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.loopback import Devices, open_dm, semaphores_left, unique
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel import udev_sync
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.dm_abi import UdevFlag
 from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, UdevSync
-from thinwatchd.units import Sectors
 
 pytestmark = pytest.mark.kernel
 

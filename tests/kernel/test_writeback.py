@@ -35,8 +35,8 @@ from tests.kernel.harness import (
 )
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.memory import Memory
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
-from thinwatchd.writeback import PAGE_BYTES, parse_writeback
+from thinwatchd.policy.writeback import PAGE_BYTES, parse_writeback
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = pytest.mark.kernel
 

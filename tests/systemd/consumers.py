@@ -36,9 +36,9 @@ from tests.kernel.harness import (
     teardown,
     unit_journal,
 )
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
-from thinwatchd.status import DiscardMode, PoolMode, ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import DiscardMode, PoolMode, ThinPoolWorkingStatus, parse_pool_status
 
 THINWATCHD = "thinwatchd.service"
 OUT_OF_SPACE = "switching pool to out-of-data-space"

@@ -27,8 +27,8 @@ from tests.kernel.harness import (
     teardown,
     unit_journal,
 )
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

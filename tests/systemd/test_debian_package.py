@@ -82,10 +82,10 @@ from tests.systemd.test_restart_under_fill import (
     process_started,
 )
 from tests.vm import hostcheck
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
-from thinwatchd.logs import MessageId
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

@@ -50,7 +50,7 @@ import pytest
 from tests.kernel.harness import REPO, MiB, dirty_bytes
 from tests.systemd.consumers import BLOCK, ConsumerSetup, consumer_setup, guest_with, run
 from tests.vm.initramfs import find_static_busybox
-from thinwatchd.table import parse_pool_table
+from thinwatchd.thin.table import parse_pool_table
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.harness import REPO, scratch_dir, teardown
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

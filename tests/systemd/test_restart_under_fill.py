@@ -68,9 +68,9 @@ from tests.kernel.harness import (
     scratch_dir,
     teardown,
 )
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

@@ -32,9 +32,9 @@ from tests.kernel.harness import (
     teardown,
     unit_journal,
 )
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
-from thinwatchd.logs import MessageId
-from thinwatchd.status import ThinPoolWorkingStatus, parse_pool_status
+from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

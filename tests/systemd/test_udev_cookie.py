@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.loopback import Devices, open_dm, semaphores_left, unique
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.udev_sync import UdevSync
-from thinwatchd.units import Sectors
 
 pytestmark = [pytest.mark.kernel, pytest.mark.systemd]
 

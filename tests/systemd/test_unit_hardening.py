@@ -36,9 +36,9 @@ from pathlib import Path
 import pytest
 
 from tests.kernel.harness import REPO, MiB, installed_unit, scratch_dir, teardown
+from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop_abi import LOOP_CLR_FD, LOOP_MAJOR, LOOP_SET_FD
-from thinwatchd.logs import MessageId
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]
 

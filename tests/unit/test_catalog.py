@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from thinwatchd.logs import MessageId
+from thinwatchd.base.logs import MessageId
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "systemd" / "thinwatchd.catalog"

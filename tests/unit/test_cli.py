@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from thinwatchd.base.errors import EX_CONFIG, EX_NOPERM, KernelError
 from thinwatchd.cli import main
-from thinwatchd.errors import EX_CONFIG, EX_NOPERM, KernelError
-from thinwatchd.instance_lock import InstanceLockedError, hold_instance_lock
+from thinwatchd.daemon.instance_lock import InstanceLockedError, hold_instance_lock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -117,7 +117,7 @@ def _refuse_dm(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
         raise KernelError("open", "/dev/mapper/control", code)
 
     monkeypatch.setattr("thinwatchd.kernel.dm.DeviceMapper", refuse)
-    monkeypatch.setattr("thinwatchd.runtime.open_kernel", refuse)
+    monkeypatch.setattr("thinwatchd.kernel.runtime.open_kernel", refuse)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +167,7 @@ def test_run_locks_before_opening_the_kernel(
             seen.append(exc.pid)
         raise KernelError("open", "/dev/mapper/control", errno.ENOENT)
 
-    monkeypatch.setattr("thinwatchd.runtime.open_kernel", open_kernel)
+    monkeypatch.setattr("thinwatchd.kernel.runtime.open_kernel", open_kernel)
     argv = ["--config", str(_config(tmp_path)), "run", "--log-target", "stderr", "--lock-file"]
     assert main([*argv, str(lock)]) == 69
     assert seen == [os.getpid()]

@@ -18,15 +18,16 @@ from typing import Any
 
 import pytest
 
-from thinwatchd import __version__, errors
+from thinwatchd import __version__
+from thinwatchd.base import errors
+from thinwatchd.base.errors import ConfigError
+from thinwatchd.base.logs import MessageId
 from thinwatchd.cli import _parser
-from thinwatchd.config import build_settings, parse_settings
-from thinwatchd.errors import ConfigError
-from thinwatchd.estimates import ESTIMATES_NAME
-from thinwatchd.instance_lock import DEFAULT_LOCK_PATH
-from thinwatchd.logs import MessageId
-from thinwatchd.settings import DEFAULT_CONFIG_PATH
-from thinwatchd.strict_yaml import load_strict_yaml
+from thinwatchd.config.load import build_settings, parse_settings
+from thinwatchd.config.settings import DEFAULT_CONFIG_PATH
+from thinwatchd.config.strict_yaml import load_strict_yaml
+from thinwatchd.daemon.instance_lock import DEFAULT_LOCK_PATH
+from thinwatchd.publish.estimates import ESTIMATES_NAME
 from tools import man_pages
 from tools.man_pages import KEYS, Probe
 

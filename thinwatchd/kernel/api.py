@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from thinwatchd.units import Bytes, Sectors
+from thinwatchd.base.units import Bytes, Sectors
 
 __all__ = [
     "DeviceMapperApi",

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Literal
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, DmInfo, Target
 from thinwatchd.kernel.dm_structs import (

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel import dm_abi as _abi
 from thinwatchd.kernel.api import DmDevice, Target
-from thinwatchd.units import Sectors
 
 __all__ = [
     "DmHeader",

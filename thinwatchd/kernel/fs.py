@@ -11,10 +11,10 @@ import errno as _errno
 import os as _os
 import stat as _stat
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes, disk_blocks_to_bytes, format_bytes, fs_blocks_to_bytes
 from thinwatchd.kernel.api import FileInfo, FsSpace
 from thinwatchd.kernel.syscalls import FALLOC_FL_KEEP_SIZE, Syscalls
-from thinwatchd.units import Bytes, disk_blocks_to_bytes, format_bytes, fs_blocks_to_bytes
 
 __all__ = ["Files", "make_node", "open_device_node"]
 

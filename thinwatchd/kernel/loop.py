@@ -17,11 +17,11 @@ import struct as _struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
+from thinwatchd.base.units import Bytes
 from thinwatchd.kernel import loop_abi as _abi
 from thinwatchd.kernel.api import LoopDevice
 from thinwatchd.kernel.fs import Files, open_device_node
-from thinwatchd.units import Bytes
 
 __all__ = ["LoopControl", "LoopInfo", "pack_loop_config", "pack_loop_info", "unpack_loop_info"]
 

@@ -1,4 +1,4 @@
-"""The kernel's dirty-memory counters, read as text (parsed by thinwatchd/writeback.py).
+"""The kernel's dirty-memory counters, read as text (parsed by thinwatchd/policy/writeback.py).
 
 Two small procfs files, read with one pread each through the Syscalls object (so the engine
 tests can fail them like any other file syscall). Both are global and cheap to read: the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno as _errno
 import os as _os
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
 from thinwatchd.kernel.syscalls import Syscalls
 
 __all__ = ["MEMINFO", "VMSTAT", "Memory"]

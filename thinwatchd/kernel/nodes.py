@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
 from thinwatchd.kernel.api import DeviceMapperApi
 from thinwatchd.kernel.dm_abi import UDEV_FLAGS_SHIFT
 from thinwatchd.kernel.udev_sync import POOL_UDEV_FLAGS, UdevSync

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from thinwatchd.errors import KernelError
+from thinwatchd.base.errors import KernelError
 from thinwatchd.kernel.dm_abi import COOKIE_MAGIC, UDEV_FLAGS_SHIFT, UdevFlag
 from thinwatchd.kernel.fs import make_node
 from thinwatchd.kernel.libc import libc as _libc

@@ -1,0 +1,1 @@
+"""The YAML config, read strictly into validated, frozen Settings."""

@@ -1,0 +1,1 @@
+"""Growing pools: which are reconciled when, the extender, what is kept and said of each."""

@@ -1,0 +1,1 @@
+"""The dm-thin target's own language, typed: its table lines and its status lines."""
