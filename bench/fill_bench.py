@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.kernel.harness import (
+from testbed.harness import (
     DaemonProcess,
     GiB,
     KernelLog,

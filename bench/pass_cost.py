@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.pass_cost [--pools 1000] [--growths 20]
 
-Builds the engine tests' scale bed (tests/engine/test_scale.py: N small pools on the fake
+Builds the engine tests' scale bed (testbed/scale.py: N small pools on the fake
 kernel, one filesystem), then measures the process CPU of one idle safety check and of
 ``--growths`` pools reaching their marks 10 ms apart, each grown in a pass of its own, plus
 the publication due after them. Only ratios between runs of one machine mean anything: the
@@ -22,8 +22,7 @@ import thinwatchd.base.workers
 import thinwatchd.daemon.daemon
 import thinwatchd.growth.schedule
 import thinwatchd.publish.publisher
-from tests.engine.conftest import InlineWorkers
-from tests.engine.test_scale import Bed
+from testbed.scale import Bed
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
 
@@ -37,10 +36,9 @@ def main() -> None:
     # The bed's clock jumps an hour to its safety check, so every pool is "full soon": said in
     # the journal, which is not what is measured here.
     logging.getLogger("thinwatchd").setLevel(logging.ERROR)
-    # As the engine tests run it: reconciles inline, one thread (CPU is the process's).
+    # As the engine tests run it: reconciles inline (the bed's), one thread (CPU is the
+    # process's).
     thinwatchd.base.workers.MAX_THREADS = 1
-    thinwatchd.growth.schedule.reconcile_workers = InlineWorkers  # type: ignore[assignment]
-    thinwatchd.daemon.daemon.file_workers = InlineWorkers  # type: ignore[assignment]
     bed = Bed(pathlib.Path(tempfile.mkdtemp(prefix="pass-cost-")), args.pools)
     try:
         d = bed.daemon
@@ -59,7 +57,7 @@ def main() -> None:
             bed.fake.write_blocks(name, status.data_free - d.pools[name].pool.table.low_water_mark)
             bed.clock.now += 0.01
             started = time.process_time()
-            d._check_events()
+            d.dm_events.check()
             growths += time.process_time() - started
         bed.clock.now += publish_seconds
         started = time.process_time()

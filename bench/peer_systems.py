@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from bench.fill_bench import ManualPool
 from bench.workloads import CONFIGS, pool_usage
-from tests.kernel.harness import (
+from testbed.harness import (
     DaemonProcess,
     GiB,
     MiB,

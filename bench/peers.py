@@ -85,7 +85,7 @@ from bench.peers_report import (
     unanswered_event,
 )
 from bench.workloads import drop_caches, mkfs_mount, pool_usage, say
-from tests.kernel.harness import REPO, KernelLog, MiB, scratch_dir
+from testbed.harness import REPO, KernelLog, MiB, scratch_dir
 from thinwatchd.kernel.dm import DeviceMapper
 
 # Guest seconds, for --estimate: per cell set-up and teardown, and per MiB written, measured in

@@ -171,7 +171,7 @@ class Fleet:
     """One real daemon (debug log) with n pools of POOL_CONFIG on the scratch disk."""
 
     def __init__(self, dm: Any, directory: Path, label: str, n: int) -> None:
-        from tests.kernel.harness import SpawnedDaemon, write_config
+        from testbed.harness import SpawnedDaemon, write_config
 
         self.dm = dm
         self.label = label
@@ -286,7 +286,7 @@ class Fleet:
         }
 
     def thin(self, pool: str, size: int) -> str:
-        from tests.kernel.harness import create_thin
+        from testbed.harness import create_thin
 
         name = f"{pool}-thin"
         self.thins.append(name)
@@ -294,7 +294,7 @@ class Fleet:
 
     def close(self) -> list[str]:
         """Stop the daemon, resume anything left suspended, remove every device and file."""
-        from tests.kernel.harness import rescue_pool, teardown
+        from testbed.harness import rescue_pool, teardown
         from thinwatchd.kernel.loop import LoopControl
 
         notes: list[str] = []
@@ -337,7 +337,7 @@ class Fleet:
 def write_phase(fleet: Fleet, pools: list[str], mib: int, deadline: float) -> dict[str, Any]:
     """dd oflag=direct of mib into a thin of each pool, all started together; then each
     growth from the kernel log, matched with the daemon's steps."""
-    from tests.kernel.harness import KernelLog
+    from testbed.harness import KernelLog
 
     thins = [fleet.thin(pool, (mib + 1024) * MiB) for pool in pools]
     log_from = len(fleet.daemon.log())
@@ -764,7 +764,7 @@ def guest_env() -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
-    from tests.kernel.harness import scratch_dir
+    from testbed.harness import scratch_dir
     from thinwatchd.kernel.dm import DeviceMapper
 
     started = time.monotonic()

@@ -286,7 +286,7 @@ class Pool:
     """A fresh pool run by the real daemon (debug log), with one thin volume."""
 
     def __init__(self, dm: Any, directory: Path, config: str, thin_size: int) -> None:
-        from tests.kernel.harness import DaemonProcess, KernelLog, create_thin, write_config
+        from testbed.harness import DaemonProcess, KernelLog, create_thin, write_config
 
         self.dm = dm
         self.name = f"wl-{uuid.uuid4().hex[:6]}"
@@ -340,7 +340,7 @@ class Pool:
         self.mounted = mountpoint
 
     def close(self) -> None:
-        from tests.kernel.harness import rescue_pool, teardown
+        from testbed.harness import rescue_pool, teardown
 
         if self.mounted is not None:
             for _ in range(20):
@@ -846,7 +846,7 @@ def main() -> None:
         say(f"estimate: ~{estimate / 60:.0f} min of guest time (TCG, 2 vCPUs)")
         print(round(estimate))
         return
-    from tests.kernel.harness import scratch_dir
+    from testbed.harness import scratch_dir
     from thinwatchd.kernel.dm import DeviceMapper
 
     fss, configs = args.fs.split(","), args.config.split(",")

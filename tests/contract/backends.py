@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from tests.engine.conftest import FakeNodes
-from tests.engine.fake_kernel import FakeKernel
+from testbed.fake_kernel import FakeKernel, FakeNodes
 from thinwatchd.base.units import Sectors
 from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopControlApi, Target
 from thinwatchd.kernel.fs import Files
@@ -89,7 +88,7 @@ class RealBackend:
         self.thins: dict[str, str] = {}
 
     def thin(self, pool: str) -> None:
-        from tests.kernel.harness import create_thin
+        from testbed.harness import create_thin
 
         name = f"{pool}-thin"
         self.devices.append(name)
@@ -121,7 +120,7 @@ class RealBackend:
         return bool(select.select([self.dm.fileno()], [], [], timeout)[0])
 
     def close(self) -> None:
-        from tests.kernel.harness import teardown
+        from testbed.harness import teardown
 
         names = self.devices[::-1]
         teardown(self.dm, names, [])  # type: ignore[arg-type]
@@ -138,7 +137,7 @@ def backend(kind: str, tmp_path: Path) -> Iterator[Backend]:
     if kind == "fake":
         b: FakeBackend | RealBackend = FakeBackend(tmp_path)
     else:
-        from tests.kernel.harness import scratch_dir
+        from testbed.harness import scratch_dir
 
         directory = scratch_dir() / f"contract-{uuid.uuid4().hex[:8]}"
         directory.mkdir()

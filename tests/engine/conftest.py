@@ -3,85 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.engine.fake_kernel import FakeKernel
+from testbed.fake_kernel import FakeKernel, FakeNodes
 from thinwatchd.base.units import Bytes, DataBlocks
 from thinwatchd.config.settings import PoolSettings
-from thinwatchd.kernel.api import DeviceMapperApi, Kernel
+from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.kernel.names import pool_name
 
 MiB = 1024**2
 
 
-class FakeNodes:
-    """DeviceNodes for the fake: resume, and count how often we waited for udev."""
-
-    def __init__(self) -> None:
-        self.synced: list[str] = []
-
-    def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
-        dm.resume(name)
-        self.synced.append(name)
-
-    def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
-        dm.resume(name)
-
-
-class InlineWorkers:
-    """Stands in for the daemon's reconcile Workers: each job runs at once on the caller's
-    thread and its result reaches done before submit returns, so a test sees a pass's growths
-    done when the pass returns. The daemon's threads, side by side, are test_concurrency.py's."""
-
-    def __init__(self, loop: object = None) -> None:
-        self._running: set[str] = set()
-
-    def busy(self, key: str) -> bool:
-        return key in self._running
-
-    def keys(self) -> list[str]:
-        return list(self._running)
-
-    def hurry(self, key: str) -> bool:
-        return False  # nothing ever waits for a thread here
-
-    def submit(
-        self, key: str, job: Callable[[], Any], done: Callable[..., None], background: bool = False
-    ) -> bool:
-        if key in self._running:
-            return False
-        self._running.add(key)
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = job()
-        except BaseException as exc:  # delivered to done, as Workers does
-            error = exc
-        finally:
-            self._running.discard(key)
-        done(result, error)
-        return True
-
-    def run_until_idle(self, timeout: float | None = None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture(autouse=True)
 def one_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Activations run in one worker thread, one at a time; reconciles and the jobs on pool
-    files (the space watch, loop checks, a reload's file check, published files) inline."""
+    """Activations run in one worker thread, one at a time."""
     monkeypatch.setattr("thinwatchd.base.workers.MAX_THREADS", 1)
-    monkeypatch.setattr("thinwatchd.growth.schedule.reconcile_workers", InlineWorkers)
-    monkeypatch.setattr("thinwatchd.daemon.daemon.file_workers", InlineWorkers)
 
 
 @pytest.fixture(autouse=True)

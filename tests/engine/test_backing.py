@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engine.fake_kernel import FakeKernel
-from tests.engine.test_growth import Clock
+from testbed.clock import Clock
+from testbed.fake_kernel import FakeKernel
+from testbed.workers import INLINE
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.logs import MessageId
 from thinwatchd.base.notify import Notifier
 from thinwatchd.base.units import Bytes
-from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.daemon.daemon import Daemon, Threads
 from thinwatchd.growth.backing import BackingFiles
 from thinwatchd.kernel.api import FsSpace, Kernel
 from thinwatchd.kernel.fs import Files
@@ -61,6 +62,7 @@ def start(
     capacity: int,
     names: tuple[str, ...] = ("a", "b"),
     pool: dict[str, object] | None = None,
+    threads: Threads = INLINE,
 ) -> tuple[Daemon, SharedFilesystem]:
     shared = SharedFilesystem(kernel.files, tmp_path, capacity)  # type: ignore[arg-type]
     kernel.files = shared
@@ -80,7 +82,7 @@ def start(
     config = tmp_path / "config.yaml"
     daemon = {"check_interval": "1h", "metrics_file": f"{tmp_path}/metrics.prom"}
     config.write_text(yaml.safe_dump({"daemon": daemon, "pools": pools}))
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=threads)
     d.start()
     return d, shared
 
@@ -107,7 +109,7 @@ def test_an_event_decides_on_fresh_promises_when_room_is_short(
     shared.extra = 1024 * MiB + 8 * MiB + promised - shared.free()
     to_mark(fake, d, "a")
     calls = len(fake.calls)
-    d._check_events()
+    d.dm_events.check()
     assert os.stat(tmp_path / "a.data").st_size == 1088 * MiB
     assert f"lstat {tmp_path}/b.data" in fake.calls[calls:]  # looked at again: room was short
 
@@ -119,7 +121,7 @@ def test_an_event_takes_others_promises_from_their_last_look(
     d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
     to_mark(fake, d, "a")
     calls = len(fake.calls)
-    d._check_events()
+    d.dm_events.check()
     assert os.stat(tmp_path / "a.data").st_size > 64 * MiB
     looked = [c for c in fake.calls[calls:] if c.startswith(("lstat", "statvfs"))]
     assert not [c for c in looked if "/b." in c], looked
@@ -142,7 +144,7 @@ def test_a_growth_earlier_in_a_pass_is_seen_by_the_next_pool(
     assert shared.free() == 24 * MiB
     to_mark(fake, d, "a")
     to_mark(fake, d, "b")
-    d._check_events()
+    d.dm_events.check()
     sizes = sorted(os.stat(tmp_path / f"{name}.data").st_size for name in ("a", "b"))
     # The first takes its step (16 MiB); the second, short of room, takes what leaves its mark
     # free, out of the 8 MiB left (the rest stays for whoever needs it next), never more.
@@ -156,7 +158,7 @@ def test_metrics_give_the_free_space_the_last_pass_saw(
 ) -> None:
     d, shared = start(tmp_path, kernel, capacity=64 * 1024 * MiB)
     shared.extra = free - shared.free()
-    d._reconcile(d.pools["a"])  # a pass of a only: b's filesystem is the same one
+    d.scheduler.run_pass([d.pools["a"]])  # a pass of a only: b's filesystem is the same one
     d.publications.flush()  # what the pass publishes, at once (not up to PUBLISH_SECONDS later)
     metrics = (tmp_path / "metrics.prom").read_text()
     for name in ("a", "b"):
@@ -175,7 +177,7 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
         f.flush()
         os.fsync(f.fileno())
     to_mark(fake, d, "a")
-    d._pass(list(d.pools.values()), survey=True)  # a grows; every file is looked at
+    d.scheduler.run_pass(list(d.pools.values()), survey=True)  # a grows; every file is looked at
     d.publications.flush()
     metrics = (tmp_path / "metrics.prom").read_text()
     for name in ("a", "b"):
@@ -193,7 +195,7 @@ def test_metrics_and_growth_entries_give_the_data_files_allocated_bytes(
 
 def survey(d: Daemon) -> None:
     """A safety check's pass, and its publication at once (not up to PUBLISH_SECONDS later)."""
-    d._pass(list(d.pools.values()), survey=True)
+    d.scheduler.run_pass(list(d.pools.values()), survey=True)
     d.publications.flush()
 
 
@@ -220,7 +222,7 @@ def filling(
         fake.write_blocks("a", 10 * MiB // (64 * 1024))
         fake.write_blocks("b", 30 * MiB // (64 * 1024))
         clock.now += 10
-        d._pass(list(d.pools.values()), survey=True)
+        d.scheduler.run_pass(list(d.pools.values()), survey=True)
     shared.extra = 1200 * MiB - shared.free()
     survey(d)
     return d, shared, lines
@@ -377,7 +379,7 @@ def test_a_preallocated_pool_is_never_told_to_give_space_back(
     caplog.set_level(logging.INFO, logger="thinwatchd")
     d, _ = start(tmp_path, kernel, capacity=64 * 1024 * MiB, pool=PREALLOCATED)
     monkeypatch.setattr(d.extender.backing, "allocated", lambda path: 100 * 1024 * MiB)
-    d._pass(list(d.pools.values()), survey=True)
+    d.scheduler.run_pass(list(d.pools.values()), survey=True)
     said = [
         r
         for r in caplog.records
@@ -473,7 +475,7 @@ def test_room_for_a_killed_daemons_absence_is_only_kept_from_room_to_spare(
         for name in ("a", "b"):
             fake.write_blocks(name, 64)
         clock.now += 1  # type: ignore[attr-defined]
-        d._pass(list(d.pools.values()), survey=True)
+        d.scheduler.run_pass(list(d.pools.values()), survey=True)
     mark = d.pools["a"].pool.table.low_water_mark * 64 * 1024
     absence = 4 * MiB * 14  # 56 MiB: 224 MiB to spare wanted
     if crash_room and room > 4 * absence:

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.engine.fake_kernel import FakeKernel
+from testbed.fake_kernel import FakeKernel
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.notify import Notifier
 from thinwatchd.base.workers import Workers
-from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.daemon.daemon import Daemon, Threads
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.policy.decide import GrowthTarget
 from thinwatchd.pool.running import Pool
@@ -87,8 +87,8 @@ def daemon(tmp_path: Path, kernel: Kernel, threads: str) -> Iterator[Daemon]:
     d.start()
     yield d
     if d.loop._selector.get_map() is not None:  # not closed by run()
-        d.reconcilers.run_until_idle(timeout=PATIENCE)
-        d.reconcilers.close()
+        d.scheduler.workers.run_until_idle(timeout=PATIENCE)
+        d.scheduler.workers.close()
         d.workers.close()
         d.loop.close()
 
@@ -128,7 +128,7 @@ def test_growths_that_fall_due_together_overlap(
     for name in NAMES:
         fake.draining[name] = both.wait
         to_mark(fake, daemon, name)
-    daemon._check_events()
+    daemon.dm_events.check()
     serve_until(daemon, lambda: all(growths(daemon, n) == 1 for n in NAMES), "not both grown")
     assert not both.broken
     no_internal_errors(caplog)
@@ -141,13 +141,13 @@ def test_a_pool_whose_drain_stalls_holds_up_no_other(
     released = threading.Event()
     fake.draining["b"] = lambda: released.wait(PATIENCE)
     to_mark(fake, daemon, "b")
-    daemon._check_events()  # b's growth starts, and waits in its drain
+    daemon.dm_events.check()  # b's growth starts, and waits in its drain
     to_mark(fake, daemon, "a")
-    daemon._check_events()
+    daemon.dm_events.check()
     serve_until(daemon, lambda: growths(daemon, "a") == 1, "a waited behind b's drain")
-    assert daemon.reconcilers.busy("b") and growths(daemon, "b") == 0
+    assert daemon.scheduler.workers.busy("b") and growths(daemon, "b") == 0
     to_mark(fake, daemon, "a")  # a second event of a while b still waits: served too
-    daemon._check_events()
+    daemon.dm_events.check()
     serve_until(daemon, lambda: growths(daemon, "a") == 2, "a's second event waited")
     released.set()
     serve_until(daemon, lambda: growths(daemon, "b") >= 1, "b never grew")
@@ -162,7 +162,7 @@ def test_a_stalled_backing_filesystem_holds_up_no_other_pool(
     fake.stall("open", f"{tmp_path}/a/", lambda: thawed.wait(PATIENCE))  # the growth opens it
     to_mark(fake, daemon, "a")
     to_mark(fake, daemon, "b")
-    daemon._check_events()  # one pass, a first: a's growth stalls on its filesystem
+    daemon.dm_events.check()  # one pass, a first: a's growth stalls on its filesystem
     serve_until(daemon, lambda: growths(daemon, "b") == 1, "b waited behind a's filesystem")
     assert growths(daemon, "a") == 0
     thawed.set()
@@ -212,7 +212,7 @@ def test_a_filesystem_whose_stat_stalls_holds_up_no_pool_on_another(
         fake.stall("lstat", f"{other_filesystem}/", lambda: thawed.wait(PATIENCE))
         to_mark(fake, d, "a")
         to_mark(fake, d, "b")
-        d._check_events()  # one pass, a first: its look at a.data stalls
+        d.dm_events.check()  # one pass, a first: its look at a.data stalls
         serve_until(d, lambda: growths(d, "b") == 1, "b waited behind a's filesystem")
         assert growths(d, "a") == 0
         thawed.set()
@@ -220,8 +220,8 @@ def test_a_filesystem_whose_stat_stalls_holds_up_no_pool_on_another(
         no_internal_errors(caplog)
     finally:
         thawed.set()
-        d.reconcilers.run_until_idle(timeout=PATIENCE)
-        d.reconcilers.close()
+        d.scheduler.workers.run_until_idle(timeout=PATIENCE)
+        d.scheduler.workers.close()
         d.workers.close()
         d.loop.close()
 
@@ -247,15 +247,15 @@ def test_an_event_during_a_growth_is_served_after_it(
 
     fake.draining["a"] = drain
     to_mark(fake, daemon, "a")
-    daemon._check_events()
+    daemon.dm_events.check()
     serve_until(daemon, entered.is_set, "a's growth did not start")
     fake._event(fake.devices["a"])  # another event (its metadata, a mode change...)
-    daemon._check_events()  # while a's reconcile runs: kept for after it
+    daemon.dm_events.check()  # while a's reconcile runs: kept for after it
     assert reconciled == ["a"]
     del fake.draining["a"]
     released.set()
     serve_until(daemon, lambda: reconciled == ["a", "a"], "the event was dropped")
-    serve_until(daemon, lambda: not daemon.reconcilers.busy("a"), "never settled")
+    serve_until(daemon, lambda: not daemon.scheduler.workers.busy("a"), "never settled")
     assert growths(daemon, "a") == 1
 
 
@@ -264,15 +264,17 @@ def test_a_pass_publishes_once_when_its_last_reconcile_is_done(
 ) -> None:
     published: list[int] = []
     monkeypatch.setattr(
-        daemon, "_publish", lambda: published.append(sum(growths(daemon, n) for n in NAMES))
+        daemon.publisher,
+        "publish",
+        lambda *_: published.append(sum(growths(daemon, n) for n in NAMES)),
     )
     both = threading.Barrier(len(NAMES), timeout=PATIENCE)
     for name in NAMES:
         fake.draining[name] = both.wait
         to_mark(fake, daemon, name)
-    daemon._check_events()
+    daemon.dm_events.check()
     serve_until(daemon, lambda: bool(published), "never published")
-    daemon.reconcilers.run_until_idle(timeout=PATIENCE)
+    daemon.scheduler.workers.run_until_idle(timeout=PATIENCE)
     assert published == [2]  # once, with both growths in it
 
 
@@ -381,10 +383,10 @@ def test_an_event_moves_its_pool_up_from_a_stalled_safety_check(
     released = threading.Event()
     fake.draining["a"] = lambda: released.wait(PATIENCE)
     to_mark(fake, daemon, "a")  # the check, not its event, finds a at its mark
-    daemon._pass(list(daemon.pools.values()), survey=True)
-    serve_until(daemon, lambda: daemon.reconcilers.busy("b"), "no check of b")
+    daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
+    serve_until(daemon, lambda: daemon.scheduler.workers.busy("b"), "no check of b")
     to_mark(fake, daemon, "b")
-    daemon._check_events()
+    daemon.dm_events.check()
     try:
         serve_until(daemon, lambda: growths(daemon, "b") == 1, "b waited behind a's check")
         assert growths(daemon, "a") == 0
@@ -471,9 +473,11 @@ def test_two_growths_on_one_filesystem_side_by_side_never_take_the_same_room(
     each booked before the next is taken: 16 MiB, then within the 8 MiB left, nothing beyond."""
     from tests.engine.test_backing import PREALLOCATED, start, to_mark
 
-    d, shared = start(tmp_path, kernel, capacity=20 * MiB + 24 * MiB, pool=PREALLOCATED)
+    two_threads = Threads(reconciles=lambda loop: Workers(loop, max_threads=2))
+    d, shared = start(
+        tmp_path, kernel, capacity=20 * MiB + 24 * MiB, pool=PREALLOCATED, threads=two_threads
+    )
     assert shared.free() == 24 * MiB
-    d.reconcilers = Workers(d.loop, max_threads=2)
     side_by_side = threading.Barrier(2, timeout=0.3)
 
     def both_read() -> None:
@@ -483,14 +487,14 @@ def test_two_growths_on_one_filesystem_side_by_side_never_take_the_same_room(
     fake.stall("statvfs", f"{tmp_path}/", both_read)
     to_mark(fake, d, "a")
     to_mark(fake, d, "b")
-    d._check_events()
-    d.reconcilers.run_until_idle(timeout=PATIENCE)
+    d.dm_events.check()
+    d.scheduler.workers.run_until_idle(timeout=PATIENCE)
     sizes = sorted(os.stat(tmp_path / f"{name}.data").st_size for name in ("a", "b"))
     # The first takes its step (16 MiB); the second, short of room, takes what leaves its mark
     # free, out of the 8 MiB left (the rest stays for whoever needs it next), never more.
     assert sizes[1] == 24 * MiB and 8 * MiB < sizes[0] <= 16 * MiB, sizes
     assert shared.free() == 16 * MiB - sizes[0] >= 0
-    d.reconcilers.close()
+    d.scheduler.workers.close()
     d.workers.close()
 
 
@@ -525,7 +529,9 @@ def test_safety_checks_stuck_on_a_stalled_filesystem_hold_up_no_other_pools_chec
             fake.stall("lstat", f"{tmp_path}/{name}/", lambda: thawed.wait(PATIENCE))
         to_mark(fake, d, "c")
         d._schedule_check()  # a safety check every second, as run() has it
-        serve_until(d, lambda: d.reconcilers.busy("a") and d.reconcilers.busy("b"), "no stall")
+        serve_until(
+            d, lambda: d.scheduler.workers.busy("a") and d.scheduler.workers.busy("b"), "no stall"
+        )
         serve_until(
             d,
             lambda: status_of(fake, "c").no_space_policy.value == "error_if_no_space",
@@ -533,8 +539,8 @@ def test_safety_checks_stuck_on_a_stalled_filesystem_hold_up_no_other_pools_chec
         )
     finally:
         thawed.set()
-        d.reconcilers.run_until_idle(timeout=PATIENCE)
-        d.reconcilers.close()
+        d.scheduler.workers.run_until_idle(timeout=PATIENCE)
+        d.scheduler.workers.close()
         d.workers.close()
         d.loop.close()
 

@@ -41,14 +41,14 @@ from typing import Any
 import pytest
 
 import thinwatchd
-from tests.engine.conftest import FakeNodes, InlineWorkers
-from tests.engine.fake_kernel import FakeKernel, Fault, FaultySyscalls
+from testbed.fake_kernel import FakeKernel, FakeNodes, Fault, FaultySyscalls
+from testbed.workers import InlineWorkers
 from thinwatchd.base.errors import ConfigError, PoolMismatchError, PoolSetupError, ThinwatchError
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.logs import MessageId
 from thinwatchd.base.notify import Notifier
 from thinwatchd.base.units import Bytes
-from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.daemon.daemon import Daemon, Threads
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 
@@ -240,20 +240,9 @@ class SyncWorkers:
         pass
 
 
-def _use_sync_workers(d: Daemon) -> None:
-    """Swap the daemon's thread workers for SyncWorkers (builds) and InlineWorkers
-    (reconciles): recordings are made outside the tests' fixtures, which do the latter."""
-    for attr in ("workers", "file_workers", "reconcilers"):
-        threaded = getattr(d, attr)
-        threaded.close()
-        for name in ("_wake_r", "_wake_w"):  # no thread ever ran: its pipe can go now
-            fd = getattr(threaded, name, None)
-            if isinstance(fd, int):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-    d.workers = SyncWorkers(d.loop)  # type: ignore[assignment]
-    d.file_workers = SyncWorkers(d.loop)  # type: ignore[assignment]
-    d.reconcilers = InlineWorkers()  # type: ignore[assignment]
+#: Builds and file jobs in SyncWorkers, reconciles inline: recordings are made outside the
+#: tests' fixtures, which run the latter inline too.
+SYNC = Threads(builds=SyncWorkers, files=SyncWorkers, reconciles=InlineWorkers)  # type: ignore[arg-type]
 
 
 def pool_config(root: Path, directory: str, **overrides: object) -> dict[str, object]:
@@ -300,8 +289,8 @@ class Env:
             notifier=Notifier(),
             loop=EventLoop(self.clock),
             check_metadata=lambda path: None,
+            threads=SYNC,
         )
-        _use_sync_workers(d)
         self.daemons.append(d)
         return d
 
@@ -464,7 +453,7 @@ def _act_start(env: Env) -> None:
 
 def _act_events(env: Env) -> None:
     assert env.target is not None
-    env.target._check_events()
+    env.target.dm_events.check()
     settle(env.target)
 
 
@@ -796,7 +785,7 @@ def _run_start(env: Env, case: Case, checks: Checks, raised: BaseException | Non
         env.clock.now += 60
         run_due(env, started)
         for managed in list(started.pools.values()):
-            started._reconcile(managed)
+            started.scheduler.run_pass([managed])
         settle(started)
         checks.state(stage)
     stage = "restart after the fault is lifted"
@@ -863,7 +852,7 @@ def _run_grow(env: Env, case: Case, checks: Checks, raised: BaseException | None
         if retry_at > clock.now + 0.02:  # an event or the safety check during the backoff
             clock.now = retry_at - 0.01
             attempts = env.files.grows
-            d._reconcile(managed)
+            d.scheduler.run_pass([managed])
             settle(d)
             if env.files.grows != attempts:
                 checks.add(stage, "a reconcile 0.01 s before the backoff ended tried to grow")
@@ -922,7 +911,7 @@ def _run_grow(env: Env, case: Case, checks: Checks, raised: BaseException | None
         )
     if _due_size(env, scenario) == size_before:
         clock.now += CHECK_INTERVAL
-        d._reconcile(managed)  # what the safety check does
+        d.scheduler.run_pass([managed])  # what the safety check does
         settle(d)
         stage = "the safety check after the fault is lifted"
         if _due_size(env, scenario) == size_before:
@@ -1014,7 +1003,7 @@ def _event_env(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> tuple[Env, D
     _setup_grow_data(env)
     d = env.target
     assert d is not None
-    d.loop.add_reader(env.fake.fileno(), d._check_events)
+    d.loop.add_reader(env.fake.fileno(), d.dm_events.check)
     caplog.clear()
     return env, d, Checks(env, caplog)
 
@@ -1029,7 +1018,7 @@ def test_event_read_failure_is_said_once_and_retried_by_timer(
         clock, total = env.clock, pool_md(env).metadata.data_total
         fault = env.fake.fail(op, err, times=None)
         before = _op_count(env, op)
-        d.loop.run_once(max_wait=0)  # the fd is readable: _check_events, which fails
+        d.loop.run_once(max_wait=0)  # the fd is readable: dm_events.check, which fails
         checks.state("the failed event read")
         calls = _op_count(env, op)
         if calls != before + 1:
@@ -1069,7 +1058,7 @@ def test_event_read_failure_is_said_once_and_retried_by_timer(
         env.close()
     if checks.problems:
         pytest.fail(
-            f"{op} failing with {E.errorcode[err]} in _check_events:\n"
+            f"{op} failing with {E.errorcode[err]} in dm_events.check:\n"
             + "\n".join(checks.problems),
             pytrace=False,
         )
@@ -1113,8 +1102,8 @@ def test_udev_overflow_rechecks_every_pool(
             notifier=Notifier(),
             loop=EventLoop(env.clock),
             udev_monitor=monitor,
+            threads=SYNC,
         )
-        _use_sync_workers(d)
         env.daemons.append(d)
         d.start()
         settle(d)

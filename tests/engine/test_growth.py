@@ -9,25 +9,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.engine.fake_kernel import FakeKernel
+from testbed.clock import Clock
+from testbed.fake_kernel import FakeKernel
+from testbed.workers import INLINE
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.logs import MessageId
 from thinwatchd.base.notify import Notifier
 from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.growth.state import Topic
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.policy.decide import GrowthTarget
 from thinwatchd.thin.status import ThinPoolWorkingStatus
 
 MiB = 1024**2
 BLOCK = 64 * 1024
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def write_config(
@@ -56,7 +51,7 @@ def clock() -> Clock:
 @pytest.fixture
 def daemon(tmp_path: Path, kernel: Kernel, clock: Clock) -> Daemon:
     config = write_config(tmp_path / "config.yaml", tmp_path)
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     return d
 
@@ -70,7 +65,7 @@ def fill(
         written += fake.write_blocks("pool", chunk)
         clock.now += 0.01
         if fake.events_pending():
-            daemon._check_events()
+            daemon.dm_events.check()
 
 
 def status(fake: FakeKernel) -> ThinPoolWorkingStatus:
@@ -135,12 +130,12 @@ def test_cap_refuses_once_and_switches_to_error_after_grace(
     config = write_config(
         tmp_path / "c.yaml", tmp_path, data={"max_size": "64MiB"}, when_full={"error_after": "30s"}
     )
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     with caplog.at_level(logging.INFO, logger="thinwatchd"):
         d.start()
         fill(fake, d, clock, 60 * MiB // BLOCK)
         for _ in range(3):
-            d._reconcile(d.pools["pool"])
+            d.scheduler.run_pass([d.pools["pool"]])
     refused = [
         r
         for r in caplog.records
@@ -150,7 +145,7 @@ def test_cap_refuses_once_and_switches_to_error_after_grace(
     assert "limit" in refused[0].getMessage()
     assert status(fake).no_space_policy.value == "queue_if_no_space"
     clock.now += 31
-    d._reconcile(d.pools["pool"])
+    d.scheduler.run_pass([d.pools["pool"]])
     assert status(fake).no_space_policy.value == "error_if_no_space"
     assert os.stat(tmp_path / "data").st_size == 64 * MiB  # never past max_size
 
@@ -165,12 +160,12 @@ def test_metrics_say_when_growth_is_refused_and_the_cap(
         daemon={"metrics_file": f"{tmp_path}/m.prom"},
         data={"max_size": "128MiB"},
     )
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     refused = 'thinwatchd_growth_refused{pool="pool",target="data"}'
     assert f"{refused} 0" in (tmp_path / "m.prom").read_text()
     fill(fake, d, clock, 120 * MiB // BLOCK)  # past the mark of the capped 128 MiB
-    d._reconcile(d.pools["pool"])
+    d.scheduler.run_pass([d.pools["pool"]])
     d.publications.flush()  # what the pass publishes, at once (not up to PUBLISH_SECONDS later)
     metrics = (tmp_path / "m.prom").read_text()
     assert f"{refused} 1" in metrics
@@ -184,17 +179,17 @@ def test_failed_resume_leaves_pool_resumed_on_old_size(
     fake.fail_next["DM_DEV_RESUME"] = 5
     total = status(fake).data_total
     fake.write_blocks("pool", total - 8)
-    daemon._check_events()
+    daemon.dm_events.check()
     info = fake.info("pool")
     assert info is not None and not info.suspended and not info.inactive_present
     assert daemon.pools["pool"].state.failures == 1
     # the file grew and the loop too; a retry within the backoff does nothing...
     loads = fake.calls.count("DM_TABLE_LOAD pool")
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert fake.calls.count("DM_TABLE_LOAD pool") == loads
     # ...and the retry after it finishes the job
     clock.now += 1
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert status(fake).data_total > total
 
 
@@ -204,18 +199,18 @@ def test_needs_check_refuses_growth(fake: FakeKernel, daemon: Daemon) -> None:
     meta.metadata.needs_check = True
     total = status(fake).data_total
     fake.write_blocks("pool", total - 8)
-    daemon._check_events()
+    daemon.dm_events.check()
     assert status(fake).data_total == total
-    assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}
-    daemon._reconcile(daemon.pools["pool"])
-    assert daemon.pools["pool"].state.refusals == {"data": "needs_check"}  # logged once
+    assert daemon.pools["pool"].state.said.get(Topic.DATA_REFUSED) == "needs_check"
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
+    assert daemon.pools["pool"].state.said.get(Topic.DATA_REFUSED) == "needs_check"  # logged once
 
 
 def test_metadata_grows_when_it_runs_low(
     tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
 ) -> None:
     config = write_config(tmp_path / "c.yaml", tmp_path, metadata_size="2MiB", data_size="4GiB")
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     fill(fake, d, clock, 30000, chunk=64)  # the fake costs 1 metadata block per 64 data blocks
     assert os.stat(tmp_path / "metadata").st_size > 2 * MiB
@@ -241,7 +236,7 @@ def test_pool_removed_behind_our_back_is_rebuilt(fake: FakeKernel, daemon: Daemo
     fake.write_blocks("pool", 10)
     state = daemon.pools["pool"].state
     fake.remove("pool")
-    daemon._check_events()
+    daemon.dm_events.check()
     daemon.workers.run_until_idle()  # the rebuild runs in a worker thread
     assert "pool" in fake.devices
     assert daemon.pools["pool"].state is state  # its history and counters survive
@@ -251,7 +246,7 @@ def test_pool_removed_behind_our_back_is_rebuilt(fake: FakeKernel, daemon: Daemo
 
 def test_event_loop_wakes_on_the_control_fd(fake: FakeKernel, daemon: Daemon, clock: Clock) -> None:
     loop = daemon.loop
-    loop.add_reader(fake.fileno(), daemon._check_events)
+    loop.add_reader(fake.fileno(), daemon.dm_events.check)
     total = status(fake).data_total
     fake.write_blocks("pool", total - 8)
     loop.run_once(max_wait=1.0)
@@ -264,10 +259,10 @@ def test_metrics_file_agrees_with_the_kernel(
     config = write_config(
         tmp_path / "c.yaml", tmp_path, daemon={"metrics_file": f"{tmp_path}/m.prom"}
     )
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     fill(fake, d, clock, 60 * MiB // BLOCK)
-    d._reconcile(d.pools["pool"])  # what the safety timer does
+    d.scheduler.run_pass([d.pools["pool"]])  # what the safety timer does
     d.publications.flush()
     metrics = (tmp_path / "m.prom").read_text()
     st = status(fake)
@@ -311,7 +306,14 @@ def watched(tmp_path: Path, kernel: Kernel, clock: Clock) -> tuple[Daemon, FakeM
     """A started daemon whose loop also watches a fake udev monitor."""
     monitor = FakeMonitor()
     config = write_config(tmp_path / "c.yaml", tmp_path)
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), udev_monitor=monitor)
+    d = Daemon(
+        config,
+        kernel,
+        notifier=Notifier(),
+        loop=EventLoop(clock),
+        udev_monitor=monitor,
+        threads=INLINE,
+    )
     d.start()
     d.loop.add_reader(monitor.fileno(), d._on_udev)
     return d, monitor
@@ -384,7 +386,7 @@ def test_start_reconciles_each_pool_once(
     tmp_path: Path, kernel: Kernel, fake: FakeKernel, clock: Clock
 ) -> None:
     config = write_config(tmp_path / "c.yaml", tmp_path)
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     # one status read to log the activation, one for the reconcile
     assert fake.calls.count("DM_TABLE_STATUS pool") == 2, fake.calls

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.fake_kernel import FakeKernel, Fault
+from testbed.fake_kernel import FakeKernel, Fault
+from testbed.workers import INLINE
 from tests.engine.test_backing import SharedFilesystem, start, to_mark
 from thinwatchd.base.errors import KernelError
 from thinwatchd.base.logs import MessageId
@@ -76,8 +77,8 @@ def test_metadata_is_allocated_whole_when_created_and_grown_even_for_a_sparse_po
     assert holes(meta) == 0 and allocated(meta) == 8 * MiB
     assert holes(tmp_path / "a.data") == 64 * MiB  # the data stays sparse, as asked
     fake.devices["a"].pool.metadata.meta_used = 1800  # type: ignore[union-attr]  # 7 MiB of 8
-    d._check_events()
-    d._pass(list(d.pools.values()))
+    d.dm_events.check()
+    d.scheduler.run_pass(list(d.pools.values()))
     assert os.stat(meta).st_size > 8 * MiB
     assert holes(meta) == 0
 
@@ -88,7 +89,7 @@ def test_a_preallocated_growth_leaves_no_hole(
     """Item 3: the default allocates each growth's range: the pool's free blocks are backed."""
     d, _ = start(tmp_path, kernel, capacity=64 * GiB, names=("a",), pool={"preallocate": True})
     to_mark(fake, d, "a")
-    d._check_events()
+    d.dm_events.check()
     data = tmp_path / "a.data"
     assert os.stat(data).st_size > 64 * MiB
     assert holes(data) == 0
@@ -110,16 +111,16 @@ def test_a_failed_allocation_leaves_the_file_as_it_was_and_is_said_once_and_retr
     before = os.stat(data)
     fake.faults.append(Fault("fallocate", code, times=2))
     to_mark(fake, d, "a")
-    d._check_events()
+    d.dm_events.check()
     after = os.stat(data)
     assert (after.st_size, after.st_blocks) == (before.st_size, before.st_blocks)
     assert message_ids(caplog).count(MessageId.GROWTH_FAILED) == 1
     clock = d.loop._clock
     clock.now += 1  # type: ignore[attr-defined]  # its backoff is over
-    d._pass(list(d.pools.values()))  # the retry, failing again: not said again
+    d.scheduler.run_pass(list(d.pools.values()))  # the retry, failing again: not said again
     assert message_ids(caplog).count(MessageId.GROWTH_FAILED) == 1
     clock.now += 1  # type: ignore[attr-defined]
-    d._pass(list(d.pools.values()))
+    d.scheduler.run_pass(list(d.pools.values()))
     assert os.stat(data).st_size > before.st_size and holes(data) == 0
 
 
@@ -131,7 +132,7 @@ def test_a_filesystem_that_cannot_fallocate_gets_the_new_range_written_with_zero
     d, _ = start(tmp_path, kernel, capacity=64 * GiB, names=("a",), pool={"preallocate": True})
     fake.faults.append(Fault("fallocate", errno.EOPNOTSUPP, times=None, target=""))
     to_mark(fake, d, "a")
-    d._check_events()
+    d.dm_events.check()
     data = tmp_path / "a.data"
     assert os.stat(data).st_size > 64 * MiB and holes(data) == 0
     assert MessageId.GROWTH_FAILED not in message_ids(caplog)
@@ -152,7 +153,7 @@ def test_a_new_pool_that_would_take_the_reserve_is_not_created(
     from thinwatchd.base.event_loop import EventLoop
     from thinwatchd.base.notify import Notifier
 
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop())
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(), threads=INLINE)
     with pytest.raises(KernelError) as raised:
         d.start()  # 1 GiB + 128 MiB into 2 GiB with a 1 GiB reserve
     assert raised.value.errno == errno.ENOSPC
@@ -264,13 +265,13 @@ def test_a_pool_refused_room_grows_as_soon_as_the_neighbour_gives_it_back(
     d, shared = start(tmp_path, kernel, capacity=64 * GiB, names=("a",), pool=pool)
     shared.extra = -(shared.free() - 32 * MiB)  # full to within the reserve
     to_mark(fake, d, "a")
-    d._check_events()
+    d.dm_events.check()
     assert d.pools["a"].state.refused_since is not None
     size = os.stat(tmp_path / "a.data").st_size
     assert look(d) == [False]
     shared.extra = 0  # the neighbour's file is gone
     assert look(d) == [True]
-    d._pass([m for m in d.pools.values() if m.state.refused_since is not None])
+    d.scheduler.run_pass([m for m in d.pools.values() if m.state.refused_since is not None])
     assert os.stat(tmp_path / "a.data").st_size > size
     assert d.pools["a"].state.refused_since is None
 
@@ -313,7 +314,7 @@ def test_claimed_room_is_never_counted_twice_by_a_growth_decided_meanwhile(
     assert shared.free() == 24 * MiB
     to_mark(fake, d, "a")
     to_mark(fake, d, "b")
-    d._check_events()
+    d.dm_events.check()
     grown = sum(os.stat(tmp_path / f"{n}.data").st_size - 64 * MiB for n in "ab")
     assert grown <= 24 * MiB
     assert Bytes(shared.free()) >= 0

@@ -11,8 +11,10 @@ from typing import Any
 
 import pytest
 
-from tests.engine.fake_kernel import FakeKernel
-from tests.engine.test_growth import Clock, status, write_config
+from testbed.clock import Clock
+from testbed.fake_kernel import FakeKernel
+from testbed.workers import INLINE
+from tests.engine.test_growth import status, write_config
 from thinwatchd.base.errors import PoolSetupError
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.logs import MessageId
@@ -38,7 +40,7 @@ def message_ids(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def start(tmp_path: Path, kernel: Kernel, clock: Clock, **pool: Any) -> Daemon:
     config = write_config(tmp_path / "config.yaml", tmp_path, **pool)
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     daemon.start()
     return daemon
 
@@ -61,7 +63,7 @@ def test_a_pool_grown_by_hand_is_adopted_and_never_shrunk(
     # A writer then reaches the (new) mark: the daemon's growth must build on 3x, not on 1x.
     fill_to = status(fake).data_total - 8
     fake.write_blocks("pool", fill_to)
-    daemon._check_events()
+    daemon.dm_events.check()
     info = fake.info("pool")
     assert info is not None and not info.suspended and not info.inactive_present
     assert status(fake).data_total * 128 >= 4 * cached  # grown past the manual length
@@ -83,9 +85,9 @@ def test_a_retune_after_a_manual_grow_does_not_suspend_the_pool(
     fake.load_table("pool", [pool.target(Sectors(2 * pool.length))])
     fake.resume("pool")
     fake.write_blocks("pool", status(fake).data_total)  # full; growth refused by max_size
-    daemon._check_events()
+    daemon.dm_events.check()
     clock.now += 6
-    daemon._reconcile(daemon.pools["pool"])  # when_full: reload with error_if_no_space
+    daemon.scheduler.run_pass([daemon.pools["pool"]])  # when_full: reload with error_if_no_space
     info = fake.info("pool")
     assert info is not None and not info.suspended
     assert fake.table("pool")[0].length == 2 * 64 * MiB // 512
@@ -178,7 +180,7 @@ def test_one_file_under_two_spellings_is_refused(
         data_file=str(tmp_path / "real" / "pool"),
         metadata_file=str(tmp_path / "alias" / "pool"),
     )
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=INLINE)
     with pytest.raises(PoolSetupError, match="same file"):
         daemon.start()
     assert not fake.loops and not fake.devices
@@ -197,7 +199,7 @@ def test_the_same_file_in_two_pools_is_refused(
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"pools": pools}))
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=INLINE)
     with pytest.raises(PoolSetupError, match=r"pools\.b\.metadata_file.*pools\.a\.data_file"):
         daemon.start()
     assert not fake.devices
@@ -302,8 +304,8 @@ def test_a_filesystem_at_its_reserve_is_said_once_and_when_full_applies(
     )
     assert MessageId.BACKING_FS_LOW not in message_ids(caplog)
     tiny.free = 512 * 1024  # below the reserve; the pool still has ~all its blocks in holes
-    daemon._reconcile(daemon.pools["pool"])
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert message_ids(caplog).count(MessageId.BACKING_FS_LOW) == 1
     record = next(
         r
@@ -312,10 +314,10 @@ def test_a_filesystem_at_its_reserve_is_said_once_and_when_full_applies(
     )
     assert record.levelno == logging.ERROR and "reserve" in record.getMessage()
     clock.now += 6
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert status(fake).no_space_policy.value == "error_if_no_space"
     tiny.free = 200 * MiB
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert status(fake).no_space_policy.value == "queue_if_no_space"
 
 
@@ -364,15 +366,20 @@ def test_a_slow_thin_check_stalls_neither_the_watchdog_nor_another_pools_growth(
 
     notifier = CountingNotifier()
     daemon = Daemon(
-        config, kernel, notifier=notifier, loop=EventLoop(), check_metadata=slow_thin_check
+        config,
+        kernel,
+        notifier=notifier,
+        loop=EventLoop(),
+        check_metadata=slow_thin_check,
+        threads=INLINE,
     )
     daemon.start()  # both new: no thin_check
-    daemon.loop.add_reader(fake.fileno(), daemon._check_events)
+    daemon.loop.add_reader(fake.fileno(), daemon.dm_events.check)
     fake.remove("b")
-    daemon._check_events()  # b lost: rebuilt in a worker, blocked in thin_check
+    daemon.dm_events.check()  # b lost: rebuilt in a worker, blocked in thin_check
     assert checking.wait(10)
     pets = notifier.pets
-    total = daemon.pools["a"].state.status.data_total  # type: ignore[union-attr]
+    total = daemon.pools["a"].state.seen.status.data_total  # type: ignore[union-attr]
     fake.write_blocks("a", total - 8)
     deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
@@ -408,7 +415,7 @@ def test_a_sighup_during_start_up_is_applied_after_it_not_fatal(
 
     config = write_config(tmp_path / "config.yaml", tmp_path)
     notifier = Recording()
-    daemon = Daemon(config, kernel, notifier=notifier, loop=EventLoop(Clock()))
+    daemon = Daemon(config, kernel, notifier=notifier, loop=EventLoop(Clock()), threads=INLINE)
     original = fake.attach
 
     def attach_and_hup(path: str, *, direct_io: bool = False):  # type: ignore[no-untyped-def]
@@ -432,7 +439,7 @@ def test_a_data_file_replaced_under_its_name_is_never_grown_in_its_place(
     os.rename(tmp_path / "data", tmp_path / "data.moved")  # the loop keeps the old inode
     (tmp_path / "data").write_bytes(b"someone else's file")
     fake.write_blocks("pool", status(fake).data_total - 8)
-    daemon._check_events()
+    daemon.dm_events.check()
     assert (tmp_path / "data").read_bytes() == b"someone else's file"
     assert message_ids(caplog).count(MessageId.GROWTH_FAILED) == 1
     assert "ESTALE" in caplog.text
@@ -452,7 +459,7 @@ def test_a_failed_growth_no_longer_wanted_leaves_no_retry_spinning(
     daemon = start(tmp_path, kernel, clock, data={"max_size": "96MiB"})
     fake.fail("ftruncate", 5)  # EIO, once
     fake.write_blocks("pool", status(fake).data_total - 8)
-    daemon._check_events()
+    daemon.dm_events.check()
     managed = daemon.pools["pool"]
     assert managed.state.retry_at is not None
     os.truncate(tmp_path / "data", 96 * MiB)  # someone else grows it to the cap meanwhile
@@ -487,7 +494,7 @@ def test_a_pool_stuck_on_someone_elses_refused_resume_is_resumed(
         fake.resume("pool")
     info = fake.info("pool")
     assert info is not None and info.suspended
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     info = fake.info("pool")
     assert info is not None and not info.suspended and not info.inactive_present
     assert fake.table("pool")[0].length == pool.length == 64 * MiB // 512
@@ -504,13 +511,13 @@ def test_a_deliberate_suspend_is_not_undone_by_a_growth(
     daemon = start(tmp_path, kernel, clock)
     fake.write_blocks("pool", status(fake).data_total - 8)  # a growth is due...
     fake.suspend("pool")  # ...but the operator has the pool suspended (a backup, say)
-    daemon._reconcile(daemon.pools["pool"])
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     info = fake.info("pool")
     assert info is not None and info.suspended, "the operator's suspend was undone"
     assert caplog.text.count("suspended by someone else") == 1
     fake.resume("pool")
-    daemon._reconcile(daemon.pools["pool"])
+    daemon.scheduler.run_pass([daemon.pools["pool"]])
     assert status(fake).data_total > 1024  # grown once the operator resumed it
 
 
@@ -550,7 +557,7 @@ def test_a_reload_while_a_pool_is_being_built_applies_to_it(
         return accepted
 
     daemon.workers.submit = submit_then_reload  # type: ignore[method-assign]
-    daemon._check_events()
+    daemon.dm_events.check()
     daemon.workers.run_until_idle()
     assert daemon.pools["pool"].pool.settings.data.max_size == 128 * MiB
 
@@ -568,7 +575,7 @@ def test_two_spellings_of_one_new_file_are_refused_before_anything_is_built(
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"pools": pools}))
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=INLINE)
     with pytest.raises(PoolSetupError, match=r"pools\.b\.metadata_file.*pools\.a\.data_file"):
         daemon.start()
     assert not fake.devices and not (tmp_path / "real" / "new").exists()

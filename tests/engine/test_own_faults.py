@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.engine.fake_kernel import FakeKernel, Fault
-from tests.engine.test_growth import Clock
+from testbed.clock import Clock
+from testbed.fake_kernel import FakeKernel, Fault
+from testbed.workers import InlineWorkers
 from thinwatchd.base.errors import KernelError
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.notify import Notifier
-from thinwatchd.daemon.daemon import Daemon
+from thinwatchd.base.workers import Workers
+from thinwatchd.daemon.daemon import Daemon, Threads
 from thinwatchd.growth.state import ManagedPool
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
@@ -51,9 +53,24 @@ def configure(path: Path, pools: dict[str, dict[str, object]]) -> Path:
     return path
 
 
-def started(tmp_path: Path, kernel: Kernel, pools: dict[str, dict[str, object]]) -> Daemon:
+def file_workers(loop: EventLoop) -> Workers:
+    return Workers(loop, max_threads=2, stuck_after=1.0)
+
+
+#: The daemon's own threads for jobs on pool files (conftest's INLINE runs them inline).
+FILES_IN_THREADS = Threads(reconciles=InlineWorkers, files=file_workers)  # type: ignore[arg-type]
+#: ... and for reconciles too.
+ALL_IN_THREADS = Threads(reconciles=lambda loop: Workers(loop, max_threads=2), files=file_workers)
+
+
+def started(
+    tmp_path: Path,
+    kernel: Kernel,
+    pools: dict[str, dict[str, object]],
+    threads: Threads = FILES_IN_THREADS,
+) -> Daemon:
     config = configure(tmp_path / "config.yaml", pools)
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()))
+    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=threads)
     daemon.start()
     daemon._started = True
     return daemon
@@ -141,17 +158,6 @@ def test_a_stalled_lstat_of_a_new_pool_holds_up_no_other_pools_check(
             t.join(PATIENCE)
 
 
-@pytest.fixture(autouse=True)
-def file_workers_in_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The daemon's own threads for jobs on pool files (conftest runs them inline)."""
-    from thinwatchd.base.workers import Workers
-
-    monkeypatch.setattr(
-        "thinwatchd.daemon.daemon.file_workers",
-        lambda loop: Workers(loop, max_threads=2, stuck_after=1.0),
-    )
-
-
 @pytest.fixture
 def stalled_files(fake: FakeKernel) -> Iterator[Callable[[str], None]]:
     """Make every lstat and stat of paths containing a text wait (a hard-mounted NFS that
@@ -179,7 +185,14 @@ def test_a_udev_change_of_a_loop_whose_file_stalls_does_not_stop_the_loop(
 
     monitor = FakeMonitor()
     config = configure(tmp_path / "config.yaml", {"a": small_pool(tmp_path, "a")})
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(), udev_monitor=monitor)
+    d = Daemon(
+        config,
+        kernel,
+        notifier=Notifier(),
+        loop=EventLoop(),
+        udev_monitor=monitor,
+        threads=FILES_IN_THREADS,
+    )
     d.start()
     d.loop.add_reader(monitor.fileno(), d._on_udev)
     stalled_files(f"{tmp_path}/a.")
@@ -224,7 +237,7 @@ def test_a_pool_our_failed_resume_left_suspended_is_resumed_once_the_kernel_acce
     clock = daemon.loop._clock
     fake.fail_preresume("a", errno.EIO, times=10**6)  # the growth's resume, every rollback's
     to_mark(fake, daemon, "a")
-    daemon._check_events()
+    daemon.dm_events.check()
     info = fake.info("a")
     assert info is not None and info.suspended
     failed = [r.getMessage() for r in caplog.records if "SUSPENDED" in r.getMessage()]
@@ -232,13 +245,13 @@ def test_a_pool_our_failed_resume_left_suspended_is_resumed_once_the_kernel_acce
     assert "resumed on its previous size" not in caplog.text
     for _ in range(3):  # checks while the kernel still refuses: said no more, never given up
         clock.now += 60  # type: ignore[attr-defined]
-        daemon._pass(list(daemon.pools.values()), survey=True)
+        daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
         info = fake.info("a")
         assert info is not None and info.suspended
     assert "suspended by someone else" not in caplog.text
     fake.fail_preresume("a", errno.EIO, times=0)  # the metadata device answers again
     clock.now += 60  # type: ignore[attr-defined]
-    daemon._pass(list(daemon.pools.values()), survey=True)
+    daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     info = fake.info("a")
     assert info is not None and not info.suspended
     assert "resumed at last" in caplog.text
@@ -250,7 +263,7 @@ def test_a_pool_our_failed_resume_left_suspended_is_resumed_once_the_kernel_acce
     device_blocks = fake.loops[pool.data_loop].capacity // (pool.block_sectors * 512)
     fake.write_blocks("a", 0)  # a write commits what is in memory
     assert pool.metadata.data_total <= device_blocks, (pool.metadata.data_total, device_blocks)
-    daemon._pass(list(daemon.pools.values()), survey=True)
+    daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     fake.write_blocks("a", device_blocks - pool.metadata.data_used)
     assert pool.failed_writes == 0
 
@@ -273,10 +286,10 @@ def test_a_stopping_daemon_leaves_a_filling_pool_room_for_its_absence(
     for _ in range(4):  # 10 MiB/s for 4 s, a check each second
         fake.write_blocks("a", 160)
         clock.now += 1  # type: ignore[attr-defined]
-        daemon._pass(list(daemon.pools.values()), survey=True)
+        daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     idle_size = (tmp_path / "idle.data").stat().st_size
-    daemon.reconciles.parting_pass(30.0)
-    daemon.reconciles.finish()
+    daemon.scheduler.parting_pass(30.0)
+    daemon.scheduler.finish()
     status = parse_pool_status(fake.status("a")[0].params)
     assert isinstance(status, ThinPoolWorkingStatus)
     assert status.data_free * 64 * 1024 >= 300 * MiB, status
@@ -304,8 +317,8 @@ def test_a_killed_daemon_leaves_a_filling_pool_room_until_the_next_is_up(
     for _ in range(6):  # 10 MiB/s, a check each second, events answered
         fake.write_blocks("a", 160)
         clock.now += 1  # type: ignore[attr-defined]
-        daemon._check_events()
-        daemon._pass(list(daemon.pools.values()), survey=True)
+        daemon.dm_events.check()
+        daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     status = parse_pool_status(fake.status("a")[0].params)
     assert isinstance(status, ThinPoolWorkingStatus)
     mark = daemon.pools["a"].pool.table.low_water_mark
@@ -334,15 +347,16 @@ def test_a_fill_that_has_just_begun_gets_its_mark_from_the_rate_across_its_first
     clock = daemon.loop._clock
     now = daemon.loop.time()
     daemon._born, daemon._ready_at = now - 5.5, now  # absence after a kill: 14 s
-    daemon._pass(list(daemon.pools.values()), survey=True)  # used 0, a quiet 10 s begin
+    # used 0, a quiet 10 s begins
+    daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     clock.now += 10  # type: ignore[attr-defined]
     to_mark(fake, daemon, "a")  # the writer's first seconds: the event
-    daemon._check_events()  # the growth, from a rate over the quiet spell
+    daemon.dm_events.check()  # the growth, from a rate over the quiet spell
     first = daemon.pools["a"].pool.table.low_water_mark
     fake.write_blocks("a", 768)  # 32 MiB/s until the follow-up, 1.5 s later at the most
     clock.now += FOLLOW_UP_SECONDS + FOLLOW_UP_BATCH_SECONDS  # type: ignore[attr-defined]
     daemon.loop.run_once(max_wait=0)  # the follow-up check
-    daemon.reconciles.finish()
+    daemon.scheduler.finish()
     mark = daemon.pools["a"].pool.table.low_water_mark
     assert mark * 64 * 1024 >= 32 * MiB * 14, (first, mark)
 
@@ -360,22 +374,22 @@ def test_pools_grown_in_one_event_are_followed_up_in_one_pass(
     pools = {n: small_pool(tmp_path, n, preallocate=False, data=data) for n in names}
     daemon = started(tmp_path, kernel, pools)
     clock = daemon.loop._clock
-    daemon._pass(list(daemon.pools.values()), survey=True)
+    daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     clock.now += 2  # type: ignore[attr-defined]
     for name in names:
         to_mark(fake, daemon, name)
-    daemon._check_events()  # one pass, three growths
-    daemon.reconciles.finish()
+    daemon.dm_events.check()  # one pass, three growths
+    daemon.scheduler.finish()
     assert all(daemon.pools[n].state.last_growth is not None for n in names)
     passes: list[list[str]] = []
-    run_pass = daemon.reconciles.run_pass
+    run_pass = daemon.scheduler.run_pass
 
     def counted(pools: Iterable[ManagedPool], *args: Any, **kw: Any) -> None:
         pools = list(pools)
         passes.append(sorted(m.pool.name for m in pools))
         run_pass(pools, *args, **kw)
 
-    daemon.reconciles.run_pass = counted  # type: ignore[method-assign]
+    daemon.scheduler.run_pass = counted  # type: ignore[method-assign]
     clock.now += FOLLOW_UP_SECONDS + FOLLOW_UP_BATCH_SECONDS  # type: ignore[attr-defined]
     daemon.loop.run_once(max_wait=0)
     assert passes == [list(names)], passes
@@ -388,32 +402,30 @@ def test_a_pool_being_reconciled_at_the_stop_still_gets_its_parting_room(
     made the parting pass skip its pool, and that growth had been decided without the parting
     room: the pool then ran out of space while the daemon was away. Now the parting pass comes
     after what is in flight."""
-    from thinwatchd.base.workers import Workers
-
     pool = small_pool(
         tmp_path,
         "a",
         preallocate=False,
         data={"step": "16MiB", "step_percent": "0%", "adaptive_low_water": False},
     )
-    daemon = started(tmp_path, kernel, {"a": pool})
+    daemon = started(tmp_path, kernel, {"a": pool}, ALL_IN_THREADS)
     clock = daemon.loop._clock
     for _ in range(4):  # 10 MiB/s for 4 s, a check each second
         fake.write_blocks("a", 160)
         clock.now += 1  # type: ignore[attr-defined]
-        daemon._pass(list(daemon.pools.values()), survey=True)
-    daemon.reconcilers = Workers(daemon.loop, max_threads=2)
+        daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
+        daemon.scheduler.workers.run_until_idle(timeout=PATIENCE)
     released = threading.Event()
     fake.draining["a"] = lambda: released.wait(0.3)  # the growth's resume, still draining
     status = parse_pool_status(fake.status("a")[0].params)
     assert isinstance(status, ThinPoolWorkingStatus)
     fake.write_blocks("a", status.data_free - daemon.pools["a"].pool.table.low_water_mark)
-    daemon._check_events()  # a's growth starts, and waits in its drain: SIGTERM comes now
-    assert daemon.reconcilers.busy("a")
+    daemon.dm_events.check()  # a's growth starts, and waits in its drain: SIGTERM comes now
+    assert daemon.scheduler.workers.busy("a")
     try:
         daemon.leave_room()
     finally:
-        daemon.reconcilers.close()
+        daemon.scheduler.workers.close()
     needed = 10 * MiB * daemon.absence_seconds()
     status = parse_pool_status(fake.status("a")[0].params)
     assert isinstance(status, ThinPoolWorkingStatus)

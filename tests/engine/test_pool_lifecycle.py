@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.fake_kernel import FakeKernel
+from testbed.fake_kernel import FakeKernel
 from thinwatchd.base.errors import KernelError, PoolMismatchError, PoolSetupError
-from thinwatchd.base.units import Sectors, bytes_to_sectors
+from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.pool.bring_up import activate
@@ -169,7 +169,7 @@ def test_crash_after_table_load_is_finished_at_start(
     os.truncate(pool_settings.data_file, 128 * MiB)
     fake.set_capacity(pool.data_loop)
     # step 3: inactive table left behind
-    fake.load_table("pool", [pool.target(bytes_to_sectors(128 * MiB))])
+    fake.load_table("pool", [pool.target(bytes_to_sectors(Bytes(128 * MiB)))])
     again = activate(pool_settings, kernel)
     info = fake.info("pool")
     assert info is not None and not info.inactive_present and not info.suspended

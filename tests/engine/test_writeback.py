@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.conftest import FakeNodes
-from tests.engine.fake_kernel import FakeKernel, FakePageCache
-from tests.engine.test_growth import Clock, status, write_config
+from testbed.clock import Clock
+from testbed.fake_kernel import FakeKernel, FakeNodes, FakePageCache
+from testbed.workers import INLINE
+from tests.engine.test_growth import status, write_config
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.notify import Notifier
 from thinwatchd.daemon.daemon import Daemon
 from thinwatchd.growth.page_cache import WRITEBACK_WATCH_SECONDS
+from thinwatchd.growth.state import Topic
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.kernel.fs import Files
 from thinwatchd.policy.decide import GrowthTarget
@@ -49,7 +51,7 @@ def wb_daemon(
     config = write_config(
         tmp_path / "config.yaml", tmp_path, data={"step": "128MiB", "step_percent": "0%"}
     )
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     d._schedule_writeback_watch()
     yield d
@@ -62,7 +64,7 @@ def tick(daemon: Daemon, clock: Clock, seconds: float = WRITEBACK_WATCH_SECONDS)
     fake = daemon.kernel.dm
     assert isinstance(fake, FakeKernel)
     if fake.events_pending():
-        daemon._check_events()
+        daemon.dm_events.check()
 
 
 def free_bytes(fake: FakeKernel) -> int:
@@ -173,6 +175,7 @@ def test_unreadable_counters_are_said_once_and_the_configured_mark_applies(
         kernel,
         notifier=Notifier(),
         loop=EventLoop(clock),
+        threads=INLINE,
     )
     d.start()
     d._schedule_writeback_watch()
@@ -194,7 +197,7 @@ def test_a_pool_at_its_cap_is_not_checked_at_every_tick(
 ) -> None:
     kernel = Kernel(fake, fake, FakeNodes(), Files(fake.syscalls), memory=cache)
     config = write_config(tmp_path / "c.yaml", tmp_path, data={"max_size": "64MiB"})
-    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock))
+    d = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(clock), threads=INLINE)
     d.start()
     d._schedule_writeback_watch()
     cache.dirty(LIMIT)
@@ -252,8 +255,8 @@ def test_a_pool_an_operator_suspended_is_not_checked_at_every_tick(
 ) -> None:
     managed = wb_daemon.pools["pool"]
     fake.suspend("pool")  # dmsetup suspend
-    wb_daemon._pass([managed])  # a check notices the suspend and says it once
-    assert managed.state.suspended_said
+    wb_daemon.scheduler.run_pass([managed])  # a check notices the suspend and says it once
+    assert Topic.SUSPENDED in managed.state.said
     cache.dirty(free_bytes(fake))  # would threaten it
     fake.calls.clear()
     for _ in range(10):

@@ -1,14 +1,15 @@
-"""Helpers for tests and benchmarks that run the real daemon against the real kernel.
+"""Helpers for kernel and systemd tests that run the real daemon against the real kernel.
 
 Everything here uses thinwatchd's own kernel modules (no dmsetup/losetup), so the tests exercise
-the same code paths the daemon does. The hostile-host helpers at the end add the operator's view:
-run_tool and dm_diagnostics run dmsetup/losetup, as an admin beside the daemon would.
+the same code paths the daemon does; what bench/ uses as well (the daemon's process, thin
+volumes, the kernel log, teardown) is testbed/harness.py. The hostile-host helpers at the end
+add the operator's view: run_tool and dm_diagnostics run dmsetup/losetup, as an admin beside
+the daemon would.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import mmap
@@ -17,11 +18,8 @@ import random
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,182 +28,25 @@ from pathlib import Path
 
 import yaml
 
+from testbed.child import ChildScript
+from testbed.harness import (
+    REPO,
+    DaemonProcess,
+    KernelLog,
+    MiB,
+    SpawnedDaemon,
+    create_thin,
+    rescue_pool,
+    scratch_dir,
+    teardown,
+    write_config,
+)
 from thinwatchd.base.logs import MessageId
-from thinwatchd.base.units import Sectors, bytes_to_sectors
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
-
-REPO = Path(__file__).resolve().parents[2]
-MiB = 1024**2
-GiB = 1024**3
-#: systemd/thinwatchd.service runs the daemon with Nice=-10; the harness does the same.
-UNIT_NICE = -10
-
-
-def scratch_dir() -> Path:
-    """Return a directory on real disk for big sparse files (the VM's scratch disk)."""
-    base = os.environ.get("THINWATCHD_SCRATCH")
-    path = Path(base) if base else Path(tempfile.gettempdir())
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-class KernelLog:
-    """Reads /dev/kmsg records written after construction (with their timestamps)."""
-
-    def __init__(self) -> None:
-        self._fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-        os.lseek(self._fd, 0, os.SEEK_END)
-        self.records: list[tuple[float, str]] = []
-
-    def read(self) -> list[tuple[float, str]]:
-        """Return every record so far as (seconds since boot, message)."""
-        while True:
-            try:
-                raw = os.read(self._fd, 8192)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.EPIPE:  # overwritten records: keep reading
-                    continue
-                raise
-            head, _, message = raw.decode(errors="replace").partition(";")
-            fields = head.split(",")
-            self.records.append((int(fields[2]) / 1e6, message.splitlines()[0] if message else ""))
-        return self.records
-
-    def text(self) -> str:
-        return "\n".join(f"[{t:12.6f}] {m}" for t, m in self.read())
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def write_config(path: Path, pools: dict[str, dict[str, object]], **daemon: object) -> Path:
-    """Write a config file for the given pools (keys as in config.example.yaml)."""
-    doc: dict[str, object] = {"pools": pools}
-    if daemon:
-        doc["daemon"] = daemon
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-class DaemonProcess:
-    """The real `thinwatchd run` in a child process, with our own NOTIFY_SOCKET to see READY=1."""
-
-    def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.notifications: list[str] = []
-        self._sock_dir = tempfile.mkdtemp(prefix="twd-notify-")
-        self._sock_path = os.path.join(self._sock_dir, "notify")
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._sock.bind(self._sock_path)
-
-    def spawn(self) -> None:
-        """Start `thinwatchd run` as the unit runs it (Nice=-10), without waiting for it."""
-        env = dict(os.environ, NOTIFY_SOCKET=self._sock_path, PYTHONUNBUFFERED="1")
-        self.spawned = time.monotonic()
-        argv = [sys.executable, "-m", "thinwatchd", "--config", str(self.config), "run"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*argv, "--log-target", "stderr"],
-                stdout=log,
-                stderr=log,
-                env=env,
-                cwd=REPO,
-                preexec_fn=lambda: os.nice(UNIT_NICE),
-            )
-
-    def start(self, timeout: float = 120.0) -> None:
-        """Start the daemon; return once it sent READY=1. Raise if it exits or times out."""
-        self.spawn()
-        assert self.proc is not None
-        if not self.wait_for("READY=1", timeout):
-            code = self.proc.poll()
-            raise AssertionError(f"daemon not ready (exit {code}); log:\n{self.log()}")
-
-    def wait_for(self, state: str, timeout: float) -> bool:
-        """Wait for a notification line equal to state; return False on exit or timeout."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(state in n.splitlines() for n in self.notifications):
-                return True
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            self._sock.settimeout(0.2)
-            with contextlib.suppress(TimeoutError):
-                self.notifications.append(self._sock.recv(4096).decode())
-        return False
-
-    def send(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM the daemon and return its exit code."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.stop()
-        self._sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._sock_path)
-            os.rmdir(self._sock_dir)
-
-
-def create_thin(dm: DeviceMapper, pool: str, thin: str, thin_id: int, size: int) -> str:
-    """Create thin volume thin_id in pool and a device for it; return its /dev/mapper path."""
-    dm.message(pool, f"create_thin {thin_id}")
-    info = dm.info(pool)
-    assert info is not None
-    dm.create(thin)
-    dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    dm.load_table(thin, [Target(Sectors(0), bytes_to_sectors(size), "thin", f"{dev} {thin_id}")])
-    UdevNodes().resume_synced(dm, thin)
-    return f"/dev/mapper/{thin}"
-
-
-def teardown(dm: DeviceMapper, names: list[str], files: list[Path]) -> None:
-    """Remove dm devices (thin volumes first) and detach loops over files; ignore what is gone."""
-    nodes = UdevNodes()
-    for name in names:
-        for _ in range(50):
-            try:
-                if dm.info(name) is None:
-                    break
-                dm.remove(name)
-                break
-            except OSError:
-                time.sleep(0.1)
-            except Exception as exc:  # EBUSY while udev still has it open
-                if getattr(exc, "errno", None) != errno.EBUSY:
-                    raise
-                time.sleep(0.1)
-        with contextlib.suppress(Exception):
-            nodes.udev.remove_node(name)  # without udev, the node we made
-    loops = LoopControl()
-    for path in files:
-        with contextlib.suppress(Exception):
-            loop = loops.find(str(path))
-            if loop is not None:
-                loops.detach(loop)
 
 
 def dd_zero(device: str, mib: int) -> tuple[float, int, str]:
@@ -369,7 +210,8 @@ def verify_stamped(device: str, size: int, seed: bytes, offset: int = 0) -> list
 
 _WRITER = r"""
 import mmap, os, signal, sys, time
-from tests.kernel.harness import MiB, _stamped_base, stamped_block
+from testbed.harness import MiB
+from tests.kernel.harness import _stamped_base, stamped_block
 device, size, seed = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
 offset, rate = int(sys.argv[4]), float(sys.argv[5])
 stop = []
@@ -395,7 +237,7 @@ print(f"done {time.monotonic() - start:.2f}", flush=True)
 """
 
 
-class PatternWriter:
+class PatternWriter(ChildScript):
     """A child process writing a stamped pattern with O_DIRECT, reporting each MiB written.
 
     A writer on a suspended pool sits in D state; the test only watches it (progress, poll)
@@ -411,28 +253,16 @@ class PatternWriter:
         self.stop_requested = False
         self.seconds: float | None = None
         self.lines: list[str] = []
-        self.started = time.monotonic()
-        self.last_progress = self.started
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, device, str(size), seed.hex(), str(offset), str(rate)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(_WRITER, device, str(size), seed.hex(), str(offset), str(rate))
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith("written "):
-                self.written = int(line.split()[1])
-                self.last_progress = time.monotonic()
-            elif line.startswith("done "):
-                self.seconds = float(line.split()[1])
-            else:
-                self.lines.append(line.rstrip())
+    def heard(self, line: str) -> None:
+        if line.startswith("written "):
+            self.written = int(line.split()[1])
+            self.last_progress = time.monotonic()
+        elif line.startswith("done "):
+            self.seconds = float(line.split()[1])
+        else:
+            self.lines.append(line.rstrip())
 
     def poll(self) -> int | None:
         return self.proc.poll()
@@ -461,23 +291,9 @@ class PatternWriter:
         complete = self.stop_requested or self.written * MiB >= self.size
         return self.seconds is not None and complete
 
-    def stalled_for(self) -> float:
-        """Seconds since the last MiB was written (0 once finished)."""
-        return 0.0 if self.proc.poll() is not None else time.monotonic() - self.last_progress
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()
-
     def kill(self, timeout: float = 30.0) -> int | None:
         """SIGKILL the writer; return its exit status, or None if it stays in D state."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        return self.sigkill(timeout)
 
 
 @dataclass(frozen=True)
@@ -588,44 +404,6 @@ def dm_diagnostics(name: str) -> str:
         done = run_tool(args, timeout=15)
         parts.append(f"$ {' '.join(args)}  (exit {done.returncode})\n{done.stdout}{done.stderr}")
     return "\n".join(parts)
-
-
-def rescue_pool(dm: DeviceMapper, name: str, data_file: Path) -> list[str]:
-    """Resume a pool left suspended (with the longest length its data loop allows); say what.
-
-    For failure paths and teardown only: the daemon must already be stopped (killed), or it
-    may fight the rescue. Never raises.
-    """
-    done: list[str] = []
-    try:
-        info = dm.info(name)
-        if info is None or not (info.suspended or info.inactive_present):
-            return done
-        if info.inactive_present:
-            dm.clear_table(name)
-            done.append("cleared an inactive table")
-        if not info.suspended:
-            return done
-        try:
-            dm.resume(name)
-            done.append("resumed it as it was")
-            return done
-        except Exception as exc:
-            done.append(f"plain resume refused: {exc}")
-        (active,) = dm.table(name)
-        block = int(active.params.split()[2])
-        loop = LoopControl().find(str(data_file))
-        size = LoopControl().size(loop) if loop is not None else data_file.stat().st_size
-        length = size // 512 // block * block
-        dm.load_table(
-            name,
-            [Target(Sectors(0), Sectors(max(length, active.length)), "thin-pool", active.params)],
-        )
-        dm.resume(name)
-        done.append(f"resumed with {max(length, active.length)} sectors")
-    except Exception as exc:
-        done.append(f"rescue failed: {exc!r}")
-    return done
 
 
 @dataclass
@@ -803,39 +581,6 @@ def await_writer(
     diagnostics = env.diagnostics()
     notes = env.unstick()
     pytest.fail(f"{why} ({written}); unstuck: {notes}\n{diagnostics}", pytrace=False)
-
-
-class SpawnedDaemon(DaemonProcess):
-    """A DaemonProcess started without waiting for READY=1 (to kill it at any moment)."""
-
-    def drain(self) -> None:
-        """Read every queued notification, as systemd would (an unread socket fills up)."""
-        self._sock.setblocking(False)
-        try:
-            while True:
-                self.notifications.append(self._sock.recv(4096).decode())
-        except BlockingIOError:
-            pass
-        finally:
-            self._sock.setblocking(True)
-
-    def ready(self) -> bool:
-        """Whether READY=1 has arrived (never blocks)."""
-        self.drain()
-        return any("READY=1" in n.splitlines() for n in self.notifications)
-
-    def opened_control(self) -> bool:
-        """Whether the daemon has /dev/mapper/control open: imports done, kernel work begun."""
-        assert self.proc is not None
-        try:
-            fds = os.listdir(f"/proc/{self.proc.pid}/fd")
-        except OSError:
-            return False
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{self.proc.pid}/fd/{fd}") == "/dev/mapper/control":
-                    return True
-        return False
 
 
 def spawn_daemon(env: HostileEnv, config: Path) -> SpawnedDaemon:

@@ -12,17 +12,9 @@ import os
 import subprocess
 import sys
 
-from tests.kernel.harness import (
-    DaemonProcess,
-    GiB,
-    MiB,
-    create_thin,
-    read_checksum,
-    scratch_dir,
-    write_config,
-    write_pattern,
-)
-from thinwatchd.base.units import Sectors, bytes_to_sectors
+from testbed.harness import DaemonProcess, GiB, MiB, create_thin, scratch_dir, write_config
+from tests.kernel.harness import read_checksum, write_pattern
+from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.nodes import UdevNodes
@@ -58,9 +50,8 @@ def main(step: str) -> int:
                 assert info is not None
                 dm.create(THIN)  # thin volume 0 exists in the metadata: only activate it
                 pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-                dm.load_table(
-                    THIN, [Target(Sectors(0), bytes_to_sectors(GiB), "thin", f"{pool_dev} 0")]
-                )
+                length = bytes_to_sectors(Bytes(GiB))
+                dm.load_table(THIN, [Target(Sectors(0), length, "thin", f"{pool_dev} 0")])
                 UdevNodes().resume_synced(dm, THIN)
                 checksum = read_checksum(f"/dev/mapper/{THIN}", SIZE)
             dm.remove(THIN)

@@ -20,22 +20,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.kernel.harness import (
+from testbed.harness import (
     DaemonProcess,
     GiB,
     KernelLog,
     MiB,
-    build_pool,
     create_thin,
-    dd_zero,
-    kernel_lines,
-    read_checksum,
     scratch_dir,
     teardown,
     write_config,
-    write_pattern,
 )
-from thinwatchd.base.units import Sectors, bytes_to_sectors
+from tests.kernel.harness import build_pool, dd_zero, kernel_lines, read_checksum, write_pattern
+from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
@@ -169,7 +165,8 @@ def _reactivate_thin(env: Env, size: int) -> str:
     assert info is not None
     env.dm.create(name)
     dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    env.dm.load_table(name, [Target(Sectors(0), bytes_to_sectors(size), "thin", f"{dev} 0")])
+    length = bytes_to_sectors(Bytes(size))
+    env.dm.load_table(name, [Target(Sectors(0), length, "thin", f"{dev} 0")])
     UdevNodes().resume_synced(env.dm, name)
     return f"/dev/mapper/{name}"
 
@@ -451,7 +448,7 @@ def test_interrupted_growth_is_finished_at_start(env: Env, stopped_after: str) -
     checksum = write_pattern(thin, 16 * MiB, b"mid-growth")
     first.stop()
     # the growth steps, done by hand up to the crash point (what kill -9 would leave)
-    target = env.data.stat().st_size + 512 * MiB
+    target = Bytes(env.data.stat().st_size + 512 * MiB)
     os.truncate(env.data, target)
     if stopped_after in ("loop", "table"):
         loop = LoopControl().find(str(env.data))
@@ -511,7 +508,8 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
     name = f"{env.pool}-thin0"
     env.dm.create(name)
     pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
-    env.dm.load_table(name, [Target(Sectors(0), bytes_to_sectors(GiB), "thin", f"{pool_dev} 0")])
+    length = bytes_to_sectors(Bytes(GiB))
+    env.dm.load_table(name, [Target(Sectors(0), length, "thin", f"{pool_dev} 0")])
     UdevNodes().resume_synced(env.dm, name)
     assert read_checksum(thin, 8 * MiB) == checksum
 

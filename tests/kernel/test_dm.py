@@ -28,10 +28,11 @@ pytestmark = pytest.mark.kernel
 
 MiB = 1 << 20
 BLOCK = 128  # sectors: 64 KiB data blocks
-DATA, META = 64 * MiB, 16 * MiB
+DATA, META = Bytes(64 * MiB), Bytes(16 * MiB)
 DATA_BLOCKS = DATA // (BLOCK * 512)  # 1024
 WRITTEN = 16 * MiB  # 256 blocks
 LOW_WATER = DATA_BLOCKS - 224  # crossed after 224 blocks (14 MiB): inside the write
+THIN_LENGTH = bytes_to_sectors(Bytes(256 * MiB))
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
         activate(
             devices,
             thin,
-            [Target(Sectors(0), bytes_to_sectors(256 * MiB), "thin", f"{majmin(pool_dev)} 0")],
+            [Target(Sectors(0), THIN_LENGTH, "thin", f"{majmin(pool_dev)} 0")],
         )
         (thin_table,) = dm.table(thin)
         assert thin_table.params.split() == [majmin(pool_dev), "0"]
@@ -137,7 +138,7 @@ def test_thin_pool_low_water_event_wakes_the_control_fd(dm: DeviceMapper, device
         loops.set_capacity(data)
         assert loops.size(data) == 2 * DATA
         dm.load_table(
-            pool, [Target(Sectors(0), bytes_to_sectors(2 * DATA), "thin-pool", table.params)]
+            pool, [Target(Sectors(0), bytes_to_sectors(Bytes(2 * DATA)), "thin-pool", table.params)]
         )
         info = dm.info(pool)
         assert info is not None and info.inactive_present and not info.suspended

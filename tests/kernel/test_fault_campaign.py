@@ -22,18 +22,16 @@ from dataclasses import dataclass
 
 import pytest
 
+from testbed.harness import MiB, SpawnedDaemon, teardown
 from tests.kernel.harness import (
     HostileEnv,
-    MiB,
     PatternWriter,
     PoolWatch,
-    SpawnedDaemon,
     await_writer,
     dm_diagnostics,
     hostile_env,
     kernel_lines,
     spawn_daemon,
-    teardown,
     verify_stamped,
 )
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status

@@ -53,19 +53,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
-    REPO,
+from testbed.child import ChildScript
+from testbed.harness import (
     DaemonProcess,
     GiB,
     KernelLog,
     MiB,
     create_thin,
-    dirty_bytes,
-    dm_diagnostics,
     rescue_pool,
     scratch_dir,
     write_config,
 )
+from tests.kernel.harness import dirty_bytes, dm_diagnostics
 from thinwatchd.kernel.api import LoopDevice, Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
@@ -218,30 +217,18 @@ for item in sys.argv[1:]:
 """
 
 
-class Child:
+class Child(ChildScript):
     """A Python child (cwd REPO) whose output lines are read in a thread, each with the
     monotonic time it arrived. It may sit in D state on a pool: the test only watches it."""
 
     def __init__(self, label: str, script: str, *args: str) -> None:
         self.label = label
         self.lines: list[tuple[float, str]] = []
-        self.started = time.monotonic()
-        self.last_progress = self.started
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", script, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=REPO,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__(script, *args)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.last_progress = time.monotonic()
-            self.lines.append((self.last_progress, line.rstrip()))
+    def heard(self, line: str) -> None:
+        self.last_progress = time.monotonic()
+        self.lines.append((self.last_progress, line.rstrip()))
 
     def finished(self) -> bool:
         if self.proc.poll() is None:
@@ -249,23 +236,9 @@ class Child:
         self._reader.join(10)
         return True
 
-    def stalled_for(self) -> float:
-        return 0.0 if self.proc.poll() is not None else time.monotonic() - self.last_progress
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()
-
     def kill(self) -> bool:
         """SIGKILL it; return False if it stays (D state) for 10 s."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+        return self.sigkill(10) is not None
 
 
 @dataclass(frozen=True)

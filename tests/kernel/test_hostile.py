@@ -20,10 +20,9 @@ import time
 
 import pytest
 
+from testbed.harness import REPO, MiB
 from tests.kernel.harness import (
-    REPO,
     HostileEnv,
-    MiB,
     PoolWatch,
     await_writer,
     build_pool,
@@ -33,7 +32,8 @@ from tests.kernel.harness import (
     verify_stamped,
 )
 from thinwatchd.base.errors import KernelError
-from thinwatchd.base.units import Sectors, format_bytes
+from thinwatchd.base.human import format_bytes
+from thinwatchd.base.units import Sectors
 from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status

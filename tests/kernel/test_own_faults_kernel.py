@@ -28,16 +28,14 @@ from pathlib import Path
 
 import pytest
 
+from testbed.harness import MiB, teardown, write_config
 from tests.kernel.harness import (
     HostileEnv,
-    MiB,
     await_writer,
     build_pool,
     hostile_env,
     spawn_daemon,
-    teardown,
     verify_stamped,
-    write_config,
 )
 from thinwatchd.kernel.loop import LoopControl
 

@@ -25,13 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
-    MiB,
-    await_writer,
-    hostile_env,
-    kernel_lines,
-    verify_stamped,
-)
+from testbed.harness import MiB
+from tests.kernel.harness import await_writer, hostile_env, kernel_lines, verify_stamped
 from thinwatchd.kernel import loop_abi
 from thinwatchd.kernel.loop import LoopControl
 

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
+from testbed.harness import (
     DaemonProcess,
     GiB,
     KernelLog,
     MiB,
     create_thin,
-    dirty_bytes,
     scratch_dir,
     teardown,
     write_config,
 )
+from tests.kernel.harness import dirty_bytes
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.memory import Memory
 from thinwatchd.policy.writeback import PAGE_BYTES, parse_writeback

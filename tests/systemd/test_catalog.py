@@ -19,14 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
-    REPO,
-    installed_unit,
-    pool_config,
-    scratch_dir,
-    teardown,
-    unit_journal,
-)
+from testbed.harness import REPO, scratch_dir, teardown
+from tests.kernel.harness import installed_unit, pool_config, unit_journal
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import REPO, MiB
+from testbed.harness import REPO, MiB
 from tests.systemd.consumers import BLOCK, ConsumerSetup, consumer_setup, guest_with, run
 from tests.systemd.oci_image import Image
 

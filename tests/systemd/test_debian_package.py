@@ -50,14 +50,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
-    KernelLog,
-    MiB,
-    create_thin,
-    dirty_bytes,
-    scratch_dir,
-    teardown,
-)
+from testbed.harness import KernelLog, MiB, create_thin, scratch_dir, teardown
+from tests.kernel.harness import dirty_bytes
 from tests.package.deb import (
     build,
     build_upgrade,

@@ -47,7 +47,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import REPO, MiB, dirty_bytes
+from testbed.harness import REPO, MiB
+from tests.kernel.harness import dirty_bytes
 from tests.systemd.consumers import BLOCK, ConsumerSetup, consumer_setup, guest_with, run
 from tests.vm.initramfs import find_static_busybox
 from thinwatchd.thin.table import parse_pool_table

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import REPO, scratch_dir, teardown
+from testbed.harness import REPO, scratch_dir, teardown
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 

@@ -58,16 +58,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import (
-    KernelLog,
-    MiB,
-    create_thin,
-    dirty_bytes,
-    installed_unit,
-    pool_config,
-    scratch_dir,
-    teardown,
-)
+from testbed.harness import KernelLog, MiB, create_thin, scratch_dir, teardown
+from tests.kernel.harness import dirty_bytes, installed_unit, pool_config
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status

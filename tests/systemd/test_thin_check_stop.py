@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import installed_unit, scratch_dir, teardown
+from testbed.harness import scratch_dir, teardown
+from tests.kernel.harness import installed_unit
 from thinwatchd.kernel.dm import DeviceMapper
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]

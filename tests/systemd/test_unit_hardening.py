@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import REPO, MiB, installed_unit, scratch_dir, teardown
+from testbed.harness import REPO, MiB, scratch_dir, teardown
+from tests.kernel.harness import installed_unit
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop_abi import LOOP_CLR_FD, LOOP_MAJOR, LOOP_SET_FD

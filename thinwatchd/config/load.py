@@ -19,8 +19,10 @@ import yaml
 from yaml.reader import ReaderError
 
 from thinwatchd.base.errors import ConfigError
+from thinwatchd.base.human import format_bytes
 from thinwatchd.base.small_files import FILE_KINDS, file_kind, read_capped
-from thinwatchd.base.units import data_block_bytes, format_bytes, show_value, whole_data_blocks
+from thinwatchd.base.units import data_block_bytes, whole_data_blocks
+from thinwatchd.config.quantities import show_value
 from thinwatchd.config.settings import (
     DaemonSettings,
     DataGrowth,

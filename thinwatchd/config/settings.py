@@ -1,4 +1,4 @@
-"""The validated configuration as frozen dataclasses (parsed from YAML by ``config.py``).
+"""The validated configuration as frozen dataclasses (parsed from YAML by ``load.py``).
 
 Every size is in bytes, every duration in seconds, every percentage a float in [0, 100].
 """
@@ -70,7 +70,7 @@ class PoolSettings:
     its block size and features, but files that start small and are allocated, not sparse
     (README: "Defaults")."""
 
-    name: PoolName  # validated: config.py makes it with kernel.names.pool_name_problem
+    name: PoolName  # validated: load.py makes it with kernel.names.pool_name_problem
     data_file: Path
     metadata_file: Path
     data_size: Bytes = Bytes(1 * GiB)  # initial size of a new data file

@@ -1,7 +1,7 @@
 """A strict YAML reader for the config: every scalar stays text, except null, true and false.
 
 YAML 1.1 (PyYAML's default) reads `off` as false, `010` as 8 and `1:30` as 90; here those stay
-text, which config.py's parsers then reject by name. A repeated key is an error (PyYAML keeps
+text, which load.py's parsers then reject by name. A repeated key is an error (PyYAML keeps
 the last one silently), and so is any tag other than the plain ones.
 
 Hostile documents fail fast: libyaml does the parsing, nesting is capped (composing recurses per

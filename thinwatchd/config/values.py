@@ -1,6 +1,6 @@
 """The config's values: one parser per kind of value (a size, a share, a block size, a feature
 list...), each taking the raw YAML value and raising Invalid with what is wrong and what to
-write instead. config.py maps keys to these and adds the key's path to the message.
+write instead. load.py maps keys to these and adds the key's path to the message.
 """
 
 from __future__ import annotations
@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from thinwatchd.base.units import (
-    DURATION_HINT,
-    PERCENT_HINT,
-    SIZE_HINT,
     Bytes,
     DataBlocks,
     Sectors,
     bytes_to_sectors,
+    sectors_to_bytes,
+    whole_meta_blocks,
+)
+from thinwatchd.config.quantities import (
+    DURATION_HINT,
+    PERCENT_HINT,
+    SIZE_HINT,
     parse_duration,
     parse_percent,
     parse_size,
-    sectors_to_bytes,
     show_value,
-    whole_meta_blocks,
 )
 from thinwatchd.config.settings import METADATA_MAX_BYTES
 from thinwatchd.thin.table import MAX_BLOCK_SECTORS, MIN_BLOCK_SECTORS, Feature, valid_block_size

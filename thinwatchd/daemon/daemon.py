@@ -2,14 +2,14 @@
 
 Start-up: load the config, activate each pool (create, adopt or recreate), reconcile it once,
 then report READY=1 — so /dev/mapper/<pool> exists for any unit ordered after us. Activation
-runs in worker threads (workers.py): thin_check and udev waits block, and the loop must keep
+runs in worker threads (base/workers.py): thin_check and udev waits block, and the loop must keep
 petting the watchdog and growing the other pools meanwhile; pools start side by side. Then one event
 loop: dm events (the control fd, DM_DEV_ARM_POLL + one DM_LIST_DEVICES for all pools), udev
 events for the pools' devices, the safety timer, the watchdog, SIGHUP (reload) and SIGTERM/SIGINT
 (stop; pools stay up, their consumers depend on them).
 
-The loop only decides which pools to look at; reconciles.py runs their reconciles in worker
-threads, side by side, and publish.py says what a pass found.
+The loop only decides which pools to look at; growth/schedule.py runs their reconciles in
+worker threads, side by side, and publish/publisher.py says what a pass found.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from thinwatchd.daemon.unbuilt import Unbuilt
 from thinwatchd.growth.extender import Extender
 from thinwatchd.growth.journal import announce
 from thinwatchd.growth.page_cache import watch_writeback
-from thinwatchd.growth.schedule import Reconciles
+from thinwatchd.growth.schedule import Scheduler, reconcile_workers
 from thinwatchd.growth.space_watch import SPACE_WATCH_SECONDS, SpaceWatch, pool_files_by_fs
 from thinwatchd.growth.state import ManagedPool, PoolState
 from thinwatchd.kernel.api import Kernel, MetadataChecker
@@ -44,10 +45,10 @@ from thinwatchd.pool.bring_up import activate
 from thinwatchd.pool.files import check_distinct_files
 from thinwatchd.pool.loop_index import LoopIndex
 from thinwatchd.pool.running import Pool
-from thinwatchd.publish.metrics import PoolMetrics
+from thinwatchd.publish.figures import PoolMetrics
 from thinwatchd.publish.publisher import PUBLISH_SECONDS, Publisher, pool_figures, status_line
 
-__all__ = ["Daemon"]
+__all__ = ["Daemon", "Threads"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -61,9 +62,21 @@ FILE_STUCK_SECONDS = 1.0
 
 
 def file_workers(loop: EventLoop) -> Workers:
-    """The worker threads for syscalls on pool files and their filesystems (tests swap in ones
-    that run inline)."""
+    """The worker threads for syscalls on pool files and their filesystems."""
     return Workers(loop, max_threads=2, stuck_after=FILE_STUCK_SECONDS)
+
+
+WorkersFor = Callable[[EventLoop], Workers]
+
+
+@dataclass(frozen=True)
+class Threads:
+    """Where the daemon's blocking work runs: each kind in worker threads of its own (the
+    engine tests pass ones that run their jobs inline)."""
+
+    builds: WorkersFor = Workers  # thin_check, udev waits
+    reconciles: WorkersFor = reconcile_workers  # checks and growths, per pool
+    files: WorkersFor = file_workers  # syscalls on pool files, which can stall
 
 
 class Daemon:
@@ -80,7 +93,9 @@ class Daemon:
         udev_monitor: Any = None,
         estimates_file: Path | None = None,
         age: float = 0.0,
+        threads: Threads | None = None,
     ) -> None:
+        threads = threads or Threads()
         self.config_path = config_path
         self.kernel = kernel
         self.notifier = notifier or Notifier()
@@ -95,14 +110,13 @@ class Daemon:
         # disk retrying EIO): never on the loop's thread, and one stalled filesystem holds up
         # no other. The space watch's looks, the loops' checks after udev events, a reload's
         # look at the new config's files, the metrics and estimates files' writes.
-        self.file_workers = file_workers(self.loop)
+        self.file_workers = threads.files(self.loop)
         self.publisher = Publisher(
             self.notifier,
             estimates_file,
             lambda write: self.file_workers.submit("publish", write, self._checked),
         )
-        # Late-bound, as the callbacks below: tests count publications through _publish.
-        self.publications = RateLimited(self.loop, PUBLISH_SECONDS, lambda: self._publish())
+        self.publications = RateLimited(self.loop, PUBLISH_SECONDS, self._publish)
         self._watchdog_started = False
         self._started = False  # start() done: READY=1 may be sent
         self.unbuilt = Unbuilt()
@@ -113,25 +127,22 @@ class Daemon:
         self._born = self.loop.time() - age
         self._ready_at: float | None = None
         self.loop_owners = LoopOwners(kernel)
-        self.workers = Workers(self.loop)  # pool builds: thin_check, udev waits
+        self.workers = threads.builds(self.loop)  # pool builds: thin_check, udev waits
         self.extender = Extender(kernel, self.loop.time, self.crash_absence_seconds)
         self.space_watch = SpaceWatch(
             self.extender.backing, kernel.files, self.extender.page_cache, self.loop.time
         )
-        self.dm_events = DmEvents(
-            self.loop,
-            kernel.dm,
-            self.pools,
-            changed=lambda pools, woke: self._pass(pools, woke),
-            gone=lambda pools: self._lost_all(pools),
-        )
-        self.reconciles = Reconciles(
+        self.scheduler = Scheduler(
             self.loop,
             self.extender,
             self.pools,
-            building=lambda name: self.workers.busy(name),  # late-bound, as the others
-            lost=lambda managed: self._lost(managed),
+            threads.reconciles(self.loop),
+            building=self.workers.busy,
+            lost=self._lost,
             publish=self.publications,
+        )
+        self.dm_events = DmEvents(
+            self.loop, kernel.dm, self.pools, changed=self.scheduler.run_pass, gone=self._lost_all
         )
 
     # -- start-up --------------------------------------------------------------------------
@@ -163,8 +174,8 @@ class Daemon:
             if settings.name in failures:
                 raise failures[settings.name]
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
-        self._check_events()
-        self.reconcilers.run_until_idle()
+        self.dm_events.check()
+        self.scheduler.workers.run_until_idle()
         self._started = True
         if self._reload_pending:
             self._reload_pending = False
@@ -199,8 +210,8 @@ class Daemon:
             # one (the files and block size it was built with stay, as for a running pool).
             pool.settings = self._current_settings(pool.settings)
             managed = self._register(pool, state)
-            if on_error is None:  # at start-up, the first _check_events reconciles every pool
-                self._reconcile(managed)
+            if on_error is None:  # at start-up, the first dm_events.check reconciles every pool
+                self.scheduler.run_pass([managed])
 
         def build() -> Pool:
             pool = activate(settings, self.kernel, self.check_metadata, loops)
@@ -266,16 +277,16 @@ class Daemon:
         finally:
             self.workers.close()
             self.file_workers.close()
-            self.reconcilers.close()
+            self.scheduler.workers.close()
             loop.close()
 
     def leave_room(self) -> None:
         """Before the process exits: let the growths and checks in flight end (each was
         decided without the parting room), then grow every filling pool to last the absence
-        (Reconciles.parting_pass), and wait for those growths."""
-        self.reconciles.finish(share=0.5)
-        self.reconciles.parting_pass(self.absence_seconds())
-        self.reconciles.finish(share=0.5)
+        (Scheduler.parting_pass), and wait for those growths."""
+        self.scheduler.finish(share=0.5)
+        self.scheduler.parting_pass(self.absence_seconds())
+        self.scheduler.finish(share=0.5)
 
     def absence_seconds(self) -> float:
         """Return how long the pools may go unwatched after this daemon stops: twice its own
@@ -296,7 +307,7 @@ class Daemon:
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""
-        self.reconciles.stopping = True  # no new pass, no rebuild
+        self.scheduler.stopping = True  # no new pass, no rebuild
         self.notifier.stopping()
         log.info("thinwatchd stopping; %d pool(s) stay active", len(self.pools))
         self.loop.stop()
@@ -305,7 +316,7 @@ class Daemon:
         assert self.settings is not None
 
         def check() -> None:
-            self._pass(list(self.pools.values()), survey=True)
+            self.scheduler.run_pass(list(self.pools.values()), survey=True)
             loops = self._loop_index()
             for settings in list(self.unbuilt.pending.values()):
                 if not self.workers.busy(settings.name):
@@ -316,7 +327,9 @@ class Daemon:
 
     def _schedule_writeback_watch(self) -> None:
         if self.kernel.memory is not None:  # without the counters, nothing to watch
-            watch_writeback(self.loop, self.extender.page_cache, self.pools, self._pass)
+            watch_writeback(
+                self.loop, self.extender.page_cache, self.pools, self.scheduler.run_pass
+            )
 
     def _schedule_space_watch(self) -> None:
         """Every SPACE_WATCH_SECONDS, look at the backing filesystems that are due, each in a
@@ -342,7 +355,7 @@ class Daemon:
             elif rose:
                 refused = [m for m in self.pools.values() if m.state.refused_since is not None]
                 there = pool_files_by_fs(refused, watch.backing).get(dev, [])
-                self._pass(there)
+                self.scheduler.run_pass(there)
 
         self.loop.call_later(SPACE_WATCH_SECONDS, tick)
 
@@ -357,10 +370,6 @@ class Daemon:
             self.loop.call_later(interval, pet)
 
         pet()
-
-    def _check_events(self) -> None:
-        """Reconcile, in one pass, each pool whose dm event_nr moved (dm_events.py)."""
-        self.dm_events.check()
 
     def _lost_all(self, pools: list[ManagedPool]) -> None:
         loops = self._loop_index()  # one scan of the loops for every pool rebuilt
@@ -378,7 +387,7 @@ class Daemon:
             loops = self._loop_index()
             for managed in list(self.pools.values()):
                 self._lost(managed, loops)
-            self._pass(list(self.pools.values()), survey=True)
+            self.scheduler.run_pass(list(self.pools.values()), survey=True)
             return
         if device is None or device.action not in ("remove", "change"):
             return
@@ -407,37 +416,18 @@ class Daemon:
     def _lost(self, managed: ManagedPool, loops: LoopIndex | None = None) -> None:
         """The pool's device vanished behind our back: rebuild it over its metadata."""
         name = managed.pool.name
-        if self.reconciles.stopping or self.workers.busy(name) or self.reconcilers.busy(name):
+        if self.scheduler.stopping or self.workers.busy(name) or self.scheduler.workers.busy(name):
             return  # a reconcile that finds the device gone comes back here
         try:
             if self.kernel.dm.info(name) is not None:
                 return
         except ThinwatchError as exc:
-            self.reconciles.pool_error(managed, exc)
+            self.scheduler.pool_error(managed, exc)
             return
         if name not in self.unbuilt.errors:  # said once, not at every failed retry
             log.error("pool %s: its device was removed by someone else; rebuilding it", name)
         managed.state.unfinished = None  # the rebuild finishes any growth from the files
         self._activate(managed.pool.settings, managed.state, loops=loops)  # keep its history
-
-    @property
-    def reconcilers(self) -> Workers:
-        """The worker threads that reconcile pools: checks and growths, per pool."""
-        return self.reconciles.workers
-
-    @reconcilers.setter
-    def reconcilers(self, workers: Workers) -> None:
-        self.reconciles.workers = workers
-
-    def _pass(
-        self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
-    ) -> None:
-        """Reconcile pools in one pass (Reconciles.run_pass)."""
-        self.reconciles.run_pass(pools, woke, survey=survey)
-
-    def _reconcile(self, managed: ManagedPool, woke: float | None = None) -> None:
-        """Reconcile one pool in a pass of its own (a retry, a pool just built)."""
-        self._pass([managed], woke)
 
     # -- reload ----------------------------------------------------------------------------
 
@@ -526,7 +516,7 @@ class Daemon:
     def _schedule_check_after_reload(self) -> None:
         if self._check_timer is not None:
             self._check_timer.cancel()
-        self._pass(list(self.pools.values()), survey=True)
+        self.scheduler.run_pass(list(self.pools.values()), survey=True)
         self._schedule_check()
 
     # -- reporting -------------------------------------------------------------------------

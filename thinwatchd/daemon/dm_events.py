@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 
 from thinwatchd.base.errors import ThinwatchError
 from thinwatchd.base.event_loop import EventLoop, Timer
+from thinwatchd.base.said_once import SaidOnce
 from thinwatchd.growth.state import ManagedPool
 from thinwatchd.kernel.api import DeviceMapperApi
 
@@ -40,7 +41,7 @@ class DmEvents:
         self.pools = pools
         self.changed = changed  # the pools whose event_nr moved, and when the loop woke
         self.gone = gone  # the pools whose device is no longer listed
-        self._error: str | None = None  # the last read error logged
+        self._said: SaidOnce[str] = SaidOnce()  # "error": the last read error logged
         self._retry: Timer | None = None
 
     def listen(self) -> None:
@@ -57,16 +58,15 @@ class DmEvents:
         except ThinwatchError as exc:
             self._read_failed(exc)
             return
-        if self._error is not None:
+        if self._said.ends("error"):
             log.info("dm events are read again")
-            self._error = None
         changed, gone = [], []
         for name, managed in list(self.pools.items()):
             event_nr = seen.get(name)
             if event_nr is None:
                 gone.append(managed)
-            elif event_nr != managed.state.event_nr:
-                managed.state.event_nr = event_nr
+            elif event_nr != managed.state.seen.event_nr:
+                managed.state.seen.event_nr = event_nr
                 changed.append(managed)
         if gone:
             self.gone(gone)
@@ -75,8 +75,7 @@ class DmEvents:
     def _read_failed(self, exc: ThinwatchError) -> None:
         fd = self.dm.fileno()
         self.loop.remove_reader(fd)
-        if str(exc) != self._error:
-            self._error = str(exc)
+        if self._said.says("error", str(exc)):
             log.error(
                 "cannot read dm events: %s; retrying every %g s, the timer checks meanwhile",
                 exc,

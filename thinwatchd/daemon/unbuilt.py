@@ -7,6 +7,7 @@ import logging
 from collections.abc import Container
 
 from thinwatchd.base.errors import ThinwatchError
+from thinwatchd.base.said_once import SaidOnce
 from thinwatchd.config.settings import PoolSettings
 
 __all__ = ["Unbuilt"]
@@ -19,7 +20,7 @@ class Unbuilt:
 
     def __init__(self) -> None:
         self.pending: dict[str, PoolSettings] = {}  # new pools whose build failed
-        self.errors: dict[str, str] = {}  # the last build error per pool, said once
+        self.errors: SaidOnce[str] = SaidOnce()  # the last build error said, per pool
 
     def failed(self, settings: PoolSettings, error: BaseException | None, *, retry: bool) -> None:
         """A build failed; retry it at each safety check if it is a new pool (a running pool
@@ -28,15 +29,14 @@ class Unbuilt:
         if retry:
             self.pending[name] = settings
         if isinstance(error, ThinwatchError):
-            if str(error) != self.errors.get(name):
+            if self.errors.says(name, str(error)):
                 log.error("pool %s: cannot build it: %s; retrying at each check", name, error)
-            self.errors[name] = str(error)
         else:
             log.critical("pool %s: internal error while building it", name, exc_info=error)
 
     def built(self, name: str) -> None:
         self.pending.pop(name, None)
-        if self.errors.pop(name, None) is not None:
+        if self.errors.ends(name):
             log.info("pool %s: built after earlier failures", name)
 
     def keep_only(self, names: Container[str]) -> None:

@@ -1,7 +1,7 @@
 """Growth execution: apply the policy's decisions to a pool, and report what happened.
 
 ``Extender.reconcile(pool)`` is the one routine every trigger runs (a dm event, a udev event,
-the safety timer): read the status, ask the pure policy (policy.py) what to do, and do it:
+the safety timer): read the status, ask the pure policy (policy/decide.py) what to do, and do it:
 
     grow the file -> LOOP_SET_CAPACITY -> TABLE_LOAD (inactive) -> resume -> status
 
@@ -26,10 +26,9 @@ from thinwatchd.base.errors import KernelError, RollbackError, ThinwatchError
 from thinwatchd.base.logs import MessageId, event
 from thinwatchd.base.units import Bytes, data_blocks_to_sectors
 from thinwatchd.growth.backing import BackingFiles, BackingLook
-from thinwatchd.growth.journal import PoolJournal
+from thinwatchd.growth.journal import PoolJournal, failure_key
 from thinwatchd.growth.page_cache import PageCache
-from thinwatchd.growth.retune import retune_table
-from thinwatchd.growth.state import GrowthRecord, PoolState
+from thinwatchd.growth.state import GrowthRecord, PoolState, Topic
 from thinwatchd.kernel.api import Kernel
 from thinwatchd.policy.decide import (
     Decision,
@@ -40,11 +39,13 @@ from thinwatchd.policy.decide import (
     decide_data,
     decide_metadata,
     describe,
+    no_space_mode,
 )
 from thinwatchd.policy.fs_room import BackingFs, crash_room_fits
+from thinwatchd.policy.low_water import low_water_mark
 from thinwatchd.policy.writeback import WritebackState
 from thinwatchd.pool.running import Pool, ensure_resumed
-from thinwatchd.thin.status import ThinPoolStatus, ThinPoolWorkingStatus
+from thinwatchd.thin.status import NoSpacePolicy, ThinPoolStatus, ThinPoolWorkingStatus
 
 __all__ = ["Extender"]
 
@@ -130,8 +131,8 @@ class Extender:
             self.journal.failure(pool, state, "check", exc)
             if state.refused_since is None:
                 state.refused_since = self.clock()
-            retune_table(self.kernel, self.journal, pool, state, None, self.clock())
-            return state.status
+            self._retune(pool, state, None)
+            return state.seen.status
 
     def _reconcile(
         self,
@@ -145,14 +146,14 @@ class Extender:
         started = self.clock() if woke is None else woke
         writeback = self.page_cache.sample()
         status = pool.read_status(dm)
-        state.written_at_status = None if writeback is None else writeback.written
+        state.seen.written_at_status = None if writeback is None else writeback.written
         if writeback is not None and isinstance(status, ThinPoolWorkingStatus):
             used = pool.data_bytes(status.data_used)
             state.history = state.history.record_landing(used, writeback.written)
         if self._adopt_outside_change(pool, state, status):
             # Suspended by someone else: no growth, no retune; when_full's clock runs if room
             # was already lacking.
-            state.status = status
+            state.seen.status = status
             return status
         backing_off = state.retry_at is not None and self.clock() < state.retry_at
         blocked = False
@@ -174,8 +175,7 @@ class Extender:
             if not isinstance(decision, Grow):
                 blocked = isinstance(decision, Refuse) and decision.is_capacity
                 if state.unfinished is None:  # nothing to retry: the growth is not wanted now
-                    state.retry_at = None
-                    state.failing, state.failed_attempts = None, 0
+                    state.end_failure_streak()
                 break
             if backing_off or state.unfinished is not None:
                 look.unbook(self._path(pool, decision))  # not made now
@@ -198,18 +198,70 @@ class Extender:
                 state.refused_since = self.clock()
         else:
             state.refused_since = None
-        retune_table(
-            self.kernel,
-            self.journal,
-            pool,
-            state,
-            status,
-            self.clock(),
-            writeback,
-            self._unwatched_on(data_fs, pool, state),
-        )
-        state.status = status
+        self._retune(pool, state, status, writeback, self._unwatched_on(data_fs, pool, state))
+        state.seen.status = status
         return status
+
+    def _retune(
+        self,
+        pool: Pool,
+        state: PoolState,
+        status: ThinPoolStatus | None,
+        writeback: WritebackState | None = None,
+        unwatched_seconds: float = 0.0,
+    ) -> None:
+        """Retune the pool's table between growths: reload once if its mark or no-space policy
+        should change.
+
+        The mark: the kernel only knows the table's, and the policy's (threshold, adaptive rate)
+        may be higher; growths carry it anyway, so this rarely reloads, and never to lower it
+        (an early event costs nothing). The policy: error_if_no_space after the grace period
+        without room, and back when room returns. One reload for both: each stalls writers.
+        With no status (the check failed), only the policy is considered.
+        """
+        if status is not None and (
+            not isinstance(status, ThinPoolWorkingStatus) or status.needs_check
+        ):
+            return
+        if state.own_suspend:
+            return  # a reload would meet the same refusal; resuming it comes first
+        table = pool.table
+        if isinstance(status, ThinPoolWorkingStatus):
+            mark = low_water_mark(
+                pool.settings, status.data_total, state.history, writeback, unwatched_seconds
+            )
+            if mark > table.low_water_mark + table.low_water_mark // 4:  # hysteresis
+                table = table.with_low_water_mark(mark)
+        policy = no_space_mode(pool.settings, state.refused_since, self.clock())
+        if policy is not table.no_space_policy:
+            table = table.with_no_space_policy(policy)
+        if table == pool.table:
+            return
+        old = pool.table
+        try:
+            pool.reload(self.kernel, table)
+        except ThinwatchError as exc:
+            key = failure_key(exc)
+            news = state.said.says(Topic.RETUNE_FAILING, key)
+            if news and state.said.get(Topic.GROWTH_FAILING) != key:  # not said as a growth's
+                log.error("pool %s: cannot reload with %s: %s", pool.name, table.params(), exc)
+            return
+        state.said.ends(Topic.RETUNE_FAILING)
+        if table.low_water_mark != old.low_water_mark:
+            log.info("pool %s: low-water mark raised to %d blocks", pool.name, table.low_water_mark)
+        if policy is not old.no_space_policy:
+            error = policy is NoSpacePolicy.ERROR
+            why = (
+                "no room to grow; writers now get ENOSPC instead of hanging"
+                if error
+                else "room to grow again; writers queue as configured"
+            )
+            event(
+                logging.ERROR if error else logging.INFO,
+                MessageId.POOL_MODE_CHANGED,
+                f"pool {pool.name}: switched to {policy.value}: {why}",
+                self.journal.fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
+            )
 
     def _unwatched_on(self, data_fs: BackingFs, pool: Pool, state: PoolState) -> float:
         """How long the pool's mark covers a killed daemon's absence: the daemon's estimate,
@@ -239,7 +291,7 @@ class Extender:
         if info is None:
             raise KernelError("DM_DEV_STATUS", pool.name, errno.ENXIO, "the device is gone")
         if size == pool.length and not info.suspended:
-            state.suspended_said = False
+            state.said.ends(Topic.SUSPENDED)
             return False
         live = pool.live_length(self.kernel.dm, at_least=size)
         if info.suspended and live < size:
@@ -263,11 +315,10 @@ class Extender:
                 return True
             ensure_resumed(self.kernel, pool)
             state.own_suspend = False
-            state.failing, state.failed_attempts, state.retry_at = None, 0, None
+            state.end_failure_streak()
             log.warning("pool %s: resumed at last, its writers go on", pool.name)
             return False
-        if not state.suspended_said:
-            state.suspended_said = True
+        if state.said.says(Topic.SUSPENDED):
             log.warning(
                 "pool %s is suspended by someone else (dmsetup suspend?); its writers wait, "
                 "and it is not grown, until it is resumed (dmsetup resume %s)",
@@ -414,14 +465,14 @@ class Extender:
             self.journal.failure(pool, state, decision.target, exc)
             return None
         state.unfinished = None
-        if state.failing is not None:
+        attempts = state.failed_attempts
+        if state.end_failure_streak():
             log.info(
                 "pool %s: %s grew again after %d failed attempt(s)",
                 pool.name,
                 decision.target,
-                state.failed_attempts,
+                attempts,
             )
-        state.failing, state.failed_attempts, state.retry_at = None, 0, None
         seconds = self.clock() - started
         log.debug(
             "pool %s: %s growth steps (ms): %s",
@@ -440,7 +491,7 @@ class Extender:
             status: ThinPoolStatus | None = pool.read_status(self.kernel.dm)
             unread: ThinwatchError | None = None
         except ThinwatchError as exc:
-            status, unread = state.status, exc
+            status, unread = state.seen.status, exc
         event(
             logging.INFO,
             MessageId.DATA_GROWN if data else MessageId.METADATA_GROWN,

@@ -9,10 +9,10 @@ import logging
 from collections.abc import Callable
 
 from thinwatchd.base.errors import KernelError, ThinwatchError
+from thinwatchd.base.human import format_bytes
 from thinwatchd.base.logs import MessageId, event
-from thinwatchd.base.units import format_bytes
 from thinwatchd.growth.backing import BackingFiles
-from thinwatchd.growth.state import PoolState, pool_fields
+from thinwatchd.growth.state import PoolState, Topic, pool_fields
 from thinwatchd.policy.decide import Decision, Grow, NoAction, Refuse, describe
 from thinwatchd.policy.fs_room import BackingFs, backing_shortfall
 from thinwatchd.pool.running import Activation, Pool
@@ -79,10 +79,9 @@ class PoolJournal:
         # A pool left suspended is one streak, from the growth whose resume failed to the
         # resume that is accepted, whatever each attempt meets.
         key = "left suspended" if state.own_suspend else failure_key(exc)
-        if key == state.failing:
+        if not state.said.says(Topic.GROWTH_FAILING, key):
             log.debug("pool %s: attempt %d failed again: %s", pool.name, state.failed_attempts, exc)
             return
-        state.failing = key
         if state.own_suspend:
             what = (
                 f"growing {target} of {pool.name} failed: {exc}; the kernel refused to resume "
@@ -99,7 +98,7 @@ class PoolJournal:
             logging.ERROR,
             MessageId.GROWTH_FAILED,
             f"{what}; retrying with backoff (next in {delay:g} s)",
-            self.fields(pool, state.status) | {"TARGET": target},
+            self.fields(pool, state.seen.status) | {"TARGET": target},
         )
 
     def fs_at_reserve(
@@ -112,20 +111,18 @@ class PoolJournal:
         look after it would only add a second failure to say)."""
         path = str(pool.settings.data_file)
         short = backing_shortfall(status, pool.settings, data_fs)
-        if bool(short) != state.backing_short:
-            state.backing_short = bool(short)
-            if short:
-                event(
-                    logging.ERROR,
-                    MessageId.BACKING_FS_LOW,
-                    f"pool {pool.name}: the filesystem under {path} is at its reserve but the "
-                    f"pool may still write {format_bytes(short)} into holes of that file; those "
-                    f"writes will fail with EIO. Free space there or lower "
-                    f"pools.{pool.name}.reserve; when_full applies meanwhile",
-                    self.fields(pool, status) | {"SHORTFALL_BYTES": short},
-                )
-            else:
-                log.info("pool %s: the filesystem under %s has room again", pool.name, path)
+        if short and state.said.says(Topic.FS_AT_RESERVE):
+            event(
+                logging.ERROR,
+                MessageId.BACKING_FS_LOW,
+                f"pool {pool.name}: the filesystem under {path} is at its reserve but the "
+                f"pool may still write {format_bytes(short)} into holes of that file; those "
+                f"writes will fail with EIO. Free space there or lower "
+                f"pools.{pool.name}.reserve; when_full applies meanwhile",
+                self.fields(pool, status) | {"SHORTFALL_BYTES": short},
+            )
+        elif not short and state.said.ends(Topic.FS_AT_RESERVE):
+            log.info("pool %s: the filesystem under %s has room again", pool.name, path)
         return bool(short)
 
     def refusal(
@@ -133,29 +130,26 @@ class PoolJournal:
     ) -> None:
         """Log a refusal once when it starts or changes, and once when it ends."""
         target = decision.target
-        before = state.refusals.get(target)
+        topic = Topic.refused(target)
         if isinstance(decision, Refuse):
             key = decision.reason.value
-            if before != key:
-                state.refusals[target] = key
+            if state.said.says(topic, key):
                 event(
                     logging.ERROR,
                     MessageId.GROWTH_REFUSED,
                     describe(decision),
                     self.fields(pool, status) | {"TARGET": target, "REASON": key},
                 )
-        elif before is not None and isinstance(decision, (Grow, NoAction)):
-            del state.refusals[target]
+        elif isinstance(decision, (Grow, NoAction)) and state.said.ends(topic):
             log.info("pool %s: %s can grow again", pool.name, target)
 
     def mode(self, pool: Pool, state: PoolState, status: ThinPoolStatus) -> None:
         """Log each change of the pool's mode (and needs_check) once, with what to do about it."""
         mode = status.mode
         needs_check = isinstance(status, ThinPoolWorkingStatus) and status.needs_check
-        if (mode, needs_check) == (state.mode, state.needs_check):
+        first = Topic.MODE not in state.said
+        if not state.said.says(Topic.MODE, (mode, needs_check)):
             return
-        first = state.mode is None
-        state.mode, state.needs_check = mode, needs_check
         healthy = mode is PoolMode.WRITE and not needs_check
         if first and healthy:
             return

@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping
 
 from thinwatchd.base.errors import ThinwatchError
 from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.said_once import SaidOnce
 from thinwatchd.base.units import Bytes, data_blocks_to_bytes
-from thinwatchd.growth.state import ManagedPool, PoolState
+from thinwatchd.growth.state import ManagedPool, PoolState, Topic
 from thinwatchd.kernel.api import MemoryApi
-from thinwatchd.policy.decide import GrowthTarget
 from thinwatchd.policy.low_water import writeback_threatens
 from thinwatchd.policy.writeback import WritebackState, parse_writeback
 from thinwatchd.pool.running import Pool
@@ -44,7 +44,7 @@ class PageCache:
         self.clock = clock
         self._sample: tuple[float, WritebackState | None] | None = None
         self._lock = threading.Lock()  # pools are reconciled in threads side by side
-        self._error: str | None = None  # the last failed read, said once
+        self._said: SaidOnce[str] = SaidOnce()  # "error": the last failed read
 
     def sample(self) -> WritebackState | None:
         """Return a recent sample of the dirty-memory counters; None without them.
@@ -65,17 +65,15 @@ class PageCache:
         try:
             sample = parse_writeback(*memory.writeback_texts())
         except ThinwatchError as exc:
-            if str(exc) != self._error:
-                self._error = str(exc)
+            if self._said.says("error", str(exc)):
                 log.warning(
                     "cannot read the page cache's dirty counters: %s; low-water marks "
                     "ignore writeback until they can be read",
                     exc,
                 )
         else:
-            if self._error is not None:
+            if self._said.ends("error"):
                 log.info("the page cache's dirty counters are read again")
-                self._error = None
         self._sample = (now, sample)
         return sample
 
@@ -84,17 +82,17 @@ def threatened(pool: Pool, state: PoolState, writeback: WritebackState) -> bool:
     """Return whether the page cache may hold enough to take the pool below its mark, by the
     last status read less all writeback completed since (no syscall: the daemon asks this of
     every pool at each writeback sample)."""
-    status = state.status
+    status = state.seen.status
     if (
         not pool.settings.data.adaptive_low_water
         or not isinstance(status, ThinPoolWorkingStatus)
-        or state.written_at_status is None
-        or GrowthTarget.DATA in state.refusals  # said already; the safety check comes back
+        or state.seen.written_at_status is None
+        or Topic.DATA_REFUSED in state.said  # said already; the safety check comes back
         or state.retry_at is not None  # backing off; its timer comes back
-        or state.suspended_said  # an operator's suspend: nothing grows it until resumed
+        or Topic.SUSPENDED in state.said  # an operator's suspend: nothing grows it until resumed
     ):
         return False
-    landed = max(0, writeback.written - state.written_at_status)
+    landed = max(0, writeback.written - state.seen.written_at_status)
     block_size = pool.settings.data_block_size
     free = Bytes(data_blocks_to_bytes(status.data_free, block_size) - landed)
     mark = data_blocks_to_bytes(pool.table.low_water_mark, block_size)

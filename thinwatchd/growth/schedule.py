@@ -1,6 +1,6 @@
 """Which pools are reconciled when, off the event loop.
 
-Each pool's reconcile (status read, growth) runs in a worker thread (workers.py), side by side
+Each pool's reconcile (status read, growth) runs in a worker thread (base/workers.py), side by side
 with the others', and reports back on the loop: a growth's resume waits for its pool's I/O to
 drain, and one pool's drain, or a stalled backing filesystem, must not hold up another pool's
 growth. An event's reconciles go first; the safety check's run one at a time behind them. One
@@ -19,6 +19,7 @@ from dataclasses import KW_ONLY, dataclass, field
 
 from thinwatchd.base.errors import KernelError, ThinwatchError
 from thinwatchd.base.event_loop import EventLoop
+from thinwatchd.base.said_once import SaidOnce
 from thinwatchd.base.workers import Workers
 from thinwatchd.growth.backing import BackingLook
 from thinwatchd.growth.extender import Extender
@@ -32,7 +33,7 @@ __all__ = [
     "STOP_WAIT_SECONDS",
     "STUCK_SECONDS",
     "SURVEY_THREADS",
-    "Reconciles",
+    "Scheduler",
     "reconcile_workers",
 ]
 
@@ -80,7 +81,7 @@ class _Pass:
 
 
 def reconcile_workers(loop: EventLoop) -> Workers:
-    """The worker threads that reconcile pools (tests swap in ones that run inline)."""
+    """The worker threads that reconcile pools."""
     return Workers(
         loop,
         max_threads=RECONCILE_THREADS,
@@ -90,7 +91,7 @@ def reconcile_workers(loop: EventLoop) -> Workers:
 
 
 @dataclass(eq=False)
-class Reconciles:
+class Scheduler:
     """Submits pools' reconciles in passes, and handles what each reports back on the loop.
 
     The daemon owns the pools; this asks it, through callbacks, whether a pool is being
@@ -100,18 +101,15 @@ class Reconciles:
     loop: EventLoop
     extender: Extender
     pools: dict[str, ManagedPool]
+    workers: Workers  # reconcile_workers, in the daemon
     _: KW_ONLY
     building: Callable[[str], bool]  # is this pool being (re)built now?
     lost: Callable[[ManagedPool], None]  # rebuild a pool whose device is gone
     publish: Callable[[], None]  # after a pass
-    workers: Workers = field(init=False)
     stopping: bool = field(default=False, init=False)
-    _stuck_said: set[str] = field(default_factory=set, init=False)  # at a stop, said once
+    _stuck: SaidOnce[str] = field(default_factory=SaidOnce, init=False)  # at a stop, said once
     # Follow-up checks by when they are due (FOLLOW_UP_BATCH_SECONDS apart): pool name -> pool.
     _follow_ups: dict[float, dict[str, ManagedPool]] = field(default_factory=dict, init=False)
-
-    def __post_init__(self) -> None:
-        self.workers = reconcile_workers(self.loop)
 
     def run_pass(
         self, pools: Iterable[ManagedPool], woke: float | None = None, *, survey: bool = False
@@ -169,9 +167,8 @@ class Reconciles:
             elif error is not None:  # a bug must not stop the other pools from being watched
                 managed.state.failures += 1
                 log.critical("pool %s: internal error", managed.pool.name, exc_info=error)
-            elif managed.error is not None:
+            elif managed.said.ends("error"):
                 log.info("pool %s: checked without error again", managed.pool.name)
-                managed.error = None
             self._schedule_retry(managed)
             self._follow_up(managed)
         finally:
@@ -183,8 +180,7 @@ class Reconciles:
     def pool_error(self, managed: ManagedPool, exc: ThinwatchError) -> None:
         """Count an error; log it when it differs from the pool's last one (once, not per check)."""
         managed.state.failures += 1
-        if str(exc) != managed.error:
-            managed.error = str(exc)
+        if managed.said.says("error", str(exc)):
             log.error("pool %s: %s", managed.pool.name, exc)
 
     def _schedule_retry(self, managed: ManagedPool) -> None:
@@ -254,9 +250,8 @@ class Reconciles:
             self.workers.run_until_idle(timeout=timeout)
         except TimeoutError:
             stuck = set(self.workers.keys())
-            if stuck <= self._stuck_said:
+            if not [name for name in stuck if self._stuck.says(name)]:
                 return  # said at the last wait
-            self._stuck_said |= stuck
             names = ", ".join(sorted(stuck))
             log.error(
                 "stopping while pool(s) %s are still being checked or grown after %g s (a "

@@ -31,14 +31,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from thinwatchd.base.errors import KernelError, ThinwatchError
+from thinwatchd.base.human import format_bytes
 from thinwatchd.base.logs import MessageId, event
-from thinwatchd.base.units import Bytes, format_bytes
+from thinwatchd.base.said_once import SaidOnce
+from thinwatchd.base.units import Bytes
 from thinwatchd.growth.backing import BackingFiles
 from thinwatchd.growth.page_cache import PageCache
 from thinwatchd.growth.state import ManagedPool
 from thinwatchd.kernel.api import FilesApi, FsSpace
-from thinwatchd.policy.forecast import reserve_bytes
-from thinwatchd.policy.fs_room import claim_margin, must_claim, next_look_seconds
+from thinwatchd.policy.fs_room import claim_margin, must_claim, next_look_seconds, reserve_bytes
 
 __all__ = ["SPACE_WATCH_SECONDS", "SpaceWatch", "pool_files_by_fs"]
 
@@ -81,7 +82,7 @@ class _Fs:
     reserve: Bytes = Bytes(0)  # the largest reserve of its pools, at the last full look
     at: float = 0.0
     peak_rate: float = 0.0  # the fastest its free space fell, decaying
-    failed: dict[str, str] = field(default_factory=dict)  # path -> the claim failure said
+    failed: SaidOnce[str] = field(default_factory=SaidOnce)  # path -> the claim failure said
     unclaimed: bool = False  # the last full look left holes it had to claim: tried on a rise
 
 
@@ -100,7 +101,7 @@ class SpaceWatch:
         self.page_cache = page_cache
         self.clock = clock
         self._fs: dict[int, _Fs] = {}
-        self._said_holes: set[str] = set()  # data files whose holes were said at first sight
+        self._said_holes: SaidOnce[str] = SaidOnce()  # data files whose holes were said
         self._lock = threading.Lock()  # _fs; each filesystem's entry is its own job's
 
     def due(self, now: float) -> list[int]:
@@ -233,9 +234,8 @@ class SpaceWatch:
         """Say, once per data file at its first look, how many holes it holds and what the
         watch will do about them (an adopted sparse pool: Docker's 100 GiB files)."""
         for f in files:
-            if f.metadata or f.path in self._said_holes:
+            if f.metadata or not self._said_holes.says(f.path):
                 continue
-            self._said_holes.add(f.path)
             holes = self._holes(f.path)
             if holes < HOLES_WORTH_SAYING:
                 continue
@@ -279,8 +279,7 @@ class SpaceWatch:
                     continue
                 finally:
                     self.backing.changed(f.path)  # the file, and the next statvfs
-            if f.path in fs.failed:
-                del fs.failed[f.path]
+            if fs.failed.ends(f.path):
                 log.info("pool %s: the holes of %s are claimed again", f.pool, f.path)
             why = (
                 "metadata is never left sparse"
@@ -308,9 +307,8 @@ class SpaceWatch:
         """Say a failed claim once per file and cause: the pool's writes into what is left
         unclaimed fail with EIO if the filesystem fills."""
         key = f"errno {exc.errno}"
-        if fs.failed.get(f.path) == key:
+        if not fs.failed.says(f.path, key):
             return
-        fs.failed[f.path] = key
         what = (
             "its filesystem cannot allocate without writing (no fallocate)"
             if exc.errno == errno.EOPNOTSUPP

@@ -2,7 +2,7 @@
 
 Two implementations exist: the real one (``thinwatchd.kernel.dm.DeviceMapper``,
 ``thinwatchd.kernel.loop.LoopControl``) and the in-memory fake the engine tests use
-(``tests/engine/fake_kernel.py``). Everything above ``thinwatchd/kernel/`` sees only these.
+(``testbed/fake_kernel.py``). Everything above ``thinwatchd/kernel/`` sees only these.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ import os as _os
 import stat as _stat
 
 from thinwatchd.base.errors import KernelError
-from thinwatchd.base.units import Bytes, disk_blocks_to_bytes, format_bytes, fs_blocks_to_bytes
+from thinwatchd.base.human import format_bytes
+from thinwatchd.base.units import Bytes, disk_blocks_to_bytes, fs_blocks_to_bytes
 from thinwatchd.kernel.api import FileInfo, FsSpace
 from thinwatchd.kernel.syscalls import FALLOC_FL_KEEP_SIZE, Syscalls
 
@@ -298,7 +299,7 @@ class Files:
         size does not change, so ENOSPC leaves the file as it was; the stray blocks are
         released), then ftruncate to the new size — one atomic inode update, so a crash leaves
         the old or the new size — then fsync unless sync is False (for a pool file the kernel
-        makes the size durable itself before it records the new size; see extender.py). Never
+        makes the size durable itself before it records the new size; see growth/extender.py). Never
         shrinks: raise KernelError(EINVAL) if new_size < the current size (equal is a no-op).
         Where the filesystem cannot fallocate, the new range is written with zeros (it is past
         the old EOF: nothing uses it yet). With identity (st_dev, st_ino), the

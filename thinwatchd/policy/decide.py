@@ -1,8 +1,9 @@
 """Growth policy: pure functions from (status, settings, backing filesystem, history) to decisions.
 
 No I/O and no clocks: the caller passes statvfs/stat figures in BackingFs and timestamps in
-FillHistory. The executor (extender.py) applies a Grow as: grow the file to new_size, set the loop
-capacity, load the same table with the new length and low_water_mark, resume, re-read the status.
+FillHistory. The executor (growth/extender.py) applies a Grow as: grow the file to new_size,
+set the loop capacity, load the same table with the new length and low_water_mark, resume,
+re-read the status.
 
 Why few, large growths: every resume drains in-flight I/O and stalls a writer for ~90 ms, so a
 growth leaves at least twice the low-water mark free (plus what fills during one growth); the
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 
+from thinwatchd.base.human import format_bytes
 from thinwatchd.base.units import (
     META_BLOCK_BYTES,
     Bytes,
@@ -24,7 +26,6 @@ from thinwatchd.base.units import (
     bytes_to_data_blocks,
     data_block_bytes,
     data_blocks_to_bytes,
-    format_bytes,
     meta_blocks_to_bytes,
 )
 from thinwatchd.config.settings import METADATA_MAX_BYTES, PoolSettings
@@ -70,7 +71,7 @@ class GrowthTarget(StrEnum):
 
 
 #: calc_metadata_threshold(): min(1024 blocks = 4 MiB, a quarter of the metadata device).
-_KERNEL_META_WATERMARK = 1024
+_KERNEL_META_WATERMARK = MetaBlocks(1024)
 
 
 class RefusalReason(StrEnum):
@@ -243,10 +244,10 @@ def decide_data(
     bs = settings.data_block_size
     bb = data_block_bytes(bs)
 
-    def as_bytes(blocks: int) -> Bytes:
+    def as_bytes(blocks: DataBlocks) -> Bytes:
         return data_blocks_to_bytes(blocks, bs)
 
-    def shown(blocks: int) -> str:
+    def shown(blocks: DataBlocks) -> str:
         return format_bytes(as_bytes(blocks))
 
     used, total, free = status.data_used, status.data_total, status.data_free
@@ -278,8 +279,8 @@ def decide_data(
     step = max(settings.data.step, _percent_of(current, settings.data.step_percent), bb)
     wanted = max(
         current + step,
-        as_bytes(used + 2 * base) + filling,
-        as_bytes(_min_total_clear(used, thr)) + filling,
+        as_bytes(DataBlocks(used + 2 * base)) + filling,
+        as_bytes(DataBlocks(_min_total_clear(used, thr))) + filling,
         as_bytes(used) + keep_free + filling,
     )
     fitted = _fit(settings, GrowthTarget.DATA, fs, current, wanted, bb, settings.data.max_size)
@@ -290,7 +291,7 @@ def decide_data(
         # Short of room: take what leaves one mark free, not the whole step, and leave the rest
         # to the other pools on the filesystem. Taking all of it starved the next pool out of
         # data space into error_if_no_space, and its writers into EIO.
-        enough = _ceil_to(as_bytes(used + base) + filling + keep_free, bb)
+        enough = _ceil_to(as_bytes(DataBlocks(used + base)) + filling + keep_free, bb)
         new = Bytes(max(min(new, enough), min(new, current + bb)))
     return Grow(
         pool,
@@ -326,7 +327,7 @@ def decide_metadata(
     assert isinstance(status, ThinPoolWorkingStatus)
     as_bytes = meta_blocks_to_bytes
 
-    def shown(blocks: int) -> str:
+    def shown(blocks: MetaBlocks) -> str:
         return format_bytes(as_bytes(blocks))
 
     mb = META_BLOCK_BYTES
@@ -348,8 +349,8 @@ def decide_metadata(
     step = max(settings.metadata.step, _percent_of(current, settings.metadata.step_percent), mb)
     wanted = max(
         current + step,
-        as_bytes(used + _KERNEL_META_WATERMARK + 1),  # clear of the next kernel watermark
-        as_bytes(_min_total_below(used, thr)),
+        as_bytes(MetaBlocks(used + _KERNEL_META_WATERMARK + 1)),  # clear of the next watermark
+        as_bytes(MetaBlocks(_min_total_below(used, thr))),
     )
     cap = min(settings.metadata.max_size, METADATA_MAX_BYTES)
     fitted = _fit(settings, GrowthTarget.METADATA, fs, current, wanted, mb, cap)

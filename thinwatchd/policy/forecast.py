@@ -6,12 +6,10 @@ Pure, like the policy: the caller passes timestamps and figures in.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from fractions import Fraction
 
-from thinwatchd.base.units import Bytes
 from thinwatchd.config.settings import PoolSettings
+from thinwatchd.policy.fs_room import reserve_bytes
 
 __all__ = [
     "MAX_AMPLIFICATION",
@@ -19,7 +17,6 @@ __all__ = [
     "FillHistory",
     "FullIn",
     "full_in",
-    "reserve_bytes",
     "seconds_until",
     "worth_reclaiming",
 ]
@@ -82,13 +79,6 @@ class FillHistory:
         t1, u1 = self.samples[-1]
         rates = [(u1 - u0) / (t1 - t0) for t0, u0 in self.samples[:-1] if t1 - t0 >= _MIN_RATE_SPAN]
         return max(0.0, *rates) if rates else None
-
-
-def reserve_bytes(settings: PoolSettings, fs_total: int) -> Bytes:
-    """Return the bytes to keep free on a filesystem of fs_total bytes: max(reserve,
-    reserve_percent of it)."""
-    share = Bytes(math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
-    return max(settings.reserve, share)
 
 
 @dataclass(frozen=True)

@@ -2,17 +2,18 @@
 reserve and what sparse files have promised, the writes a full filesystem would fail, and when
 the holes of the pool files must be claimed (allocated) before a neighbour takes that space.
 
-Pure, like the policy that reads it; backing.py fills it in from the kernel, space_watch.py
-looks and claims.
+Pure, like the policy that reads it; growth/backing.py fills it in from the kernel, and
+growth/space_watch.py looks and claims.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
-from thinwatchd.base.units import Bytes, data_blocks_to_bytes
+from thinwatchd.base.units import Bytes, DataBlocks, data_blocks_to_bytes
 from thinwatchd.config.settings import PoolSettings
-from thinwatchd.policy.forecast import reserve_bytes
 from thinwatchd.thin.status import ThinPoolStatus, ThinPoolWorkingStatus
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "crash_room_fits",
     "must_claim",
     "next_look_seconds",
+    "reserve_bytes",
 ]
 
 #: The fastest a neighbour is taken to fill a filesystem once it has filled the page cache:
@@ -33,6 +35,13 @@ NEIGHBOUR_BYTES_PER_SECOND = 2 * 1024**3
 #: From a look at a filesystem that finds its headroom short to its holes claimed: the watch's
 #: tick (0.2 s), the thread that takes the look, and fallocate over the files.
 CLAIM_REACTION_SECONDS = 0.5
+
+
+def reserve_bytes(settings: PoolSettings, fs_total: int) -> Bytes:
+    """Return the bytes to keep free on a filesystem of fs_total bytes: max(reserve,
+    reserve_percent of it)."""
+    share = Bytes(math.ceil(fs_total * Fraction(settings.reserve_percent) / 100))
+    return max(settings.reserve, share)
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ def backing_shortfall(status: ThinPoolStatus, settings: PoolSettings, backing: B
     available = backing.free_bytes - backing.reserve(settings)
     if available > 0:
         return Bytes(0)
-    pool_free = data_blocks_to_bytes(max(0, status.data_free), settings.data_block_size)
+    pool_free = data_blocks_to_bytes(DataBlocks(max(0, status.data_free)), settings.data_block_size)
     holes = Bytes(max(0, backing.file_size - backing.file_allocated))
     return min(pool_free, holes)
 

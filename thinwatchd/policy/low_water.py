@@ -1,7 +1,7 @@
 """The data low-water mark a pool's table carries: configured, raised by the measured fill rate
 and by the page cache's largest possible burst, and the early growth that writeback calls for.
 
-Pure, like the policy (policy.py decides with these marks).
+Pure, like the policy (decide.py decides with these marks).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def base_mark(
         # Dirty pages reach the pool all at once (a sync, the flusher) and a growth started
         # meanwhile waits until they are in: the mark must hold the whole burst.
         raised = max(raised, writeback.burst() + ADAPTIVE_MARGIN_BYTES)
-    raised_bytes = math.ceil(min(raised, ADAPTIVE_CAP_BYTES))
+    raised_bytes = Bytes(math.ceil(min(raised, ADAPTIVE_CAP_BYTES)))
     return max(floor, bytes_to_data_blocks_up(raised_bytes, settings.data_block_size))
 
 

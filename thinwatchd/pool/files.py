@@ -14,10 +14,11 @@ import stat
 from collections.abc import Callable, Mapping
 
 from thinwatchd.base.errors import KernelError, PoolSetupError
-from thinwatchd.base.units import Bytes, format_bytes
+from thinwatchd.base.human import format_bytes
+from thinwatchd.base.units import Bytes
 from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.api import FileInfo, FilesApi
-from thinwatchd.policy.forecast import reserve_bytes
+from thinwatchd.policy.fs_room import reserve_bytes
 
 __all__ = ["check_distinct_files", "prepare_files"]
 

@@ -1,6 +1,6 @@
 """A running pool: its files, loop devices and active table, and what is done to it in place
 (read its status, adopt a table someone else reloaded, reload it, make sure it is resumed).
-activation.py brings a configured pool up.
+bring_up.py brings a configured pool up.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from thinwatchd.base.errors import (
 from thinwatchd.base.logs import MessageId, event
 from thinwatchd.base.units import (
     Bytes,
+    DataBlocks,
     Sectors,
     bytes_to_data_blocks,
     data_blocks_to_bytes,
@@ -74,7 +75,7 @@ class Pool:
     def block_size(self) -> Sectors:
         return self.settings.data_block_size
 
-    def data_bytes(self, blocks: int) -> Bytes:
+    def data_bytes(self, blocks: DataBlocks) -> Bytes:
         """Return the bytes in this many of the pool's data blocks."""
         return data_blocks_to_bytes(blocks, self.settings.data_block_size)
 

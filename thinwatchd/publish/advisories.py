@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from thinwatchd.base.human import format_bytes, format_duration
 from thinwatchd.base.logs import MessageId, event
-from thinwatchd.base.units import format_bytes, format_duration
+from thinwatchd.base.said_once import SaidOnce
 from thinwatchd.growth.state import ManagedPool, pool_fields
 from thinwatchd.policy.forecast import worth_reclaiming
 from thinwatchd.pool.running import Pool
-from thinwatchd.publish.metrics import PoolMetrics
+from thinwatchd.publish.figures import PoolMetrics
 from thinwatchd.thin.status import ThinPoolWorkingStatus
 
 __all__ = ["RECLAIMABLE", "advise", "soonest_full", "warn_filesystems_full_soon"]
@@ -51,20 +52,19 @@ def soonest_full(figures: list[PoolMetrics]) -> tuple[float, str, str] | None:
     return soonest
 
 
-def advise(m: PoolMetrics, pool: Pool, said: set[str], horizon: float) -> None:
+def advise(m: PoolMetrics, pool: Pool, said: SaidOnce[str], horizon: float) -> None:
     """Log the advisories m calls for that are not in said (the pool's, updated in place)."""
     _warn_full_soon(m, pool, said, horizon)
     _hint_reclaimable(m, pool, said)
 
 
-def _warn_full_soon(m: PoolMetrics, pool: Pool, said: set[str], horizon: float) -> None:
+def _warn_full_soon(m: PoolMetrics, pool: Pool, said: SaidOnce[str], horizon: float) -> None:
     """Warn once when the pool is predicted to reach its cap within horizon seconds (0: never);
     again only after the estimate has been beyond twice the horizon."""
     seconds = None if m.full_in is None else m.full_in.cap
     if horizon <= 0 or seconds is None or seconds > 2 * horizon:
-        said.discard("cap")
-    elif seconds <= horizon and "cap" not in said:
-        said.add("cap")
+        said.ends("cap")
+    elif seconds <= horizon and said.says("cap"):
         event(
             logging.WARNING,
             MessageId.FULL_SOON,
@@ -84,7 +84,10 @@ _NAMED_POOLS = 5
 
 
 def warn_filesystems_full_soon(
-    figures: list[PoolMetrics], pools: Mapping[str, ManagedPool], said: set[int], horizon: float
+    figures: list[PoolMetrics],
+    pools: Mapping[str, ManagedPool],
+    said: SaidOnce[int],
+    horizon: float,
 ) -> None:
     """Warn once per filesystem predicted to reach a reserve of a pool on it within horizon
     seconds (0: never), naming the pool whose reserve comes first and every pool at risk; again
@@ -95,13 +98,14 @@ def warn_filesystems_full_soon(
         seconds = None if m.full_in is None else m.full_in.backing_fs
         if m.backing_fs is not None and seconds is not None and m.name in pools:
             by_fs.setdefault(m.backing_fs, []).append((seconds, m))
-    said.intersection_update(by_fs)  # a filesystem nothing fills any more is forgotten
+    for dev in said:
+        if dev not in by_fs:
+            said.ends(dev)  # a filesystem nothing fills any more is forgotten
     for dev, estimates in by_fs.items():
         soonest = min(s for s, _ in estimates)
         if horizon <= 0 or soonest > 2 * horizon:
-            said.discard(dev)
-        elif soonest <= horizon and dev not in said:
-            said.add(dev)
+            said.ends(dev)
+        elif soonest <= horizon and said.says(dev):
             _say_filesystem_full_soon(
                 sorted((s, m.name, m) for s, m in estimates if s <= horizon), pools
             )
@@ -134,7 +138,7 @@ def _say_filesystem_full_soon(
     )
 
 
-def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
+def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: SaidOnce[str]) -> None:
     """Say once how to give back what the data file holds beyond the pool's data in use."""
     allocated = m.data_file_allocated_bytes
     if (
@@ -145,11 +149,10 @@ def _hint_reclaimable(m: PoolMetrics, pool: Pool, said: set[str]) -> None:
         return
     used = m.status.usage_bytes(m.block_size).data_used
     if not worth_reclaiming(allocated, used, said=RECLAIMABLE in said):
-        said.discard(RECLAIMABLE)
+        said.ends(RECLAIMABLE)
         return
-    if RECLAIMABLE in said:
+    if not said.says(RECLAIMABLE):
         return
-    said.add(RECLAIMABLE)
     reclaimable = allocated - used
     event(
         logging.INFO,

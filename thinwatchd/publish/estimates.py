@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from thinwatchd.base.small_files import FILE_KINDS, file_kind, read_capped
-from thinwatchd.publish.metrics import PoolMetrics
+from thinwatchd.publish.figures import PoolMetrics
 
 __all__ = [
     "ESTIMATES_NAME",

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from thinwatchd.base.errors import ThinwatchError
-from thinwatchd.base.units import Bytes, DataBlocks, format_bytes, format_duration
+from thinwatchd.base.human import format_bytes, format_duration
+from thinwatchd.base.units import Bytes, DataBlocks
 from thinwatchd.config.settings import PoolSettings
 from thinwatchd.kernel.api import DeviceMapperApi, FileInfo
 from thinwatchd.kernel.fs import Files

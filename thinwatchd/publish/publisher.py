@@ -11,8 +11,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from thinwatchd.base.human import format_duration
 from thinwatchd.base.notify import Notifier
-from thinwatchd.base.units import Bytes, format_duration
+from thinwatchd.base.said_once import SaidOnce
+from thinwatchd.base.units import Bytes
 from thinwatchd.config.settings import Settings
 from thinwatchd.growth.backing import BackingFiles
 from thinwatchd.growth.state import ManagedPool
@@ -20,7 +22,8 @@ from thinwatchd.policy.decide import GrowthTarget
 from thinwatchd.policy.forecast import full_in
 from thinwatchd.publish.advisories import advise, soonest_full, warn_filesystems_full_soon
 from thinwatchd.publish.estimates import render_estimates
-from thinwatchd.publish.metrics import PoolMetrics, render, write_atomically
+from thinwatchd.publish.figures import PoolMetrics
+from thinwatchd.publish.metrics import render, write_atomically
 from thinwatchd.thin.status import ThinPoolWorkingStatus
 
 __all__ = ["PUBLISH_SECONDS", "Publisher", "pool_figures", "status_line"]
@@ -44,7 +47,7 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
     out = []
     for managed, data_file, rate, space in seen:
         pool, state = managed.pool, managed.state
-        status = state.status
+        status = state.seen.status
         used = Bytes(0)
         if isinstance(status, ThinPoolWorkingStatus):
             used = pool.data_bytes(status.data_used)
@@ -69,7 +72,7 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
                 backing_fs_free_bytes=None if fs is None else fs.free,
                 data_file_allocated_bytes=backing.allocated(data_file),
                 data_max_bytes=pool.settings.data.max_size,
-                refused=tuple(sorted(state.refusals)),
+                refused=state.refused,
                 fill_rate=rate,
                 full_in=full,
                 backing_fs=None if space is None else space[0],
@@ -86,7 +89,7 @@ def status_line(
     docker-pool's filesystem at its reserve in 3 h 20 min'."""
     worst: tuple[float, str] | None = None
     for name, managed in pools.items():
-        status = managed.state.status
+        status = managed.state.seen.status
         if isinstance(status, ThinPoolWorkingStatus) and (
             worst is None or status.data_percent > worst[0]
         ):
@@ -125,8 +128,8 @@ class Publisher:
         # Runs the file writes away from the event loop (the metrics file's filesystem may
         # stall); without it, they are written at once.
         self.off_loop = off_loop
-        self._write_failed: set[str] = set()  # published files whose last write failed
-        self._full_soon_said: set[int] = set()  # filesystems (st_dev) warned about (advisories)
+        self._write_failed: SaidOnce[str] = SaidOnce()  # published files whose last write failed
+        self._full_soon_said: SaidOnce[int] = SaidOnce()  # filesystems (st_dev) warned about
 
     def publish(
         self,
@@ -164,8 +167,7 @@ class Publisher:
         try:
             write_atomically(path, text)
         except OSError as exc:
-            if what not in self._write_failed:
+            if self._write_failed.says(what):
                 log.warning("cannot write %s to %s: %s", what, path, exc.strerror or exc)
-            self._write_failed.add(what)
         else:
-            self._write_failed.discard(what)
+            self._write_failed.ends(what)

@@ -38,8 +38,8 @@ THIN_POOL = "thin-pool"
 #: parse_pool_features() reads the count through dm_arg {0, 4}: more is rejected at load.
 MAX_FEATURE_ARGS = 4
 #: pool_ctr(): DATA_DEV_BLOCK_SIZE_MIN_SECTORS / _MAX_SECTORS; a multiple of the minimum.
-MIN_BLOCK_SECTORS = 128
-MAX_BLOCK_SECTORS = 2097152
+MIN_BLOCK_SECTORS = Sectors(128)
+MAX_BLOCK_SECTORS = Sectors(2097152)
 
 
 def valid_block_size(sectors: int) -> bool:

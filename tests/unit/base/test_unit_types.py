@@ -34,6 +34,8 @@ MIXUPS = {
     "metadata blocks as data blocks": 'Grow("p", GrowthTarget.DATA, size, size, meta, "why")',
     "bytes as a setting's mark": "def f(s: PoolSettings) -> None: replace(s, low_water_mark=size)",
     "a bare int as sectors": 'Target(Sectors(0), 2048, "thin-pool", "")',
+    "sectors converted as bytes": "bytes_to_sectors(sectors)",
+    "bytes converted as data blocks": "data_blocks_to_sectors(size, sectors)",
 }
 
 RIGHT = """

@@ -17,7 +17,7 @@ from thinwatchd.config.strict_yaml import MAX_VALUES
 from thinwatchd.policy.forecast import FullIn
 from thinwatchd.publish import estimates
 from thinwatchd.publish.estimates import Estimate, read_estimates, render_estimates
-from thinwatchd.publish.metrics import PoolMetrics
+from thinwatchd.publish.figures import PoolMetrics
 
 MiB = 1024**2
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from thinwatchd.base.errors import KernelError
 from thinwatchd.base.units import Bytes
-from thinwatchd.kernel.api import DmDevice, DmInfo, LoopDevice, Target
+from thinwatchd.kernel.api import DeviceMapperApi, DmDevice, DmInfo, LoopDevice, Target
 from thinwatchd.kernel.syscalls import Syscalls
 
 SECTOR = 512
@@ -682,3 +682,17 @@ class FakePageCache:
 
 
 _serialize(FakePageCache)
+
+
+class FakeNodes:
+    """DeviceNodes for the fake: resume, and count how often we waited for udev."""
+
+    def __init__(self) -> None:
+        self.synced: list[str] = []
+
+    def resume_synced(self, dm: DeviceMapperApi, name: str) -> None:
+        dm.resume(name)
+        self.synced.append(name)
+
+    def resume_nowait(self, dm: DeviceMapperApi, name: str) -> None:
+        dm.resume(name)
