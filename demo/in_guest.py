@@ -13,8 +13,15 @@ import subprocess
 import sys
 import time
 
-from testbed.harness import REPO, MiB, create_thin, scratch_dir
-from tests.kernel.harness import dd_zero, installed_unit, pool_config
+from testbed.harness import (
+    REPO,
+    MiB,
+    create_thin,
+    dd_zero,
+    installed_unit,
+    pool_config,
+    scratch_dir,
+)
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -267,3 +270,65 @@ def rescue_pool(dm: DeviceMapper, name: str, data_file: Path) -> list[str]:
     except Exception as exc:
         done.append(f"rescue failed: {exc!r}")
     return done
+
+
+def dd_zero(device: str, mib: int) -> tuple[float, int, str]:
+    """Run dd if=/dev/zero bs=1M count=mib oflag=direct; return (seconds, exit code, stderr)."""
+    start = time.monotonic()
+    done = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={device}", "bs=1M", f"count={mib}", "oflag=direct"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return time.monotonic() - start, done.returncode, done.stderr
+
+
+def pool_config(pool: str, directory: Path, **keys: object) -> dict[str, object]:
+    """A config of one pool, its data and metadata files in directory (installed_unit lets the
+    unit write there), with these keys besides."""
+    files = {"data_file": str(directory / "data"), "metadata_file": str(directory / "metadata")}
+    return {"pools": {pool: {**files, **keys}}}
+
+
+@dataclass
+class InstalledUnit:
+    name: str
+    config_path: Path
+
+
+@contextlib.contextmanager
+def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[InstalledUnit]:
+    """Install systemd/thinwatchd.service (as shipped) plus a drop-in for this checkout.
+
+    The drop-in only does what an admin's would: run this checkout's virtualenv (its
+    interpreter lives under /root, the checkout may be in /tmp) and allow pool files in
+    directory. Stops and removes everything afterwards (pool devices are the caller's).
+    """
+    unit = "thinwatchd.service"
+    config_path = Path("/etc/thinwatchd/config.yaml")
+    # Left as found: a later test (the quick start) expects a fresh machine, and the unit's
+    # StateDirectory= makes /var/lib/thinwatchd when it starts.
+    created = [p for p in (config_path.parent, Path("/var/lib/thinwatchd")) if not p.exists()]
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(config))
+    shutil.copy(REPO / "systemd" / unit, f"/etc/systemd/system/{unit}")
+    dropin = Path(f"/etc/systemd/system/{unit}.d")
+    dropin.mkdir(exist_ok=True)
+    (dropin / "checkout.conf").write_text(
+        "[Service]\n"
+        "ExecStart=\n"
+        f"ExecStart={REPO}/.venv/bin/thinwatchd --config {config_path} run\n"
+        "ProtectHome=read-only\nPrivateTmp=no\n"
+        f"ReadWritePaths={directory}\n"
+    )
+    subprocess.run(["systemctl", "daemon-reload"], check=True)
+    try:
+        yield InstalledUnit(unit, config_path)
+    finally:
+        subprocess.run(["systemctl", "stop", unit], check=False)
+        shutil.rmtree(dropin, ignore_errors=True)
+        Path(f"/etc/systemd/system/{unit}").unlink(missing_ok=True)
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)

@@ -26,11 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from testbed.child import ChildScript
 from testbed.harness import (
-    REPO,
     DaemonProcess,
     KernelLog,
     MiB,
@@ -47,18 +44,6 @@ from thinwatchd.kernel.api import Target
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 from thinwatchd.kernel.nodes import UdevNodes
-
-
-def dd_zero(device: str, mib: int) -> tuple[float, int, str]:
-    """Run dd if=/dev/zero bs=1M count=mib oflag=direct; return (seconds, exit code, stderr)."""
-    start = time.monotonic()
-    done = subprocess.run(
-        ["dd", "if=/dev/zero", f"of={device}", "bs=1M", f"count={mib}", "oflag=direct"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return time.monotonic() - start, done.returncode, done.stderr
 
 
 def write_pattern(device: str, size: int, seed: bytes) -> str:
@@ -103,13 +88,6 @@ def kernel_log() -> Iterator[KernelLog]:
         log.close()
 
 
-def pool_config(pool: str, directory: Path, **keys: object) -> dict[str, object]:
-    """A config of one pool, its data and metadata files in directory (installed_unit lets the
-    unit write there), with these keys besides."""
-    files = {"data_file": str(directory / "data"), "metadata_file": str(directory / "metadata")}
-    return {"pools": {pool: {**files, **keys}}}
-
-
 def unit_journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
     """The installed unit's journal entries with this MESSAGE_ID since then, as journalctl's
     JSON gives them (each field a string), oldest first."""
@@ -117,49 +95,6 @@ def unit_journal(message_id: MessageId, since: str) -> list[dict[str, str]]:
     args += [f"MESSAGE_ID={message_id.value}", "--no-pager"]
     out = subprocess.run(args, capture_output=True, text=True, check=False).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-@dataclass
-class InstalledUnit:
-    name: str
-    config_path: Path
-
-
-@contextlib.contextmanager
-def installed_unit(directory: Path, config: dict[str, object]) -> Iterator[InstalledUnit]:
-    """Install systemd/thinwatchd.service (as shipped) plus a drop-in for this checkout.
-
-    The drop-in only does what an admin's would: run this checkout's virtualenv (its
-    interpreter lives under /root, the checkout may be in /tmp) and allow pool files in
-    directory. Stops and removes everything afterwards (pool devices are the caller's).
-    """
-    unit = "thinwatchd.service"
-    config_path = Path("/etc/thinwatchd/config.yaml")
-    # Left as found: a later test (the quick start) expects a fresh machine, and the unit's
-    # StateDirectory= makes /var/lib/thinwatchd when it starts.
-    created = [p for p in (config_path.parent, Path("/var/lib/thinwatchd")) if not p.exists()]
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(config))
-    shutil.copy(REPO / "systemd" / unit, f"/etc/systemd/system/{unit}")
-    dropin = Path(f"/etc/systemd/system/{unit}.d")
-    dropin.mkdir(exist_ok=True)
-    (dropin / "checkout.conf").write_text(
-        "[Service]\n"
-        "ExecStart=\n"
-        f"ExecStart={REPO}/.venv/bin/thinwatchd --config {config_path} run\n"
-        "ProtectHome=read-only\nPrivateTmp=no\n"
-        f"ReadWritePaths={directory}\n"
-    )
-    subprocess.run(["systemctl", "daemon-reload"], check=True)
-    try:
-        yield InstalledUnit(unit, config_path)
-    finally:
-        subprocess.run(["systemctl", "stop", unit], check=False)
-        shutil.rmtree(dropin, ignore_errors=True)
-        Path(f"/etc/systemd/system/{unit}").unlink(missing_ok=True)
-        subprocess.run(["systemctl", "daemon-reload"], check=False)
-        for path in created:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 # -- hostile-host helpers (tests/kernel/test_hostile.py, test_fault_campaign.py) ------------------

@@ -26,11 +26,12 @@ from testbed.harness import (
     KernelLog,
     MiB,
     create_thin,
+    dd_zero,
     scratch_dir,
     teardown,
     write_config,
 )
-from tests.kernel.harness import build_pool, dd_zero, kernel_lines, read_checksum, write_pattern
+from tests.kernel.harness import build_pool, kernel_lines, read_checksum, write_pattern
 from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl

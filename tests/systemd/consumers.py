@@ -26,8 +26,8 @@ from typing import TypeVar
 import pytest
 import yaml
 
-from testbed.harness import REPO, KernelLog, scratch_dir, teardown
-from tests.kernel.harness import installed_unit, kernel_log, pool_config, unit_journal
+from testbed.harness import REPO, KernelLog, installed_unit, pool_config, scratch_dir, teardown
+from tests.kernel.harness import kernel_log, unit_journal
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.thin.status import DiscardMode, PoolMode, ThinPoolWorkingStatus, parse_pool_status

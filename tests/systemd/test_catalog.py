@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness import REPO, scratch_dir, teardown
-from tests.kernel.harness import installed_unit, pool_config, unit_journal
+from testbed.harness import REPO, installed_unit, pool_config, scratch_dir, teardown
+from tests.kernel.harness import unit_journal
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 

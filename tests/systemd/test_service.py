@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.harness import REPO, MiB, create_thin, scratch_dir, teardown
-from tests.kernel.harness import dd_zero, installed_unit, unit_journal
+from testbed.harness import REPO, MiB, create_thin, dd_zero, installed_unit, scratch_dir, teardown
+from tests.kernel.harness import unit_journal
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status

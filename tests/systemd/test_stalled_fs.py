@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from testbed.harness import MiB, create_thin, scratch_dir, teardown
-from tests.kernel.harness import PatternWriter, installed_unit, kernel_log, verify_stamped
+from testbed.harness import MiB, create_thin, installed_unit, scratch_dir, teardown
+from tests.kernel.harness import PatternWriter, kernel_log, verify_stamped
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness import scratch_dir, teardown
-from tests.kernel.harness import installed_unit
+from testbed.harness import installed_unit, scratch_dir, teardown
 from thinwatchd.kernel.dm import DeviceMapper
 
 pytestmark = [pytest.mark.systemd, pytest.mark.kernel]

@@ -35,8 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness import REPO, MiB, scratch_dir, teardown
-from tests.kernel.harness import installed_unit
+from testbed.harness import REPO, MiB, installed_unit, scratch_dir, teardown
 from thinwatchd.base.logs import MessageId
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop_abi import LOOP_CLR_FD, LOOP_MAJOR, LOOP_SET_FD
