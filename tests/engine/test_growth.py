@@ -227,7 +227,7 @@ def test_reload_applies_new_step_and_survives_a_broken_file(
     config.write_text(config.read_text().replace("3GiB", "3 gigs"))
     daemon.reload()
     assert daemon.config_error is not None and "pools.pool.data.step" in daemon.config_error
-    assert "config rejected" in daemon.status_line()
+    assert "config rejected" in daemon.summary_line()
     fill(fake, daemon, clock, 60 * MiB // BLOCK)
     assert os.stat(tmp_path / "data").st_size >= 64 * MiB + 3 * 1024**3  # the old (valid) policy
 

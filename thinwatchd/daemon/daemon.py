@@ -46,7 +46,7 @@ from thinwatchd.pool.files import check_distinct_files
 from thinwatchd.pool.loop_index import LoopIndex
 from thinwatchd.pool.running import Pool
 from thinwatchd.publish.figures import PoolMetrics
-from thinwatchd.publish.publisher import PUBLISH_SECONDS, Publisher, pool_figures, status_line
+from thinwatchd.publish.publisher import PUBLISH_SECONDS, Publisher, pool_figures, summary_line
 
 __all__ = ["Daemon", "Threads"]
 
@@ -265,9 +265,9 @@ class Daemon:
         self._schedule_watchdog()
         self._schedule_writeback_watch()
         self._schedule_space_watch()
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.summary_line())
         self._ready_at = self.loop.time()
-        log.info("thinwatchd ready: %s", self.status_line())
+        log.info("thinwatchd ready: %s", self.summary_line())
         try:
             loop.run()
             self.leave_room()
@@ -447,7 +447,7 @@ class Daemon:
                 f"config {self.config_path} rejected, still running on the previous one: {exc}",
                 {"CONFIG_KEY": exc.key_path},
             )
-            self.notifier.ready(self.status_line())
+            self.notifier.ready(self.summary_line())
             return
         self.config_error = None
         self.settings = self._merge(new)
@@ -458,7 +458,7 @@ class Daemon:
             {"POOLS": len(new.pools)},
         )
         self._schedule_check_after_reload()
-        self.notifier.ready(self.status_line())
+        self.notifier.ready(self.summary_line())
 
     def _merge(self, new: Settings) -> Settings:
         wanted: dict[str, PoolSettings] = {p.name: p for p in new.pools}
@@ -521,13 +521,13 @@ class Daemon:
 
     # -- reporting -------------------------------------------------------------------------
 
-    def status_line(self, figures: list[PoolMetrics] | None = None) -> str:
+    def summary_line(self, figures: list[PoolMetrics] | None = None) -> str:
         """Return the one-line STATUS= summary (figures: metrics(), if made)."""
         figures = self.metrics() if figures is None else figures
-        return status_line(self.pools, figures, self.config_error)
+        return summary_line(self.pools, figures, self.config_error)
 
     def metrics(self) -> list[PoolMetrics]:
-        """Return every pool's figures as of the last pass (publish.pool_figures)."""
+        """Return every pool's figures as of the last pass (publisher.pool_figures)."""
         return pool_figures(self.pools.values(), self.extender.backing)
 
     def _publish(self) -> None:

@@ -26,7 +26,7 @@ from thinwatchd.publish.figures import PoolMetrics
 from thinwatchd.publish.metrics import render, write_atomically
 from thinwatchd.thin.status import ThinPoolWorkingStatus
 
-__all__ = ["PUBLISH_SECONDS", "Publisher", "pool_figures", "status_line"]
+__all__ = ["PUBLISH_SECONDS", "Publisher", "pool_figures", "summary_line"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -82,7 +82,7 @@ def pool_figures(pools: Iterable[ManagedPool], backing: BackingFiles) -> list[Po
     return out
 
 
-def status_line(
+def summary_line(
     pools: Mapping[str, ManagedPool], figures: list[PoolMetrics], config_error: str | None
 ) -> str:
     """Return the one-line STATUS= summary, e.g. '3 pools, fullest docker-pool 71% data;
@@ -144,7 +144,7 @@ class Publisher:
             if managed is not None:
                 advise(m, managed.pool, managed.said, horizon)
         warn_filesystems_full_soon(figures, pools, self._full_soon_said, horizon)
-        self.notifier.status(status_line(pools, figures, config_error))
+        self.notifier.status(summary_line(pools, figures, config_error))
         writes: list[tuple[Path, str, str]] = []
         if settings is not None and settings.daemon.metrics_file is not None:
             writes.append((settings.daemon.metrics_file, render(figures), "metrics"))
