@@ -53,4 +53,4 @@ class InlineWorkers:
 #: The daemon's threads as the engine tests and the scale bench run them: reconciles and the
 #: jobs on pool files inline, so a pass's growths are done when it returns; builds in worker
 #: threads. tests/engine/test_concurrency.py runs the daemon's own threads.
-INLINE = Threads(reconciles=InlineWorkers, files=InlineWorkers)  # type: ignore[arg-type]
+INLINE = Threads(reconciles=InlineWorkers, files=InlineWorkers)

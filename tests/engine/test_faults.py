@@ -215,7 +215,9 @@ class SyncWorkers:
     def keys(self) -> list[str]:
         return list(self._running)
 
-    def submit(self, key: str, job: Callable[[], Any], done: Callable[..., None]) -> bool:
+    def submit(
+        self, key: str, job: Callable[[], Any], done: Callable[..., None], background: bool = False
+    ) -> bool:
         if key in self._running:
             return False
         try:
@@ -224,6 +226,9 @@ class SyncWorkers:
             self._running[key] = (None, exc, done)
         self._loop.call_later(0, functools.partial(self._deliver, key))
         return True
+
+    def hurry(self, key: str) -> bool:
+        return False  # each job ran at submit: nothing waits for a thread
 
     def _deliver(self, key: str) -> None:
         result, error, done = self._running.pop(key)
@@ -242,7 +247,7 @@ class SyncWorkers:
 
 #: Builds and file jobs in SyncWorkers, reconciles inline: recordings are made outside the
 #: tests' fixtures, which run the latter inline too.
-SYNC = Threads(builds=SyncWorkers, files=SyncWorkers, reconciles=InlineWorkers)  # type: ignore[arg-type]
+SYNC = Threads(builds=SyncWorkers, files=SyncWorkers, reconciles=InlineWorkers)
 
 
 def pool_config(root: Path, directory: str, **overrides: object) -> dict[str, object]:

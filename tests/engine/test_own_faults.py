@@ -58,7 +58,7 @@ def file_workers(loop: EventLoop) -> Workers:
 
 
 #: The daemon's own threads for jobs on pool files (conftest's INLINE runs them inline).
-FILES_IN_THREADS = Threads(reconciles=InlineWorkers, files=file_workers)  # type: ignore[arg-type]
+FILES_IN_THREADS = Threads(reconciles=InlineWorkers, files=file_workers)
 #: ... and for reconciles too.
 ALL_IN_THREADS = Threads(reconciles=lambda loop: Workers(loop, max_threads=2), files=file_workers)
 

@@ -29,11 +29,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from thinwatchd.base.event_loop import EventLoop, Timer
 
-__all__ = ["Workers"]
+__all__ = ["JobRunner", "Workers"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -46,6 +46,24 @@ THREAD_CAP = 256
 BACKGROUND_DELIVERY_SECONDS = 0.05
 
 Done = Callable[[Any, BaseException | None], None]
+
+
+class JobRunner(Protocol):
+    """What the daemon asks of its workers (Workers; the engine tests run jobs inline)."""
+
+    def busy(self, key: str) -> bool: ...
+
+    def keys(self) -> list[str]: ...
+
+    def submit(
+        self, key: str, job: Callable[[], Any], done: Done, *, background: bool = False
+    ) -> bool: ...
+
+    def hurry(self, key: str) -> bool: ...
+
+    def run_until_idle(self, timeout: float | None = None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False)

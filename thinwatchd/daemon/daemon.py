@@ -28,7 +28,7 @@ from thinwatchd.base.errors import ConfigError, ThinwatchError
 from thinwatchd.base.event_loop import EventLoop, RateLimited, Timer
 from thinwatchd.base.logs import MessageId, event
 from thinwatchd.base.notify import Notifier
-from thinwatchd.base.workers import Workers
+from thinwatchd.base.workers import JobRunner, Workers
 from thinwatchd.config.load import load_settings
 from thinwatchd.config.settings import PoolSettings, Settings, keep_fixed
 from thinwatchd.daemon.dm_events import DmEvents
@@ -66,7 +66,7 @@ def file_workers(loop: EventLoop) -> Workers:
     return Workers(loop, max_threads=2, stuck_after=FILE_STUCK_SECONDS)
 
 
-WorkersFor = Callable[[EventLoop], Workers]
+WorkersFor = Callable[[EventLoop], JobRunner]
 
 
 @dataclass(frozen=True)

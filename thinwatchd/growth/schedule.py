@@ -20,7 +20,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from thinwatchd.base.errors import KernelError, ThinwatchError
 from thinwatchd.base.event_loop import EventLoop
 from thinwatchd.base.said_once import SaidOnce
-from thinwatchd.base.workers import Workers
+from thinwatchd.base.workers import JobRunner, Workers
 from thinwatchd.growth.backing import BackingLook
 from thinwatchd.growth.extender import Extender
 from thinwatchd.growth.state import ManagedPool
@@ -101,7 +101,7 @@ class Scheduler:
     loop: EventLoop
     extender: Extender
     pools: dict[str, ManagedPool]
-    workers: Workers  # reconcile_workers, in the daemon
+    workers: JobRunner  # reconcile_workers, in the daemon
     _: KW_ONLY
     building: Callable[[str], bool]  # is this pool being (re)built now?
     lost: Callable[[ManagedPool], None]  # rebuild a pool whose device is gone
