@@ -6,6 +6,7 @@ These run inside the VM test bed (or natively on a host with dm-thin, as root).
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import shutil
@@ -32,6 +33,7 @@ from testbed.harness import (
     write_config,
 )
 from tests.kernel.harness import build_pool, kernel_lines, read_checksum, write_pattern
+from thinwatchd.base.errors import KernelError
 from thinwatchd.base.units import Bytes, Sectors, bytes_to_sectors
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.kernel.loop import LoopControl
@@ -510,7 +512,17 @@ def test_pool_removed_behind_our_back_is_rebuilt(env: Env) -> None:
     env.dm.create(name)
     pool_dev = f"{os.major(info.dev)}:{os.minor(info.dev)}"
     length = bytes_to_sectors(Bytes(GiB))
-    env.dm.load_table(name, [Target(Sectors(0), length, "thin", f"{pool_dev} 0")])
+    # The rebuilt pool's first check may grow it: while that reload has the pool suspended,
+    # the kernel refuses to activate a thin (EINVAL, "while pool is suspended"); a consumer
+    # retries (README, "A create during a growth can fail").
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            env.dm.load_table(name, [Target(Sectors(0), length, "thin", f"{pool_dev} 0")])
+            break
+        except KernelError as exc:
+            assert exc.errno == errno.EINVAL and time.monotonic() < deadline, daemon.log()
+            time.sleep(0.2)
     UdevNodes().resume_synced(env.dm, name)
     assert read_checksum(thin, 8 * MiB) == checksum
 
