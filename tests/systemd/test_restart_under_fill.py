@@ -73,7 +73,7 @@ from testbed.harness import (
 )
 from tests.kernel.harness import dirty_bytes
 from thinwatchd.base.logs import MessageId
-from thinwatchd.daemon.daemon import RESTART_GAP_SECONDS
+from thinwatchd.daemon.daemon import RESTART_GAP_SECONDS, crash_absence
 from thinwatchd.kernel.dm import DeviceMapper
 from thinwatchd.thin.status import ThinPoolWorkingStatus, parse_pool_status
 
@@ -707,7 +707,7 @@ def kept_room_line(
     adopted = first(entries, a.new_pid, "adopted after a restart", a.at, until)
     if ready is None or forked is None or adopted is None:
         return "    the killed daemon's kept room: not measured"
-    kept = RESTART_GAP_SECONDS + 2 * (ready - forked)
+    kept = crash_absence(ready - forked)
     unwatched = adopted - a.at
     if unwatched <= kept:
         promised.append((a.at, until))

@@ -48,7 +48,7 @@ from thinwatchd.pool.running import Pool
 from thinwatchd.publish.figures import PoolMetrics
 from thinwatchd.publish.publisher import PUBLISH_SECONDS, Publisher, pool_figures, summary_line
 
-__all__ = ["Daemon", "Threads"]
+__all__ = ["Daemon", "Threads", "crash_absence"]
 
 log = logging.getLogger("thinwatchd")
 
@@ -59,6 +59,12 @@ ABSENCE_MIN_SECONDS = 10.0
 RESTART_GAP_SECONDS = 3.0
 #: A job on pool files running this long (a stalled filesystem) no longer holds up the others.
 FILE_STUCK_SECONDS = 1.0
+
+
+def crash_absence(startup_seconds: float) -> float:
+    """How long a killed daemon's pools go unwatched: systemd's gap, then the next start-up,
+    counted twice as this one's took (the next may meet a worse load)."""
+    return 2 * startup_seconds + RESTART_GAP_SECONDS
 
 
 def file_workers(loop: EventLoop) -> Workers:
@@ -303,7 +309,7 @@ class Daemon:
         start-up takes 0.3 s; 14 s in the emulated guest). Before READY=1, systemd's gap
         alone: the start-up is not measured yet."""
         took = 0.0 if self._ready_at is None else self._ready_at - self._born
-        return 2 * took + RESTART_GAP_SECONDS
+        return crash_absence(took)
 
     def stop(self) -> None:
         """Stop serving; the pools stay up."""

@@ -250,8 +250,9 @@ class Scheduler:
             self.workers.run_until_idle(timeout=timeout)
         except TimeoutError:
             stuck = set(self.workers.keys())
-            if not [name for name in stuck if self._stuck.says(name)]:
-                return  # said at the last wait
+            news = [name for name in stuck if self._stuck.says(name)]
+            if not news:
+                return  # every one said at the last wait
             names = ", ".join(sorted(stuck))
             log.error(
                 "stopping while pool(s) %s are still being checked or grown after %g s (a "
