@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pytest's type for a failure's text, which InnerFailure duck
 
 __all__ = ["InnerFailure", "VmTestBed", "mode_of"]
 
-TIMEOUT_ENV = "THINWATCHD_VM_TIMEOUT"  # seconds per guest boot (default 1800)
+TIMEOUT_ENV = "THINWATCHD_VM_TIMEOUT"  # seconds per guest boot (default 2700)
 MEM_ENV = "THINWATCHD_VM_MEM"  # MiB (default 2048)
 PARALLEL_ENV = "THINWATCHD_VM_PARALLEL"  # "0": one guest at a time
 _TAIL = 40
@@ -149,7 +149,7 @@ class VmTestBed:
         self._say(f"booting a {mode} guest for {len(items)} test(s); files in {results_dir}")
         config = GuestConfig(
             mode=mode,
-            timeout=float(os.environ.get(TIMEOUT_ENV, "1800")),
+            timeout=float(os.environ.get(TIMEOUT_ENV, "2700")),
             mem_mib=int(os.environ.get(MEM_ENV, "2048")),
         )
         output = results_dir / "pytest-output.txt"
