@@ -155,11 +155,13 @@ def _run(path: Path, log_target: str, lock_path: Path) -> int:
     settings = load_settings(path)  # fail fast, before touching the kernel
     setup_logging(settings.daemon.log_level, target=log_target)
     with hold_instance_lock(lock_path):  # before any pool is touched; held until we return
-        return _run_locked(path, lock_path.with_name(ESTIMATES_NAME))
+        return _run_locked(path, lock_path)
 
 
-def _run_locked(path: Path, estimates: Path) -> int:
+def _run_locked(path: Path, lock_path: Path) -> int:
+    """Run the daemon; its run files (estimates, own suspends) go beside its lock."""
     from thinwatchd.daemon.daemon import Daemon
+    from thinwatchd.growth.own_suspends import OWN_SUSPENDS_NAME
     from thinwatchd.kernel.runtime import open_kernel, process_age, udev_monitor
     from thinwatchd.pool.thin_check import end_all, thin_check
 
@@ -174,7 +176,8 @@ def _run_locked(path: Path, estimates: Path) -> int:
         kernel,
         check_metadata=thin_check,
         udev_monitor=udev_monitor(),
-        estimates_file=estimates,
+        estimates_file=lock_path.with_name(ESTIMATES_NAME),
+        own_suspends_file=lock_path.with_name(OWN_SUSPENDS_NAME),
         age=process_age(),
     )
     # Nothing thinwatchd started may outlive it (KillMode=process): a SIGTERM while pools are

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -68,9 +69,17 @@ def started(
     kernel: Kernel,
     pools: dict[str, dict[str, object]],
     threads: Threads = FILES_IN_THREADS,
+    own_suspends: Path | None = None,
 ) -> Daemon:
     config = configure(tmp_path / "config.yaml", pools)
-    daemon = Daemon(config, kernel, notifier=Notifier(), loop=EventLoop(Clock()), threads=threads)
+    daemon = Daemon(
+        config,
+        kernel,
+        notifier=Notifier(),
+        loop=EventLoop(Clock()),
+        threads=threads,
+        own_suspends_file=own_suspends,
+    )
     daemon.start()
     daemon._started = True
     return daemon
@@ -266,6 +275,79 @@ def test_a_pool_our_failed_resume_left_suspended_is_resumed_once_the_kernel_acce
     daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
     fake.write_blocks("a", device_blocks - pool.metadata.data_used)
     assert pool.failed_writes == 0
+
+
+def check_passes(daemon: Daemon, count: int = 1) -> None:
+    """Run count safety passes, a minute apart (past any backoff)."""
+    clock = daemon.loop._clock
+    for _ in range(count):
+        clock.now += 60  # type: ignore[attr-defined]
+        daemon.scheduler.run_pass(list(daemon.pools.values()), survey=True)
+
+
+def suspended(fake: FakeKernel, name: str) -> bool:
+    info = fake.info(name)
+    assert info is not None
+    return info.suspended
+
+
+def test_a_restart_still_knows_the_pools_our_failed_resumes_left_suspended(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 1, across a restart: our growth's resume and its rollback are refused, and the
+    daemon restarts while the kernel still refuses. The next instance knows the suspend is
+    its own (the record in the runtime directory), keeps trying, and resumes the pool once
+    the kernel accepts; the record then forgets it."""
+    from tests.engine.test_backing import to_mark
+
+    record = tmp_path / "own-suspends"
+    first = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")}, own_suspends=record)
+    fake.fail_preresume("a", errno.EIO, times=10**6)
+    to_mark(fake, first, "a")
+    first.dm_events.check()
+    assert suspended(fake, "a")
+    assert record.read_text() == "a\n"
+
+    second = started(tmp_path, kernel, {"a": small_pool(tmp_path, "a")}, own_suspends=record)
+    assert second.pools["a"].state.own_suspend, "the restart forgot whose suspend it is"
+    check_passes(second, 3)
+    assert suspended(fake, "a")  # the kernel still refuses; tried, not given up
+    assert "suspended by someone else" not in caplog.text
+    fake.fail_preresume("a", errno.EIO, times=0)
+    check_passes(second)
+    assert not suspended(fake, "a"), caplog.text
+    assert "resumed at last" in caplog.text
+    assert record.read_text() == ""
+
+
+def test_a_restart_leaves_a_pool_someone_else_suspended_alone(
+    fake: FakeKernel, kernel: Kernel, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator's dmsetup suspend, then a restart: the new instance does not resume the
+    pool (before, start-up resumed any suspended pool), says so once, and does not grow it
+    while it stays suspended; once the operator resumes it, it is grown as before."""
+    from tests.engine.test_backing import to_mark
+
+    record = tmp_path / "own-suspends"
+    pools = {"a": small_pool(tmp_path, "a")}
+    first = started(tmp_path, kernel, pools, own_suspends=record)
+    size = os.stat(tmp_path / "a.data").st_size
+    to_mark(fake, first, "a")
+    fake.suspend("a")  # the operator's; the kernel's low-water event is pending
+
+    second = started(tmp_path, kernel, pools, own_suspends=record)
+    second.dm_events.check()
+    check_passes(second, 2)
+    assert suspended(fake, "a"), "a restart resumed an operator's suspend"
+    assert os.stat(tmp_path / "a.data").st_size == size, "grown while someone held it suspended"
+    said = [r.getMessage() for r in caplog.records if "not by thinwatchd" in r.getMessage()]
+    assert len(said) == 1, caplog.text
+    assert "dmsetup resume a" in said[0]
+    assert not second.pools["a"].state.own_suspend
+
+    fake.resume("a")  # the operator is done
+    check_passes(second)
+    assert os.stat(tmp_path / "a.data").st_size > size, caplog.text
 
 
 def test_a_stopping_daemon_leaves_a_filling_pool_room_for_its_absence(

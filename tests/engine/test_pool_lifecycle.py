@@ -176,14 +176,47 @@ def test_crash_after_table_load_is_finished_at_start(
     assert again.length == 128 * MiB // 512
 
 
-def test_suspended_pool_is_resumed_at_start(
+def test_a_pool_our_last_instance_left_suspended_is_resumed_at_start(
     fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
 ) -> None:
     activate(pool_settings, kernel)
     fake.suspend("pool")
-    activate(pool_settings, kernel)
+    pool = activate(pool_settings, kernel, own_suspend=True)
     info = fake.info("pool")
     assert info is not None and not info.suspended
+    assert not pool.left_suspended
+
+
+def test_a_pool_someone_else_suspended_is_left_suspended_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
+    """dmsetup suspend, then a restart: the kernel shows what our own refused resume would
+    show, and the record says it is not ours. Left as it is, and said."""
+    activate(pool_settings, kernel)
+    fake.suspend("pool")
+    pool = activate(pool_settings, kernel)
+    info = fake.info("pool")
+    assert info is not None and info.suspended
+    assert not pool.left_suspended  # not ours to resume
+    assert any("not by thinwatchd" in note for note in pool.recovered), pool.recovered
+
+
+def test_a_pool_stuck_on_someone_elses_refused_resume_is_resumed_at_start(
+    fake: FakeKernel, kernel: Kernel, pool_settings: PoolSettings
+) -> None:
+    """An active table shorter than the pool (a resume the kernel refused) is nobody's to
+    keep: no resume of it can ever succeed, so it is resumed on the pool's size."""
+    pool = activate(pool_settings, kernel)
+    recorded = pool.length
+    fake.load_table("pool", [pool.target(Sectors(recorded // 2))])  # a stale length
+    with pytest.raises(KernelError):
+        fake.resume("pool")  # pool_preresume: "pool target too small"
+    info = fake.info("pool")
+    assert info is not None and info.suspended and not info.inactive_present
+    again = activate(pool_settings, kernel)
+    info = fake.info("pool")
+    assert info is not None and not info.suspended
+    assert again.length >= recorded
 
 
 def test_failed_creation_removes_the_device(

@@ -10,7 +10,8 @@ a fresh pool's metadata lives in its first blocks). The pool runs on; its next g
 is refused, and so is every table the rollback tries. The daemon must say the pool is
 SUSPENDED (not "resumed on its previous size"), stay up, and, once the sizelimit is lifted,
 resume the pool within its backoff: the writer, stalled meanwhile, finishes with no error, its
-data reads back, and the pool keeps its new size.
+data reads back, and the pool keeps its new size. A restart in between must not change that:
+the next instance reads whose suspend it is from the record its predecessor kept.
 
 Before 5a2d297 (PoolState.own_suspend), every later check took the pool for one an operator had
 suspended ("dmsetup suspend?") and never resumed it: the writer hung until `dmsetup resume`.
@@ -70,7 +71,8 @@ def set_sizelimit(path: Path, limit: int) -> None:
 
 def test_a_pool_left_suspended_by_its_own_growth_is_resumed_once_the_kernel_accepts() -> None:
     with hostile_env("twsusp") as env:
-        daemon = env.daemon(env.config(FAST_CHECKS, **SMALL_POOL))
+        config = env.config(FAST_CHECKS, **SMALL_POOL)
+        daemon = env.daemon(config)
         thin = env.thin(size=512 * MiB)
         length_before = env.table_length()
         meta_size = env.metadata.stat().st_size
@@ -99,6 +101,17 @@ def test_a_pool_left_suspended_by_its_own_growth_is_resumed_once_the_kernel_acce
         said = [line for line in logs.splitlines() if "SUSPENDED" in line]
         assert len(said) == 1, f"said {len(said)} times, not once:\n{logs}"
         print(f"the daemon said: {said[0]}")
+
+        # A restart while the kernel still refuses (an upgrade, a crash): the next instance
+        # must know the suspend is its own (the record in /run/thinwatchd), not an operator's.
+        assert daemon.stop() == 0, env.logs()
+        daemon = env.daemon(config)
+        time.sleep(REFUSED_FOR / 2)
+        info = env.dm.info(env.pool)
+        assert info is not None and info.suspended
+        restarted = daemon.log()
+        assert "not by thinwatchd" not in restarted, restarted
+        assert "cannot resume it yet" in restarted, restarted
         stalled = writer.written
 
         set_sizelimit(env.metadata, 0)  # the kernel would accept now
@@ -122,6 +135,6 @@ def test_a_pool_left_suspended_by_its_own_growth_is_resumed_once_the_kernel_acce
         assert not harm, kernel
         logs = env.logs()
         assert "resumed at last" in logs, logs
-        assert "dmsetup suspend?" not in logs, logs
+        assert "dmsetup suspend?" not in logs and "not by thinwatchd" not in logs, logs
         assert "Traceback" not in logs and "internal error" not in logs, logs
-        assert daemon.proc.poll() is None, logs
+        assert daemon.proc is not None and daemon.proc.poll() is None, logs

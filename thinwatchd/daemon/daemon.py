@@ -36,6 +36,7 @@ from thinwatchd.daemon.loop_watch import LoopOwners
 from thinwatchd.daemon.unbuilt import Unbuilt
 from thinwatchd.growth.extender import Extender
 from thinwatchd.growth.journal import announce
+from thinwatchd.growth.own_suspends import OwnSuspends
 from thinwatchd.growth.page_cache import watch_writeback
 from thinwatchd.growth.schedule import Scheduler, reconcile_workers
 from thinwatchd.growth.space_watch import SPACE_WATCH_SECONDS, SpaceWatch, pool_files_by_fs
@@ -65,6 +66,12 @@ def crash_absence(startup_seconds: float) -> float:
     """How long a killed daemon's pools go unwatched: systemd's gap, then the next start-up,
     counted twice as this one's took (the next may meet a worse load)."""
     return 2 * startup_seconds + RESTART_GAP_SECONDS
+
+
+def stop_absence(startup_seconds: float) -> float:
+    """How long a stopped daemon's pools go unwatched: the next start-up, counted twice as
+    this one's took, plus systemd's gap, at least ABSENCE_MIN_SECONDS (its parting room)."""
+    return max(ABSENCE_MIN_SECONDS, 2 * startup_seconds + RESTART_GAP_SECONDS)
 
 
 def file_workers(loop: EventLoop) -> Workers:
@@ -98,6 +105,7 @@ class Daemon:
         check_metadata: MetadataChecker | None = None,
         udev_monitor: Any = None,
         estimates_file: Path | None = None,
+        own_suspends_file: Path | None = None,
         age: float = 0.0,
         threads: Threads | None = None,
     ) -> None:
@@ -134,7 +142,9 @@ class Daemon:
         self._ready_at: float | None = None
         self.loop_owners = LoopOwners(kernel)
         self.workers = threads.builds(self.loop)  # pool builds: thin_check, udev waits
-        self.extender = Extender(kernel, self.loop.time, self.crash_absence_seconds)
+        self.extender = Extender(
+            kernel, self.loop.time, self.crash_absence_seconds, OwnSuspends(own_suspends_file)
+        )
         self.space_watch = SpaceWatch(
             self.extender.backing, kernel.files, self.extender.page_cache, self.loop.time
         )
@@ -220,7 +230,8 @@ class Daemon:
                 self.scheduler.run_pass([managed])
 
         def build() -> Pool:
-            pool = activate(settings, self.kernel, self.check_metadata, loops)
+            ours = self.extender.own_suspends.holds(name)
+            pool = activate(settings, self.kernel, self.check_metadata, loops, own_suspend=ours)
             self.extender.watch(pool)  # its files' first look, here rather than on the loop
             return pool
 
@@ -245,7 +256,8 @@ class Daemon:
         """Watch an activated pool (keeping the state of one rebuilt) and say how it came up."""
         settings = pool.settings
         managed = ManagedPool(pool, state or PoolState())
-        managed.state.own_suspend |= pool.left_suspended
+        # Ours to resume if its activation could not (the record keeps it so across restarts).
+        self.extender.own_suspend(pool, managed.state, pool.left_suspended)
         self.pools[settings.name] = managed
         self.loop_owners.forget()  # its loops are new
         try:
@@ -298,8 +310,7 @@ class Daemon:
         """Return how long the pools may go unwatched after this daemon stops: twice its own
         start-up from exec to READY=1 (the next instance's, under a load that may be worse),
         plus systemd's gap (RestartSec=), at least ABSENCE_MIN_SECONDS."""
-        took = (self._ready_at or self.loop.time()) - self._born
-        return max(ABSENCE_MIN_SECONDS, 2 * took + RESTART_GAP_SECONDS)
+        return stop_absence((self._ready_at or self.loop.time()) - self._born)
 
     def crash_absence_seconds(self) -> float:
         """Return how long the pools may go unwatched if this daemon dies now (SIGKILL, the

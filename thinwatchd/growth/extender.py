@@ -27,6 +27,7 @@ from thinwatchd.base.logs import MessageId, event
 from thinwatchd.base.units import Bytes, data_blocks_to_sectors
 from thinwatchd.growth.backing import BackingFiles, BackingLook
 from thinwatchd.growth.journal import PoolJournal, failure_key
+from thinwatchd.growth.own_suspends import OwnSuspends
 from thinwatchd.growth.page_cache import PageCache
 from thinwatchd.growth.state import GrowthRecord, PoolState, Topic
 from thinwatchd.kernel.api import Kernel
@@ -81,9 +82,12 @@ class Extender:
         kernel: Kernel,
         clock: Callable[[], float] = time.monotonic,
         unwatched_seconds: Callable[[], float] = lambda: 0.0,
+        own_suspends: OwnSuspends | None = None,
     ) -> None:
         self.kernel = kernel
         self.clock = clock
+        # The pools our own failed resumes left suspended, as the next instance will know them.
+        self.own_suspends = own_suspends or OwnSuspends()
         # How long a pool may go without a daemon (this one killed, the next not yet up): the
         # data marks hold that long of filling at each pool's rate.
         self.unwatched_seconds = unwatched_seconds
@@ -263,6 +267,11 @@ class Extender:
                 self.journal.fields(pool, status) | {"NO_SPACE_POLICY": policy.value},
             )
 
+    def own_suspend(self, pool: Pool, state: PoolState, suspended: bool) -> None:
+        """Mark the pool as left suspended by us (ours to resume, across restarts too), or not."""
+        state.own_suspend = suspended
+        self.own_suspends.set(pool.name, suspended)
+
     def _unwatched_on(self, data_fs: BackingFs, pool: Pool, state: PoolState) -> float:
         """How long the pool's mark covers a killed daemon's absence: the daemon's estimate,
         or 0 without data.crash_room or while its data file's filesystem lacks the room to
@@ -306,7 +315,7 @@ class Extender:
             ensure_resumed(self.kernel, pool)
             return False
         if not info.suspended:
-            state.own_suspend = False
+            self.own_suspend(pool, state, False)  # resumed by someone else
             return False
         if state.own_suspend:
             # Ours: a resume the kernel refused and its rollback too. Writers wait until one
@@ -314,7 +323,7 @@ class Extender:
             if state.retry_at is not None and self.clock() < state.retry_at:
                 return True
             ensure_resumed(self.kernel, pool)
-            state.own_suspend = False
+            self.own_suspend(pool, state, False)
             state.end_failure_streak()
             log.warning("pool %s: resumed at last, its writers go on", pool.name)
             return False
@@ -461,7 +470,7 @@ class Extender:
             steps["RELOAD_MS"] = self.clock()
         except ThinwatchError as exc:
             if isinstance(exc, RollbackError):
-                state.own_suspend = True  # the kernel refused every resume: ours to retry
+                self.own_suspend(pool, state, True)  # the kernel refused every resume: ours
             self.journal.failure(pool, state, decision.target, exc)
             return None
         state.unfinished = None

@@ -23,9 +23,15 @@ from thinwatchd.base.errors import (
     RollbackError,
     ThinwatchError,
 )
-from thinwatchd.base.units import DataBlocks, Sectors, bytes_to_meta_blocks, sectors_to_data_blocks
+from thinwatchd.base.units import (
+    DataBlocks,
+    Sectors,
+    bytes_to_meta_blocks,
+    data_blocks_to_sectors,
+    sectors_to_data_blocks,
+)
 from thinwatchd.config.settings import METADATA_MAX_BYTES, PoolSettings
-from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
+from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopDevice, MetadataChecker
 from thinwatchd.policy.low_water import low_water_mark
 from thinwatchd.pool.files import prepare_files
 from thinwatchd.pool.loop_index import LoopIndex
@@ -108,11 +114,14 @@ def activate(
     kernel: Kernel,
     check_metadata: MetadataChecker | None = None,
     loops: LoopIndex | None = None,
+    own_suspend: bool = False,
 ) -> Pool:
     """Bring the configured pool up: create, adopt or recreate it, finishing interrupted growth.
 
     loops is the pass's index of loop devices, shared by the pools activated together (one
-    scan for all of them); without it, this activation scans for itself. Raise
+    scan for all of them); without it, this activation scans for itself. own_suspend: our
+    last instance left this pool suspended (its resume refused), so a suspend found is ours
+    to undo; any other is left to whoever made it (see _finish_interrupted). Raise
     PoolMismatchError if a device of that name exists but is not this pool (it is left
     untouched), PoolSetupError if the files are inconsistent, KernelError on a kernel failure.
     """
@@ -120,7 +129,7 @@ def activate(
     index = loops if loops is not None else LoopIndex(kernel.loops, kernel.files)
     info = dm.info(settings.name)
     if info is not None and info.active_present:
-        return _adopt(settings, kernel, index)
+        return _adopt(settings, kernel, index, own_suspend)
     if info is not None and (info.open_count or info.uuid):
         raise PoolMismatchError(
             f"pool {settings.name}: a device of that name exists with no active table and is "
@@ -190,7 +199,7 @@ def activate(
     return pool
 
 
-def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex) -> Pool:
+def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex, own_suspend: bool) -> Pool:
     """Adopt a running pool device after checking it is this pool; finish interrupted work."""
     dm, name = kernel.dm, settings.name
     active = dm.table(name)
@@ -227,15 +236,43 @@ def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex) -> Pool:
         )
     assert meta_loop is not None and data_loop is not None
     pool = Pool(settings, data_loop, meta_loop, current, active[0].length, Activation.ADOPTED)
-    _finish_interrupted(pool, kernel)
+    _finish_interrupted(pool, kernel, own_suspend)
     return pool
 
 
-def _finish_interrupted(pool: Pool, kernel: Kernel) -> None:
-    """Complete a growth a crash interrupted after the loop stage; resume a suspended pool."""
+def _refused_resume(pool: Pool, dm: DeviceMapperApi) -> bool:
+    """Whether the pool's active table is shorter than the pool its metadata records: what a
+    resume the kernel refused leaves (an operator's dmsetup reload from a stale length)."""
+    try:
+        status = pool.read_status(dm)
+    except ThinwatchError:
+        return False  # cannot tell: left as it is, and said
+    if not isinstance(status, ThinPoolWorkingStatus):
+        return False
+    return data_blocks_to_sectors(status.data_total, pool.block_size) > pool.length
+
+
+def _finish_interrupted(pool: Pool, kernel: Kernel, own_suspend: bool) -> None:
+    """Complete a growth a crash interrupted after the loop stage; resume a suspended pool
+    that is ours to resume.
+
+    A pool suspended on a valid table with no table loaded behind it is what `dmsetup
+    suspend` leaves, and what our own refused resume leaves (own_suspend says which, from the
+    record our last instance kept). Someone else's is left as it is: the running daemon says
+    so and grows it once it is resumed. Any other suspended state is an interrupted reload
+    (an inactive table loaded) or a refused one (an active table shorter than the pool):
+    nobody's resume would ever complete it, so it is resumed on the longest valid table.
+    """
     dm = kernel.dm
     info = dm.info(pool.name)
     assert info is not None
+    someone_elses = info.suspended and not info.inactive_present and not own_suspend
+    if someone_elses and not _refused_resume(pool, dm):
+        pool.recovered.append(
+            f"found suspended, not by thinwatchd (dmsetup suspend?): left as it is; it is "
+            f"not grown, and its writers wait, until it is resumed (dmsetup resume {pool.name})"
+        )
+        return
     if info.suspended or info.inactive_present:
         # A crash (ours, or another process's) between load, suspend and resume, or a resume
         # the kernel refused (our last instance's growth).
