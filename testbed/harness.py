@@ -165,12 +165,20 @@ class DaemonProcess:
 class SpawnedDaemon(DaemonProcess):
     """A DaemonProcess started without waiting for READY=1 (to kill it at any moment)."""
 
+    #: When READY=1 was first read (monotonic; as late as the last drain), and when the test
+    #: signalled the daemon to end.
+    ready_at: float | None = None
+    ended_at: float | None = None
+
     def drain(self) -> None:
         """Read every queued notification, as systemd would (an unread socket fills up)."""
         self._sock.setblocking(False)
         try:
             while True:
-                self.notifications.append(self._sock.recv(4096).decode())
+                notification = self._sock.recv(4096).decode()
+                self.notifications.append(notification)
+                if self.ready_at is None and "READY=1" in notification.splitlines():
+                    self.ready_at = time.monotonic()
         except BlockingIOError:
             pass
         finally:

@@ -9,7 +9,7 @@ The steps, in order, on one machine (each test is one step and needs the ones be
    --now thinwatchd``, ``thinwatchd status``, ``journalctl -u thinwatchd``: the daemon is
    Debian's python3 running /usr/bin/thinwatchd; ``journalctl -xu thinwatchd`` explains its
    entries from the package's catalog; ``man thinwatchd`` and ``man thinwatchd.yaml`` render;
-3. ``apt install`` of a newer package (the same tree, a higher version) during a full-speed
+3. ``apt install`` of a newer package (the same tree, a higher version) during a paced
    O_DIRECT fill of the pool: the postinst's try-restart restarts the daemon, the pool stays
    up, and the kernel never switches it to out-of-data-space. The figures (where the restart's
    time went, reusing test_restart_under_fill's measures) go to the test's output and to
@@ -114,8 +114,11 @@ EDITS = (
     ("      step: 1GiB", "      step: 128MiB"),
     ("      step_percent: 20%", "      step_percent: 0%"),
 )
-#: The fill: 1 MiB O_DIRECT writes as fast as they go, from FILL_LEAD seconds before the upgrade
-#: to FILL_TAIL seconds after it, at most FILL_MAX_MIB.
+#: The fill: 1 MiB O_DIRECT writes at FILL_RATE_MIB, from FILL_LEAD seconds before the upgrade
+#: to FILL_TAIL seconds after it, at most FILL_MAX_MIB. Paced: unpaced (26-128 MiB/s here),
+#: the fill took the guest's CPU from apt, whose upgrade then ran 110-176 s instead of 52 s;
+#: test_restart_under_fill restarts the daemon under the faster fill.
+FILL_RATE_MIB = 16
 FILL_LEAD = 5.0
 FILL_TAIL = 5.0
 FILL_MAX_MIB = 16384
@@ -405,7 +408,7 @@ def test_upgrade_during_a_fast_fill_keeps_the_pool_up(machine: Machine) -> None:
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     thin = create_thin(dm, POOL, THIN, 0, FILL_MAX_MIB * MiB)
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, thin, str(FILL_MAX_MIB), "0"],
+        [sys.executable, "-c", WRITER, thin, str(FILL_MAX_MIB), str(FILL_RATE_MIB)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -455,7 +458,8 @@ def test_upgrade_during_a_fast_fill_keeps_the_pool_up(machine: Machine) -> None:
     written = progress.written() // MiB
     lines = [
         f"upgrade {machine.release} -> {machine.upgrade} (apt install, {action.done - at:.1f} s) "
-        f"during a fill of {written} MiB (O_DIRECT, 1 MiB writes, unpaced) of a 64 MiB pool in "
+        f"during a fill of {written} MiB (O_DIRECT, 1 MiB writes, paced at {FILL_RATE_MIB} "
+        f"MiB/s) of a 64 MiB pool in "
         f"{t_end - fill_start:.1f} s ({written / max(t_end - fill_start, 1e-9):.1f} MiB/s); "
         f"{written - action.written_mib} MiB written during and after the upgrade",
         *action_lines(action, float("inf"), entries, progress, False, None, size),

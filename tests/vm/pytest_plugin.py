@@ -1,14 +1,14 @@
 """Run the ``kernel`` and ``systemd`` tests in a guest and report their results as ours.
 
 Where this host cannot run them natively (no dm-thin, not root, or no systemd as PID 1), the
-first such test boots ONE guest per mode, which runs every selected test of that mode with
-``python -m pytest ... --junitxml``. The guests of both modes boot at once: many of their tests
-wait on the clock (paced fills, stalls, restarts), so side by side they take little more than
-the longer one (``THINWATCHD_VM_PARALLEL=0`` boots them one after the other; so does ``-s``,
-whose live output would interleave). Each outer test then reports its inner result: passed,
-failed with the inner traceback (plus the guest's dmesg tail), skipped with the inner reason.
-Tests the guest never ran fail with the guest's console tail. Inside a guest
-(``THINWATCHD_IN_VM=1``) every test runs natively.
+first such test boots one guest per mode (two for systemd: SECOND_SYSTEMD_GUEST), each of
+which runs its selected tests with ``python -m pytest ... --junitxml``. The guests boot at
+once: many of their tests wait on the clock (paced fills, stalls, restarts), so side by side
+they take little more than the longest (``THINWATCHD_VM_PARALLEL=0`` boots them one after the
+other; so does ``-s``, whose live output would interleave). Each outer test then reports its
+inner result: passed, failed with the inner traceback (plus the guest's dmesg tail), skipped
+with the inner reason. Tests the guest never ran fail with the guest's console tail. Inside a
+guest (``THINWATCHD_IN_VM=1``) every test runs natively.
 
 If qemu, busybox or the kernel is missing, the tests are skipped with a hint, but under CI
 (``CI=true``) they fail: a test bed that silently skips proves nothing.
@@ -39,13 +39,33 @@ from tests.vm.streams import Sink, Tee
 if TYPE_CHECKING:  # pytest's type for a failure's text, which InnerFailure duck-types
     from _pytest._code.code import TerminalRepr
 
-__all__ = ["InnerFailure", "VmTestBed", "mode_of"]
+__all__ = ["Guest", "InnerFailure", "VmTestBed", "guest_of", "mode_of"]
 
 TIMEOUT_ENV = "THINWATCHD_VM_TIMEOUT"  # seconds per guest boot (default 2700)
 MEM_ENV = "THINWATCHD_VM_MEM"  # MiB (default 2048)
 PARALLEL_ENV = "THINWATCHD_VM_PARALLEL"  # "0": one guest at a time
 _TAIL = 40
 _Outcome = Literal["passed", "failed", "skipped"]
+
+
+#: The systemd tests are the longest batch (27 min beside the plain guest's 23 on 8aa52c4): the
+#: tests of these modules run in a second systemd guest, booted beside the other two, so that
+#: the three batches end at about the same time. Modules stay whole (test_debian_package's
+#: steps need each other).
+SECOND_SYSTEMD_GUEST = frozenset(
+    {"test_quickstart.py", "test_restart_under_fill.py", "test_docker.py"}
+)
+
+
+@dataclass(frozen=True, order=True)
+class Guest:
+    """One guest boot of a session: its mode, and which of that mode's guests."""
+
+    mode: Mode
+    shard: int = 0
+
+    def __str__(self) -> str:
+        return str(self.mode) if self.shard == 0 else f"{self.mode}-{self.shard + 1}"
 
 
 def mode_of(item: pytest.Item) -> Mode | None:
@@ -55,6 +75,15 @@ def mode_of(item: pytest.Item) -> Mode | None:
     if item.get_closest_marker("kernel") is not None:
         return Mode.PLAIN
     return None
+
+
+def guest_of(item: pytest.Item) -> Guest | None:
+    """Return the guest a test runs in, or None if it needs none."""
+    mode = mode_of(item)
+    if mode is None:
+        return None
+    second = mode is Mode.SYSTEMD and item.path.name in SECOND_SYSTEMD_GUEST
+    return Guest(mode, 1 if second else 0)
 
 
 def inner_nodeid(item: pytest.Item) -> str:
@@ -68,7 +97,7 @@ def inner_nodeid(item: pytest.Item) -> str:
 class Batch:
     """The inner results of one guest boot, or why there are none."""
 
-    mode: Mode
+    guest: Guest
     cases: Mapping[tuple[str, str], InnerCase] = field(default_factory=dict)
     unavailable: str = ""  # prerequisites missing: skip (or fail under CI)
     missing_reason: str = ""  # for tests with no inner result
@@ -82,8 +111,8 @@ class VmTestBed:
     def __init__(self, config: pytest.Config) -> None:
         self._config = config
         self._native: dict[Mode, bool] = {}
-        self._batches: dict[Mode, Batch] = {}
-        self._booting: dict[Mode, Future[Batch]] = {}
+        self._batches: dict[Guest, Batch] = {}
+        self._booting: dict[Guest, Future[Batch]] = {}
 
     def runs_natively(self, mode: Mode) -> bool:
         """Return True if this host runs ``mode``'s tests itself."""
@@ -105,50 +134,47 @@ class VmTestBed:
     def pytest_runtest_protocol(
         self, item: pytest.Item, nextitem: pytest.Item | None
     ) -> bool | None:
-        mode = mode_of(item)
-        if mode is None or self.runs_natively(mode):
+        guest = guest_of(item)
+        if guest is None or self.runs_natively(guest.mode):
             return None
-        batch = self._batches.get(mode)
+        batch = self._batches.get(guest)
         if batch is None:
-            if mode not in self._booting:
-                self._boot(item.session, mode)
-            batch = self._batches[mode] = self._booting.pop(mode).result()
+            if guest not in self._booting:
+                self._boot(item.session, guest)
+            batch = self._batches[guest] = self._booting.pop(guest).result()
         reports = _reports(item, batch)
         reports[-1] = _teardown(item, nextitem, reports[-1])
         _emit(item, reports)
         return True
 
-    def _boot(self, session: pytest.Session, first: Mode) -> None:
-        """Start mode first's guest and, unless told otherwise, every other mode's that the
-        session needs, each in a thread of its own (its batch is read when its test comes)."""
-        modes = [first]
+    def _boot(self, session: pytest.Session, first: Guest) -> None:
+        """Start guest first and, unless told otherwise, every other guest that the session
+        needs, each in a thread of its own (its batch is read when its test comes)."""
+        guests = [first]
         if os.environ.get(PARALLEL_ENV, "1") != "0" and not self._live():
-            needed = {mode_of(i) for i in session.items}
-            modes += [
-                m
-                for m in Mode
-                if m is not first
-                and m in needed
-                and m not in self._batches
-                and not self.runs_natively(m)
+            needed = {g for i in session.items if (g := guest_of(i)) is not None}
+            guests += [
+                g
+                for g in sorted(needed)
+                if g != first and g not in self._batches and not self.runs_natively(g.mode)
             ]
         missing = hostcheck.missing_pieces()  # once, here: it may prepare the test bed
-        pool = ThreadPoolExecutor(max_workers=len(modes), thread_name_prefix="guest")
-        for mode in modes:
-            self._booting[mode] = pool.submit(self._run_batch, session, mode, missing)
+        pool = ThreadPoolExecutor(max_workers=len(guests), thread_name_prefix="guest")
+        for guest in guests:
+            self._booting[guest] = pool.submit(self._run_batch, session, guest, missing)
         pool.shutdown(wait=False)
 
-    def _run_batch(self, session: pytest.Session, mode: Mode, missing: Sequence[str]) -> Batch:
-        items = [i for i in session.items if mode_of(i) is mode]
+    def _run_batch(self, session: pytest.Session, guest: Guest, missing: Sequence[str]) -> Batch:
+        items = [i for i in session.items if guest_of(i) == guest]
         if missing:
-            return Batch(mode, unavailable="the VM test bed lacks " + "; ".join(missing))
+            return Batch(guest, unavailable="the VM test bed lacks " + "; ".join(missing))
         kernel = find_prepared()
         assert kernel is not None  # missing_pieces prepared it
-        results_dir = new_results_dir(f"pytest-{mode}")
+        results_dir = new_results_dir(f"pytest-{guest}")
         results_dir.mkdir(parents=True)
-        self._say(f"booting a {mode} guest for {len(items)} test(s); files in {results_dir}")
+        self._say(f"booting a {guest} guest for {len(items)} test(s); files in {results_dir}")
         config = GuestConfig(
-            mode=mode,
+            mode=guest.mode,
             timeout=float(os.environ.get(TIMEOUT_ENV, "2700")),
             mem_mib=int(os.environ.get(MEM_ENV, "2048")),
         )
@@ -157,8 +183,8 @@ class VmTestBed:
             sink: Sink = Tee(log, sys.stdout.buffer) if self._live() else log
             command = self._inner_command([inner_nodeid(i) for i in items])
             result = run_guest(command, config, kernel, results_dir, sink, sink)
-        self._say(f"{mode} guest: {result.describe()}")
-        return _batch_from(mode, result, output)
+        self._say(f"{guest} guest: {result.describe()}")
+        return _batch_from(guest, result, output)
 
     def _inner_command(self, nodeids: Sequence[str]) -> list[str]:
         option = self._config.option
@@ -203,7 +229,7 @@ class VmTestBed:
             reporter.currentfspath = None  # the next result starts a fresh line
 
 
-def _batch_from(mode: Mode, result: GuestResult, output: Path) -> Batch:
+def _batch_from(guest: Guest, result: GuestResult, output: Path) -> Batch:
     junit = result.out_dir / "junit.xml"
     progress = read_progress(result.out_dir / PROGRESS_FILE)
     try:
@@ -218,7 +244,7 @@ def _batch_from(mode: Mode, result: GuestResult, output: Path) -> Batch:
         f"--- inner pytest output (last {_TAIL} lines) ---\n{_tail(output, _TAIL)}",
     ]
     return Batch(
-        mode,
+        guest,
         cases,
         missing_reason="\n\n".join(details),
         running=progress.running,
@@ -238,9 +264,9 @@ def _reports(item: pytest.Item, batch: Batch) -> list[pytest.TestReport]:
     case = batch.cases.get(junit_key(inner_nodeid(item)))
     if case is None:
         if batch.running == inner_nodeid(item):
-            what = f"the {batch.mode} guest stopped while this test ran"
+            what = f"the {batch.guest} guest stopped while this test ran"
         else:
-            what = f"this test did not run in the {batch.mode} guest"
+            what = f"this test did not run in the {batch.guest} guest"
         failure = InnerFailure(f"{what}: {batch.missing_reason}", what)
         return _with_teardown(item, [_report(item, "setup", "passed"), _failed_call(item, failure)])
     return _with_teardown(item, _case_reports(item, case, batch))
@@ -269,7 +295,7 @@ def _case_reports(item: pytest.Item, case: InnerCase, batch: Batch) -> list[pyte
 def _sections(case: InnerCase, batch: Batch) -> list[tuple[str, str]]:
     sections = [(f"Captured {what} (in the guest)", text) for what, text in case.captured]
     if batch.dmesg_tail:
-        sections.append((f"{batch.mode} guest's dmesg (last {_TAIL} lines)", batch.dmesg_tail))
+        sections.append((f"{batch.guest} guest's dmesg (last {_TAIL} lines)", batch.dmesg_tail))
     return sections
 
 
