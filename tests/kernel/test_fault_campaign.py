@@ -7,6 +7,7 @@ SIGHUP storm. At the end: the writer finished, every byte reads back, thin_check
 pool was never left suspended, after every restart it was ACTIVE and writable, and it ran out
 of space only while no daemon watched (issue 19, item 10: each episode is placed on the
 timeline of the daemons' READY=1 and signals, and how far into its absence it came is said).
+The campaign's notes and figures go to $THINWATCHD_VM_OUT/fault-campaign.txt in a guest.
 
 The moments are random but seeded: the seed is printed, and THINWATCHD_CAMPAIGN_SEED=<seed>
 replays the same choices (the guest's timing still varies).
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -312,8 +314,7 @@ def test_fault_campaign() -> None:
         assert check.returncode == 0, (
             f"thin_check: {check.stdout}{check.stderr}\n{dm_diagnostics(env.pool)}"
         )
-        print("\n".join(c.notes))
-        print(
+        summary = (
             f"campaign: {KILLS} SIGKILLs, {TERMS} SIGTERMs, {HUPS} SIGHUPs in "
             f"{campaign_seconds:.0f} s; "
             f"writer {written // MiB} MiB; {growths} data growths; {recovered} recoveries at "
@@ -321,6 +322,11 @@ def test_fault_campaign() -> None:
             f"watched, each this far into an absence (the mark holds {MARK_SECONDS:.1f} s): "
             f"{', '.join(into_absence) or 'none'}; table lengths {watch.lengths()}"
         )
+        print("\n".join(c.notes))
+        print(summary)
+        out = os.environ.get("THINWATCHD_VM_OUT")  # comes back to the host from a guest
+        if out:
+            Path(out, "fault-campaign.txt").write_text("\n".join([*c.notes, summary]) + "\n")
 
 
 def _campaign(c: Campaign) -> None:
