@@ -75,6 +75,18 @@ class KernelLog:
         os.close(self._fd)
 
 
+def kmsg_mark(text: str) -> float:
+    """Write ``thinwatchd-test: TEXT`` to the kernel log, to put a test's actions on the
+    kernel's timeline (and set its clock against ours); return when (time.monotonic())."""
+    fd = os.open("/dev/kmsg", os.O_WRONLY)
+    try:
+        at = time.monotonic()
+        os.write(fd, f"thinwatchd-test: {text}\n".encode())
+        return at
+    finally:
+        os.close(fd)
+
+
 def write_config(path: Path, pools: dict[str, dict[str, object]], **daemon: object) -> Path:
     """Write a config file for the given pools (keys as in config.example.yaml)."""
     doc: dict[str, object] = {"pools": pools}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness import MiB, SpawnedDaemon, teardown
+from testbed.harness import MiB, SpawnedDaemon, kmsg_mark, teardown
 from tests.kernel.harness import (
     HostileEnv,
     PatternWriter,
@@ -223,17 +223,6 @@ class Campaign:
             d.proc.wait(30)
             self.fail(f"daemon did not exit within 30 s of signal {sig}:\n{d.log()}")
         return was_ready, code
-
-
-def kmsg_mark(text: str) -> float:
-    """Write a line to the kernel log; return when (to set its clock against ours)."""
-    fd = os.open("/dev/kmsg", os.O_WRONLY)
-    try:
-        at = time.monotonic()
-        os.write(fd, f"{text}\n".encode())
-        return at
-    finally:
-        os.close(fd)
 
 
 def test_fault_campaign() -> None:

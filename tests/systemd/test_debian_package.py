@@ -50,7 +50,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.harness import KernelLog, MiB, create_thin, scratch_dir, teardown
+from testbed.harness import KernelLog, MiB, create_thin, kmsg_mark, scratch_dir, teardown
 from tests.kernel.harness import dirty_bytes
 from tests.package.deb import (
     build,
@@ -71,7 +71,6 @@ from tests.systemd.test_restart_under_fill import (
     StartWatch,
     action_lines,
     journal,
-    kmsg_mark,
     main_pid,
     process_started,
 )

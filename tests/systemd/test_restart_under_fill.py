@@ -67,6 +67,7 @@ from testbed.harness import (
     MiB,
     create_thin,
     installed_unit,
+    kmsg_mark,
     pool_config,
     scratch_dir,
     teardown,
@@ -150,17 +151,6 @@ def process_started(pid: int) -> float | None:
     except (OSError, IndexError):
         return None
     return int(fields[19]) / os.sysconf("SC_CLK_TCK")
-
-
-def kmsg_mark(text: str) -> float:
-    """Write a line to the kernel log (to put the test's actions on its timeline); return when."""
-    fd = os.open("/dev/kmsg", os.O_WRONLY)
-    try:
-        at = time.monotonic()
-        os.write(fd, f"thinwatchd-test: {text}\n".encode())
-        return at
-    finally:
-        os.close(fd)
 
 
 class Progress:
