@@ -189,6 +189,7 @@ class Daemon:
         for settings in self.settings.pools:
             if settings.name in failures:
                 raise failures[settings.name]
+        self.extender.own_suspends.keep_only(frozenset(p.name for p in self.settings.pools))
         # Every pool's event_nr is still unseen, so this reconciles each pool once.
         self.dm_events.check()
         self.scheduler.workers.run_until_idle()

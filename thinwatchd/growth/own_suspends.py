@@ -54,6 +54,15 @@ class OwnSuspends:
             self._names = names
             self._write(names)
 
+    def keep_only(self, names: frozenset[str]) -> None:
+        """Forget the pools no longer configured: nobody resumes them now, and a pool of that
+        name configured later is a new pool."""
+        with self._lock:
+            kept = self._names & names
+            if kept != self._names:
+                self._names = kept
+                self._write(kept)
+
     def _read(self) -> frozenset[str]:
         if self.path is None:
             return frozenset()

@@ -62,3 +62,12 @@ def test_a_failed_write_is_said_with_the_pools_to_resume_by_hand(
         record.set("a", True)
     assert record.holds("a")  # known in memory all the same
     assert "dmsetup resume" in caplog.text and ": a" in caplog.text, caplog.text
+
+
+def test_pools_no_longer_configured_are_forgotten(tmp_path: Path) -> None:
+    path = tmp_path / "own-suspends"
+    record = OwnSuspends(path)
+    record.set("a", True)
+    record.set("gone", True)
+    record.keep_only(frozenset({"a", "b"}))
+    assert path.read_text() == "a\n"
