@@ -412,7 +412,7 @@ def test_start_over_a_pool_left_between_suspend_load_and_resume(state: str) -> N
             time.sleep(3)
             info = env.dm.info(env.pool)
             assert info is not None and info.suspended, f"resumed by the daemon\n{second.log()}"
-            assert "not by thinwatchd" in second.log(), second.log()
+            assert "suspended by someone else" in second.log(), second.log()
             assert blocked.poll() is None, "the writer finished while the pool was suspended"
             env.dm.resume(env.pool)
         await_writer(env, blocked, deadline=60)

@@ -27,11 +27,10 @@ from thinwatchd.base.units import (
     DataBlocks,
     Sectors,
     bytes_to_meta_blocks,
-    data_blocks_to_sectors,
     sectors_to_data_blocks,
 )
 from thinwatchd.config.settings import METADATA_MAX_BYTES, PoolSettings
-from thinwatchd.kernel.api import DeviceMapperApi, Kernel, LoopDevice, MetadataChecker
+from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
 from thinwatchd.policy.low_water import low_water_mark
 from thinwatchd.pool.files import prepare_files
 from thinwatchd.pool.loop_index import LoopIndex
@@ -240,18 +239,6 @@ def _adopt(settings: PoolSettings, kernel: Kernel, index: LoopIndex, own_suspend
     return pool
 
 
-def _refused_resume(pool: Pool, dm: DeviceMapperApi) -> bool:
-    """Whether the pool's active table is shorter than the pool its metadata records: what a
-    resume the kernel refused leaves (an operator's dmsetup reload from a stale length)."""
-    try:
-        status = pool.read_status(dm)
-    except ThinwatchError:
-        return False  # cannot tell: left as it is, and said
-    if not isinstance(status, ThinPoolWorkingStatus):
-        return False
-    return data_blocks_to_sectors(status.data_total, pool.block_size) > pool.length
-
-
 def _finish_interrupted(pool: Pool, kernel: Kernel, own_suspend: bool) -> None:
     """Complete a growth a crash interrupted after the loop stage; resume a suspended pool
     that is ours to resume.
@@ -267,12 +254,9 @@ def _finish_interrupted(pool: Pool, kernel: Kernel, own_suspend: bool) -> None:
     info = dm.info(pool.name)
     assert info is not None
     someone_elses = info.suspended and not info.inactive_present and not own_suspend
-    if someone_elses and not _refused_resume(pool, dm):
-        pool.recovered.append(
-            f"found suspended, not by thinwatchd (dmsetup suspend?): left as it is; it is "
-            f"not grown, and its writers wait, until it is resumed (dmsetup resume {pool.name})"
-        )
-        return
+    recorded = pool.recorded_length(dm) if someone_elses else None
+    if someone_elses and (recorded is None or recorded <= pool.length):  # not a refused resume
+        return  # the first check says so, once, as for a suspend while the daemon runs
     if info.suspended or info.inactive_present:
         # A crash (ours, or another process's) between load, suspend and resume, or a resume
         # the kernel refused (our last instance's growth).

@@ -100,6 +100,17 @@ class Pool:
             raise PoolMismatchError(f"pool {self.name}: active table is no longer one thin-pool")
         return parse_pool_status(target.params)
 
+    def recorded_length(self, dm: DeviceMapperApi) -> Sectors | None:
+        """The pool's size as its metadata records it, as a table length; None if unknown.
+        A suspended pool reports it too: an active table shorter than it is a refused resume."""
+        try:
+            status = self.read_status(dm)
+        except ThinwatchError:
+            return None
+        if not isinstance(status, ThinPoolWorkingStatus) or status.data_total <= 0:
+            return None
+        return data_blocks_to_sectors(status.data_total, self.settings.data_block_size)
+
     def live_length(self, dm: DeviceMapperApi, at_least: Sectors = Sectors(0)) -> Sectors:
         """Return the active table's length as the kernel has it now, adopting outside changes.
 
@@ -227,7 +238,7 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
     if not info.suspended:
         return
     failure: ThinwatchError | None = None
-    recorded = _recorded_length(dm, pool)
+    recorded = pool.recorded_length(dm)
     if recorded is not None:
         candidates = [recorded]
     else:
@@ -265,17 +276,6 @@ def ensure_resumed(kernel: Kernel, pool: Pool) -> None:
             f"dmsetup table {name}; dmsetup resume {name} once its data device is back"
         ) from exc
     _commit(kernel, pool)
-
-
-def _recorded_length(dm: DeviceMapperApi, pool: Pool) -> Sectors | None:
-    """The pool's size as its metadata records it, as a table length; None if unknown."""
-    try:
-        status = pool.read_status(dm)
-    except ThinwatchError:
-        return None
-    if not isinstance(status, ThinPoolWorkingStatus) or status.data_total <= 0:
-        return None
-    return data_blocks_to_sectors(status.data_total, pool.settings.data_block_size)
 
 
 def _commit(kernel: Kernel, pool: Pool) -> None:
