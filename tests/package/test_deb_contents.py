@@ -114,15 +114,26 @@ def test_lintian_reports_nothing_but_justified_overrides(release: Package) -> No
     report = release.deb.with_name(f"thinwatchd_{release_version()}.lintian.txt").read_text()
     tags = [line for line in report.splitlines() if re.match(r"[EWIPX]: ", line)]
     assert not tags, report
-    # Each override in debian/*.lintian-overrides follows a comment that says why.
+    # Each override (debian/*.lintian-overrides, debian/source/lintian-overrides) follows a
+    # comment that says why.
     for overrides in committed_files("debian"):
-        if not overrides.endswith(".lintian-overrides"):
+        if not overrides.endswith("lintian-overrides"):
             continue
         previous = ""
         for line in committed(overrides).decode().splitlines():
             if line.strip() and not line.startswith("#"):
                 assert previous.startswith("#"), f"{overrides}: {line!r} has no reason"
             previous = line if line.strip() else previous if previous.startswith("#") else ""
+
+
+def test_the_source_package_is_built_and_linted_with_the_binary(release: Package) -> None:
+    version = release_version()
+    dsc = release.deb.with_name(f"thinwatchd_{version}.dsc")
+    changes = next(release.deb.parent.glob(f"thinwatchd_{version}_*.changes")).read_text()
+    assert dsc.is_file() and f" {dsc.name}\n" in changes, changes
+    assert f"\nVersion: {version}\n" in dsc.read_text()
+    report = release.deb.with_name(f"thinwatchd_{version}.lintian.txt").read_text()
+    assert "thinwatchd source:" in report, report  # lintian saw the source package
 
 
 def test_the_files_are_the_trees_where_debian_puts_them(release: Package) -> None:
