@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.package.deb import (
+    REPO,
     build,
     build_upgrade,
     committed,
@@ -192,6 +193,29 @@ def test_it_depends_on_debians_packages_only(release: Package) -> None:
     assert wanted == set(DEBIAN_MODULES), wanted
     assert release.field("Architecture") == "all"
     assert release.field("Version") == release_version()
+
+
+def test_debians_own_build_tools_meet_pyprojects_build_requirements(tmp_path: Path) -> None:
+    # pybuild skips the build-system check (--skip-dependency-check), so a requirement Debian 12
+    # cannot meet would pass unnoticed there; python3-build (pybuild-plugin-pyproject's) checks.
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "HEAD", "pyproject.toml", "README.md", "thinwatchd"],
+        capture_output=True,
+        check=True,
+    )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    done = subprocess.run(
+        ["/usr/bin/python3", "-m", "build", "--no-isolation", "--wheel", "--outdir", "dist", "."],
+        cwd=tree,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path), "LC_ALL": "C.UTF-8"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list((tree / "dist").glob("thinwatchd-*.whl"))
 
 
 def test_maintainer_scripts_enable_without_starting_and_restart_on_upgrade(
