@@ -6,8 +6,6 @@ the command, boot again, keep the hung console), not the guest.
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import FakeCommand
 from tests.vm import runner
 from tests.vm.runner import GuestConfig, Outcome, run_guest
 
@@ -36,14 +35,12 @@ out = Path(share) / "out"
 
 
 @pytest.fixture
-def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+def fake_qemu(tmp_path: Path, fake_command: FakeCommand, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Put the stand-in on PATH; return the file that counts its boots."""
     count_file = tmp_path / "boots"
-    script = bin_dir / "qemu-system-x86_64"
-    script.write_text(_FAKE_QEMU.format(python=sys.executable, count_file=str(count_file)))
-    script.chmod(script.stat().st_mode | stat.S_IXUSR)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    fake_command(
+        "qemu-system-x86_64", _FAKE_QEMU.format(python=sys.executable, count_file=str(count_file))
+    )
     monkeypatch.setattr(runner, "compile_checkout", lambda: None)
     return count_file
 
@@ -75,26 +72,28 @@ def test_a_hung_boot_is_killed_and_booted_again(
     assert "booted 2 times" in result.describe()
 
 
-def test_every_boot_hung_is_said_as_such(
-    tmp_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("hung_boots", "outcome", "exit_code", "boots", "said"),
+    [
+        (5, Outcome.HUNG_BOOTING, runner.EXIT_TIMEOUT, 2, "guest hung while booting"),
+        (0, Outcome.COMPLETED, 7, 1, "command exited 7"),  # reached the command: no retry
+    ],
+)
+def test_boots_are_retried_only_while_they_hang(
+    tmp_path: Path,
+    fake_qemu: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    hung_boots: int,
+    outcome: Outcome,
+    exit_code: int,
+    boots: int,
+    said: str,
 ) -> None:
-    monkeypatch.setenv("FAKE_QEMU_HANG_BOOTS", "5")
+    monkeypatch.setenv("FAKE_QEMU_HANG_BOOTS", str(hung_boots))
     result = _run(tmp_path, attempts=2)
-    assert (result.outcome, result.exit_code, result.boots) == (
-        Outcome.HUNG_BOOTING,
-        runner.EXIT_TIMEOUT,
-        2,
-    )
-    assert "hung while booting" in result.describe()
-
-
-def test_a_boot_that_reaches_the_command_is_not_retried(
-    tmp_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("FAKE_QEMU_HANG_BOOTS", "0")
-    result = _run(tmp_path, attempts=2)
-    assert (result.outcome, result.exit_code, result.boots) == (Outcome.COMPLETED, 7, 1)
-    assert not list(result.results_dir.glob("console-hung-*.log"))
+    assert (result.outcome, result.exit_code, result.boots) == (outcome, exit_code, boots)
+    assert len(list(result.results_dir.glob("console-hung-*.log"))) == min(hung_boots, 1)
+    assert said in result.describe()
 
 
 def test_the_guest_kernel_skips_the_crypto_self_tests() -> None:

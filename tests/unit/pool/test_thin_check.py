@@ -15,23 +15,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FakeCommand
 from thinwatchd.pool import thin_check
 
 PATIENCE = 5.0
 
 
 @pytest.fixture
-def slow_thin_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def slow_thin_check(tmp_path: Path, fake_command: FakeCommand) -> Path:
     """A thin_check that writes its process group to a file, starts a child, and sleeps."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    script = bin_dir / "thin_check"
     pgid = tmp_path / "pgid"
-    script.write_text(
-        f"#!/bin/sh\nps -o pgid= $$ > {pgid}.tmp && mv {pgid}.tmp {pgid}\nsleep 60 &\nsleep 60\n"
+    fake_command(
+        "thin_check",
+        f"#!/bin/sh\nps -o pgid= $$ > {pgid}.tmp && mv {pgid}.tmp {pgid}\nsleep 60 &\nsleep 60\n",
     )
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return pgid
 
 
