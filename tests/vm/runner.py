@@ -185,8 +185,8 @@ def run_guest(
     boots = 0
     while True:
         boots += 1
-        end = _boot(argv_of, config, results_dir, share / "out", stdout, stderr)
-        if end is not _BootEnd.HUNG or boots >= config.boot_attempts:
+        ended = _boot(argv_of, config, results_dir, share / "out", stdout, stderr)
+        if ended is not Outcome.HUNG_BOOTING or boots >= config.boot_attempts:
             break
         (results_dir / "console.log").rename(results_dir / f"console-hung-{boots}.log")
         shutil.rmtree(share / "out")
@@ -199,14 +199,8 @@ def run_guest(
     if config.scratch is None and not config.keep_scratch:
         scratch.unlink(missing_ok=True)
         kept_scratch = None
-    outcome, exit_code = _outcome(results_dir / "out" / "exit-status", end)
+    outcome, exit_code = _outcome(results_dir / "out" / "exit-status", ended)
     return GuestResult(outcome, exit_code, elapsed, results_dir, kept_scratch, boots)
-
-
-class _BootEnd(enum.Enum):
-    EXITED = enum.auto()  # qemu exited by itself
-    TIMED_OUT = enum.auto()  # the command ran past config.timeout
-    HUNG = enum.auto()  # the command never started within config.boot_timeout
 
 
 def _boot(
@@ -216,8 +210,8 @@ def _boot(
     out: Path,
     stdout: Sink,
     stderr: Sink,
-) -> _BootEnd:
-    """Boot qemu once and wait for it; qemu is gone when this returns or raises."""
+) -> Outcome | None:
+    """Boot qemu once and wait for it (see _wait); qemu is gone when this returns or raises."""
     with (results_dir / "console.log").open("wb") as console_log:
         console_sinks: list[Sink] = [console_log]
         if config.echo_console:
@@ -245,26 +239,29 @@ def _boot(
                 channel.join(timeout=5.0)
 
 
-def _wait(process: subprocess.Popen[bytes], config: GuestConfig, started_mark: Path) -> _BootEnd:
-    """Wait for qemu to exit: at most boot_timeout for the command to start (the guest's
-    run-payload.sh writes ``started_mark`` first), and timeout in all."""
+def _wait(
+    process: subprocess.Popen[bytes], config: GuestConfig, started_mark: Path
+) -> Outcome | None:
+    """Wait for qemu to exit (None), at most boot_timeout for the command to start (the
+    guest's run-payload.sh writes ``started_mark`` first: else HUNG_BOOTING), and timeout in
+    all (else TIMED_OUT)."""
     begun = time.monotonic()
     boot_deadline = begun + config.boot_timeout
     deadline = begun + config.timeout
     while not started_mark.exists():
         now = time.monotonic()
         if now >= min(boot_deadline, deadline):
-            return _BootEnd.HUNG if now >= boot_deadline else _BootEnd.TIMED_OUT
+            return Outcome.HUNG_BOOTING if now >= boot_deadline else Outcome.TIMED_OUT
         try:
             process.wait(timeout=min(_BOOT_POLL, boot_deadline - now, deadline - now))
-            return _BootEnd.EXITED
+            return None
         except subprocess.TimeoutExpired:
             pass
     try:
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        return _BootEnd.EXITED
+        return None
     except subprocess.TimeoutExpired:
-        return _BootEnd.TIMED_OUT
+        return Outcome.TIMED_OUT
 
 
 #: The checkout's Python, compiled on the host before a guest boots (see compile_checkout).
@@ -387,15 +384,14 @@ def _escape(path: Path) -> str:
     return str(path.resolve()).replace(",", ",,")
 
 
-def _outcome(status_file: Path, end: _BootEnd) -> tuple[Outcome, int]:
+def _outcome(status_file: Path, ended: Outcome | None) -> tuple[Outcome, int]:
+    """The command's exit status if it came back; else why qemu was stopped, or DIED."""
     try:
         return Outcome.COMPLETED, int(status_file.read_text().strip())
     except (OSError, ValueError):
         pass
-    if end is _BootEnd.HUNG:
-        return Outcome.HUNG_BOOTING, EXIT_TIMEOUT
-    if end is _BootEnd.TIMED_OUT:
-        return Outcome.TIMED_OUT, EXIT_TIMEOUT
+    if ended is not None:
+        return ended, EXIT_TIMEOUT
     return Outcome.DIED, EXIT_GUEST_DIED
 
 
