@@ -69,9 +69,9 @@ def crash_absence(startup_seconds: float) -> float:
 
 
 def stop_absence(startup_seconds: float) -> float:
-    """How long a stopped daemon's pools go unwatched: the next start-up, counted twice as
-    this one's took, plus systemd's gap, at least ABSENCE_MIN_SECONDS (its parting room)."""
-    return max(ABSENCE_MIN_SECONDS, 2 * startup_seconds + RESTART_GAP_SECONDS)
+    """How long a stopped daemon's pools go unwatched: as after a crash, but at least
+    ABSENCE_MIN_SECONDS (the parting room it grows for them before it exits)."""
+    return max(ABSENCE_MIN_SECONDS, crash_absence(startup_seconds))
 
 
 def file_workers(loop: EventLoop) -> Workers:

@@ -23,12 +23,7 @@ from thinwatchd.base.errors import (
     RollbackError,
     ThinwatchError,
 )
-from thinwatchd.base.units import (
-    DataBlocks,
-    Sectors,
-    bytes_to_meta_blocks,
-    sectors_to_data_blocks,
-)
+from thinwatchd.base.units import DataBlocks, Sectors, bytes_to_meta_blocks, sectors_to_data_blocks
 from thinwatchd.config.settings import METADATA_MAX_BYTES, PoolSettings
 from thinwatchd.kernel.api import Kernel, LoopDevice, MetadataChecker
 from thinwatchd.policy.low_water import low_water_mark
