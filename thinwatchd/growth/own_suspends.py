@@ -80,11 +80,17 @@ class OwnSuspends:
         try:
             data = read_capped(fd, _CAP)
         except OSError as exc:
-            data = None
             log.warning("cannot read %s (%s)", self.path, exc.strerror)
+            return frozenset()
         finally:
             os.close(fd)
         if data is None:
+            log.warning(
+                "%s is larger than %d bytes, not a list of pool names: ignored; a pool found "
+                "suspended is left to whoever suspended it",
+                self.path,
+                _CAP,
+            )
             return frozenset()
         return frozenset(line for line in data.decode(errors="replace").split("\n") if line)
 

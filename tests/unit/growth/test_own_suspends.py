@@ -43,15 +43,21 @@ def test_no_file_and_no_path_hold_nothing(tmp_path: Path) -> None:
     assert memory.holds("a")
 
 
-def test_a_symlink_or_an_oversized_file_is_not_read(tmp_path: Path) -> None:
+def test_a_symlink_or_an_oversized_file_is_not_read_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     target = tmp_path / "elsewhere"
     target.write_text("a\n")
     link = tmp_path / "own-suspends"
     link.symlink_to(target)
-    assert not OwnSuspends(link).holds("a")
     big = tmp_path / "big"
     big.write_text("a\n" + "x" * (1 << 20))
-    assert not OwnSuspends(big).holds("a")
+    with caplog.at_level(logging.WARNING, logger="thinwatchd"):
+        assert not OwnSuspends(link).holds("a")
+        assert not OwnSuspends(big).holds("a")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and f"cannot read {link}" in said[0], said
+    assert f"{big} is larger than" in said[1] and "left to whoever" in said[1], said
 
 
 def test_a_failed_write_is_said_with_the_pools_to_resume_by_hand(
